@@ -1,0 +1,184 @@
+//! Types shared by the kernel programs (`observer-ebpf`) and the loader (`observer`).
+//!
+//! Field order is ABI: the kernel writes these records byte for byte and userspace
+//! reads them back with the same layout. Every struct is `#[repr(C)]`, has explicit
+//! padding fields and a compile-time size assert, and holds no `bool` (a `u32` flag
+//! word instead), so no hidden padding can differ between the two sides.
+//! All integers are in host byte order unless a field says otherwise.
+#![no_std]
+
+/// Address family numbers as the kernel stores them in `sock_common.skc_family`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`, as in `sock.sk_protocol`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// `SessionRecord::flags`: the session predates the observer (no birth was seen);
+/// `birth_ns` is 0 and the lifetime is unknown.
+pub const SESSION_ADOPTED: u32 = 1 << 0;
+/// `SessionRecord::flags`: `pid`, `comm` and `cgroup_id` were captured in the
+/// owning process's context (connect, accept, send or receive).
+pub const SESSION_OWNER_KNOWN: u32 = 1 << 1;
+/// This host opened the connection (born in SYN_SENT): `bytes_acked` then
+/// counts the SYN's sequence number once the peer acknowledged it.
+pub const SESSION_ACTIVE_OPEN: u32 = 1 << 2;
+/// This host sent a FIN (the socket entered FIN_WAIT1 or LAST_ACK).
+pub const SESSION_FIN_SENT: u32 = 1 << 3;
+/// The FIN this host sent was acknowledged (`snd_una == write_seq` at close):
+/// `bytes_acked` counts its sequence number.
+pub const SESSION_FIN_ACKED: u32 = 1 << 4;
+/// The peer's FIN was received (`SOCK_DONE`): `bytes_received` counts its
+/// sequence number.
+pub const SESSION_FIN_RECEIVED: u32 = 1 << 5;
+
+/// One closed TCP session, written once at `TCP_CLOSE` into the `SESSIONS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at SYN_SENT / SYN_RECV; 0 when adopted.
+    pub birth_ns: u64,
+    /// `bpf_ktime_get_ns()` at the transition to TCP_CLOSE.
+    pub close_ns: u64,
+    /// `tcp_sock.bytes_acked`: sequence space the peer acknowledged, which
+    /// includes one for an acknowledged SYN and FIN (see the flags).
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`: sequence space received in order, which
+    /// includes one for a received FIN.
+    pub bytes_received: u64,
+    /// cgroup v2 id of the owning process (0 when the owner is unknown).
+    pub cgroup_id: u64,
+    /// Inode number of the socket's network namespace.
+    pub netns_ino: u32,
+    /// Interface index that delivered the socket's received packets
+    /// (`sk_rx_dst_ifindex`), 0 when the kernel recorded none.
+    pub rx_ifindex: u32,
+    /// Owning process id (tgid), 0 when unknown.
+    pub pid: u32,
+    /// `SESSION_*` flags.
+    pub flags: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local port.
+    pub local_port: u16,
+    /// Remote port.
+    pub remote_port: u16,
+    pub _pad0: u16,
+    /// Interface index of the socket's cached output route
+    /// (`sk_dst_cache->dev->ifindex`), 0 when there is none.
+    pub tx_ifindex: u32,
+    pub _pad1: u32,
+    /// Local address, network byte order; IPv4 in the first 4 bytes.
+    pub local_addr: [u8; 16],
+    /// Remote address, network byte order; IPv4 in the first 4 bytes.
+    pub remote_addr: [u8; 16],
+    /// Owning process's `comm`, NUL padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SessionRecord>() == 120);
+const _: () = assert!(core::mem::align_of::<SessionRecord>() == 8);
+
+/// What the kernel remembers about an open TCP session, keyed by socket address
+/// in the `OPEN_SESSIONS` hash map, from birth to close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionStart {
+    pub birth_ns: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    /// `SESSION_*` flags.
+    pub flags: u32,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SessionStart>() == 40);
+
+/// Byte offsets of the kernel structure fields the programs read, resolved by the
+/// loader from the running kernel's BTF and written into the programs as a
+/// load-time global (`OFFSETS`). Rust eBPF has no CO-RE relocations yet; this is
+/// how the same object reads the right bytes on every kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct tcp_sock` -> `bytes_acked` (u64).
+    pub tcp_bytes_acked: u32,
+    /// `struct tcp_sock` -> `bytes_received` (u64).
+    pub tcp_bytes_received: u32,
+    /// `struct sock` -> `__sk_common.skc_family` (u16).
+    pub skc_family: u32,
+    /// `struct sock` -> `__sk_common.skc_state` (u8).
+    pub skc_state: u32,
+    /// `struct inet_sock` -> `inet_sport` (u16, network order local port;
+    /// `skc_num` is already zeroed when the close is traced).
+    pub inet_sport: u32,
+    /// `struct sock` -> `__sk_common.skc_dport` (u16, network order).
+    pub skc_dport: u32,
+    /// `struct sock` -> `__sk_common.skc_rcv_saddr` (IPv4, network order).
+    pub skc_rcv_saddr: u32,
+    /// `struct sock` -> `__sk_common.skc_daddr` (IPv4, network order).
+    pub skc_daddr: u32,
+    /// `struct sock` -> `__sk_common.skc_v6_rcv_saddr` (16 bytes).
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct sock` -> `__sk_common.skc_v6_daddr` (16 bytes).
+    pub skc_v6_daddr: u32,
+    /// `struct sock` -> `__sk_common.skc_net` (a `struct net *`).
+    pub skc_net: u32,
+    /// `struct net` -> `ns.inum` (u32).
+    pub net_ns_inum: u32,
+    /// `struct sock` -> `sk_rx_dst_ifindex` (or `inet_sock.rx_dst_ifindex` on
+    /// older kernels), an int.
+    pub rx_dst_ifindex: u32,
+    /// `struct sock` -> `sk_protocol` (u16); 0 where the kernel keeps it in a
+    /// bitfield (before 5.6), and then the programs do not filter on it.
+    pub sk_protocol: u32,
+    /// `struct sock` -> `sk_flags` (unsigned long).
+    pub sk_flags: u32,
+    /// Bit number of `SOCK_DONE` in `enum sock_flags` (set by `tcp_fin`).
+    pub sock_done_bit: u32,
+    /// `struct tcp_sock` -> `snd_una` (u32).
+    pub tcp_snd_una: u32,
+    /// `struct tcp_sock` -> `write_seq` (u32).
+    pub tcp_write_seq: u32,
+    /// `struct sock` -> `sk_dst_cache` (a `struct dst_entry *`).
+    pub sk_dst_cache: u32,
+    /// `struct dst_entry` -> `dev` (a `struct net_device *`).
+    pub dst_dev: u32,
+    /// `struct net_device` -> `ifindex` (int).
+    pub netdev_ifindex: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+
+/// Index into the `LOST` per-CPU counter array: where a kernel program had to
+/// drop data. Userspace exports each as `observer_events_lost_total{source}`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostSource {
+    /// The session ring buffer was full: a closed session's record was lost.
+    SessionRingFull = 0,
+    /// The open-session table was full: a new session's birth and owner were not
+    /// kept (it is reported at close as adopted).
+    SessionTableFull = 1,
+}
+/// Number of `LostSource` values (the `LOST` array's length).
+pub const LOST_SOURCES: u32 = 2;
+
+/// TCP states, as in the kernel's `include/net/tcp_states.h` (stable UAPI-like values).
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const CLOSE: i32 = 7;
+    pub const LAST_ACK: i32 = 9;
+    pub const LISTEN: i32 = 10;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: repr(C), only integer and byte-array fields, explicit padding, size asserted.
+    unsafe impl aya::Pod for SessionRecord {}
+    // SAFETY: repr(C), only integer and byte-array fields, explicit padding, size asserted.
+    unsafe impl aya::Pod for SessionStart {}
+    // SAFETY: repr(C), only u32 fields, size asserted.
+    unsafe impl aya::Pod for KernelOffsets {}
+}

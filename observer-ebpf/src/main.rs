@@ -1,0 +1,32 @@
+//! observer's kernel programs.
+//!
+//! They only count and emit; all naming and aggregation happens in userspace.
+//! Each concern has one program per hook tier; the loader loads only the ones it
+//! selected for the running kernel (see `observer::probes`):
+//!
+//! | concern     | fentry tier             | kprobe tier                 | tracepoint tier                           |
+//! |-------------|-------------------------|-----------------------------|-------------------------------------------|
+//! | tcp_state   | fentry `tcp_set_state`  | kprobe `tcp_set_state`      | tp_btf `sock:inet_sock_set_state`         |
+//! | tcp_owner   | fexit `inet_csk_accept` | kretprobe `inet_csk_accept` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
+//!
+//! Program names start with `obs_` and stay under the kernel's 16-byte name
+//! limit, so a program of ours can be recognised in the kernel's program list.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod maps;
+mod session;
+mod tcp_owner;
+mod tcp_state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

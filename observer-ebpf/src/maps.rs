@@ -1,0 +1,29 @@
+//! Maps shared by the programs. Sizes here are defaults; the loader overrides
+//! them from the command line (`EbpfLoader::set_max_entries`).
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use observer_common::{LOST_SOURCES, LostSource, SessionStart};
+
+/// Open TCP sessions, keyed by the kernel address of their `struct sock`.
+/// Preallocated (flags 0): kprobe and tracepoint programs on kernels before 6.1
+/// may only use preallocated hash maps.
+#[map(name = "OPEN_SESSIONS")]
+pub static OPEN_SESSIONS: HashMap<u64, SessionStart> = HashMap::with_max_entries(65536, 0);
+
+/// Closed-session records (`SessionRecord`) for userspace.
+#[map(name = "SESSIONS")]
+pub static SESSIONS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Data the programs had to drop, per `LostSource`.
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SOURCES, 0);
+
+#[inline(always)]
+pub fn count_lost(source: LostSource) {
+    if let Some(slot) = LOST.get_ptr_mut(source as u32) {
+        // Per-CPU slot: no other program writes it concurrently.
+        unsafe { *slot += 1 };
+    }
+}

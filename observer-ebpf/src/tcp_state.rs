@@ -1,0 +1,59 @@
+//! TCP state changes: session birth and close.
+use aya_ebpf::{
+    macros::{btf_tracepoint, fentry, kprobe},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext},
+};
+
+use observer_common::IPPROTO_TCP;
+
+use crate::{
+    kernel::{offsets, read},
+    session::on_state_change,
+};
+
+/// tp_btf `sock:inet_sock_set_state`:
+/// `TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)`.
+/// Fires for every TCP socket state change, including `inet_sk_set_state` on a
+/// child socket created by the handshake (LISTEN -> SYN_RECV), which the
+/// `tcp_set_state` hooks below never see. It also fires for other protocols
+/// that use `inet_sk_set_state` (DCCP, SCTP), hence the `sk_protocol` check.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn obs_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let off = offsets().sk_protocol;
+    if off != 0 && read::<u16>(sk, off) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    on_state_change(sk, old, new);
+    0
+}
+
+/// fentry `tcp_set_state`: `void tcp_set_state(struct sock *sk, int state)`.
+/// At entry `sk_state` still holds the old state.
+#[fentry(function = "tcp_set_state")]
+pub fn obs_state_fe(ctx: FEntryContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let new: i32 = ctx.arg(1);
+    state_from_sock(sk, new);
+    0
+}
+
+/// kprobe `tcp_set_state`: same prototype as the fentry hook above.
+#[kprobe]
+pub fn obs_state_kp(ctx: ProbeContext) -> u32 {
+    let (Some(sk), Some(new)) = (ctx.arg::<*const u8>(0), ctx.arg::<i32>(1)) else {
+        return 0;
+    };
+    state_from_sock(sk, new);
+    0
+}
+
+#[inline(always)]
+fn state_from_sock(sk: *const u8, new: i32) {
+    let Some(old) = read::<u8>(sk, offsets().skc_state) else {
+        return;
+    };
+    on_state_change(sk, old as i32, new);
+}

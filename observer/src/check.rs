@@ -1,0 +1,98 @@
+//! `observer check`: what `run` would attach on this kernel, or why it could not.
+use std::fmt::Write as _;
+
+use crate::{
+    btf::KernelBtf,
+    cli::KernelArgs,
+    detect, loader,
+    privileges,
+    probes::{self, KernelFacts, Tier},
+};
+
+/// The report and whether `run` would work.
+pub fn check(args: &KernelArgs) -> (String, bool) {
+    let mut out = String::new();
+    let mut ok = true;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let _ = writeln!(out, "kernel: {}", release.trim());
+
+    let privileged = match privileges::effective_caps().map(privileges::check) {
+        Some(Ok(())) => {
+            let _ = writeln!(out, "privileges: ok");
+            true
+        }
+        Some(Err(why)) => {
+            let _ = writeln!(out, "privileges: missing: {why}");
+            false
+        }
+        None => {
+            let _ = writeln!(out, "privileges: unknown: cannot read /proc/self/status");
+            false
+        }
+    };
+    ok &= privileged;
+
+    let btf = match KernelBtf::open(&args.btf) {
+        Ok(btf) => {
+            let _ = writeln!(out, "btf: {}", btf.path().display());
+            btf
+        }
+        Err(e) => {
+            let _ = writeln!(out, "btf: unavailable: {e}");
+            let _ = writeln!(out, "result: run cannot work here (every hook needs kernel BTF for structure offsets)");
+            return (out, false);
+        }
+    };
+    match btf.kernel_offsets() {
+        Ok(o) => {
+            let _ = writeln!(
+                out,
+                "offsets: ok (tcp_sock.bytes_acked at {}, tcp_sock.bytes_received at {}, sock.sk_rx_dst_ifindex at {})",
+                o.tcp_bytes_acked, o.tcp_bytes_received, o.rx_dst_ifindex
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "offsets: missing: {e}");
+            ok = false;
+        }
+    }
+
+    // fentry is only known by loading a program, which needs privileges.
+    let fentry = if !privileged {
+        Err("not probed: loading a test program needs the privileges above".to_string())
+    } else {
+        match loader::load(&btf) {
+            Ok(mut kernel) => kernel.probe_fentry(),
+            Err(e) => Err(format!("not probed: {}", loader::chain(&e))),
+        }
+    };
+    let facts = detect::kernel_facts(&btf, fentry);
+    write_tiers(&mut out, &facts);
+
+    let plan = probes::select(&facts, args.probes);
+    for choice in &plan.choices {
+        let need = if choice.concern.required() { "required" } else { "optional" };
+        match &choice.hook {
+            Ok(hook) => {
+                let _ = writeln!(out, "concern {} ({need}): {} (chosen)", choice.concern.as_str(), hook.describe());
+            }
+            Err(why) => {
+                let _ = writeln!(out, "concern {} ({need}): none: {why}", choice.concern.as_str());
+            }
+        }
+    }
+    ok &= plan.missing_required().is_empty();
+    let _ = writeln!(out, "result: {}", if ok { "run would work" } else { "run cannot work here" });
+    (out, ok)
+}
+
+fn write_tiers(out: &mut String, facts: &KernelFacts) {
+    for tier in Tier::ALL {
+        let status = facts.tiers.iter().find(|(t, _)| *t == tier).map(|(_, r)| r.clone());
+        let _ = match status {
+            Some(Ok(())) => writeln!(out, "tier {}: available", tier.as_str()),
+            Some(Err(why)) => writeln!(out, "tier {}: unavailable: {why}", tier.as_str()),
+            None => writeln!(out, "tier {}: not probed", tier.as_str()),
+        };
+    }
+}

@@ -1,0 +1,136 @@
+//! Command line. Values are checked by clap's parsers so a bad one exits with
+//! code 2 and a message that says what was wrong and what would be right.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    btf::DEFAULT_BTF_PATH,
+    labels::{StaticLabel, parse_label},
+    probes::ProbeMode,
+};
+
+/// Default address of the metrics server: loopback only, so a node agent never
+/// exposes its metrics beyond the host unless told to.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
+/// Default goodput floor: the in-process metric this replaces records only
+/// sessions that moved at least 1 MB in a direction.
+pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
+
+#[derive(Debug, Parser)]
+#[command(name = "observer", version, about = "Per-session network goodput from eBPF, as Prometheus metrics")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the kernel programs and serve metrics until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Print which kernel hook each concern would use, or why none can; exit
+    /// non-zero when `run` could not work.
+    Check(KernelArgs),
+}
+
+/// Options that decide how the observer hooks into the kernel.
+#[derive(Debug, Clone, Args)]
+pub struct KernelArgs {
+    /// Hook tier: the cheapest available per concern, or one forced tier.
+    #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
+    pub probes: ProbeMode,
+    /// Kernel BTF to resolve structure offsets from.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BTF_PATH)]
+    pub btf: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address and port of the metrics server (/metrics, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    /// Report only sessions whose packets arrive through this interface (of the
+    /// observer's own network namespace). Repeatable; default: all interfaces.
+    #[arg(long = "iface", value_name = "NAME")]
+    pub ifaces: Vec<String>,
+    /// A direction enters the goodput histogram only if it moved at least this
+    /// many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_SESSION_BYTES, value_parser = parse_min_bytes)]
+    pub min_session_bytes: u64,
+    /// Static label added to every session metric (e.g. track, region). Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<StaticLabel>,
+    /// Also write one JSON line per reported session to this file (`-`: stdout).
+    #[arg(long, value_name = "PATH")]
+    pub session_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("`{s}` is not ADDR:PORT (for example 127.0.0.1:9470, 0.0.0.0:9470 or [::1]:9470)")
+    })
+}
+
+fn parse_min_bytes(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1 byte (0 would record every session, even empty ones)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number of bytes (for example 1000000)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["observer", "run"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Run(r) => r,
+            Command::Check(_) => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let r = run_args(&[]).unwrap();
+        assert_eq!(r.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(r.min_session_bytes, 1_000_000);
+        assert!(r.ifaces.is_empty() && r.labels.is_empty());
+        assert_eq!(r.kernel.probes, ProbeMode::Auto);
+    }
+
+    #[test]
+    fn repeatable_flags() {
+        let r = run_args(&["--iface", "lo", "--iface", "eth0", "--label", "a=1", "--label", "b=2"]).unwrap();
+        assert_eq!(r.ifaces, ["lo", "eth0"]);
+        assert_eq!(r.labels.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_with_specific_messages() {
+        for (args, needle) in [
+            (&["--min-session-bytes", "0"][..], "at least 1 byte"),
+            (&["--min-session-bytes", "1MB"][..], "not a whole number"),
+            (&["--listen", "localhost"][..], "not ADDR:PORT"),
+            (&["--label", "novalue"][..], "not KEY=VALUE"),
+            (&["--probes", "ebpf"][..], "auto, fentry, kprobe, tracepoint"),
+        ] {
+            let err = run_args(args).unwrap_err();
+            assert_eq!(err.kind() == ErrorKind::ValueValidation || err.kind() == ErrorKind::InvalidValue, true);
+            assert_eq!(err.exit_code(), 2);
+            let text = err.to_string();
+            assert!(text.contains(needle), "{args:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,18 @@
+//! observer: per-session network goodput measured from the kernel with eBPF,
+//! served as Prometheus metrics. See README.md for the design and metrics.
+pub mod btf;
+pub mod check;
+pub mod cli;
+pub mod detect;
+pub mod error;
+pub mod interfaces;
+pub mod labels;
+pub mod loader;
+pub mod metrics;
+pub mod pipeline;
+pub mod privileges;
+pub mod probes;
+pub mod run;
+pub mod server;
+pub mod session;
+pub mod session_log;

@@ -1,0 +1,132 @@
+//! Loading the kernel programs, probing the fentry tier, and attaching the
+//! hooks `probes::select` chose.
+use aya::{
+    Btf as AyaBtf, Ebpf, EbpfLoader, Endianness,
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
+};
+
+use crate::{
+    btf::KernelBtf,
+    error::Error,
+    probes::{Attach, Hook, Plan},
+};
+
+/// The kernel programs, compiled by build.rs for the bpf target.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+/// The program whose load tells whether this kernel runs fentry programs:
+/// some kernels (and some VMs) have BTF and trampolines configured yet refuse
+/// them at load time, so only a real load answers the question.
+const FENTRY_PROBE: &str = "obs_state_fe";
+
+pub struct Kernel {
+    pub ebpf: Ebpf,
+    pub btf: AyaBtf,
+    /// Programs loaded while probing, kept so they are not loaded twice.
+    probed: Vec<&'static str>,
+}
+
+/// Loads the object with the running kernel's field offsets written into it.
+/// Maps are created; programs are loaded only when attached or probed.
+pub fn load(btf: &KernelBtf) -> Result<Kernel, Error> {
+    if KERNEL_OBJECT.is_empty() {
+        return Err(Error::NoKernelObject);
+    }
+    let offsets = btf.kernel_offsets()?;
+    // 0 when the kernel has no inet_csk_accept in BTF: the fexit hook then
+    // cannot be chosen (its target is missing) and the value is never read.
+    let accept_params = btf.function_params("inet_csk_accept").map_or(0, |n| n as u32);
+    let aya_btf = AyaBtf::parse_file(btf.path(), Endianness::default())
+        .map_err(|e| Error::Other(format!("parsing kernel BTF {} for the loader: {e}", btf.path().display())))?;
+    let ebpf = EbpfLoader::new()
+        .btf(Some(&aya_btf))
+        .override_global("OFFSETS", &offsets, true)
+        .override_global("ACCEPT_RET_ARG", &accept_params, true)
+        .load(KERNEL_OBJECT)
+        .map_err(Error::Load)?;
+    Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new() })
+}
+
+impl Kernel {
+    /// Tries to load an fentry program: `Err(reason)` if the kernel refuses.
+    pub fn probe_fentry(&mut self) -> Result<(), String> {
+        let result = self.load_program(FENTRY_PROBE, Attach::FEntry("tcp_set_state"));
+        match result {
+            Ok(()) => {
+                self.probed.push(FENTRY_PROBE);
+                Ok(())
+            }
+            Err(e) => Err(format!("the kernel refused to load a test fentry program on tcp_set_state: {}", chain(&e))),
+        }
+    }
+
+    /// Attaches every hook of the plan. A required concern's failure is an
+    /// error; an optional one is logged and left out (returned as `Err`).
+    pub fn attach(&mut self, plan: &Plan) -> Result<Vec<(Hook, Result<(), String>)>, Error> {
+        let mut attached = Vec::new();
+        for choice in &plan.choices {
+            let Ok(hook) = choice.hook else { continue };
+            let result = hook
+                .programs()
+                .iter()
+                .try_for_each(|&(name, how)| self.attach_program(name, how).map_err(|e| (name, e)));
+            match result {
+                Ok(()) => attached.push((hook, Ok(()))),
+                Err((program, source)) if choice.concern.required() => {
+                    return Err(Error::Program { program, source });
+                }
+                Err((program, source)) => {
+                    let why = format!("{program}: {}", chain(&source));
+                    tracing::warn!(concern = choice.concern.as_str(), hook = hook.describe(), error = %why, "optional hook not attached; continuing without it");
+                    attached.push((hook, Err(why)));
+                }
+            }
+        }
+        // A probe program that was not chosen should not stay loaded.
+        for name in std::mem::take(&mut self.probed) {
+            let chosen = plan.hooks().any(|h| h.programs().iter().any(|(n, _)| *n == name));
+            if !chosen {
+                if let Some(Ok(p)) = self.ebpf.program_mut(name).map(<&mut FEntry>::try_from) {
+                    let _ = p.unload();
+                }
+            }
+        }
+        Ok(attached)
+    }
+
+    fn load_program(&mut self, name: &'static str, how: Attach) -> Result<(), ProgramError> {
+        let btf = &self.btf;
+        let program = self.ebpf.program_mut(name).ok_or(ProgramError::UnexpectedProgramType)?;
+        match how {
+            Attach::BtfTracepoint(tp) => <&mut BtfTracePoint>::try_from(program)?.load(tp, btf),
+            Attach::FEntry(f) => <&mut FEntry>::try_from(program)?.load(f, btf),
+            Attach::FExit(f) => <&mut FExit>::try_from(program)?.load(f, btf),
+            Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program)?.load(),
+        }
+    }
+
+    fn attach_program(&mut self, name: &'static str, how: Attach) -> Result<(), ProgramError> {
+        if !self.probed.contains(&name) {
+            self.load_program(name, how)?;
+        }
+        let program = self.ebpf.program_mut(name).ok_or(ProgramError::UnexpectedProgramType)?;
+        match how {
+            Attach::BtfTracepoint(_) => <&mut BtfTracePoint>::try_from(program)?.attach().map(drop),
+            Attach::FEntry(_) => <&mut FEntry>::try_from(program)?.attach().map(drop),
+            Attach::FExit(_) => <&mut FExit>::try_from(program)?.attach().map(drop),
+            Attach::KProbe(f) | Attach::KRetProbe(f) => <&mut KProbe>::try_from(program)?.attach(f, 0).map(drop),
+        }
+    }
+}
+
+/// An error and its causes on one line, for logs and `observer check`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

@@ -1,0 +1,236 @@
+//! Prometheus metric families and how a closed session updates them.
+//!
+//! Bucket layouts are fixed and documented in the README; label sets are
+//! fixed too (`direction`, `protocol`, plus the operator's static labels).
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{
+    labels::StaticLabel,
+    probes::Hook,
+    session::{Direction, Session},
+};
+
+/// Goodput buckets: 1 kB/s to 100 GB/s, four per decade (x1, x1.78, x3.16,
+/// x5.62): 33 bounds. A quarter decade keeps `histogram_quantile`'s linear
+/// interpolation within about 30% anywhere in the range, with a bounded
+/// number of series.
+pub fn goodput_buckets() -> Vec<f64> {
+    (0..=32).map(|i| round_sig(1e3 * 10f64.powf(f64::from(i) / 4.0))).collect()
+}
+
+/// Duration buckets: 1 ms to 1 day, 1-2.5-5 per decade up to 10,000 s, then
+/// 1 h-ish steps are pointless: one last bound at 86,400 s.
+pub fn duration_buckets() -> Vec<f64> {
+    let mut b: Vec<f64> = (-3..=3)
+        .flat_map(|e| [1.0, 2.5, 5.0].map(|m| round_sig(m * 10f64.powi(e))))
+        .collect();
+    b.push(10_000.0);
+    b.push(86_400.0);
+    b
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Rounds to 3 significant digits so bucket bounds print as readable numbers.
+fn round_sig(x: f64) -> f64 {
+    let scale = 10f64.powi(2 - x.log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
+/// Where the observer had to drop data; label values of `observer_events_lost_total`.
+pub const LOST_SOURCES: [&str; 3] = ["session_ring_full", "session_table_full", "session_record_malformed"];
+
+pub struct Metrics {
+    registry: Registry,
+    static_labels: Vec<StaticLabel>,
+    goodput: HistogramVec,
+    duration: HistogramVec,
+    sessions: IntCounterVec,
+    session_bytes: IntCounterVec,
+    ignored: IntCounterVec,
+    pub events_lost: IntCounterVec,
+    probe_info: GaugeVec,
+}
+
+impl Metrics {
+    pub fn new(static_labels: Vec<StaticLabel>) -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let names = |base: &[&'static str]| -> Vec<String> {
+            base.iter().map(|s| s.to_string()).chain(static_labels.iter().map(|l| l.key.clone())).collect()
+        };
+        let dir_proto = names(&["direction", "protocol"]);
+        let proto = names(&["protocol"]);
+
+        let goodput = HistogramVec::new(
+            HistogramOpts::new(
+                "observer_session_goodput_bytes_per_second",
+                "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. protocol=tcp.",
+            )
+            .buckets(goodput_buckets()),
+            &refs(&dir_proto),
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "observer_session_duration_seconds",
+                "Lifetime of closed sessions (first state change to close), whatever they moved. Sessions adopted mid-life are not observed (their birth is unknown).",
+            )
+            .buckets(duration_buckets()),
+            &refs(&proto),
+        )?;
+        let sessions = IntCounterVec::new(
+            Opts::new("observer_sessions_total", "Closed sessions, over the goodput floor or not, including sessions adopted mid-life."),
+            &refs(&proto),
+        )?;
+        let session_bytes = IntCounterVec::new(
+            Opts::new(
+                "observer_session_bytes_total",
+                "Bytes moved by closed sessions. direction=receive: received in order; direction=transmit: acknowledged by the peer (retransmissions excluded).",
+            ),
+            &refs(&dir_proto),
+        )?;
+        let ignored = IntCounterVec::new(
+            Opts::new(
+                "observer_sessions_ignored_total",
+                "Closed sessions deliberately not reported. reason=iface: their packets did not arrive through an interface selected with --iface.",
+            ),
+            &["reason"],
+        )?;
+        let events_lost = IntCounterVec::new(
+            Opts::new(
+                "observer_events_lost_total",
+                "Data the observer had to drop. source=session_ring_full: closed-session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: new sessions not tracked from birth because the open-session table was full (they are reported at close as adopted); source=session_record_malformed: records userspace could not decode.",
+            ),
+            &["source"],
+        )?;
+        let probe_info = GaugeVec::new(
+            Opts::new("observer_probe_info", "Kernel hook attached for each concern (value 1). concern=tcp_state: session birth and close; concern=tcp_owner: owner process of accepted sessions."),
+            &["concern", "hook"],
+        )?;
+        let build_info = GaugeVec::new(
+            Opts::new("observer_build_info", "Build of the running observer (value 1)."),
+            &["version", "commit"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("OBSERVER_COMMIT").unwrap_or("unknown")])
+            .set(1.0);
+        for source in LOST_SOURCES {
+            events_lost.with_label_values(&[source]);
+        }
+        ignored.with_label_values(&["iface"]);
+
+        registry.register(Box::new(goodput.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(session_bytes.clone()))?;
+        registry.register(Box::new(ignored.clone()))?;
+        registry.register(Box::new(events_lost.clone()))?;
+        registry.register(Box::new(probe_info.clone()))?;
+        registry.register(Box::new(build_info))?;
+
+        let m = Metrics { registry, static_labels, goodput, duration, sessions, session_bytes, ignored, events_lost, probe_info };
+        // Series exist from the start, so rate() works from the first session.
+        m.sessions.with_label_values(&m.values(&["tcp"]));
+        for d in Direction::ALL {
+            m.session_bytes.with_label_values(&m.values(&[d.as_str(), "tcp"]));
+        }
+        Ok(m)
+    }
+
+    /// Label values: the given ones followed by the static labels' values.
+    fn values<'a>(&'a self, base: &[&'a str]) -> Vec<&'a str> {
+        base.iter().copied().chain(self.static_labels.iter().map(|l| l.value.as_str())).collect()
+    }
+
+    pub fn set_probe(&self, concern: &str, hook: Hook) {
+        self.probe_info.with_label_values(&[concern, hook.describe()]).set(1.0);
+    }
+
+    pub fn record_ignored(&self, reason: &str) {
+        self.ignored.with_label_values(&[reason]).inc();
+    }
+
+    /// Accounts one closed session.
+    pub fn record(&self, s: &Session, min_session_bytes: u64) {
+        let protocol = "tcp";
+        self.sessions.with_label_values(&self.values(&[protocol])).inc();
+        if let Some(lifetime) = s.lifetime {
+            self.duration.with_label_values(&self.values(&[protocol])).observe(lifetime.as_secs_f64());
+        }
+        for d in Direction::ALL {
+            let labels = self.values(&[d.as_str(), protocol]);
+            self.session_bytes.with_label_values(&labels).inc_by(s.bytes(d));
+            if let Some(g) = s.goodput(d, min_session_bytes) {
+                self.goodput.with_label_values(&labels).observe(g);
+            }
+        }
+    }
+
+    /// The exposition in Prometheus text format 0.0.4.
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::labels::parse_label;
+
+    #[test]
+    fn goodput_buckets_span_1kb_to_100gb_four_per_decade() {
+        let b = goodput_buckets();
+        assert_eq!(b.len(), 33);
+        assert_eq!(b[0], 1e3);
+        assert_eq!(b[4], 1e4);
+        assert_eq!(b[1], 1780.0);
+        assert_eq!(*b.last().unwrap(), 1e11);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn duration_buckets_are_increasing_from_1ms_to_a_day() {
+        let b = duration_buckets();
+        assert_eq!(b[0], 0.001);
+        assert_eq!(&b[..4], &[0.001, 0.0025, 0.005, 0.01]);
+        assert_eq!(*b.last().unwrap(), 86_400.0);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    fn session(tx: u64, rx: u64, secs: Option<u64>) -> Session {
+        Session {
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            bytes_transmitted: tx,
+            bytes_received: rx,
+            lifetime: secs.map(Duration::from_secs),
+            owner: None,
+            netns_ino: 0,
+            rx_ifindex: 1,
+            tx_ifindex: 1,
+        }
+    }
+
+    #[test]
+    fn records_sessions_with_static_labels_and_the_floor() {
+        let m = Metrics::new(vec![parse_label("region=eu").unwrap()]).unwrap();
+        m.record(&session(4_000_000, 10, Some(2)), 1_000_000);
+        m.record(&session(100, 100, Some(1)), 1_000_000);
+        m.record(&session(5_000_000, 0, None), 1_000_000);
+        let text = m.encode().unwrap();
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(has(r#"observer_sessions_total{protocol="tcp",region="eu"} 3"#), "{text}");
+        assert!(has(r#"observer_session_bytes_total{direction="transmit",protocol="tcp",region="eu"} 9000100"#), "{text}");
+        assert!(has(r#"observer_session_goodput_bytes_per_second_count{direction="transmit",protocol="tcp",region="eu"} 1"#), "{text}");
+        assert!(has(r#"observer_session_goodput_bytes_per_second_sum{direction="transmit",protocol="tcp",region="eu"} 2000000"#), "{text}");
+        assert!(!text.contains(r#"goodput_bytes_per_second_count{direction="receive""#), "{text}");
+        assert!(has(r#"observer_session_duration_seconds_count{protocol="tcp",region="eu"} 2"#), "adopted session has no duration: {text}");
+    }
+}

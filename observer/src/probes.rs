@@ -1,0 +1,371 @@
+//! Which kernel hook serves each concern: a pure function of what the running
+//! kernel offers and of what the user forced with `--probes`.
+//!
+//! Detection (I/O) lives in `detect`; this module only decides, so every branch
+//! is unit-tested without a kernel.
+use std::{collections::BTreeSet, fmt};
+
+/// `--probes`: let the observer choose, or force one tier for every concern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeMode {
+    /// The cheapest hook the kernel offers, per concern.
+    Auto,
+    /// fentry/fexit (BPF trampolines; kernel 5.5+ with BTF, x86_64/arm64).
+    Fentry,
+    /// kprobe/kretprobe (CONFIG_KPROBES).
+    Kprobe,
+    /// BTF-typed tracepoints (tp_btf).
+    Tracepoint,
+}
+
+/// A family of hooks that the kernel enables or refuses as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Fentry, Tier::Kprobe, Tier::Tracepoint];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fentry => "fentry",
+            Tier::Kprobe => "kprobe",
+            Tier::Tracepoint => "tracepoint",
+        }
+    }
+
+    fn forced_by(mode: ProbeMode) -> Option<Tier> {
+        match mode {
+            ProbeMode::Auto => None,
+            ProbeMode::Fentry => Some(Tier::Fentry),
+            ProbeMode::Kprobe => Some(Tier::Kprobe),
+            ProbeMode::Tracepoint => Some(Tier::Tracepoint),
+        }
+    }
+}
+
+/// What the observer needs a hook for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Concern {
+    /// TCP session birth and close (required: without it nothing is measured).
+    TcpState,
+    /// The owning process of sessions the kernel created on its own (accepted
+    /// connections). Optional: without it those sessions have no owner.
+    TcpOwner,
+}
+
+impl Concern {
+    pub const ALL: [Concern; 2] = [Concern::TcpState, Concern::TcpOwner];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Concern::TcpState => "tcp_state",
+            Concern::TcpOwner => "tcp_owner",
+        }
+    }
+
+    pub fn required(self) -> bool {
+        matches!(self, Concern::TcpState)
+    }
+
+    /// Candidate hooks, cheapest first per session. tcp_state: a tracepoint costs
+    /// least and sees the handshake's child sockets, which `tcp_set_state` hooks
+    /// only see from ESTABLISHED on. tcp_owner: one call per accept (fexit,
+    /// kretprobe) beats one call per send and receive (tracepoints).
+    pub fn candidates(self) -> &'static [Hook] {
+        match self {
+            Concern::TcpState => &[Hook::StateTpBtf, Hook::StateFentry, Hook::StateKprobe],
+            Concern::TcpOwner => &[Hook::OwnerFexit, Hook::OwnerKretprobe, Hook::OwnerTpBtf],
+        }
+    }
+}
+
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// tp_btf on the named tracepoint.
+    BtfTracepoint(&'static str),
+    FEntry(&'static str),
+    FExit(&'static str),
+    KProbe(&'static str),
+    KRetProbe(&'static str),
+}
+
+impl Attach {
+    /// The kernel object it needs: a tracepoint (`sock:name`) or a function.
+    pub fn target(self) -> Target {
+        match self {
+            Attach::BtfTracepoint(tp) => Target::Tracepoint(tp),
+            Attach::FEntry(f) | Attach::FExit(f) | Attach::KProbe(f) | Attach::KRetProbe(f) => {
+                Target::Function(f)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    Tracepoint(&'static str),
+    Function(&'static str),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tracepoint(tp) => write!(f, "tracepoint sock:{tp}"),
+            Target::Function(func) => write!(f, "function {func}"),
+        }
+    }
+}
+
+/// One way to serve a concern: a set of programs of one tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    StateTpBtf,
+    StateFentry,
+    StateKprobe,
+    OwnerFexit,
+    OwnerKretprobe,
+    OwnerTpBtf,
+}
+
+impl Hook {
+    pub fn tier(self) -> Tier {
+        match self {
+            Hook::StateTpBtf | Hook::OwnerTpBtf => Tier::Tracepoint,
+            Hook::StateFentry | Hook::OwnerFexit => Tier::Fentry,
+            Hook::StateKprobe | Hook::OwnerKretprobe => Tier::Kprobe,
+        }
+    }
+
+    /// The programs (name in the object, how to attach) this hook loads.
+    pub fn programs(self) -> &'static [(&'static str, Attach)] {
+        match self {
+            Hook::StateTpBtf => &[("obs_state_btf", Attach::BtfTracepoint("inet_sock_set_state"))],
+            Hook::StateFentry => &[("obs_state_fe", Attach::FEntry("tcp_set_state"))],
+            Hook::StateKprobe => &[("obs_state_kp", Attach::KProbe("tcp_set_state"))],
+            Hook::OwnerFexit => &[("obs_owner_fexit", Attach::FExit("inet_csk_accept"))],
+            Hook::OwnerKretprobe => &[("obs_owner_kret", Attach::KRetProbe("inet_csk_accept"))],
+            Hook::OwnerTpBtf => &[
+                ("obs_owner_send", Attach::BtfTracepoint("sock_send_length")),
+                ("obs_owner_recv", Attach::BtfTracepoint("sock_recv_length")),
+            ],
+        }
+    }
+
+    /// Label value for `observer_probe_info{hook}` and `observer check`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Hook::StateTpBtf => "tp_btf/inet_sock_set_state",
+            Hook::StateFentry => "fentry/tcp_set_state",
+            Hook::StateKprobe => "kprobe/tcp_set_state",
+            Hook::OwnerFexit => "fexit/inet_csk_accept",
+            Hook::OwnerKretprobe => "kretprobe/inet_csk_accept",
+            Hook::OwnerTpBtf => "tp_btf/sock_send_length+sock_recv_length",
+        }
+    }
+}
+
+/// What the running kernel offers, as found by `detect`.
+#[derive(Clone, Debug, Default)]
+pub struct KernelFacts {
+    /// Per tier: `Err(reason)` when the kernel cannot run that tier at all.
+    pub tiers: Vec<(Tier, Result<(), String>)>,
+    /// Tracepoints and functions that exist in this kernel.
+    pub targets: BTreeSet<Target>,
+}
+
+impl KernelFacts {
+    fn tier(&self, tier: Tier) -> Result<(), String> {
+        self.tiers
+            .iter()
+            .find(|(t, _)| *t == tier)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| Err("not probed".into()))
+    }
+
+    /// Why `hook` cannot be used here, or `Ok` if it can.
+    fn usable(&self, hook: Hook) -> Result<(), String> {
+        self.tier(hook.tier())
+            .map_err(|why| format!("{} unavailable: {why}", hook.tier().as_str()))?;
+        for (_, attach) in hook.programs() {
+            let target = attach.target();
+            if !self.targets.contains(&target) {
+                return Err(format!("kernel has no {target}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The decision for one concern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub concern: Concern,
+    /// The chosen hook, or why each candidate was refused.
+    pub hook: Result<Hook, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub choices: Vec<Choice>,
+}
+
+impl Plan {
+    pub fn hooks(&self) -> impl Iterator<Item = Hook> + '_ {
+        self.choices.iter().filter_map(|c| c.hook.as_ref().ok().copied())
+    }
+
+    /// Required concerns left without a hook, with the reasons.
+    pub fn missing_required(&self) -> Vec<&Choice> {
+        self.choices.iter().filter(|c| c.concern.required() && c.hook.is_err()).collect()
+    }
+}
+
+/// Picks a hook for every concern: the first usable candidate in preference
+/// order, restricted to one tier when `mode` forces it.
+pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
+    let forced = Tier::forced_by(mode);
+    let choices = Concern::ALL
+        .iter()
+        .map(|&concern| {
+            let mut refused = Vec::new();
+            let mut chosen = None;
+            for &hook in concern.candidates() {
+                if forced.is_some_and(|t| t != hook.tier()) {
+                    continue;
+                }
+                match facts.usable(hook) {
+                    Ok(()) => {
+                        chosen = Some(hook);
+                        break;
+                    }
+                    Err(why) => refused.push(format!("{}: {why}", hook.describe())),
+                }
+            }
+            let hook = chosen.ok_or_else(|| match forced {
+                Some(t) if refused.is_empty() => format!("no {} hook exists for this", t.as_str()),
+                _ => refused.join("; "),
+            });
+            Choice { concern, hook }
+        })
+        .collect();
+    Plan { choices }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL_TARGETS: [Target; 5] = [
+        Target::Tracepoint("inet_sock_set_state"),
+        Target::Tracepoint("sock_send_length"),
+        Target::Tracepoint("sock_recv_length"),
+        Target::Function("tcp_set_state"),
+        Target::Function("inet_csk_accept"),
+    ];
+
+    fn facts(fentry: bool, kprobe: bool, tracepoint: bool, targets: &[Target]) -> KernelFacts {
+        let avail = |ok: bool, why: &str| if ok { Ok(()) } else { Err(why.to_string()) };
+        KernelFacts {
+            tiers: vec![
+                (Tier::Fentry, avail(fentry, "EPERM")),
+                (Tier::Kprobe, avail(kprobe, "no kprobes")),
+                (Tier::Tracepoint, avail(tracepoint, "no BTF")),
+            ],
+            targets: targets.iter().copied().collect(),
+        }
+    }
+
+    fn chosen(plan: &Plan, concern: Concern) -> Result<Hook, String> {
+        plan.choices.iter().find(|c| c.concern == concern).unwrap().hook.clone()
+    }
+
+    #[test]
+    fn auto_on_a_full_kernel_prefers_tracepoint_for_state_and_fexit_for_owner() {
+        let plan = select(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
+        assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerFexit));
+        assert!(plan.missing_required().is_empty());
+    }
+
+    #[test]
+    fn auto_on_this_machine_tracepoints_only() {
+        // 6.18 VM: fentry refused, no kprobes, tp_btf works.
+        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
+        assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerTpBtf));
+    }
+
+    #[test]
+    fn auto_without_fentry_takes_kretprobe_for_owner() {
+        let plan = select(&facts(false, true, true, &ALL_TARGETS), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerKretprobe));
+    }
+
+    #[test]
+    fn auto_before_6_3_without_send_length_tracepoints_falls_back_for_owner() {
+        let old = [Target::Tracepoint("inet_sock_set_state"), Target::Function("tcp_set_state")];
+        let plan = select(&facts(false, false, true, &old), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
+        let why = chosen(&plan, Concern::TcpOwner).unwrap_err();
+        assert!(why.contains("fentry unavailable: EPERM"), "{why}");
+        assert!(why.contains("kernel has no tracepoint sock:sock_send_length"), "{why}");
+        // The owner is optional: run still works.
+        assert!(plan.missing_required().is_empty());
+    }
+
+    #[test]
+    fn auto_without_tp_btf_uses_function_hooks() {
+        let plan = select(&facts(true, true, false, &ALL_TARGETS), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateFentry));
+        let plan = select(&facts(false, true, false, &ALL_TARGETS), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateKprobe));
+    }
+
+    #[test]
+    fn forcing_a_tier_uses_only_that_tier() {
+        let full = facts(true, true, true, &ALL_TARGETS);
+        for (mode, state, owner) in [
+            (ProbeMode::Fentry, Hook::StateFentry, Hook::OwnerFexit),
+            (ProbeMode::Kprobe, Hook::StateKprobe, Hook::OwnerKretprobe),
+            (ProbeMode::Tracepoint, Hook::StateTpBtf, Hook::OwnerTpBtf),
+        ] {
+            let plan = select(&full, mode);
+            assert_eq!(chosen(&plan, Concern::TcpState), Ok(state), "{mode:?}");
+            assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(owner), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn forcing_an_unavailable_tier_names_the_reason() {
+        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Fentry);
+        let missing = plan.missing_required();
+        assert_eq!(missing.len(), 1);
+        let why = missing[0].hook.clone().unwrap_err();
+        assert_eq!(why, "fentry/tcp_set_state: fentry unavailable: EPERM");
+        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
+        assert!(chosen(&plan, Concern::TcpState).unwrap_err().contains("no kprobes"));
+    }
+
+    #[test]
+    fn missing_function_refuses_the_hook_even_when_the_tier_works() {
+        let targets = [Target::Function("inet_csk_accept")];
+        let plan = select(&facts(true, true, false, &targets), ProbeMode::Auto);
+        let why = chosen(&plan, Concern::TcpState).unwrap_err();
+        assert!(why.contains("kernel has no function tcp_set_state"), "{why}");
+        assert_eq!(plan.missing_required().len(), 1);
+    }
+
+    #[test]
+    fn nothing_available_reports_every_candidate() {
+        let plan = select(&facts(false, false, false, &[]), ProbeMode::Auto);
+        let why = chosen(&plan, Concern::TcpState).unwrap_err();
+        for part in ["tp_btf/inet_sock_set_state", "fentry/tcp_set_state", "kprobe/tcp_set_state"] {
+            assert!(why.contains(part), "{why}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! `--session-log`: one JSON line per reported session, for looking at
+//! individual sessions (the metrics only hold aggregates).
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, BufWriter, Write},
+    path::Path,
+};
+
+use crate::{pipeline::write_line, session::Session};
+
+pub struct SessionLog {
+    out: Box<dyn Write + Send>,
+    failed: bool,
+}
+
+impl SessionLog {
+    /// `-` writes to standard output; anything else is a file, appended to.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let out: Box<dyn Write + Send> = if path == Path::new("-") {
+            Box::new(io::stdout())
+        } else {
+            let file: File = OpenOptions::new().create(true).append(true).open(path)?;
+            Box::new(BufWriter::new(file))
+        };
+        Ok(Self { out, failed: false })
+    }
+
+    pub fn write(&mut self, s: &Session) {
+        if let Err(e) = write_line(&mut self.out, &to_json(s)) {
+            // Say it once; the metrics do not depend on the log.
+            if !self.failed {
+                tracing::error!(error = %e, "cannot write the session log; metrics continue");
+                self.failed = true;
+            }
+        }
+    }
+}
+
+pub fn to_json(s: &Session) -> String {
+    serde_json::json!({
+        "protocol": "tcp",
+        "local": s.local.to_string(),
+        "remote": s.remote.to_string(),
+        "bytes_received": s.bytes_received,
+        "bytes_transmitted": s.bytes_transmitted,
+        "lifetime_seconds": s.lifetime.map(|d| d.as_secs_f64()),
+        "pid": s.owner.as_ref().map(|o| o.pid),
+        "comm": s.owner.as_ref().map(|o| o.comm.as_str()),
+        "cgroup_id": s.owner.as_ref().map(|o| o.cgroup_id),
+        "rx_ifindex": s.rx_ifindex,
+        "tx_ifindex": s.tx_ifindex,
+    })
+    .to_string()
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of a fresh machine for building and testing observer.
+#
+# Installs only what is missing, so a second run takes a second or two:
+#   - rust-src for the nightly toolchain (the eBPF crate builds core from source);
+#   - bpf-linker from crates.io, built against the nightly's own libLLVM (no
+#     prebuilt download): see ARCHITECTURE notes in README "Prerequisites";
+#   - the Debian packages the tests drive (haproxy, iperf3, nftables, ...).
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+NIGHTLY=${OBSERVER_NIGHTLY:-nightly}
+# Where bpf-linker's libLLVM links live. The path is baked into the binary as its
+# run path, so it must stay put: keep it outside the work tree.
+LLVM_PREFIX_DIR=${OBSERVER_LLVM_PREFIX:-$HOME/.local/share/observer/llvm-prefix}
+
+# --- Debian packages -------------------------------------------------------
+DEB_PACKAGES=(haproxy iperf3 nftables iproute2 procps)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # haproxy's package starts a service we do not want listening on this host.
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now haproxy >/dev/null 2>&1 || true; fi
+  pkill -x haproxy 2>/dev/null || true
+fi
+
+# --- nightly toolchain with rust-src ----------------------------------------
+if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
+  log "installing toolchain ${NIGHTLY}"
+  rustup toolchain install "$NIGHTLY" --profile minimal
+fi
+if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  log "adding rust-src to ${NIGHTLY}"
+  rustup component add rust-src --toolchain "$NIGHTLY"
+fi
+
+# --- bpf-linker against the nightly's libLLVM --------------------------------
+sysroot=$(rustc +"$NIGHTLY" --print sysroot)
+llvm_major=$(rustc +"$NIGHTLY" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+llvm_lib=$(cd "$sysroot/lib" && ls libLLVM.so.* libLLVM-*.so 2>/dev/null | head -n1)
+if [[ -z "$llvm_lib" ]]; then
+  log "error: no libLLVM shared library in $sysroot/lib; is the nightly toolchain complete?"
+  exit 1
+fi
+want_feature="llvm-${llvm_major}"
+stamp="$LLVM_PREFIX_DIR/bpf-linker.stamp"
+if ! command -v bpf-linker >/dev/null 2>&1 || [[ "$(cat "$stamp" 2>/dev/null)" != "$sysroot/lib/$llvm_lib" ]]; then
+  log "building bpf-linker (${want_feature}) against $sysroot/lib/$llvm_lib (about a minute)"
+  mkdir -p "$LLVM_PREFIX_DIR/lib"
+  ln -sfn "$sysroot/lib/$llvm_lib" "$LLVM_PREFIX_DIR/lib/libLLVM.so"
+  ln -sfn "$sysroot/lib/$llvm_lib" "$LLVM_PREFIX_DIR/lib/$llvm_lib"
+  # The soname may differ from the file name (libLLVM.so.22.1-rust-... vs
+  # libLLVM-22-rust-...): link every name the sysroot has, so the run path finds it.
+  for f in "$sysroot"/lib/libLLVM*.so*; do ln -sfn "$f" "$LLVM_PREFIX_DIR/lib/$(basename "$f")"; done
+  LLVM_PREFIX="$LLVM_PREFIX_DIR" RUSTFLAGS="-C link-args=-Wl,-rpath,$LLVM_PREFIX_DIR/lib" \
+    cargo install --locked bpf-linker --version '^0.13' --no-default-features --features "$want_feature"
+  echo "$sysroot/lib/$llvm_lib" >"$stamp"
+fi
+
+# tracefs is needed by classic tracepoints; mount it if the host has not.
+if [[ ! -e /sys/kernel/tracing/events ]] && [[ $(id -u) == 0 ]]; then
+  mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+log "ready"

@@ -1,0 +1,35 @@
+//! Support for the end-to-end tests (see `tests/tests/`).
+//!
+//! The observer's kernel programs see every network namespace, so each test
+//! builds a private world: a fresh [`NetNs`] holding the observer
+//! ([`ObserverProcess`], started with `--iface lo`), the traffic
+//! ([`TcpServer`], [`transfer`], [`Haproxy`]) and the scraper ([`Scraper`],
+//! ONE keep-alive connection, because every extra connection would itself be
+//! an observed session). Everything is bounded in time and cleaned up on
+//! drop, also when a test panics (logs are printed then).
+//!
+//! The tests need root (namespaces, BPF).
+
+pub mod bpf;
+pub mod haproxy;
+pub mod netns;
+pub mod observer;
+pub mod prom;
+pub mod scrape;
+pub mod traffic;
+pub mod util;
+
+#[cfg(test)]
+mod selftest;
+
+pub use bpf::{
+    KernelLink, KernelProgram, kernel_links, kernel_links_named, kernel_programs,
+    kernel_programs_named, wait_no_kernel_objects,
+};
+pub use haproxy::{Haproxy, HaproxySession};
+pub use netns::NetNs;
+pub use observer::{ObserverProcess, Stopped, observer_bin, run_observer_cli, run_observer_cli_in};
+pub use prom::{Histogram, Metrics, Sample};
+pub use scrape::{Response, Scraper};
+pub use traffic::{HEADER_LEN, ServerConn, TcpServer, TransferStats, transfer, transfer_in};
+pub use util::{TempDir, is_root, run_with_timeout, wait_until, workspace_root};
