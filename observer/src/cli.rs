@@ -55,7 +55,9 @@ pub struct RunArgs {
     pub ifaces: Vec<String>,
     /// A direction enters the goodput histogram only if it moved at least this
     /// many bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_SESSION_BYTES, value_parser = parse_min_bytes)]
+    // allow_hyphen_values: `-5` reaches parse_min_bytes, which says why it is
+    // wrong, instead of clap calling it an unknown flag.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_SESSION_BYTES, value_parser = parse_min_bytes, allow_hyphen_values = true)]
     pub min_session_bytes: u64,
     /// Static label added to every session metric (e.g. track, region). Repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]

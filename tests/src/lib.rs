@@ -16,6 +16,7 @@ pub mod netns;
 pub mod observer;
 pub mod prom;
 pub mod scrape;
+pub mod session_log;
 pub mod traffic;
 pub mod util;
 
@@ -31,5 +32,6 @@ pub use netns::NetNs;
 pub use observer::{ObserverProcess, Stopped, observer_bin, run_observer_cli, run_observer_cli_in};
 pub use prom::{Histogram, Metrics, Sample};
 pub use scrape::{Response, Scraper};
+pub use session_log::{ObservedSession, by_local, read_session_log, wait_sessions};
 pub use traffic::{HEADER_LEN, ServerConn, TcpServer, TransferStats, transfer, transfer_in};
 pub use util::{TempDir, is_root, run_with_timeout, wait_until, workspace_root};

@@ -1,0 +1,82 @@
+//! Bad input: a clear message naming what was wrong and exit code 2, never a
+//! panic, and nothing left loaded.
+use std::{net::TcpListener, process::Command, time::Duration};
+
+use observer_tests::{observer_bin, run_observer_cli, run_with_timeout};
+
+fn run(args: &[&str]) -> (i32, String) {
+    let mut argv = vec!["run"];
+    argv.extend_from_slice(args);
+    let out = run_observer_cli(&argv).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn assert_usage_error(args: &[&str], needles: &[&str]) {
+    let (code, stderr) = run(args);
+    assert_eq!(code, 2, "{args:?}: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+    }
+}
+
+#[test]
+fn unprivileged_user_is_told_which_capabilities_are_needed() {
+    // setpriv (util-linux) drops to nobody with no capabilities at all.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(observer_bin())
+        .args(["run", "--listen", "127.0.0.1:0"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("run it as root or grant CAP_BPF and CAP_PERFMON"), "{stderr}");
+    assert!(stderr.contains("lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{stderr}");
+}
+
+#[test]
+fn unknown_interface_lists_the_existing_ones() {
+    assert_usage_error(
+        &["--listen", "127.0.0.1:0", "--iface", "lo", "--iface", "nosuchif0"],
+        &["no network interface named `nosuchif0`", "interfaces here:", "lo"],
+    );
+}
+
+#[test]
+fn malformed_labels() {
+    assert_usage_error(&["--label", "region"], &["invalid value 'region' for '--label <KEY=VALUE>'", "not KEY=VALUE"]);
+    assert_usage_error(&["--label", "1x=y"], &["label name `1x` is not valid"]);
+    assert_usage_error(&["--label", "direction=up"], &["set by the observer itself"]);
+    assert_usage_error(&["--listen", "127.0.0.1:0", "--label", "a=1", "--label", "a=2"], &["--label `a` is given more than once"]);
+}
+
+#[test]
+fn bad_min_session_bytes() {
+    assert_usage_error(&["--min-session-bytes", "lots"], &["`lots` is not a whole number of bytes"]);
+    assert_usage_error(&["--min-session-bytes", "0"], &["must be at least 1 byte"]);
+    assert_usage_error(&["--min-session-bytes", "-5"], &["--min-session-bytes", "`-5` is not a whole number of bytes"]);
+}
+
+#[test]
+fn unusable_listen_address() {
+    assert_usage_error(&["--listen", "localhost"], &["`localhost` is not ADDR:PORT"]);
+    assert_usage_error(&["--listen", "127.0.0.1:99999"], &["is not ADDR:PORT"]);
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_usage_error(&["--listen", &addr], &[&format!("cannot listen on {addr}"), "Address already in use", "--listen"]);
+}
+
+#[test]
+fn forcing_a_tier_the_kernel_lacks_fails_with_the_reason() {
+    let report = String::from_utf8_lossy(&run_observer_cli(&["check"]).unwrap().stdout).into_owned();
+    for tier in ["fentry", "kprobe"] {
+        if report.contains(&format!("tier {tier}: available")) {
+            continue;
+        }
+        assert_usage_error(
+            &["--listen", "127.0.0.1:0", "--probes", tier],
+            &[&format!("no usable kernel hook for tcp_state: {tier}/tcp_set_state: {tier} unavailable:")],
+        );
+    }
+}
