@@ -63,10 +63,10 @@ impl KernelBtf {
     /// Number of parameters of kernel function `name`.
     pub fn function_params(&self, name: &str) -> Result<usize, BtfError> {
         for ty in self.btf.resolve_types_by_name(name).unwrap_or_default() {
-            if let Type::Func(func) = ty {
-                if let Type::FuncProto(proto) = self.btf.resolve_chained_type(&func)? {
-                    return Ok(proto.parameters.len());
-                }
+            if let Type::Func(func) = ty
+                && let Type::FuncProto(proto) = self.btf.resolve_chained_type(&func)?
+            {
+                return Ok(proto.parameters.len());
             }
         }
         Err(BtfError::NoType { ty: format!("function {name}") })
@@ -134,10 +134,10 @@ impl KernelBtf {
             if member_name == name {
                 return Ok(Some((u64::from(m.bit_offset()), m.bitfield_size().is_some_and(|s| s != 0), member_ty)));
             }
-            if member_name.is_empty() {
-                if let Some((inner, bitfield, t)) = self.find_member(&member_ty, name)? {
-                    return Ok(Some((u64::from(m.bit_offset()) + inner, bitfield, t)));
-                }
+            if member_name.is_empty()
+                && let Some((inner, bitfield, t)) = self.find_member(&member_ty, name)?
+            {
+                return Ok(Some((u64::from(m.bit_offset()) + inner, bitfield, t)));
             }
         }
         Ok(None)

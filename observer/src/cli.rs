@@ -124,7 +124,7 @@ mod tests {
             (&["--probes", "ebpf"][..], "auto, fentry, kprobe, tracepoint"),
         ] {
             let err = run_args(args).unwrap_err();
-            assert_eq!(err.kind() == ErrorKind::ValueValidation || err.kind() == ErrorKind::InvalidValue, true);
+            assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");
             assert_eq!(err.exit_code(), 2);
             let text = err.to_string();
             assert!(text.contains(needle), "{args:?}: {text}");

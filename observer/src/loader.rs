@@ -19,6 +19,9 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// them at load time, so only a real load answers the question.
 const FENTRY_PROBE: &str = "obs_state_fe";
 
+/// A hook of the plan and whether it attached (`Err(reason)` if not).
+pub type Attached = (Hook, Result<(), String>);
+
 pub struct Kernel {
     pub ebpf: Ebpf,
     pub btf: AyaBtf,
@@ -62,7 +65,7 @@ impl Kernel {
 
     /// Attaches every hook of the plan. A required concern's failure is an
     /// error; an optional one is logged and left out (returned as `Err`).
-    pub fn attach(&mut self, plan: &Plan) -> Result<Vec<(Hook, Result<(), String>)>, Error> {
+    pub fn attach(&mut self, plan: &Plan) -> Result<Vec<Attached>, Error> {
         let mut attached = Vec::new();
         for choice in &plan.choices {
             let Ok(hook) = choice.hook else { continue };
@@ -85,10 +88,8 @@ impl Kernel {
         // A probe program that was not chosen should not stay loaded.
         for name in std::mem::take(&mut self.probed) {
             let chosen = plan.hooks().any(|h| h.programs().iter().any(|(n, _)| *n == name));
-            if !chosen {
-                if let Some(Ok(p)) = self.ebpf.program_mut(name).map(<&mut FEntry>::try_from) {
-                    let _ = p.unload();
-                }
+            if !chosen && let Some(Ok(p)) = self.ebpf.program_mut(name).map(<&mut FEntry>::try_from) {
+                let _ = p.unload();
             }
         }
         Ok(attached)

@@ -132,10 +132,13 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
 
         let m = Metrics { registry, static_labels, goodput, duration, sessions, session_bytes, ignored, events_lost, probe_info };
-        // Series exist from the start, so rate() works from the first session.
+        // Series exist from the start, so rate() and dashboards see zeros
+        // instead of absent series before the first session closes.
         m.sessions.with_label_values(&m.values(&["tcp"]));
+        m.duration.with_label_values(&m.values(&["tcp"]));
         for d in Direction::ALL {
             m.session_bytes.with_label_values(&m.values(&[d.as_str(), "tcp"]));
+            m.goodput.with_label_values(&m.values(&[d.as_str(), "tcp"]));
         }
         Ok(m)
     }
@@ -230,7 +233,7 @@ mod tests {
         assert!(has(r#"observer_session_bytes_total{direction="transmit",protocol="tcp",region="eu"} 9000100"#), "{text}");
         assert!(has(r#"observer_session_goodput_bytes_per_second_count{direction="transmit",protocol="tcp",region="eu"} 1"#), "{text}");
         assert!(has(r#"observer_session_goodput_bytes_per_second_sum{direction="transmit",protocol="tcp",region="eu"} 2000000"#), "{text}");
-        assert!(!text.contains(r#"goodput_bytes_per_second_count{direction="receive""#), "{text}");
+        assert!(has(r#"observer_session_goodput_bytes_per_second_count{direction="receive",protocol="tcp",region="eu"} 0"#), "below the floor: {text}");
         assert!(has(r#"observer_session_duration_seconds_count{protocol="tcp",region="eu"} 2"#), "adopted session has no duration: {text}");
     }
 }

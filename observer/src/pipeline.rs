@@ -56,10 +56,10 @@ impl Pipeline {
             return;
         }
         self.metrics.record(&session, self.min_session_bytes);
-        if let Some(log) = &self.session_log {
-            if let Ok(mut log) = log.lock() {
-                log.write(&session);
-            }
+        if let Some(log) = &self.session_log
+            && let Ok(mut log) = log.lock()
+        {
+            log.write(&session);
         }
     }
 }

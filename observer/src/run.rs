@@ -94,7 +94,15 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     println!("observer: serving metrics on http://{local}/metrics");
     tracing::info!(listen = %local, "ready");
 
-    wait_for_shutdown().await?;
+    // A reader or server that dies would leave a process that looks healthy
+    // but measures nothing: exit instead, so the supervisor restarts us.
+    let mut reader = reader;
+    let mut server = server;
+    tokio::select! {
+        r = wait_for_shutdown() => r?,
+        r = &mut reader => return Err(Error::Other(format!("the session reader stopped: {}", task_end(r)))),
+        r = &mut server => return Err(Error::Other(format!("the metrics server stopped: {}", task_end(r.map(|r| r.map_err(Error::Ring)))))),
+    }
     let started = Instant::now();
     state.ready.store(false, Ordering::Release);
     reader.abort();
@@ -103,6 +111,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     server.abort();
     tracing::info!(took_ms = started.elapsed().as_millis() as u64, "stopped; kernel programs detached");
     Ok(())
+}
+
+fn task_end(r: Result<Result<(), Error>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "it returned".into(),
+        Ok(Err(e)) => crate::loader::chain(&e),
+        Err(e) => e.to_string(),
+    }
 }
 
 fn missing_map(name: &str) -> Error {

@@ -30,10 +30,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    if let Ok(mut lost) = state.kernel_lost.lock() {
-        if let Some(lost) = lost.as_mut() {
-            lost.sync(&state.metrics);
-        }
+    if let Ok(mut lost) = state.kernel_lost.lock()
+        && let Some(lost) = lost.as_mut()
+    {
+        lost.sync(&state.metrics);
     }
     match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
@@ -46,5 +46,37 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: kernel programs are not attached\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    async fn get(state: &Arc<AppState>, path: &str) -> (StatusCode, String) {
+        let response = router(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_until_ready_and_healthz_always_200() {
+        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        let state = Arc::new(AppState { metrics, ready: false.into(), kernel_lost: Mutex::new(None) });
+        assert_eq!(get(&state, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
+        state.ready.store(true, Ordering::Release);
+        assert_eq!(get(&state, "/readyz").await.0, StatusCode::OK);
+        let (status, body) = get(&state, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("# TYPE observer_session_goodput_bytes_per_second histogram"), "{body}");
+        assert_eq!(get(&state, "/nope").await.0, StatusCode::NOT_FOUND);
     }
 }

@@ -53,7 +53,7 @@ fn observer_bytes_and_durations_match_haproxys_log_on_both_legs() {
         let total = Duration::from_millis(hp.total_ms as u64);
         for (leg, session) in [("frontend", f), ("backend", b)] {
             let lifetime = session.lifetime.unwrap();
-            let diff = if lifetime > total { lifetime - total } else { total - lifetime };
+            let diff = lifetime.abs_diff(total);
             assert!(diff <= Duration::from_millis(50), "{leg}: observer {lifetime:?} vs haproxy {total:?}");
         }
     }
