@@ -1,1 +1,164 @@
-fn main() {}
+//! Developer and CI automation for observer: `cargo xtask <command>`.
+
+mod bench;
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "observer's developer and CI tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prepare this machine: nightly rust-src, bpf-linker, Debian packages (scripts/setup.sh).
+    Setup,
+    /// Set up, build the release observer and run it (as root, through sudo -E if needed).
+    Run {
+        /// Arguments for `observer run` (default: --iface lo).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The whole test suite as CI runs it: setup, build, clippy, unit, end-to-end, bench smoke.
+    Test {
+        /// Leave out the benchmark smoke run (step 6).
+        #[arg(long)]
+        skip_bench: bool,
+        /// Passed to the end-to-end test binary after `--test-threads=1` (a test-name filter).
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
+    /// TCP bulk throughput (iperf3 over loopback) with the observer on vs off.
+    Bench {
+        /// One round of one second, no file written: checks that the benchmark still works.
+        #[arg(long, conflicts_with_all = ["rounds", "seconds", "out"])]
+        smoke: bool,
+        /// Rounds; each runs one "off" and one "on" measurement.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        /// Seconds per iperf3 measurement.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: u32,
+        /// Markdown file whose benchmark section is replaced (default: BENCHMARKS.md at the
+        /// workspace root).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The cause chain, without the backtrace that anyhow's Debug adds when CI sets
+            // RUST_BACKTRACE: the failing command's own output is the useful part.
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Setup => setup::run(),
+        Command::Run { args } => run::run(args),
+        Command::Test { skip_bench, filter } => test::run(&test::TestArgs { skip_bench, filter }),
+        Command::Bench {
+            smoke,
+            rounds,
+            seconds,
+            out,
+        } => {
+            let opts = if smoke {
+                bench::Options::smoke()
+            } else {
+                bench::Options {
+                    rounds,
+                    seconds,
+                    out: Some(out.unwrap_or_else(|| util::root().join("BENCHMARKS.md"))),
+                    smoke: false,
+                }
+            };
+            bench::run(&opts, bench::Prepare::SetupAndBuild)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_observer_arguments_with_or_without_separator() {
+        for argv in [
+            &["run", "--", "--iface", "eth0"][..],
+            &["run", "--iface", "eth0"][..],
+        ] {
+            match parse(argv) {
+                Command::Run { args } => assert_eq!(args, ["--iface", "eth0"]),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(parse(&["run"]), Command::Run { args } if args.is_empty()));
+    }
+
+    #[test]
+    fn test_takes_flag_and_filter() {
+        match parse(&["test", "--skip-bench", "--", "tcp_state", "--nocapture"]) {
+            Command::Test { skip_bench, filter } => {
+                assert!(skip_bench);
+                assert_eq!(filter, ["tcp_state", "--nocapture"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_defaults() {
+        match parse(&["bench"]) {
+            Command::Bench {
+                smoke,
+                rounds,
+                seconds,
+                out,
+            } => {
+                assert!(!smoke);
+                assert_eq!((rounds, seconds), (5, 5));
+                assert!(out.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "bench", "--rounds", "0"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "bench", "--smoke", "--rounds", "3"]).is_err());
+    }
+}

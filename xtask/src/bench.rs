@@ -1,0 +1,344 @@
+//! `cargo xtask bench`: TCP bulk throughput over loopback with the observer on vs off.
+//!
+//! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
+//! always says how its numbers were made.
+
+mod iperf;
+mod progs;
+mod report;
+mod stats;
+mod sys;
+
+use std::fs;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{build, setup, util};
+use progs::ProgStats;
+use report::{Machine, Report, Round};
+use sys::{BpfStats, NetNs, Proc};
+
+const NETNS_PREFIX: &str = "obs-bench-";
+/// Ports inside the benchmark's own, fresh namespace, where nothing else listens.
+const IPERF_PORT: u16 = 5201;
+const OBSERVER_LISTEN: &str = "127.0.0.1:9464";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long past its own duration an iperf3 client may take before it is called stuck.
+const CLIENT_SLACK: Duration = Duration::from_secs(30);
+
+pub struct Options {
+    pub rounds: u32,
+    pub seconds: u32,
+    /// Where to put the report's section; None prints it only.
+    pub out: Option<PathBuf>,
+    pub smoke: bool,
+}
+
+impl Options {
+    pub fn smoke() -> Self {
+        Options {
+            rounds: 1,
+            seconds: 1,
+            out: None,
+            smoke: true,
+        }
+    }
+}
+
+pub enum Prepare {
+    SetupAndBuild,
+    /// `cargo xtask test` has just done both.
+    AlreadyBuilt,
+}
+
+pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
+    if !util::is_root() {
+        bail!(
+            "the benchmark needs root (network namespace, kernel.bpf_stats_enabled, eBPF \
+             programs): sudo -E cargo xtask bench"
+        );
+    }
+    let bin = match prepare {
+        Prepare::SetupAndBuild => {
+            setup::run()?;
+            build::observer_release()?
+        }
+        Prepare::AlreadyBuilt => build::observer_bin(),
+    };
+    ensure!(bin.is_file(), "{} is missing", bin.display());
+    let iperf3 = util::find_in_path("iperf3")
+        .context("iperf3 is not installed (scripts/setup.sh installs it)")?;
+
+    sys::catch_interrupts();
+    sys::sweep_stale_netns(NETNS_PREFIX);
+    let logs = util::target_dir().join("xtask-bench");
+    fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let observer_log = logs.join("observer.log");
+    fs::write(&observer_log, "").with_context(|| format!("creating {}", observer_log.display()))?;
+
+    // Declared first so that it is dropped last, after the processes inside it.
+    let ns = NetNs::create(&format!("{NETNS_PREFIX}{}", std::process::id()))?;
+    let _stats = BpfStats::enable(&logs.join("bpf_stats_enabled.orig"))?;
+    let mut server = {
+        let mut cmd = ns.command(&iperf3);
+        cmd.args(["-s", "-B", "127.0.0.1", "-p", &IPERF_PORT.to_string()]);
+        Proc::spawn(cmd, "iperf3 server", Some(&logs.join("iperf3-server.log")))?
+    };
+    sys::wait_listening(&mut server, IPERF_PORT, Duration::from_secs(10))?;
+
+    let machine = machine();
+    if let Ok(load) = machine.load.parse::<f64>()
+        && load > machine.cpus as f64 / 2.0
+    {
+        eprintln!(
+            "xtask: warning: load average {load} on {} CPUs: other work will show up as spread \
+             and bias in the results",
+            machine.cpus
+        );
+    }
+    let bench = Bench {
+        ns: &ns,
+        observer: &bin,
+        observer_log: &observer_log,
+        iperf3: &iperf3,
+        client_json: logs.join("iperf3-client.json"),
+        seconds: opts.seconds,
+        pin: machine.cpus >= 2,
+    };
+    let mut rounds = Vec::new();
+    let mut progs: Vec<ProgStats> = Vec::new();
+    for i in 0..opts.rounds {
+        let on_first = i % 2 == 1;
+        let (mut off_bps, mut on_bps) = (0.0, 0.0);
+        for on in [on_first, !on_first] {
+            sys::check_interrupted()?;
+            if on {
+                let (bps, counted) = bench.measure_on()?;
+                on_bps = bps;
+                progs::accumulate(&mut progs, &counted);
+            } else {
+                off_bps = bench.measure()?;
+            }
+        }
+        let round = Round {
+            on_first,
+            off_bps,
+            on_bps,
+        };
+        eprintln!(
+            "xtask bench: round {}/{}: off {:.2} Gbit/s, on {:.2} Gbit/s, on/off {:.3}",
+            i + 1,
+            opts.rounds,
+            off_bps / 1e9,
+            on_bps / 1e9,
+            round.ratio()
+        );
+        rounds.push(round);
+    }
+    server.stop(Duration::from_secs(5))?;
+
+    let report = Report {
+        rounds,
+        seconds: opts.seconds,
+        smoke: opts.smoke,
+        progs,
+        pinned: bench.pin,
+        machine,
+    };
+    let markdown = report.markdown();
+    println!("\n{markdown}");
+
+    if opts.smoke {
+        for (i, r) in report.rounds.iter().enumerate() {
+            ensure!(
+                r.off_bps > 0.0 && r.on_bps > 0.0,
+                "benchmark smoke: round {} measured no throughput (off {} bit/s, on {} bit/s)",
+                i + 1,
+                r.off_bps,
+                r.on_bps
+            );
+        }
+        println!("xtask bench: smoke run ok: throughput measured with the observer off and on");
+    }
+    if let Some(out) = &opts.out {
+        write_section(out, &markdown)?;
+        eprintln!(
+            "xtask bench: wrote section \"{}\" of {}",
+            report::HEADING,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+struct Bench<'a> {
+    ns: &'a NetNs,
+    observer: &'a Path,
+    observer_log: &'a Path,
+    iperf3: &'a Path,
+    client_json: PathBuf,
+    seconds: u32,
+    pin: bool,
+}
+
+impl Bench<'_> {
+    /// One iperf3 client run in the namespace; received bits per second.
+    fn measure(&self) -> Result<f64> {
+        // The JSON goes to a file: a pipe read only after exit could fill up and stall
+        // iperf3 on long runs.
+        let json_file = fs::File::create(&self.client_json)
+            .with_context(|| format!("creating {}", self.client_json.display()))?;
+        let mut cmd = self.ns.command(self.iperf3);
+        cmd.args(["-c", "127.0.0.1", "-p", &IPERF_PORT.to_string()])
+            .args(["-t", &self.seconds.to_string(), "-J"])
+            .stdout(json_file);
+        if self.pin {
+            // Client on CPU 0, server on CPU 1: unpinned, the scheduler moving them around
+            // spreads the results far more than the effect being measured.
+            cmd.args(["-A", "0,1"]);
+        }
+        eprintln!("+ {}", util::show(&cmd));
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting `{}`", util::show(&cmd)))?;
+        let limit = Duration::from_secs(self.seconds.into()) + CLIENT_SLACK;
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("iperf3 client did not finish within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // A Ctrl-C reaches iperf3 too; say so rather than report its error.
+        sys::check_interrupted()?;
+        let json = fs::read_to_string(&self.client_json)
+            .with_context(|| format!("reading {}", self.client_json.display()))?;
+        let bps = iperf::received_bps(&json).with_context(|| {
+            format!(
+                "iperf3 client ({status}), output in {}",
+                self.client_json.display()
+            )
+        })?;
+        ensure!(status.success(), "iperf3 client failed ({status})");
+        Ok(bps)
+    }
+
+    /// A measurement with the observer running: start it, wait for /readyz, measure,
+    /// read its programs' counters, stop it.
+    fn measure_on(&self) -> Result<(f64, Vec<ProgStats>)> {
+        let mut cmd = self.ns.command(self.observer);
+        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
+        let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
+        self.wait_ready(&mut observer)?;
+        let bps = self.measure()?;
+        let counted = progs::read_for_pid(observer.pid())?;
+        if let Some(status) = observer.exited()? {
+            bail!(
+                "the observer exited ({status}) during the measurement\n{}",
+                observer.log_tail(20)
+            );
+        }
+        let status = observer.stop(Duration::from_secs(10))?;
+        if !status.success() {
+            eprintln!("xtask: warning: the observer exited with {status} after SIGTERM");
+        }
+        Ok((bps, counted))
+    }
+
+    fn wait_ready(&self, observer: &mut Proc) -> Result<()> {
+        let addr: SocketAddr = OBSERVER_LISTEN.parse().expect("a valid socket address");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = observer.exited()? {
+                bail!(
+                    "the observer exited ({status}) before it was ready\n{}",
+                    observer.log_tail(20)
+                );
+            }
+            let last = match self
+                .ns
+                .run_in(|| sys::http_get_status(addr, "/readyz", Duration::from_secs(1)))?
+            {
+                Ok(200) => {
+                    eprintln!(
+                        "xtask bench: observer ready after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                Ok(code) => format!("GET /readyz answered {code}"),
+                Err(err) => format!("GET /readyz: {err:#}"),
+            };
+            if started.elapsed() >= READY_TIMEOUT {
+                bail!(
+                    "the observer was not ready within {READY_TIMEOUT:?} ({last})\n{}",
+                    observer.log_tail(20)
+                );
+            }
+            sys::check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn machine() -> Machine {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned()),
+        arch: std::env::consts::ARCH.to_owned(),
+        date: report::utc_date(now),
+        load: fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".to_owned()),
+    }
+}
+
+fn write_section(path: &Path, section: &str) -> Result<()> {
+    let doc = match fs::read_to_string(path) {
+        Ok(doc) => doc,
+        Err(err) if err.kind() == ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let doc = report::replace_section(&doc, report::HEADING, section);
+    fs::write(path, doc).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_section_creates_then_replaces() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("BENCHMARKS.md");
+        let _ = fs::remove_file(&path);
+        let one = format!("{}\n\none\n", report::HEADING);
+        let two = format!("{}\n\ntwo\n", report::HEADING);
+        write_section(&path, &one).unwrap();
+        write_section(&path, &two).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("# Benchmarks\n\n{two}"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn observer_address_parses() {
+        OBSERVER_LISTEN.parse::<SocketAddr>().unwrap();
+    }
+}

@@ -1,0 +1,29 @@
+//! The release build of the observer that `run`, `test` and `bench` use.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, ensure};
+
+use crate::util;
+
+/// Builds `observer` in release mode and returns the binary's path.
+///
+/// observer's build script compiles the eBPF crate with the nightly toolchain, so
+/// scripts/setup.sh must have run first.
+pub fn observer_release() -> Result<PathBuf> {
+    util::run_checked(
+        util::cargo().args(["build", "--release", "-p", "observer"]),
+        "release build of observer",
+    )?;
+    let bin = observer_bin();
+    ensure!(
+        bin.is_file(),
+        "the release build succeeded but {} is missing",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+pub fn observer_bin() -> PathBuf {
+    util::target_dir().join("release").join("observer")
+}

@@ -1,0 +1,159 @@
+//! `cargo xtask test`: everything CI checks, in order, stopping at the first failure.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::{bench, build, setup, util};
+
+pub struct TestArgs {
+    pub skip_bench: bool,
+    /// Extra arguments for the end-to-end test binary (a name filter, --nocapture, ...).
+    pub filter: Vec<String>,
+}
+
+type StepFn<'a> = Box<dyn FnOnce() -> Result<()> + 'a>;
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    // Checked up front: finding out at step 5, after the build and the unit tests, wastes
+    // minutes.
+    if !util::is_root() {
+        bail!(
+            "cargo xtask test runs privileged end-to-end tests (eBPF, network namespaces) and \
+             must run as root: sudo -E cargo xtask test"
+        );
+    }
+
+    let mut steps: Vec<(&str, StepFn)> = vec![
+        ("setup", Box::new(setup::run)),
+        (
+            "release build",
+            Box::new(|| build::observer_release().map(drop)),
+        ),
+        ("clippy", Box::new(clippy)),
+        ("unit tests", Box::new(unit_tests)),
+        ("end-to-end tests", Box::new(|| end_to_end(&args.filter))),
+    ];
+    if !args.skip_bench {
+        steps.push((
+            "benchmark smoke",
+            Box::new(|| bench::run(&bench::Options::smoke(), bench::Prepare::AlreadyBuilt)),
+        ));
+    }
+
+    let total = steps.len();
+    let started = Instant::now();
+    let mut passed: Vec<(&str, Duration)> = Vec::new();
+    for (i, (name, step)) in steps.into_iter().enumerate() {
+        util::header(&format!("xtask test: step {}/{total}: {name}", i + 1));
+        let t = Instant::now();
+        if let Err(err) = step() {
+            eprintln!();
+            println!(
+                "xtask test: FAILED at step {}/{total} ({name}) after {}; passed before it: {}",
+                i + 1,
+                secs(started.elapsed()),
+                list(&passed)
+            );
+            return Err(err.context(format!("step {}/{total} ({name}) failed", i + 1)));
+        }
+        passed.push((name, t.elapsed()));
+    }
+    let skipped = if args.skip_bench {
+        "; benchmark smoke skipped (--skip-bench)"
+    } else {
+        ""
+    };
+    eprintln!();
+    println!(
+        "xtask test: all {total} steps passed in {}: {}{skipped}",
+        secs(started.elapsed()),
+        list(&passed)
+    );
+    Ok(())
+}
+
+fn clippy() -> Result<()> {
+    // Default members only: observer-ebpf builds for the bpf target alone, through
+    // observer's build script, which this run compiles (and lints) as usual.
+    util::run_checked(
+        util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+        "clippy",
+    )
+}
+
+fn unit_tests() -> Result<()> {
+    // --workspace ignores default-members, so the bpf-only crate is excluded by name; the
+    // end-to-end crate has its own privileged step.
+    util::run_checked(
+        util::cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "observer-tests",
+            "--exclude",
+            "observer-ebpf",
+        ]),
+        "unit tests",
+    )
+}
+
+fn end_to_end(filter: &[String]) -> Result<()> {
+    ensure_tracefs();
+    let bin = build::observer_bin();
+    let mut cmd = util::cargo();
+    cmd.args(["test", "-p", "observer-tests", "--", "--test-threads=1"])
+        .args(filter)
+        // The tests share one machine-wide kernel: one at a time keeps their eBPF
+        // programs and namespaces from seeing each other's traffic.
+        .env("OBSERVER_BIN", &bin);
+    util::run_checked(&mut cmd, "end-to-end tests")
+}
+
+/// Classic tracepoints need tracefs; containers and minimal hosts often lack the mount.
+fn ensure_tracefs() {
+    let tracing = Path::new("/sys/kernel/tracing");
+    if tracing.join("events").exists() {
+        return;
+    }
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", "tracefs", "nodev"]).arg(tracing);
+    if let Err(err) = util::run_checked(&mut cmd, "mounting tracefs") {
+        // Not fatal here: the tests that need tracepoints will say what is missing.
+        eprintln!("xtask: warning: {err:#}");
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.0} s", d.as_secs_f64())
+}
+
+fn list(steps: &[(&str, Duration)]) -> String {
+    if steps.is_empty() {
+        return "none".to_owned();
+    }
+    steps
+        .iter()
+        .map(|(name, d)| format!("{name} ({})", secs(*d)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_list_reads_well() {
+        assert_eq!(list(&[]), "none");
+        assert_eq!(
+            list(&[
+                ("setup", Duration::from_millis(1400)),
+                ("clippy", Duration::from_secs(30))
+            ]),
+            "setup (1 s), clippy (30 s)"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Small helpers shared by the commands.
+
+use std::env;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root: xtask lives one level below it.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// Cargo's target directory, honouring CARGO_TARGET_DIR as cargo itself does.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir)
+            }
+        }
+        _ => root().join("target"),
+    }
+}
+
+/// A cargo command in the workspace root.
+///
+/// Uses the cargo that runs xtask (CARGO), so nested builds use the same toolchain.
+/// AYA_BUILD_SKIP is removed: a developer may export it for quick checks, but a
+/// binary built with it has no eBPF programs and every later step would be meaningless.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root()).env_remove("AYA_BUILD_SKIP");
+    cmd
+}
+
+/// Runs `cmd` with inherited stdio, failing with `what` in the message when it fails.
+pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: could not start `{}`", show(cmd)))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A shell-like rendering of a command for logs.
+pub fn show(cmd: &Command) -> String {
+    let envs = cmd
+        .get_envs()
+        .filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), v.to_string_lossy())));
+    let words = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote);
+    envs.chain(words).collect::<Vec<_>>().join(" ")
+}
+
+fn quote(word: &OsStr) -> String {
+    let s = word.to_string_lossy();
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Looks `name` up in PATH, as a shell would.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A visible step header, so a long CI log can be scanned by eye.
+pub fn header(title: &str) {
+    let rule = "=".repeat(72);
+    eprintln!("\n{rule}\n== {title}\n{rule}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_holds_the_workspace_manifest_dir_of_xtask() {
+        assert!(root().join("xtask").join("Cargo.toml").is_file());
+    }
+
+    #[test]
+    fn show_quotes_only_what_needs_it() {
+        let mut cmd = Command::new("cargo");
+        cmd.args(["test", "--", "a b", "it's"]).env("X", "1");
+        assert_eq!(show(&cmd), r"X=1 cargo test -- 'a b' 'it'\''s'");
+    }
+
+    #[test]
+    fn finds_sh_in_path() {
+        assert!(find_in_path("sh").is_some());
+        assert!(find_in_path("no-such-program-xtask").is_none());
+    }
+}
