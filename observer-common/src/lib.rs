@@ -35,18 +35,36 @@ pub const SESSION_FIN_RECEIVED: u32 = 1 << 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionRecord {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at SYN_SENT / SYN_RECV; 0 when adopted.
+    /// Kernel address of the socket: with `birth_ns`, identifies the session's
+    /// entry in `OPEN_SESSIONS`, which userspace has been reading live.
+    pub sock: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at birth or first sight; 0 when
+    /// the session was never seen before its close.
     pub birth_ns: u64,
     /// `bpf_ktime_get_ns()` at the transition to TCP_CLOSE.
     pub close_ns: u64,
-    /// `tcp_sock.bytes_acked`: sequence space the peer acknowledged, which
-    /// includes one for an acknowledged SYN and FIN (see the flags).
+    /// Payload bytes the peer acknowledged: `tcp_sock.bytes_acked` less the
+    /// SYN and FIN sequence numbers (see `payload_bytes`).
     pub bytes_acked: u64,
-    /// `tcp_sock.bytes_received`: sequence space received in order, which
-    /// includes one for a received FIN.
+    /// Payload bytes received in order: `tcp_sock.bytes_received` less a
+    /// received FIN.
     pub bytes_received: u64,
     /// cgroup v2 id of the owning process (0 when the owner is unknown).
     pub cgroup_id: u64,
+    /// Receive active time: the sum of gaps between send/receive calls no
+    /// longer than the active-gap threshold (0 without per-call hooks).
+    pub active_ns: u64,
+    /// Transmit busy time from the kernel's TCP chrono (the `tcpi_busy_time`
+    /// of TCP_INFO): jiffies during which the socket had data to send.
+    pub busy_jiffies: u64,
+    /// `bpf_jiffies64()` at birth and close: with `birth_ns`/`close_ns` they
+    /// convert `busy_jiffies` to time without knowing the kernel's HZ.
+    pub birth_jiffies: u64,
+    pub close_jiffies: u64,
+    /// Payload bytes already counted as live throughput before close (the
+    /// adoption baseline for adopted sessions), so the close adds the rest.
+    pub live_base_tx: u64,
+    pub live_base_rx: u64,
     /// Inode number of the socket's network namespace.
     pub netns_ino: u32,
     /// Interface index that delivered the socket's received packets
@@ -74,22 +92,41 @@ pub struct SessionRecord {
     /// Owning process's `comm`, NUL padded.
     pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<SessionRecord>() == 120);
+const _: () = assert!(core::mem::size_of::<SessionRecord>() == 176);
 const _: () = assert!(core::mem::align_of::<SessionRecord>() == 8);
 
 /// What the kernel remembers about an open TCP session, keyed by socket address
-/// in the `OPEN_SESSIONS` hash map, from birth to close.
+/// in the `OPEN_SESSIONS` hash map, from birth to close. Userspace reads it to
+/// advance live throughput (`observer_bytes_total`) while the session is open.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionStart {
     pub birth_ns: u64,
     pub cgroup_id: u64,
+    /// Time of the last send or receive call (0: none yet).
+    pub last_call_ns: u64,
+    /// See `SessionRecord::active_ns`.
+    pub active_ns: u64,
+    /// Payload bytes transmitted / received so far, as of the last call.
+    pub live_tx: u64,
+    pub live_rx: u64,
+    /// Payload counters when the session was first seen: 0 for sessions born
+    /// under the observer; an adopted session's bytes before that are history,
+    /// not live throughput.
+    pub live_base_tx: u64,
+    pub live_base_rx: u64,
+    /// `bpf_jiffies64()` at birth or first sight.
+    pub birth_jiffies: u64,
     pub pid: u32,
     /// `SESSION_*` flags.
     pub flags: u32,
     pub comm: [u8; 16],
+    pub netns_ino: u32,
+    pub rx_ifindex: u32,
+    pub tx_ifindex: u32,
+    pub _pad0: u32,
 }
-const _: () = assert!(core::mem::size_of::<SessionStart>() == 40);
+const _: () = assert!(core::mem::size_of::<SessionStart>() == 112);
 
 /// Byte offsets of the kernel structure fields the programs read, resolved by the
 /// loader from the running kernel's BTF and written into the programs as a
@@ -143,9 +180,19 @@ pub struct KernelOffsets {
     pub dst_dev: u32,
     /// `struct net_device` -> `ifindex` (int).
     pub netdev_ifindex: u32,
+    /// `struct socket` -> `sk` (a `struct sock *`), for release hooks.
+    pub socket_sk: u32,
+    /// `struct tcp_sock` -> `chrono_start` (u32, jiffies).
+    pub tcp_chrono_start: u32,
+    /// `struct tcp_sock` -> `chrono_stat` (u32[3], jiffies per chrono type).
+    pub tcp_chrono_stat: u32,
+    /// `struct tcp_sock` -> `chrono_type`, a 2-bit field: the byte holding it
+    /// and the shift of its lowest bit in that byte.
+    pub tcp_chrono_type_byte: u32,
+    pub tcp_chrono_type_shift: u32,
     pub _pad0: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 108);
 
 /// Index into the `LOST` per-CPU counter array: where a kernel program had to
 /// drop data. Userspace exports each as `observer_events_lost_total{source}`.
@@ -157,12 +204,112 @@ pub enum LostSource {
     /// The open-session table was full: a new session's birth and owner were not
     /// kept (it is reported at close as adopted).
     SessionTableFull = 1,
+    /// The UDP flow table was full: a datagram's bytes were not counted.
+    UdpFlowTableFull = 2,
+    /// The UDP release ring buffer was full: a released socket's flows end at
+    /// their idle timeout instead.
+    UdpReleaseRingFull = 3,
 }
 /// Number of `LostSource` values (the `LOST` array's length).
-pub const LOST_SOURCES: u32 = 2;
+pub const LOST_SOURCES: u32 = 4;
+
+/// `sock.sk_protocol` of UDP sockets.
+pub const IPPROTO_UDP: u16 = 17;
+
+/// `UdpFlow::flags`: the socket was connected (one peer); the flow is one
+/// session until release, never split by the idle timeout.
+pub const UDP_FLOW_CONNECTED: u32 = 1 << 0;
+
+/// One UDP flow: a socket and one remote peer. Key of `UDP_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// Kernel address of the socket.
+    pub sk: u64,
+    /// Peer address, network byte order; IPv4 in the first 4 bytes.
+    pub peer_addr: [u8; 16],
+    pub peer_port: u16,
+    pub family: u16,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 32);
+
+/// Counters of one UDP flow, updated at every send and receive call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpFlow {
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub active_ns: u64,
+    pub bytes_tx: u64,
+    pub bytes_rx: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    /// `UDP_FLOW_*` flags.
+    pub flags: u32,
+    pub comm: [u8; 16],
+    pub netns_ino: u32,
+    pub local_port: u16,
+    pub _pad0: u16,
+    /// Local address, network byte order; IPv4 in the first 4 bytes.
+    pub local_addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<UdpFlow>() == 96);
+
+/// A UDP socket that had flows was released: written to `UDP_RELEASES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpRelease {
+    pub sk: u64,
+    pub release_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<UdpRelease>() == 16);
+
+/// A peer address seen by a cgroup sendmsg/recvmsg hook, for the send/receive
+/// tracepoint that follows in the same call. Value of `PENDING_PEERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingPeer {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<PendingPeer>() == 24);
+
+/// Key of `PENDING_PEERS`: the socket and the calling thread, so two threads
+/// sending on one socket cannot swap each other's peers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingKey {
+    pub sk: u64,
+    pub pid_tgid: u64,
+}
+
+/// Load-time settings of the programs (global `SETTINGS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Gaps between data calls up to this long count as active time.
+    pub active_gap_ns: u64,
+}
+
+/// Payload bytes from the kernel's TCP sequence counters: `bytes_acked` counts
+/// an acknowledged SYN this host sent and an acknowledged FIN, `bytes_received`
+/// a received FIN. Returns (transmitted, received).
+#[inline(always)]
+pub fn payload_bytes(bytes_acked: u64, bytes_received: u64, flags: u32) -> (u64, u64) {
+    let flag = |f: u32| (flags & f != 0) as u64;
+    let syn = flag(SESSION_ACTIVE_OPEN) & (bytes_acked > 0) as u64;
+    (
+        bytes_acked.saturating_sub(syn + flag(SESSION_FIN_ACKED)),
+        bytes_received.saturating_sub(flag(SESSION_FIN_RECEIVED)),
+    )
+}
 
 /// TCP states, as in the kernel's `include/net/tcp_states.h` (stable UAPI-like values).
 pub mod tcp_state {
+    /// Also the state of a connected UDP socket.
     pub const ESTABLISHED: i32 = 1;
     pub const SYN_SENT: i32 = 2;
     pub const SYN_RECV: i32 = 3;
@@ -181,4 +328,29 @@ mod pod {
     unsafe impl aya::Pod for SessionStart {}
     // SAFETY: repr(C), only u32 fields, size asserted.
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: repr(C), integer and byte-array fields, explicit padding, size asserted.
+    unsafe impl aya::Pod for UdpFlowKey {}
+    // SAFETY: repr(C), integer and byte-array fields, explicit padding, size asserted.
+    unsafe impl aya::Pod for UdpFlow {}
+    // SAFETY: repr(C), two u64 fields.
+    unsafe impl aya::Pod for UdpRelease {}
+    // SAFETY: repr(C), a single u64.
+    unsafe impl aya::Pod for Settings {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syn_and_fin_sequence_numbers_are_not_payload() {
+        let all = SESSION_ACTIVE_OPEN | SESSION_FIN_ACKED | SESSION_FIN_RECEIVED;
+        assert_eq!(payload_bytes(2_000_002, 12_346, all), (2_000_000, 12_345));
+        // A connect that was never answered counted no SYN.
+        assert_eq!(payload_bytes(0, 0, SESSION_ACTIVE_OPEN), (0, 0));
+        // The passive side's counters start after the handshake.
+        assert_eq!(payload_bytes(10, 7, 0), (10, 7));
+        // Mid-session (no FIN yet), an active opener's SYN is already counted.
+        assert_eq!(payload_bytes(101, 50, SESSION_ACTIVE_OPEN), (100, 50));
+    }
 }

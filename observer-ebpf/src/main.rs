@@ -4,10 +4,12 @@
 //! Each concern has one program per hook tier; the loader loads only the ones it
 //! selected for the running kernel (see `observer::probes`):
 //!
-//! | concern     | fentry tier             | kprobe tier                 | tracepoint tier                           |
-//! |-------------|-------------------------|-----------------------------|-------------------------------------------|
-//! | tcp_state   | fentry `tcp_set_state`  | kprobe `tcp_set_state`      | tp_btf `sock:inet_sock_set_state`         |
+//! | concern     | fentry tier             | kprobe tier                 | tracepoint tier                            |
+//! |-------------|-------------------------|-----------------------------|--------------------------------------------|
+//! | tcp_state   | fentry `tcp_set_state`  | kprobe `tcp_set_state`      | tp_btf `sock:inet_sock_set_state`          |
 //! | tcp_owner   | fexit `inet_csk_accept` | kretprobe `inet_csk_accept` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
+//! | sock_calls  | -                       | -                           | tp_btf `sock:sock_{send,recv}_length` 6.3+, cgroup `sendmsg{4,6}`/`recvmsg{4,6}` |
+//! | udp_release | fentry `inet_release`   | kprobe `inet_release`       | cgroup `sock_release`                      |
 //!
 //! Program names start with `obs_` and stay under the kernel's 16-byte name
 //! limit, so a program of ours can be recognised in the kernel's program list.
@@ -17,8 +19,12 @@
 mod kernel;
 mod maps;
 mod session;
+mod sock_calls;
 mod tcp_owner;
 mod tcp_state;
+mod udp;
+mod udp_peer;
+mod udp_release;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use observer_common::{LOST_SOURCES, LostSource, SessionStart};
+use observer_common::{LOST_SOURCES, LostSource, PendingKey, PendingPeer, SessionStart, UdpFlow, UdpFlowKey};
 
 /// Open TCP sessions, keyed by the kernel address of their `struct sock`.
 /// Preallocated (flags 0): kprobe and tracepoint programs on kernels before 6.1
@@ -27,3 +27,21 @@ pub fn count_lost(source: LostSource) {
         unsafe { *slot += 1 };
     }
 }
+
+/// UDP flows (a socket and one peer), updated at every data call; userspace
+/// ends them at release or after the idle timeout and deletes them.
+#[map(name = "UDP_FLOWS")]
+pub static UDP_FLOWS: HashMap<UdpFlowKey, UdpFlow> = HashMap::with_max_entries(65536, 0);
+
+/// UDP sockets that have flows, so a release is only reported for those.
+#[map(name = "UDP_SOCKETS")]
+pub static UDP_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
+
+/// Released UDP sockets (`UdpRelease`) for userspace to end their flows.
+#[map(name = "UDP_RELEASES")]
+pub static UDP_RELEASES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Peer of the datagram being sent or received, from the cgroup sendmsg /
+/// recvmsg hook, for the tracepoint that follows in the same call.
+#[map(name = "PENDING_PEERS")]
+pub static PENDING_PEERS: HashMap<PendingKey, PendingPeer> = HashMap::with_max_entries(16384, 0);

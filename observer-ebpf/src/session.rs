@@ -1,17 +1,36 @@
 //! TCP session life cycle, shared by every hook tier: birth on the first state
-//! change, owner capture in process context, one record at TCP_CLOSE.
+//! change, owner capture in process context, live payload counters and active
+//! time at each data call, one record at TCP_CLOSE.
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
 };
 use observer_common::{
-    AF_INET, AF_INET6, LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_FIN_ACKED,
-    SESSION_FIN_RECEIVED, SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SessionRecord, SessionStart,
-    tcp_state,
+    KernelOffsets, LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED,
+    SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SessionRecord, SessionStart, payload_bytes, tcp_state,
 };
 
 use crate::{
-    kernel::{deref, offsets, read},
+    kernel::{addresses, advance_active, deref, netns_ino, offsets, read},
     maps::{OPEN_SESSIONS, SESSIONS, count_lost},
+};
+
+const EMPTY: SessionStart = SessionStart {
+    birth_ns: 0,
+    cgroup_id: 0,
+    last_call_ns: 0,
+    active_ns: 0,
+    live_tx: 0,
+    live_rx: 0,
+    live_base_tx: 0,
+    live_base_rx: 0,
+    birth_jiffies: 0,
+    pid: 0,
+    flags: 0,
+    comm: [0; 16],
+    netns_ino: 0,
+    rx_ifindex: 0,
+    tx_ifindex: 0,
+    _pad0: 0,
 };
 
 /// A TCP socket moved from `old` to `new`. Only the SYN_SENT transition is known
@@ -28,49 +47,96 @@ pub fn on_state_change(sk: *const u8, old: i32, new: i32) {
         // A listener is not a session; its children are.
         return;
     }
+    // Only tcp_close_state() enters these two states, and always with a FIN.
+    let fin_sent = if new == tcp_state::FIN_WAIT1 || new == tcp_state::LAST_ACK { SESSION_FIN_SENT } else { 0 };
     if let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) {
-        // Only tcp_close_state() enters these two states, and always with a FIN.
-        if new == tcp_state::FIN_WAIT1 || new == tcp_state::LAST_ACK {
-            unsafe { (*start).flags |= SESSION_FIN_SENT };
-        }
+        unsafe { (*start).flags |= fin_sent };
         return;
     }
     // A session is born when it leaves CLOSE/LISTEN or its handshake states.
     // Any other first sight is a connection that predates the observer.
-    let born_here = matches!(
-        old,
-        tcp_state::CLOSE | tcp_state::LISTEN | tcp_state::SYN_SENT | tcp_state::SYN_RECV
-    );
-    let mut start = SessionStart {
-        birth_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: 0,
-        pid: 0,
-        flags: if born_here { 0 } else { SESSION_ADOPTED },
-        comm: [0; 16],
-    };
+    let born_here = matches!(old, tcp_state::CLOSE | tcp_state::LISTEN | tcp_state::SYN_SENT | tcp_state::SYN_RECV);
+    let mut start = EMPTY;
+    start.birth_ns = unsafe { bpf_ktime_get_ns() };
+    start.birth_jiffies = unsafe { bpf_jiffies64() };
+    start.flags = fin_sent;
+    if !born_here {
+        adopt(sk, &mut start);
+    }
     if new == tcp_state::SYN_SENT {
         // connect(): the caller is the owner.
         fill_owner(&mut start);
         start.flags |= SESSION_ACTIVE_OPEN;
-    }
-    if new == tcp_state::FIN_WAIT1 || new == tcp_state::LAST_ACK {
-        start.flags |= SESSION_FIN_SENT;
     }
     if OPEN_SESSIONS.insert(&key, &start, 0).is_err() {
         count_lost(LostSource::SessionTableFull);
     }
 }
 
+/// Marks a session seen mid-life: what it moved before now is history, so it
+/// becomes the baseline of its live throughput.
+#[inline(always)]
+fn adopt(sk: *const u8, start: &mut SessionStart) {
+    start.flags |= SESSION_ADOPTED;
+    let (tx, rx) = current_payload(sk, &offsets(), start.flags);
+    start.live_base_tx = tx;
+    start.live_base_rx = rx;
+    start.live_tx = tx;
+    start.live_rx = rx;
+}
+
 /// Records the current task as the owner of an open session that has none yet.
-/// Called only from hooks that run in process context (accept, send, receive).
+/// Called only from hooks that run in process context (accept).
 #[inline(always)]
 pub fn claim_owner(sk: *const u8) {
-    let key = sk as u64;
-    if let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) {
+    if let Some(start) = OPEN_SESSIONS.get_ptr_mut(&(sk as u64)) {
         let start = unsafe { &mut *start };
         if start.flags & SESSION_OWNER_KNOWN == 0 {
             fill_owner(start);
         }
+    }
+}
+
+/// A send or receive call on a TCP socket, in the calling process: claims the
+/// owner, advances active time and the live payload counters. A connection
+/// that predates the observer is adopted here at its first call.
+#[inline(always)]
+pub fn on_tcp_call(sk: *const u8) {
+    let key = sk as u64;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let off = offsets();
+    let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
+        let state = read::<u8>(sk, off.skc_state).unwrap_or(0) as i32;
+        if state != tcp_state::ESTABLISHED {
+            return;
+        }
+        let mut start = EMPTY;
+        start.birth_ns = now;
+        start.birth_jiffies = unsafe { bpf_jiffies64() };
+        adopt(sk, &mut start);
+        fill_owner(&mut start);
+        start.last_call_ns = now;
+        if OPEN_SESSIONS.insert(&key, &start, 0).is_err() {
+            count_lost(LostSource::SessionTableFull);
+        }
+        return;
+    };
+    let start = unsafe { &mut *start };
+    if start.flags & SESSION_OWNER_KNOWN == 0 {
+        fill_owner(start);
+    }
+    advance_active(&mut start.last_call_ns, &mut start.active_ns, now);
+    let (tx, rx) = current_payload(sk, &off, start.flags);
+    start.live_tx = tx;
+    start.live_rx = rx;
+    if start.netns_ino == 0 {
+        start.netns_ino = netns_ino(sk, &off);
+    }
+    if start.rx_ifindex == 0 {
+        start.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);
+    }
+    if start.tx_ifindex == 0 {
+        start.tx_ifindex = tx_ifindex(sk, &off);
     }
 }
 
@@ -80,6 +146,54 @@ fn fill_owner(start: &mut SessionStart) {
     start.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     start.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     start.flags |= SESSION_OWNER_KNOWN;
+}
+
+/// FIN facts only the kernel can see now, as `SESSION_FIN_*` flags.
+#[inline(always)]
+fn fin_flags(sk: *const u8, off: &KernelOffsets, flags: u32) -> u32 {
+    let mut out = 0;
+    if flags & SESSION_FIN_SENT != 0 {
+        let una = read::<u32>(sk, off.tcp_snd_una);
+        if una.is_some() && una == read::<u32>(sk, off.tcp_write_seq) {
+            out |= SESSION_FIN_ACKED;
+        }
+    }
+    let sk_flags = read::<u64>(sk, off.sk_flags).unwrap_or(0);
+    if sk_flags & (1u64 << (off.sock_done_bit & 63)) != 0 {
+        out |= SESSION_FIN_RECEIVED;
+    }
+    out
+}
+
+/// Payload bytes (transmitted, received) of the socket right now.
+#[inline(always)]
+fn current_payload(sk: *const u8, off: &KernelOffsets, flags: u32) -> (u64, u64) {
+    let acked = read::<u64>(sk, off.tcp_bytes_acked).unwrap_or(0);
+    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
+    payload_bytes(acked, received, flags | fin_flags(sk, off, flags))
+}
+
+/// The kernel's TCP chrono total (busy, receive-window limited, send-buffer
+/// limited): time with data to send, as TCP_INFO's `tcpi_busy_time` adds it up,
+/// including the chrono still running.
+#[inline(always)]
+fn busy_jiffies(sk: *const u8, off: &KernelOffsets, now_jiffies: u64) -> u64 {
+    let stat = read::<[u32; 3]>(sk, off.tcp_chrono_stat).unwrap_or([0; 3]);
+    let mut total = u64::from(stat[0]) + u64::from(stat[1]) + u64::from(stat[2]);
+    let chrono_type = read::<u8>(sk, off.tcp_chrono_type_byte).unwrap_or(0) >> (off.tcp_chrono_type_shift & 7) & 3;
+    if chrono_type != 0 {
+        let start = read::<u32>(sk, off.tcp_chrono_start).unwrap_or(0);
+        total += u64::from((now_jiffies as u32).wrapping_sub(start));
+    }
+    total
+}
+
+#[inline(always)]
+fn tx_ifindex(sk: *const u8, off: &KernelOffsets) -> u32 {
+    deref(sk, off.sk_dst_cache)
+        .and_then(|dst| deref(dst, off.dst_dev))
+        .and_then(|dev| read::<u32>(dev, off.netdev_ifindex))
+        .unwrap_or(0)
 }
 
 #[inline(always)]
@@ -105,61 +219,34 @@ fn on_close(sk: *const u8, key: u64, old: i32) {
 #[inline(always)]
 unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<SessionStart>) {
     let off = offsets();
-    let close_ns = unsafe { bpf_ktime_get_ns() };
-    match start {
-        Some(s) => {
-            r.birth_ns = s.birth_ns;
-            r.cgroup_id = s.cgroup_id;
-            r.pid = s.pid;
-            r.flags = s.flags;
-            r.comm = s.comm;
-        }
-        None => {
-            r.birth_ns = 0;
-            r.cgroup_id = 0;
-            r.pid = 0;
-            r.flags = SESSION_ADOPTED;
-            r.comm = [0; 16];
-        }
-    }
-    r.close_ns = close_ns;
-    r.bytes_acked = read::<u64>(sk, off.tcp_bytes_acked).unwrap_or(0);
-    r.bytes_received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
-    // The FIN corrections are facts only the kernel can see at this moment;
-    // userspace subtracts them from the byte counts (see SESSION_FIN_*).
-    if r.flags & SESSION_FIN_SENT != 0 {
-        let una = read::<u32>(sk, off.tcp_snd_una);
-        if una.is_some() && una == read::<u32>(sk, off.tcp_write_seq) {
-            r.flags |= SESSION_FIN_ACKED;
-        }
-    }
-    let sk_flags = read::<u64>(sk, off.sk_flags).unwrap_or(0);
-    if sk_flags & (1u64 << (off.sock_done_bit & 63)) != 0 {
-        r.flags |= SESSION_FIN_RECEIVED;
-    }
+    let s = start.unwrap_or(SessionStart { flags: SESSION_ADOPTED, ..EMPTY });
+    r.sock = sk as u64;
+    r.birth_ns = s.birth_ns;
+    r.close_ns = unsafe { bpf_ktime_get_ns() };
+    r.cgroup_id = s.cgroup_id;
+    r.pid = s.pid;
+    r.comm = s.comm;
+    r.active_ns = s.active_ns;
+    r.birth_jiffies = s.birth_jiffies;
+    r.close_jiffies = unsafe { bpf_jiffies64() };
+    r.busy_jiffies = busy_jiffies(sk, &off, r.close_jiffies);
+    r.live_base_tx = s.live_base_tx;
+    r.live_base_rx = s.live_base_rx;
+    r.flags = s.flags | fin_flags(sk, &off, s.flags);
+    let acked = read::<u64>(sk, off.tcp_bytes_acked).unwrap_or(0);
+    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
+    let (tx, rx) = payload_bytes(acked, received, r.flags);
+    r.bytes_acked = tx;
+    r.bytes_received = rx;
     r.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);
-    r.tx_ifindex = deref(sk, off.sk_dst_cache)
-        .and_then(|dst| deref(dst, off.dst_dev))
-        .and_then(|dev| read::<u32>(dev, off.netdev_ifindex))
-        .unwrap_or(0);
+    r.tx_ifindex = tx_ifindex(sk, &off);
     r._pad1 = 0;
-    r.netns_ino = deref(sk, off.skc_net)
-        .and_then(|net| read::<u32>(net, off.net_ns_inum))
-        .unwrap_or(0);
-    let family = read::<u16>(sk, off.skc_family).unwrap_or(0);
+    r.netns_ino = netns_ino(sk, &off);
+    let (family, local, remote) = addresses(sk, &off);
     r.family = family;
+    r.local_addr = local;
+    r.remote_addr = remote;
     r.local_port = u16::from_be(read::<u16>(sk, off.inet_sport).unwrap_or(0));
     r.remote_port = u16::from_be(read::<u16>(sk, off.skc_dport).unwrap_or(0));
     r._pad0 = 0;
-    r.local_addr = [0; 16];
-    r.remote_addr = [0; 16];
-    if family == AF_INET6 {
-        r.local_addr = read::<[u8; 16]>(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
-        r.remote_addr = read::<[u8; 16]>(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
-    } else if family == AF_INET {
-        let local = read::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
-        let remote = read::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]);
-        r.local_addr[..4].copy_from_slice(&local);
-        r.remote_addr[..4].copy_from_slice(&remote);
-    }
 }

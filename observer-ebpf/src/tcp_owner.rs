@@ -1,9 +1,10 @@
 //! Owner capture for sessions the kernel created on its own (the passive side:
 //! the child socket is born in softirq, where the current task is whoever was
-//! interrupted). These hooks run in the owning process's context.
+//! interrupted). These hooks run in the owning process's context. The
+//! tracepoint tier captures owners at each send and receive (`sock_calls`).
 use aya_ebpf::{
-    macros::{btf_tracepoint, fexit, kretprobe},
-    programs::{BtfTracePointContext, FExitContext, RetProbeContext},
+    macros::{fexit, kretprobe},
+    programs::{FExitContext, RetProbeContext},
 };
 
 use crate::session::claim_owner;
@@ -39,20 +40,5 @@ pub fn obs_owner_kret(ctx: RetProbeContext) -> u32 {
     if !sk.is_null() {
         claim_owner(sk);
     }
-    0
-}
-
-/// tp_btf `sock:sock_send_length` (6.3+):
-/// `TP_PROTO(struct sock *sk, int ret, int flags)`, in `sock_sendmsg`.
-#[btf_tracepoint(function = "sock_send_length")]
-pub fn obs_owner_send(ctx: BtfTracePointContext) -> i32 {
-    claim_owner(ctx.arg(0));
-    0
-}
-
-/// tp_btf `sock:sock_recv_length` (6.3+): same prototype, in `sock_recvmsg`.
-#[btf_tracepoint(function = "sock_recv_length")]
-pub fn obs_owner_recv(ctx: BtfTracePointContext) -> i32 {
-    claim_owner(ctx.arg(0));
     0
 }

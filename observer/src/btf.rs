@@ -12,7 +12,9 @@ pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read kernel BTF from {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y, or give a BTF file with --btf)")]
+    #[error(
+        "cannot read kernel BTF from {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y, or give a BTF file with --btf)"
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -38,8 +40,7 @@ pub struct KernelBtf {
 
 impl KernelBtf {
     pub fn open(path: &Path) -> Result<Self, BtfError> {
-        let btf = Btf::from_file(path)
-            .map_err(|source| BtfError::Read { path: path.to_owned(), source })?;
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Read { path: path.to_owned(), source })?;
         Ok(Self { btf, path: path.to_owned() })
     }
 
@@ -50,9 +51,7 @@ impl KernelBtf {
     /// True when the kernel has a BTF-typed tracepoint `name` (the
     /// `btf_trace_<name>` typedef that tp_btf programs attach through).
     pub fn has_btf_tracepoint(&self, name: &str) -> bool {
-        self.btf
-            .resolve_ids_by_name(&format!("btf_trace_{name}"))
-            .is_ok_and(|ids| !ids.is_empty())
+        self.btf.resolve_ids_by_name(&format!("btf_trace_{name}")).is_ok_and(|ids| !ids.is_empty())
     }
 
     /// True when the kernel has a function `name` in its BTF (fentry/fexit targets).
@@ -83,7 +82,7 @@ impl KernelBtf {
             let (offset, bitfield, member_ty) = self
                 .find_member(&current, name)?
                 .ok_or_else(|| BtfError::NoField { ty: ty.to_owned(), field: path.to_owned() })?;
-            if bitfield {
+            if bitfield.is_some() {
                 return Err(BtfError::Bitfield { ty: ty.to_owned(), field: path.to_owned() });
             }
             bits += offset;
@@ -92,11 +91,28 @@ impl KernelBtf {
             }
         }
         let bytes = bits / 8;
-        u32::try_from(bytes).map_err(|_| BtfError::TooFar {
-            ty: ty.to_owned(),
-            field: path.to_owned(),
-            offset: bytes,
-        })
+        u32::try_from(bytes).map_err(|_| BtfError::TooFar { ty: ty.to_owned(), field: path.to_owned(), offset: bytes })
+    }
+
+    /// Byte and bit shift (within that byte) of a field of at most 8 bits: a
+    /// bitfield that does not straddle a byte (little-endian bit order) or a
+    /// whole byte.
+    pub fn bitfield_position(&self, ty: &str, field: &str) -> Result<(u32, u32), BtfError> {
+        let current = self.named_struct(ty)?;
+        let (bits, bitfield, member_ty) = self
+            .find_member(&current, field)?
+            .ok_or_else(|| BtfError::NoField { ty: ty.to_owned(), field: field.to_owned() })?;
+        // Some kernels declare the field as a whole byte: then it starts at
+        // bit 0 of that byte. Anything wider is not what the caller expects.
+        let size = match (bitfield, &member_ty) {
+            (Some(bits), _) => bits,
+            (None, Type::Int(int)) if int.size() == 1 => 8,
+            (None, _) => u32::MAX,
+        };
+        if size > 8 || (bits % 8) + u64::from(size) > 8 {
+            return Err(BtfError::Bitfield { ty: ty.to_owned(), field: field.to_owned() });
+        }
+        Ok(((bits / 8) as u32, (bits % 8) as u32))
     }
 
     fn named_struct(&self, name: &str) -> Result<Type, BtfError> {
@@ -113,17 +129,16 @@ impl KernelBtf {
         loop {
             ty = match &ty {
                 Type::Typedef(t) => self.btf.resolve_chained_type(t)?,
-                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
-                    self.btf.resolve_chained_type(t)?
-                }
+                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => self.btf.resolve_chained_type(t)?,
                 Type::TypeTag(t) => self.btf.resolve_chained_type(t)?,
                 _ => return Ok(ty),
             };
         }
     }
 
-    /// Finds member `name` of a struct or union: (bit offset, is bitfield, type).
-    fn find_member(&self, ty: &Type, name: &str) -> Result<Option<(u64, bool, Type)>, BtfError> {
+    /// Finds member `name` of a struct or union: (bit offset, bitfield size if
+    /// it is one, type).
+    fn find_member(&self, ty: &Type, name: &str) -> Result<Option<(u64, Option<u32>, Type)>, BtfError> {
         let members = match ty {
             Type::Struct(s) | Type::Union(s) => &s.members,
             _ => return Ok(None),
@@ -132,7 +147,7 @@ impl KernelBtf {
             let member_name = self.btf.resolve_name(m).unwrap_or_default();
             let member_ty = self.strip(self.btf.resolve_chained_type(m)?)?;
             if member_name == name {
-                return Ok(Some((u64::from(m.bit_offset()), m.bitfield_size().is_some_and(|s| s != 0), member_ty)));
+                return Ok(Some((u64::from(m.bit_offset()), m.bitfield_size().filter(|&s| s != 0), member_ty)));
             }
             if member_name.is_empty()
                 && let Some((inner, bitfield, t)) = self.find_member(&member_ty, name)?
@@ -149,8 +164,8 @@ impl KernelBtf {
         let sock = |field: &str| self.member_offset("sock", field);
         let common = |field: &str| sock(&format!("__sk_common.{field}"));
         // The receive interface moved from inet_sock to sock in 5.18.
-        let rx_dst_ifindex = sock("sk_rx_dst_ifindex")
-            .or_else(|_| self.member_offset("inet_sock", "rx_dst_ifindex"))?;
+        let rx_dst_ifindex =
+            sock("sk_rx_dst_ifindex").or_else(|_| self.member_offset("inet_sock", "rx_dst_ifindex"))?;
         // sk_protocol was a bitfield before 5.6: then the tp_btf program cannot
         // filter on it, and 0 tells it not to (DCCP/SCTP state changes are rare).
         let sk_protocol = match sock("sk_protocol") {
@@ -158,6 +173,7 @@ impl KernelBtf {
             Err(BtfError::Bitfield { .. }) => 0,
             Err(e) => return Err(e),
         };
+        let chrono_type = self.bitfield_position("tcp_sock", "chrono_type")?;
         Ok(KernelOffsets {
             tcp_bytes_acked: self.member_offset("tcp_sock", "bytes_acked")?,
             tcp_bytes_received: self.member_offset("tcp_sock", "bytes_received")?,
@@ -181,6 +197,11 @@ impl KernelBtf {
             sk_dst_cache: sock("sk_dst_cache")?,
             dst_dev: self.member_offset("dst_entry", "dev")?,
             netdev_ifindex: self.member_offset("net_device", "ifindex")?,
+            socket_sk: self.member_offset("socket", "sk")?,
+            tcp_chrono_start: self.member_offset("tcp_sock", "chrono_start")?,
+            tcp_chrono_stat: self.member_offset("tcp_sock", "chrono_stat")?,
+            tcp_chrono_type_byte: chrono_type.0,
+            tcp_chrono_type_shift: chrono_type.1,
             _pad0: 0,
         })
     }
@@ -261,6 +282,22 @@ mod tests {
         assert_eq!(btf.enum_value("sock_flags", "SOCK_DONE").unwrap(), 1);
         assert!(btf.enum_value("sock_flags", "SOCK_NO_SUCH").is_err());
         assert!(btf.enum_value("no_such_enum", "X").is_err());
+    }
+
+    #[test]
+    fn small_bitfields_are_located_by_byte_and_shift() {
+        let Some(btf) = kernel() else { return };
+        // chrono_type is a 2-bit field on older kernels and a whole byte on
+        // newer ones (6.18): either way its byte and shift are found.
+        let (byte, shift) = btf.bitfield_position("tcp_sock", "chrono_type").unwrap();
+        match btf.member_offset("tcp_sock", "chrono_type") {
+            Ok(whole) => assert_eq!((byte, shift), (whole, 0)),
+            Err(e) => assert!(matches!(e, BtfError::Bitfield { .. }) && shift < 8, "{e}"),
+        }
+        // A 1-bit field is found inside its byte.
+        let (_, shift) = btf.bitfield_position("tcp_sock", "repair").unwrap();
+        assert!(shift < 8);
+        assert!(btf.bitfield_position("tcp_sock", "bytes_acked").is_err(), "wider than a byte");
     }
 
     #[test]

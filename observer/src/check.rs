@@ -4,8 +4,7 @@ use std::fmt::Write as _;
 use crate::{
     btf::KernelBtf,
     cli::KernelArgs,
-    detect, loader,
-    privileges,
+    detect, loader, privileges,
     probes::{self, KernelFacts, Tier},
 };
 
@@ -61,7 +60,7 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
     let fentry = if !privileged {
         Err("not probed: loading a test program needs the privileges above".to_string())
     } else {
-        match loader::load(&btf) {
+        match loader::load(&btf, observer_common::Settings::default()) {
             Ok(mut kernel) => kernel.probe_fentry(),
             Err(e) => Err(format!("not probed: {}", loader::chain(&e))),
         }

@@ -1,6 +1,6 @@
 //! Command line. Values are checked by clap's parsers so a bad one exits with
 //! code 2 and a message that says what was wrong and what would be right.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -13,6 +13,14 @@ use crate::{
 /// Default address of the metrics server: loopback only, so a node agent never
 /// exposes its metrics beyond the host unless told to.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
+/// Default idle timeout of an unconnected UDP socket's flow with one peer:
+/// long enough for request/response protocols with pauses, short enough that
+/// a finished flow is reported within a minute.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: &str = "30s";
+/// Default longest gap between send/receive calls that still counts as active
+/// time: a transfer pausing for less than this is still transferring.
+pub const DEFAULT_ACTIVE_GAP: &str = "1s";
+
 /// Default goodput floor: the in-process metric this replaces records only
 /// sessions that moved at least 1 MB in a direction.
 pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
@@ -25,6 +33,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Load the kernel programs and serve metrics until SIGTERM or SIGINT.
     Run(RunArgs),
@@ -65,14 +75,51 @@ pub struct RunArgs {
     /// Also write one JSON line per reported session to this file (`-`: stdout).
     #[arg(long, value_name = "PATH")]
     pub session_log: Option<PathBuf>,
+    /// An unconnected UDP socket's flow with one peer ends after this long
+    /// without a datagram (or at the socket's release).
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_UDP_IDLE_TIMEOUT, value_parser = parse_duration)]
+    pub udp_idle_timeout: Duration,
+    /// Gaps between send/receive calls up to this long count as active time;
+    /// longer gaps are idle and excluded from active-time goodput.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_ACTIVE_GAP, value_parser = parse_duration)]
+    pub active_gap: Duration,
+    /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
+    /// which names the pods that processes' cgroups point to.
+    #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]
+    pub pod_log_dir: PathBuf,
+    #[command(flatten)]
+    pub gpu: crate::gpu::GpuArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("`{s}` is not ADDR:PORT (for example 127.0.0.1:9470, 0.0.0.0:9470 or [::1]:9470)")
-    })
+    s.parse().map_err(|_| format!("`{s}` is not ADDR:PORT (for example 127.0.0.1:9470, 0.0.0.0:9470 or [::1]:9470)"))
+}
+
+/// `250ms`, `30s`, `1.5s`, `5m`: a number and a unit, greater than zero. The
+/// one duration syntax of every flag.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let example = "for example 500ms, 30s, 1.5s or 2m";
+    let n: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| format!("`{s}` is not a duration ({example})"))?;
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "" => return Err(format!("`{s}` has no unit ({example})")),
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m; {example})")),
+    };
+    let d = Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{s}` is too long ({example})"))?;
+    if d.is_zero() {
+        return Err(format!("`{s}` is zero ({example})"));
+    }
+    Ok(d)
 }
 
 fn parse_min_bytes(s: &str) -> Result<u64, String> {
@@ -105,6 +152,21 @@ mod tests {
         assert_eq!(r.min_session_bytes, 1_000_000);
         assert!(r.ifaces.is_empty() && r.labels.is_empty());
         assert_eq!(r.kernel.probes, ProbeMode::Auto);
+        assert_eq!(r.udp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(r.active_gap, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("30").unwrap_err().contains("has no unit"));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit `h`"));
+        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("-1s").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("0s").unwrap_err().contains("is zero"));
     }
 
     #[test]
@@ -122,6 +184,8 @@ mod tests {
             (&["--listen", "localhost"][..], "not ADDR:PORT"),
             (&["--label", "novalue"][..], "not KEY=VALUE"),
             (&["--probes", "ebpf"][..], "auto, fentry, kprobe, tracepoint"),
+            (&["--udp-idle-timeout", "forever"][..], "not a duration"),
+            (&["--active-gap", "0ms"][..], "is zero"),
         ] {
             let err = run_args(args).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");

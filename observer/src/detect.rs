@@ -32,6 +32,7 @@ pub fn kernel_facts(btf: &KernelBtf, fentry: Result<(), String>) -> KernelFacts 
                 let present = match attach.target() {
                     Target::Tracepoint(tp) => btf.has_btf_tracepoint(tp),
                     Target::Function(f) => btf.has_function(f),
+                    Target::Cgroup2 => crate::cgroup::cgroup2_root().is_some(),
                 };
                 if present {
                     targets.insert(attach.target());
@@ -39,8 +40,5 @@ pub fn kernel_facts(btf: &KernelBtf, fentry: Result<(), String>) -> KernelFacts 
             }
         }
     }
-    KernelFacts {
-        tiers: vec![(Tier::Fentry, fentry), (Tier::Kprobe, kprobe), (Tier::Tracepoint, tracepoint)],
-        targets,
-    }
+    KernelFacts { tiers: vec![(Tier::Fentry, fentry), (Tier::Kprobe, kprobe), (Tier::Tracepoint, tracepoint)], targets }
 }

@@ -9,7 +9,9 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Btf(#[from] BtfError),
-    #[error("this observer binary was built with AYA_BUILD_SKIP=1 and carries no kernel programs; rebuild it without that variable")]
+    #[error(
+        "this observer binary was built with AYA_BUILD_SKIP=1 and carries no kernel programs; rebuild it without that variable"
+    )]
     NoKernelObject,
     #[error("loading the kernel programs")]
     Load(#[source] aya::EbpfError),

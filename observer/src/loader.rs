@@ -1,9 +1,12 @@
 //! Loading the kernel programs, probing the fentry tier, and attaching the
 //! hooks `probes::select` chose.
+use std::fs::File;
+
 use aya::{
     Btf as AyaBtf, Ebpf, EbpfLoader, Endianness,
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FEntry, FExit, KProbe, ProgramError},
 };
+use observer_common::Settings;
 
 use crate::{
     btf::KernelBtf,
@@ -27,11 +30,13 @@ pub struct Kernel {
     pub btf: AyaBtf,
     /// Programs loaded while probing, kept so they are not loaded twice.
     probed: Vec<&'static str>,
+    /// Programs attached so far: two hooks may share programs.
+    attached: Vec<&'static str>,
 }
 
 /// Loads the object with the running kernel's field offsets written into it.
 /// Maps are created; programs are loaded only when attached or probed.
-pub fn load(btf: &KernelBtf) -> Result<Kernel, Error> {
+pub fn load(btf: &KernelBtf, settings: Settings) -> Result<Kernel, Error> {
     if KERNEL_OBJECT.is_empty() {
         return Err(Error::NoKernelObject);
     }
@@ -45,9 +50,10 @@ pub fn load(btf: &KernelBtf) -> Result<Kernel, Error> {
         .btf(Some(&aya_btf))
         .override_global("OFFSETS", &offsets, true)
         .override_global("ACCEPT_RET_ARG", &accept_params, true)
+        .override_global("SETTINGS", &settings, true)
         .load(KERNEL_OBJECT)
         .map_err(Error::Load)?;
-    Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new() })
+    Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new(), attached: Vec::new() })
 }
 
 impl Kernel {
@@ -103,10 +109,15 @@ impl Kernel {
             Attach::FEntry(f) => <&mut FEntry>::try_from(program)?.load(f, btf),
             Attach::FExit(f) => <&mut FExit>::try_from(program)?.load(f, btf),
             Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program)?.load(),
+            Attach::CgroupSockAddr => <&mut CgroupSockAddr>::try_from(program)?.load(),
+            Attach::CgroupSock => <&mut CgroupSock>::try_from(program)?.load(),
         }
     }
 
     fn attach_program(&mut self, name: &'static str, how: Attach) -> Result<(), ProgramError> {
+        if self.attached.contains(&name) {
+            return Ok(());
+        }
         if !self.probed.contains(&name) {
             self.load_program(name, how)?;
         }
@@ -116,8 +127,25 @@ impl Kernel {
             Attach::FEntry(_) => <&mut FEntry>::try_from(program)?.attach().map(drop),
             Attach::FExit(_) => <&mut FExit>::try_from(program)?.attach().map(drop),
             Attach::KProbe(f) | Attach::KRetProbe(f) => <&mut KProbe>::try_from(program)?.attach(f, 0).map(drop),
-        }
+            // aya attaches through bpf_link (5.7+), where the kernel refuses
+            // any mode flag and a link always runs beside other agents'
+            // programs (a CNI, a service mesh); hence the default mode.
+            Attach::CgroupSockAddr => {
+                <&mut CgroupSockAddr>::try_from(program)?.attach(cgroup_root()?, CgroupAttachMode::default()).map(drop)
+            }
+            Attach::CgroupSock => {
+                <&mut CgroupSock>::try_from(program)?.attach(cgroup_root()?, CgroupAttachMode::default()).map(drop)
+            }
+        }?;
+        self.attached.push(name);
+        Ok(())
     }
+}
+
+fn cgroup_root() -> Result<File, ProgramError> {
+    let root = crate::cgroup::cgroup2_root()
+        .ok_or_else(|| ProgramError::IOError(std::io::Error::other("no cgroup v2 hierarchy is mounted")))?;
+    File::open(&root).map_err(ProgramError::IOError)
 }
 
 /// An error and its causes on one line, for logs and `observer check`.

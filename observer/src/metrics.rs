@@ -2,14 +2,12 @@
 //!
 //! Bucket layouts are fixed and documented in the README; label sets are
 //! fixed too (`direction`, `protocol`, plus the operator's static labels).
-use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::{
     labels::StaticLabel,
     probes::Hook,
-    session::{Direction, Session},
+    session::{Direction, Protocol, Session},
 };
 
 /// Goodput buckets: 1 kB/s to 100 GB/s, four per decade (x1, x1.78, x3.16,
@@ -23,9 +21,7 @@ pub fn goodput_buckets() -> Vec<f64> {
 /// Duration buckets: 1 ms to 1 day, 1-2.5-5 per decade up to 10,000 s, then
 /// 1 h-ish steps are pointless: one last bound at 86,400 s.
 pub fn duration_buckets() -> Vec<f64> {
-    let mut b: Vec<f64> = (-3..=3)
-        .flat_map(|e| [1.0, 2.5, 5.0].map(|m| round_sig(m * 10f64.powi(e))))
-        .collect();
+    let mut b: Vec<f64> = (-3..=3).flat_map(|e| [1.0, 2.5, 5.0].map(|m| round_sig(m * 10f64.powi(e)))).collect();
     b.push(10_000.0);
     b.push(86_400.0);
     b
@@ -42,17 +38,26 @@ fn round_sig(x: f64) -> f64 {
 }
 
 /// Where the observer had to drop data; label values of `observer_events_lost_total`.
-pub const LOST_SOURCES: [&str; 3] = ["session_ring_full", "session_table_full", "session_record_malformed"];
+/// The first four are the kernel's `LostSource` indexes, in order.
+pub const LOST_SOURCES: [&str; 5] = [
+    "session_ring_full",
+    "session_table_full",
+    "udp_flow_table_full",
+    "udp_release_ring_full",
+    "session_record_malformed",
+];
 
 pub struct Metrics {
     registry: Registry,
     static_labels: Vec<StaticLabel>,
     goodput: HistogramVec,
+    active_goodput: HistogramVec,
     duration: HistogramVec,
+    live_bytes: IntCounterVec,
     sessions: IntCounterVec,
     session_bytes: IntCounterVec,
     ignored: IntCounterVec,
-    pub events_lost: IntCounterVec,
+    events_lost: IntCounterVec,
     probe_info: GaugeVec,
 }
 
@@ -73,6 +78,21 @@ impl Metrics {
             .buckets(goodput_buckets()),
             &refs(&dir_proto),
         )?;
+        let active_goodput = HistogramVec::new(
+            HistogramOpts::new(
+                "observer_session_active_goodput_bytes_per_second",
+                "Goodput of closed sessions over their active time: bytes moved in one direction divided by the time during which data moved in that direction. direction=transmit (TCP): the kernel's busy time, while data waited to be sent or acknowledged; direction=receive and UDP: gaps between send/receive calls up to --active-gap, longer gaps being idle. Same floor and labels as observer_session_goodput_bytes_per_second; sessions whose active time is unknown or zero, or adopted mid-life, are not observed.",
+            )
+            .buckets(goodput_buckets()),
+            &refs(&dir_proto),
+        )?;
+        let live_bytes = IntCounterVec::new(
+            Opts::new(
+                "observer_bytes_total",
+                "Payload bytes moved by sessions, counted while they are open (at every scrape) and at their end, so rate() shows a long transfer's throughput while it runs. TCP: acknowledged (transmit) and received in order (receive); UDP: datagram bytes sent and received. Sessions adopted mid-life count from first sight.",
+            ),
+            &refs(&dir_proto),
+        )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "observer_session_duration_seconds",
@@ -82,7 +102,10 @@ impl Metrics {
             &refs(&proto),
         )?;
         let sessions = IntCounterVec::new(
-            Opts::new("observer_sessions_total", "Closed sessions, over the goodput floor or not, including sessions adopted mid-life."),
+            Opts::new(
+                "observer_sessions_total",
+                "Closed sessions (TCP connections, UDP flows), over the goodput floor or not, including TCP sessions adopted mid-life.",
+            ),
             &refs(&proto),
         )?;
         let session_bytes = IntCounterVec::new(
@@ -102,12 +125,15 @@ impl Metrics {
         let events_lost = IntCounterVec::new(
             Opts::new(
                 "observer_events_lost_total",
-                "Data the observer had to drop. source=session_ring_full: closed-session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: new sessions not tracked from birth because the open-session table was full (they are reported at close as adopted); source=session_record_malformed: records userspace could not decode.",
+                "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=session_record_malformed: records userspace could not decode.",
             ),
             &["source"],
         )?;
         let probe_info = GaugeVec::new(
-            Opts::new("observer_probe_info", "Kernel hook attached for each concern (value 1). concern=tcp_state: session birth and close; concern=tcp_owner: owner process of accepted sessions."),
+            Opts::new(
+                "observer_probe_info",
+                "Kernel hook attached for each concern (value 1). concern=tcp_state: TCP session birth and close; concern=tcp_owner: owner process of accepted sessions; concern=sock_calls: every send and receive (UDP flows, live TCP bytes, active time); concern=udp_release: socket release, which ends UDP flows.",
+            ),
             &["concern", "hook"],
         )?;
         let build_info = GaugeVec::new(
@@ -123,6 +149,8 @@ impl Metrics {
         ignored.with_label_values(&["iface"]);
 
         registry.register(Box::new(goodput.clone()))?;
+        registry.register(Box::new(active_goodput.clone()))?;
+        registry.register(Box::new(live_bytes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(session_bytes.clone()))?;
@@ -131,14 +159,32 @@ impl Metrics {
         registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info))?;
 
-        let m = Metrics { registry, static_labels, goodput, duration, sessions, session_bytes, ignored, events_lost, probe_info };
+        let m = Metrics {
+            registry,
+            static_labels,
+            goodput,
+            active_goodput,
+            duration,
+            live_bytes,
+            sessions,
+            session_bytes,
+            ignored,
+            events_lost,
+            probe_info,
+        };
         // Series exist from the start, so rate() and dashboards see zeros
         // instead of absent series before the first session closes.
-        m.sessions.with_label_values(&m.values(&["tcp"]));
-        m.duration.with_label_values(&m.values(&["tcp"]));
-        for d in Direction::ALL {
-            m.session_bytes.with_label_values(&m.values(&[d.as_str(), "tcp"]));
-            m.goodput.with_label_values(&m.values(&[d.as_str(), "tcp"]));
+        for p in Protocol::ALL.map(Protocol::as_str) {
+            m.sessions.with_label_values(&m.values(&[p]));
+            m.duration.with_label_values(&m.values(&[p]));
+            for d in Direction::ALL.map(Direction::as_str) {
+                for family in [&m.session_bytes, &m.live_bytes] {
+                    family.with_label_values(&m.values(&[d, p]));
+                }
+                for family in [&m.goodput, &m.active_goodput] {
+                    family.with_label_values(&m.values(&[d, p]));
+                }
+            }
         }
         Ok(m)
     }
@@ -146,6 +192,11 @@ impl Metrics {
     /// Label values: the given ones followed by the static labels' values.
     fn values<'a>(&'a self, base: &[&'a str]) -> Vec<&'a str> {
         base.iter().copied().chain(self.static_labels.iter().map(|l| l.value.as_str())).collect()
+    }
+
+    /// Serves another collector's families with these (the GPU snapshot).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
     }
 
     pub fn set_probe(&self, concern: &str, hook: Hook) {
@@ -158,7 +209,7 @@ impl Metrics {
 
     /// Accounts one closed session.
     pub fn record(&self, s: &Session, min_session_bytes: u64) {
-        let protocol = "tcp";
+        let protocol = s.protocol.as_str();
         self.sessions.with_label_values(&self.values(&[protocol])).inc();
         if let Some(lifetime) = s.lifetime {
             self.duration.with_label_values(&self.values(&[protocol])).observe(lifetime.as_secs_f64());
@@ -169,7 +220,21 @@ impl Metrics {
             if let Some(g) = s.goodput(d, min_session_bytes) {
                 self.goodput.with_label_values(&labels).observe(g);
             }
+            if let Some(g) = s.active_goodput(d, min_session_bytes) {
+                self.active_goodput.with_label_values(&labels).observe(g);
+            }
         }
+    }
+
+    /// Adds live throughput (`observer_bytes_total`).
+    pub fn add_live(&self, protocol: Protocol, direction: Direction, bytes: u64) {
+        if bytes > 0 {
+            self.live_bytes.with_label_values(&self.values(&[direction.as_str(), protocol.as_str()])).inc_by(bytes);
+        }
+    }
+
+    pub fn lost(&self, source: &str, n: u64) {
+        self.events_lost.with_label_values(&[source]).inc_by(n);
     }
 
     /// The exposition in Prometheus text format 0.0.4.
@@ -209,6 +274,9 @@ mod tests {
 
     fn session(tx: u64, rx: u64, secs: Option<u64>) -> Session {
         Session {
+            protocol: Protocol::Tcp,
+            active_transmit: None,
+            active_receive: None,
             local: "127.0.0.1:1".parse().unwrap(),
             remote: "127.0.0.1:2".parse().unwrap(),
             bytes_transmitted: tx,
@@ -230,10 +298,29 @@ mod tests {
         let text = m.encode().unwrap();
         let has = |line: &str| text.lines().any(|l| l == line);
         assert!(has(r#"observer_sessions_total{protocol="tcp",region="eu"} 3"#), "{text}");
-        assert!(has(r#"observer_session_bytes_total{direction="transmit",protocol="tcp",region="eu"} 9000100"#), "{text}");
-        assert!(has(r#"observer_session_goodput_bytes_per_second_count{direction="transmit",protocol="tcp",region="eu"} 1"#), "{text}");
-        assert!(has(r#"observer_session_goodput_bytes_per_second_sum{direction="transmit",protocol="tcp",region="eu"} 2000000"#), "{text}");
-        assert!(has(r#"observer_session_goodput_bytes_per_second_count{direction="receive",protocol="tcp",region="eu"} 0"#), "below the floor: {text}");
-        assert!(has(r#"observer_session_duration_seconds_count{protocol="tcp",region="eu"} 2"#), "adopted session has no duration: {text}");
+        assert!(
+            has(r#"observer_session_bytes_total{direction="transmit",protocol="tcp",region="eu"} 9000100"#),
+            "{text}"
+        );
+        assert!(
+            has(
+                r#"observer_session_goodput_bytes_per_second_count{direction="transmit",protocol="tcp",region="eu"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            has(
+                r#"observer_session_goodput_bytes_per_second_sum{direction="transmit",protocol="tcp",region="eu"} 2000000"#
+            ),
+            "{text}"
+        );
+        assert!(
+            has(r#"observer_session_goodput_bytes_per_second_count{direction="receive",protocol="tcp",region="eu"} 0"#),
+            "below the floor: {text}"
+        );
+        assert!(
+            has(r#"observer_session_duration_seconds_count{protocol="tcp",region="eu"} 2"#),
+            "adopted session has no duration: {text}"
+        );
     }
 }

@@ -1,96 +1,290 @@
-//! From the kernel's ring buffer to metrics: decode each closed-session record,
-//! apply the interface filter, account it, and optionally log it.
+//! From the kernel to metrics: closed TCP sessions from the ring buffer, UDP
+//! flows ended by release or idle timeout, live throughput of open sessions at
+//! every scrape, and the kernel's lost-data counters.
 use std::{
-    io::Write,
+    collections::HashSet,
+    hash::Hash,
     mem::size_of,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
-use observer_common::{LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord};
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf},
+};
+use observer_common::{
+    LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord, SessionStart, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
+    UdpRelease,
+};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     error::Error,
+    live::LiveCounts,
     metrics::{LOST_SOURCES, Metrics},
-    session::{IfaceFilter, Session},
+    session::{Direction, IfaceFilter, Protocol, Session},
     session_log::SessionLog,
 };
 
-pub struct Pipeline {
-    pub metrics: Arc<Metrics>,
+/// Settings of the pipeline, from the command line.
+pub struct PipelineConfig {
     pub filter: IfaceFilter,
     pub min_session_bytes: u64,
-    pub session_log: Option<Mutex<SessionLog>>,
+    pub udp_idle_timeout: Duration,
+    pub session_log: Option<SessionLog>,
+}
+
+/// The maps userspace reads, taken out of the loaded object.
+pub struct KernelMaps {
+    pub lost: PerCpuArray<MapData, u64>,
+    pub open_sessions: BpfHashMap<MapData, u64, SessionStart>,
+    pub udp_flows: BpfHashMap<MapData, UdpFlowKey, UdpFlow>,
+}
+
+pub struct Pipeline {
+    metrics: Arc<Metrics>,
+    filter: IfaceFilter,
+    min_session_bytes: u64,
+    udp_idle_timeout: Duration,
+    state: Mutex<State>,
+}
+
+/// Everything the tasks share; one lock, held briefly, so a TCP close, a UDP
+/// release, an expiry pass and a scrape never count the same bytes twice.
+struct State {
+    maps: KernelMaps,
+    lost_seen: [u64; KERNEL_LOST_SOURCES as usize],
+    /// TCP sessions by (socket address, birth time): an address is reused by
+    /// later sockets, the pair is not.
+    tcp_live: LiveCounts<(u64, u64)>,
+    /// UDP flows by (flow key, first datagram time), for the same reason.
+    udp_live: LiveCounts<(UdpFlowKey, u64)>,
+    session_log: Option<SessionLog>,
 }
 
 impl Pipeline {
-    /// Reads records until the task is cancelled. Records are processed in
-    /// batches per wake-up, so a burst of closes costs one wake-up.
-    pub async fn run(&self, ring: RingBuf<MapData>) -> Result<(), Error> {
-        // SAFETY: the AsyncFd owns the ring buffer, so the descriptor stays open
-        // for as long as it is registered.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| Error::Ring(e.into_parts().1))?;
-        loop {
-            let mut guard = fd.readable_mut().await.map_err(Error::Ring)?;
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                self.handle(&item);
-            }
-            guard.clear_ready();
+    pub fn new(metrics: Arc<Metrics>, config: PipelineConfig, maps: KernelMaps) -> Self {
+        Pipeline {
+            metrics,
+            filter: config.filter,
+            min_session_bytes: config.min_session_bytes,
+            udp_idle_timeout: config.udp_idle_timeout,
+            state: Mutex::new(State {
+                maps,
+                lost_seen: [0; KERNEL_LOST_SOURCES as usize],
+                tcp_live: LiveCounts::default(),
+                udp_live: LiveCounts::default(),
+                session_log: config.session_log,
+            }),
         }
     }
 
-    pub fn handle(&self, bytes: &[u8]) {
-        if bytes.len() < size_of::<SessionRecord>() {
-            self.metrics.events_lost.with_label_values(&["session_record_malformed"]).inc();
-            return;
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough counters;
+        // keep measuring rather than stop.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads closed TCP sessions until cancelled, a batch per wake-up.
+    pub async fn run_tcp(&self, ring: RingBuf<MapData>) -> Result<(), Error> {
+        drain_forever(ring, |bytes| self.tcp_closed(bytes)).await
+    }
+
+    /// Reads UDP socket releases until cancelled.
+    pub async fn run_udp_releases(&self, ring: RingBuf<MapData>) -> Result<(), Error> {
+        drain_forever(ring, |bytes| match read_pod::<UdpRelease>(bytes) {
+            Some(release) => self.udp_released(release),
+            None => self.metrics.lost("session_record_malformed", 1),
+        })
+        .await
+    }
+
+    /// Ends idle UDP flows, checking a few times per timeout (at most once a
+    /// second, at least every 100 ms).
+    pub async fn run_udp_expiry(&self) -> Result<(), Error> {
+        let period = (self.udp_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.expire_udp(monotonic_ns());
         }
-        // SAFETY: the length was checked; SessionRecord is plain old data and
-        // read_unaligned makes no alignment assumption about the ring's bytes.
-        let record: SessionRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    }
+
+    fn tcp_closed(&self, bytes: &[u8]) {
+        let Some(record) = read_pod::<SessionRecord>(bytes) else {
+            self.metrics.lost("session_record_malformed", 1);
+            return;
+        };
         let session = Session::from_record(&record);
+        let mut state = self.state();
+        let key = (record.sock, record.birth_ns);
         if !self.filter.accepts(&session) {
+            state.tcp_live.finish(&key, 0, 0);
             self.metrics.record_ignored("iface");
             return;
         }
-        self.metrics.record(&session, self.min_session_bytes);
-        if let Some(log) = &self.session_log
-            && let Ok(mut log) = log.lock()
-        {
-            log.write(&session);
+        let live = (
+            session.bytes_transmitted.saturating_sub(record.live_base_tx),
+            session.bytes_received.saturating_sub(record.live_base_rx),
+        );
+        let rest = state.tcp_live.finish(&key, live.0, live.1);
+        self.add_live(Protocol::Tcp, rest);
+        self.report(&mut state, &session);
+    }
+
+    fn udp_released(&self, release: UdpRelease) {
+        let mut state = self.state();
+        let flows = snapshot(&state.maps.udp_flows);
+        for (key, flow) in flows.into_iter().filter(|(k, _)| k.sk == release.sk) {
+            self.end_udp_flow(&mut state, &key, &flow, Some(release.release_ns));
         }
     }
-}
 
-/// The kernel's per-CPU lost-data counters, mirrored into
-/// `observer_events_lost_total` by adding what grew since the last read.
-pub struct KernelLostCounters {
-    map: PerCpuArray<MapData, u64>,
-    last: [u64; KERNEL_LOST_SOURCES as usize],
-}
-
-impl KernelLostCounters {
-    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
-        Self { map, last: [0; KERNEL_LOST_SOURCES as usize] }
-    }
-
-    pub fn sync(&mut self, metrics: &Metrics) {
-        for (index, last) in self.last.iter_mut().enumerate() {
-            let Ok(values) = self.map.get(&(index as u32), 0) else { continue };
-            let total: u64 = values.iter().sum();
-            if total > *last {
-                metrics.events_lost.with_label_values(&[LOST_SOURCES[index]]).inc_by(total - *last);
-                *last = total;
+    fn expire_udp(&self, now_ns: u64) {
+        let timeout = self.udp_idle_timeout.as_nanos() as u64;
+        let mut state = self.state();
+        let flows = snapshot(&state.maps.udp_flows);
+        for (key, flow) in flows {
+            let idle = now_ns.saturating_sub(flow.last_ns) > timeout;
+            if idle && flow.flags & UDP_FLOW_CONNECTED == 0 {
+                self.end_udp_flow(&mut state, &key, &flow, None);
             }
         }
     }
+
+    /// Deletes the flow from the kernel's table and reports it. The final
+    /// values are read again after the delete decision, so a datagram counted
+    /// between the snapshot and now is not lost.
+    fn end_udp_flow(&self, state: &mut State, key: &UdpFlowKey, flow: &UdpFlow, end_ns: Option<u64>) {
+        let last = state.maps.udp_flows.get(key, 0).unwrap_or(*flow);
+        if let Err(e) = state.maps.udp_flows.remove(key)
+            && !matches!(e, MapError::KeyNotFound)
+        {
+            tracing::warn!(error = %e, "cannot delete an ended UDP flow");
+        }
+        let session = Session::from_udp_flow(key, &last, end_ns);
+        let live_key = (*key, last.first_ns);
+        if !self.filter.accepts(&session) {
+            state.udp_live.finish(&live_key, 0, 0);
+            self.metrics.record_ignored("iface");
+            return;
+        }
+        let rest = state.udp_live.finish(&live_key, last.bytes_tx, last.bytes_rx);
+        self.add_live(Protocol::Udp, rest);
+        self.report(state, &session);
+    }
+
+    fn report(&self, state: &mut State, session: &Session) {
+        self.metrics.record(session, self.min_session_bytes);
+        if let Some(log) = &mut state.session_log {
+            log.write(session);
+        }
+    }
+
+    fn add_live(&self, protocol: Protocol, (tx, rx): (u64, u64)) {
+        self.metrics.add_live(protocol, Direction::Transmit, tx);
+        self.metrics.add_live(protocol, Direction::Receive, rx);
+    }
+
+    /// Brings kernel-side counters into the metrics: called at every scrape.
+    pub fn refresh(&self) {
+        let mut state = self.state();
+        self.sync_lost(&mut state);
+        self.sweep_live(&mut state);
+    }
+
+    fn sync_lost(&self, state: &mut State) {
+        let State { maps, lost_seen, .. } = state;
+        for (index, seen) in lost_seen.iter_mut().enumerate() {
+            let Ok(values) = maps.lost.get(&(index as u32), 0) else { continue };
+            let total: u64 = values.iter().sum();
+            if total > *seen {
+                self.metrics.lost(LOST_SOURCES[index], total - *seen);
+                *seen = total;
+            }
+        }
+    }
+
+    /// Adds what open sessions moved since the last scrape.
+    fn sweep_live(&self, state: &mut State) {
+        let sessions = snapshot(&state.maps.open_sessions);
+        let mut alive = HashSet::with_capacity(sessions.len());
+        for (sk, s) in &sessions {
+            let key = (*sk, s.birth_ns);
+            alive.insert(key);
+            if self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex) {
+                let moved = (s.live_tx.saturating_sub(s.live_base_tx), s.live_rx.saturating_sub(s.live_base_rx));
+                let delta = state.tcp_live.advance(&key, moved.0, moved.1);
+                self.add_live(Protocol::Tcp, delta);
+            }
+        }
+        state.tcp_live.retain(|k| alive.contains(k));
+
+        let flows = snapshot(&state.maps.udp_flows);
+        let mut alive = HashSet::with_capacity(flows.len());
+        for (key, f) in &flows {
+            let live_key = (*key, f.first_ns);
+            alive.insert(live_key);
+            if self.filter.accepts_namespace(f.netns_ino) {
+                let delta = state.udp_live.advance(&live_key, f.bytes_tx, f.bytes_rx);
+                self.add_live(Protocol::Udp, delta);
+            }
+        }
+        state.udp_live.retain(|k| alive.contains(k));
+    }
 }
 
-/// Keeps `Write` errors of the optional session log from stopping the pipeline.
-pub(crate) fn write_line(out: &mut dyn Write, line: &str) -> std::io::Result<()> {
-    out.write_all(line.as_bytes())?;
-    out.write_all(b"\n")?;
-    out.flush()
+/// Waits on a ring buffer and hands each record to `handle`, until cancelled.
+async fn drain_forever(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8])) -> Result<(), Error> {
+    // SAFETY: the AsyncFd owns the ring buffer, so the descriptor stays open
+    // for as long as it is registered.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| Error::Ring(e.into_parts().1))?;
+    loop {
+        let mut guard = fd.readable_mut().await.map_err(Error::Ring)?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            handle(&item);
+        }
+        guard.clear_ready();
+    }
+}
+
+fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: the length is checked; T is plain old data and read_unaligned
+    // makes no alignment assumption about the ring's bytes.
+    (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// A copy of a kernel hash map's entries. Keys deleted while we walk make the
+/// kernel restart the walk, so keys are de-duplicated and the walk is bounded
+/// by the map's capacity.
+fn snapshot<K: Pod + Eq + Hash, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
+    let cap = map_capacity(map);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for key in map.keys().take(2 * cap) {
+        let Ok(key) = key else { break };
+        if seen.insert(key)
+            && let Ok(value) = map.get(&key, 0)
+        {
+            out.push((key, value));
+        }
+    }
+    out
+}
+
+fn map_capacity<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> usize {
+    // The kernel's own answer; the declared default if it cannot say.
+    map.map().info().map_or(65_536, |info| info.max_entries() as usize)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

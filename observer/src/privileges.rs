@@ -7,8 +7,7 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The capabilities observer needs, for messages.
-pub const NEEDED: &str =
-    "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on kernels before 5.8), plus CAP_NET_ADMIN";
+pub const NEEDED: &str = "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN on kernels before 5.8), plus CAP_NET_ADMIN";
 
 /// Effective capability set of this process, from /proc/self/status.
 pub fn effective_caps() -> Option<u64> {

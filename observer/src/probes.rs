@@ -55,15 +55,24 @@ pub enum Concern {
     /// The owning process of sessions the kernel created on its own (accepted
     /// connections). Optional: without it those sessions have no owner.
     TcpOwner,
+    /// Every send and receive call: UDP flows, live TCP throughput and active
+    /// time. Optional: without it there are no UDP sessions, TCP bytes count
+    /// only at close, and active-time goodput is not measured.
+    SockCalls,
+    /// Socket release, which ends a UDP socket's flows. Optional: without it
+    /// flows end only at their idle timeout.
+    UdpRelease,
 }
 
 impl Concern {
-    pub const ALL: [Concern; 2] = [Concern::TcpState, Concern::TcpOwner];
+    pub const ALL: [Concern; 4] = [Concern::TcpState, Concern::TcpOwner, Concern::SockCalls, Concern::UdpRelease];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Concern::TcpState => "tcp_state",
             Concern::TcpOwner => "tcp_owner",
+            Concern::SockCalls => "sock_calls",
+            Concern::UdpRelease => "udp_release",
         }
     }
 
@@ -75,10 +84,15 @@ impl Concern {
     /// least and sees the handshake's child sockets, which `tcp_set_state` hooks
     /// only see from ESTABLISHED on. tcp_owner: one call per accept (fexit,
     /// kretprobe) beats one call per send and receive (tracepoints).
+    /// sock_calls: only the tracepoint tier exists so far (6.3+). udp_release:
+    /// fentry and the cgroup hook cost about the same; fentry first for a
+    /// consistent tier, the cgroup hook where trampolines are refused.
     pub fn candidates(self) -> &'static [Hook] {
         match self {
             Concern::TcpState => &[Hook::StateTpBtf, Hook::StateFentry, Hook::StateKprobe],
             Concern::TcpOwner => &[Hook::OwnerFexit, Hook::OwnerKretprobe, Hook::OwnerTpBtf],
+            Concern::SockCalls => &[Hook::CallsTpBtf],
+            Concern::UdpRelease => &[Hook::ReleaseFentry, Hook::ReleaseCgroup, Hook::ReleaseKprobe],
         }
     }
 }
@@ -92,6 +106,10 @@ pub enum Attach {
     FExit(&'static str),
     KProbe(&'static str),
     KRetProbe(&'static str),
+    /// A cgroup v2 sock_addr program on the root cgroup.
+    CgroupSockAddr,
+    /// A cgroup v2 sock program (sock_release) on the root cgroup.
+    CgroupSock,
 }
 
 impl Attach {
@@ -99,9 +117,8 @@ impl Attach {
     pub fn target(self) -> Target {
         match self {
             Attach::BtfTracepoint(tp) => Target::Tracepoint(tp),
-            Attach::FEntry(f) | Attach::FExit(f) | Attach::KProbe(f) | Attach::KRetProbe(f) => {
-                Target::Function(f)
-            }
+            Attach::FEntry(f) | Attach::FExit(f) | Attach::KProbe(f) | Attach::KRetProbe(f) => Target::Function(f),
+            Attach::CgroupSockAddr | Attach::CgroupSock => Target::Cgroup2,
         }
     }
 }
@@ -110,6 +127,8 @@ impl Attach {
 pub enum Target {
     Tracepoint(&'static str),
     Function(&'static str),
+    /// A mounted cgroup v2 hierarchy to attach cgroup programs to.
+    Cgroup2,
 }
 
 impl fmt::Display for Target {
@@ -117,9 +136,13 @@ impl fmt::Display for Target {
         match self {
             Target::Tracepoint(tp) => write!(f, "tracepoint sock:{tp}"),
             Target::Function(func) => write!(f, "function {func}"),
+            Target::Cgroup2 => write!(f, "cgroup v2 hierarchy mounted"),
         }
     }
 }
+
+const SOCK_CALL_TRACEPOINTS: [(&str, Attach); 2] =
+    [("obs_send", Attach::BtfTracepoint("sock_send_length")), ("obs_recv", Attach::BtfTracepoint("sock_recv_length"))];
 
 /// One way to serve a concern: a set of programs of one tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,14 +153,19 @@ pub enum Hook {
     OwnerFexit,
     OwnerKretprobe,
     OwnerTpBtf,
+    CallsTpBtf,
+    ReleaseFentry,
+    ReleaseCgroup,
+    ReleaseKprobe,
 }
 
 impl Hook {
     pub fn tier(self) -> Tier {
         match self {
-            Hook::StateTpBtf | Hook::OwnerTpBtf => Tier::Tracepoint,
-            Hook::StateFentry | Hook::OwnerFexit => Tier::Fentry,
-            Hook::StateKprobe | Hook::OwnerKretprobe => Tier::Kprobe,
+            // cgroup programs are a stable ABI like tracepoints: same tier.
+            Hook::StateTpBtf | Hook::OwnerTpBtf | Hook::CallsTpBtf | Hook::ReleaseCgroup => Tier::Tracepoint,
+            Hook::StateFentry | Hook::OwnerFexit | Hook::ReleaseFentry => Tier::Fentry,
+            Hook::StateKprobe | Hook::OwnerKretprobe | Hook::ReleaseKprobe => Tier::Kprobe,
         }
     }
 
@@ -149,10 +177,20 @@ impl Hook {
             Hook::StateKprobe => &[("obs_state_kp", Attach::KProbe("tcp_set_state"))],
             Hook::OwnerFexit => &[("obs_owner_fexit", Attach::FExit("inet_csk_accept"))],
             Hook::OwnerKretprobe => &[("obs_owner_kret", Attach::KRetProbe("inet_csk_accept"))],
-            Hook::OwnerTpBtf => &[
-                ("obs_owner_send", Attach::BtfTracepoint("sock_send_length")),
-                ("obs_owner_recv", Attach::BtfTracepoint("sock_recv_length")),
+            // The per-call programs also capture owners: tcp_owner and
+            // sock_calls share them when both use the tracepoint tier.
+            Hook::OwnerTpBtf => &SOCK_CALL_TRACEPOINTS,
+            Hook::CallsTpBtf => &[
+                SOCK_CALL_TRACEPOINTS[0],
+                SOCK_CALL_TRACEPOINTS[1],
+                ("obs_sendmsg4", Attach::CgroupSockAddr),
+                ("obs_sendmsg6", Attach::CgroupSockAddr),
+                ("obs_recvmsg4", Attach::CgroupSockAddr),
+                ("obs_recvmsg6", Attach::CgroupSockAddr),
             ],
+            Hook::ReleaseFentry => &[("obs_release_fe", Attach::FEntry("inet_release"))],
+            Hook::ReleaseCgroup => &[("obs_release_cg", Attach::CgroupSock)],
+            Hook::ReleaseKprobe => &[("obs_release_kp", Attach::KProbe("inet_release"))],
         }
     }
 
@@ -165,6 +203,10 @@ impl Hook {
             Hook::OwnerFexit => "fexit/inet_csk_accept",
             Hook::OwnerKretprobe => "kretprobe/inet_csk_accept",
             Hook::OwnerTpBtf => "tp_btf/sock_send_length+sock_recv_length",
+            Hook::CallsTpBtf => "tp_btf/sock_send_length+sock_recv_length+cgroup/sendmsg+recvmsg",
+            Hook::ReleaseFentry => "fentry/inet_release",
+            Hook::ReleaseCgroup => "cgroup/sock_release",
+            Hook::ReleaseKprobe => "kprobe/inet_release",
         }
     }
 }
@@ -180,17 +222,12 @@ pub struct KernelFacts {
 
 impl KernelFacts {
     fn tier(&self, tier: Tier) -> Result<(), String> {
-        self.tiers
-            .iter()
-            .find(|(t, _)| *t == tier)
-            .map(|(_, r)| r.clone())
-            .unwrap_or_else(|| Err("not probed".into()))
+        self.tiers.iter().find(|(t, _)| *t == tier).map(|(_, r)| r.clone()).unwrap_or_else(|| Err("not probed".into()))
     }
 
     /// Why `hook` cannot be used here, or `Ok` if it can.
     fn usable(&self, hook: Hook) -> Result<(), String> {
-        self.tier(hook.tier())
-            .map_err(|why| format!("{} unavailable: {why}", hook.tier().as_str()))?;
+        self.tier(hook.tier()).map_err(|why| format!("{} unavailable: {why}", hook.tier().as_str()))?;
         for (_, attach) in hook.programs() {
             let target = attach.target();
             if !self.targets.contains(&target) {
@@ -260,12 +297,14 @@ pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
 mod tests {
     use super::*;
 
-    const ALL_TARGETS: [Target; 5] = [
+    const ALL_TARGETS: [Target; 7] = [
         Target::Tracepoint("inet_sock_set_state"),
         Target::Tracepoint("sock_send_length"),
         Target::Tracepoint("sock_recv_length"),
         Target::Function("tcp_set_state"),
         Target::Function("inet_csk_accept"),
+        Target::Function("inet_release"),
+        Target::Cgroup2,
     ];
 
     fn facts(fentry: bool, kprobe: bool, tracepoint: bool, targets: &[Target]) -> KernelFacts {
@@ -298,6 +337,30 @@ mod tests {
         let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
         assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerTpBtf));
+        assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsTpBtf));
+        assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseCgroup));
+    }
+
+    #[test]
+    fn per_call_hooks_exist_only_in_the_tracepoint_tier() {
+        let full = facts(true, true, true, &ALL_TARGETS);
+        let plan = select(&full, ProbeMode::Fentry);
+        assert_eq!(chosen(&plan, Concern::SockCalls), Err("no fentry hook exists for this".into()));
+        assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseFentry));
+        let plan = select(&full, ProbeMode::Kprobe);
+        assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseKprobe));
+        // Optional concerns never block a run.
+        assert!(plan.missing_required().is_empty());
+    }
+
+    #[test]
+    fn release_without_cgroup2_falls_back_to_kprobe() {
+        let targets: Vec<Target> = ALL_TARGETS.iter().copied().filter(|t| *t != Target::Cgroup2).collect();
+        let plan = select(&facts(false, true, true, &targets), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseKprobe));
+        let plan = select(&facts(false, false, true, &targets), ProbeMode::Auto);
+        let why = chosen(&plan, Concern::UdpRelease).unwrap_err();
+        assert!(why.contains("cgroup/sock_release: kernel has no cgroup v2 hierarchy mounted"), "{why}");
     }
 
     #[test]

@@ -2,21 +2,22 @@
 use std::{
     future::IntoFuture,
     net::TcpListener as StdListener,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, OnceLock, atomic::Ordering},
     time::Instant,
 };
 
-use aya::maps::{PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf};
+use observer_common::Settings;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     btf::KernelBtf,
     cli::RunArgs,
-    detect, interfaces, labels,
+    detect,
     error::Error,
-    loader,
+    interfaces, labels, loader,
     metrics::Metrics,
-    pipeline::{KernelLostCounters, Pipeline},
+    pipeline::{KernelMaps, Pipeline, PipelineConfig},
     privileges,
     probes::{self, ProbeMode},
     server::{AppState, router},
@@ -30,25 +31,33 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         .ok_or_else(|| Error::Other("cannot read this process's capabilities from /proc/self/status".into()))?;
     privileges::check(caps).map_err(Error::Usage)?;
     let filter = interfaces::resolve(&args.ifaces).map_err(Error::Usage)?;
-    let listener = StdListener::bind(args.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| Error::Usage(format!("cannot listen on {}: {e} (choose another address with --listen)", args.listen)))?;
+    let listener = StdListener::bind(args.listen).and_then(|l| l.set_nonblocking(true).map(|()| l)).map_err(|e| {
+        Error::Usage(format!("cannot listen on {}: {e} (choose another address with --listen)", args.listen))
+    })?;
     let session_log = match &args.session_log {
-        Some(path) => Some(Mutex::new(SessionLog::open(path).map_err(|e| {
-            Error::Usage(format!("cannot open session log {}: {e}", path.display()))
-        })?)),
+        Some(path) => Some(
+            SessionLog::open(path)
+                .map_err(|e| Error::Usage(format!("cannot open session log {}: {e}", path.display())))?,
+        ),
         None => None,
     };
 
     let metrics = Arc::new(Metrics::new(args.labels.clone()).map_err(|e| Error::Other(format!("metrics: {e}")))?);
-    let state = Arc::new(AppState { metrics: metrics.clone(), ready: false.into(), kernel_lost: Mutex::new(None) });
+    // GPU statistics sample on their own thread and never delay a scrape;
+    // `--gpu required` refuses to start (exit 2) when NVML cannot.
+    let gpu = crate::gpu::Gpu::start(&args.gpu, &args.pod_log_dir).map_err(Error::Usage)?;
+    gpu.collector()
+        .and_then(|c| metrics.register(Box::new(c)))
+        .map_err(|e| Error::Other(format!("GPU metrics: {e}")))?;
+    let state = Arc::new(AppState { metrics: metrics.clone(), ready: false.into(), pipeline: OnceLock::new() });
     // Serve /healthz at once; /readyz turns 200 when the programs are attached.
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Other(format!("listener: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::Other(format!("listener: {e}")))?;
     let server = tokio::spawn(axum::serve(listener, router(state.clone())).into_future());
 
     let btf = KernelBtf::open(&args.kernel.btf)?;
-    let mut kernel = loader::load(&btf)?;
+    let settings = Settings { active_gap_ns: args.active_gap.as_nanos() as u64 };
+    let mut kernel = loader::load(&btf, settings)?;
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
     let plan = probes::select(&facts, args.kernel.probes);
@@ -59,21 +68,38 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             forced: args.kernel.probes != ProbeMode::Auto,
         });
     }
-    // Take the maps out before attaching, so no record is produced that
-    // nobody will read.
-    let ring = RingBuf::try_from(kernel.ebpf.take_map("SESSIONS").ok_or_else(|| missing_map("SESSIONS"))?)
-        .map_err(|e| Error::Other(format!("map SESSIONS: {e}")))?;
-    let lost = PerCpuArray::try_from(kernel.ebpf.take_map("LOST").ok_or_else(|| missing_map("LOST"))?)
-        .map_err(|e| Error::Other(format!("map LOST: {e}")))?;
-    let pipeline = Arc::new(Pipeline { metrics: metrics.clone(), filter, min_session_bytes: args.min_session_bytes, session_log });
-    let reader = {
-        let pipeline = pipeline.clone();
-        tokio::spawn(async move { pipeline.run(ring).await })
+    // Take the maps out and start reading before attaching, so no record is
+    // produced that nobody will read.
+    let ebpf = &mut kernel.ebpf;
+    let maps = KernelMaps {
+        lost: take_map(ebpf, "LOST", PerCpuArray::try_from)?,
+        open_sessions: take_map(ebpf, "OPEN_SESSIONS", BpfHashMap::try_from)?,
+        udp_flows: take_map(ebpf, "UDP_FLOWS", BpfHashMap::try_from)?,
     };
+    let sessions_ring = take_map(ebpf, "SESSIONS", RingBuf::try_from)?;
+    let releases_ring = take_map(ebpf, "UDP_RELEASES", RingBuf::try_from)?;
+    let config = PipelineConfig {
+        filter,
+        min_session_bytes: args.min_session_bytes,
+        udp_idle_timeout: args.udp_idle_timeout,
+        session_log,
+    };
+    let pipeline = Arc::new(Pipeline::new(metrics.clone(), config, maps));
+    let mut readers = tokio::task::JoinSet::new();
+    {
+        let p = pipeline.clone();
+        readers.spawn(async move { p.run_tcp(sessions_ring).await });
+        let p = pipeline.clone();
+        readers.spawn(async move { p.run_udp_releases(releases_ring).await });
+        let p = pipeline.clone();
+        readers.spawn(async move { p.run_udp_expiry().await });
+    }
+    let _ = state.pipeline.set(pipeline);
 
     let attached = kernel.attach(&plan)?;
     for (hook, result) in &attached {
-        let concern = plan.choices.iter().find(|c| c.hook.as_ref().ok() == Some(hook)).map_or("", |c| c.concern.as_str());
+        let concern =
+            plan.choices.iter().find(|c| c.hook.as_ref().ok() == Some(hook)).map_or("", |c| c.concern.as_str());
         match result {
             Ok(()) => {
                 metrics.set_probe(concern, *hook);
@@ -87,25 +113,21 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
         }
     }
-    if let Ok(mut slot) = state.kernel_lost.lock() {
-        *slot = Some(KernelLostCounters::new(lost));
-    }
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on http://{local}/metrics");
     tracing::info!(listen = %local, "ready");
 
     // A reader or server that dies would leave a process that looks healthy
     // but measures nothing: exit instead, so the supervisor restarts us.
-    let mut reader = reader;
     let mut server = server;
     tokio::select! {
         r = wait_for_shutdown() => r?,
-        r = &mut reader => return Err(Error::Other(format!("the session reader stopped: {}", task_end(r)))),
+        Some(r) = readers.join_next() => return Err(Error::Other(format!("a session reader stopped: {}", task_end(r)))),
         r = &mut server => return Err(Error::Other(format!("the metrics server stopped: {}", task_end(r.map(|r| r.map_err(Error::Ring)))))),
     }
     let started = Instant::now();
     state.ready.store(false, Ordering::Release);
-    reader.abort();
+    readers.abort_all();
     // Dropping the Ebpf detaches every link and unloads every program.
     drop(kernel);
     server.abort();
@@ -121,8 +143,16 @@ fn task_end(r: Result<Result<(), Error>, tokio::task::JoinError>) -> String {
     }
 }
 
-fn missing_map(name: &str) -> Error {
-    Error::Other(format!("the kernel object has no map {name}; the binary and its kernel programs do not match"))
+/// Takes map `name` out of the object as the typed map `convert` makes.
+fn take_map<M, E: std::fmt::Display>(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<M, E>,
+) -> Result<M, Error> {
+    let map = ebpf.take_map(name).ok_or_else(|| {
+        Error::Other(format!("the kernel object has no map {name}; the binary and its kernel programs do not match"))
+    })?;
+    convert(map).map_err(|e| Error::Other(format!("map {name}: {e}")))
 }
 
 async fn wait_for_shutdown() -> Result<(), Error> {

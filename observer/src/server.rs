@@ -1,6 +1,6 @@
 //! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz.
 use std::sync::{
-    Arc, Mutex,
+    Arc, OnceLock,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -12,13 +12,15 @@ use axum::{
     routing::get,
 };
 
-use crate::{metrics::Metrics, pipeline::KernelLostCounters};
+use crate::{metrics::Metrics, pipeline::Pipeline};
 
 pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// True once every required program is attached; false again at shutdown.
     pub ready: AtomicBool,
-    pub kernel_lost: Mutex<Option<KernelLostCounters>>,
+    /// Set once the kernel programs are loaded: each scrape refreshes
+    /// kernel-side counters (lost data, live throughput) through it.
+    pub pipeline: OnceLock<Arc<Pipeline>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -30,10 +32,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    if let Ok(mut lost) = state.kernel_lost.lock()
-        && let Some(lost) = lost.as_mut()
-    {
-        lost.sync(&state.metrics);
+    if let Some(pipeline) = state.pipeline.get() {
+        pipeline.refresh();
     }
     match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
@@ -57,10 +57,7 @@ mod tests {
     use super::*;
 
     async fn get(state: &Arc<AppState>, path: &str) -> (StatusCode, String) {
-        let response = router(state.clone())
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
+        let response = router(state.clone()).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
@@ -69,7 +66,7 @@ mod tests {
     #[tokio::test]
     async fn readyz_is_503_until_ready_and_healthz_always_200() {
         let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-        let state = Arc::new(AppState { metrics, ready: false.into(), kernel_lost: Mutex::new(None) });
+        let state = Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new() });
         assert_eq!(get(&state, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
         state.ready.store(true, Ordering::Release);

@@ -6,7 +6,7 @@ use std::{
     path::Path,
 };
 
-use crate::{pipeline::write_line, session::Session};
+use crate::session::Session;
 
 pub struct SessionLog {
     out: Box<dyn Write + Send>,
@@ -26,7 +26,9 @@ impl SessionLog {
     }
 
     pub fn write(&mut self, s: &Session) {
-        if let Err(e) = write_line(&mut self.out, &to_json(s)) {
+        let line = to_json(s) + "\n";
+        let result = self.out.write_all(line.as_bytes()).and_then(|()| self.out.flush());
+        if let Err(e) = result {
             // Say it once; the metrics do not depend on the log.
             if !self.failed {
                 tracing::error!(error = %e, "cannot write the session log; metrics continue");
@@ -38,12 +40,14 @@ impl SessionLog {
 
 pub fn to_json(s: &Session) -> String {
     serde_json::json!({
-        "protocol": "tcp",
+        "protocol": s.protocol.as_str(),
         "local": s.local.to_string(),
         "remote": s.remote.to_string(),
         "bytes_received": s.bytes_received,
         "bytes_transmitted": s.bytes_transmitted,
         "lifetime_seconds": s.lifetime.map(|d| d.as_secs_f64()),
+        "active_transmit_seconds": s.active_transmit.map(|d| d.as_secs_f64()),
+        "active_receive_seconds": s.active_receive.map(|d| d.as_secs_f64()),
         "pid": s.owner.as_ref().map(|o| o.pid),
         "comm": s.owner.as_ref().map(|o| o.comm.as_str()),
         "cgroup_id": s.owner.as_ref().map(|o| o.cgroup_id),

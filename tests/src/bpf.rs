@@ -77,19 +77,9 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised, suitably sized bpf_attr for
     // these commands; the kernel reads/writes only within `size`, and any
     // pointer inside it (info buffer) is set by the caller to a live buffer.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut Attr,
-            std::mem::size_of::<Attr>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+    let r =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>() as libc::c_uint) };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
 }
 
 /// IDs of all objects of one kind (programs or links), in ID order.
@@ -98,10 +88,7 @@ fn ids(next_cmd: libc::c_long) -> Result<Vec<u32>> {
     let mut start = 0u32;
     // Bounded: IDs strictly increase and there are at most 2^31 of them.
     loop {
-        let mut attr = Attr {
-            a: start,
-            ..Default::default()
-        };
+        let mut attr = Attr { a: start, ..Default::default() };
         match bpf(next_cmd, &mut attr) {
             Ok(_) => {
                 if attr.b <= start {
@@ -122,27 +109,17 @@ fn ids(next_cmd: libc::c_long) -> Result<Vec<u32>> {
 /// Info struct bytes of the object with `id`, or `None` if it vanished
 /// between listing and opening (normal while things are being unloaded).
 fn info(fd_cmd: libc::c_long, id: u32) -> Result<Option<[u8; INFO_BUF]>> {
-    let mut attr = Attr {
-        a: id,
-        ..Default::default()
-    };
+    let mut attr = Attr { a: id, ..Default::default() };
     let fd = match bpf(fd_cmd, &mut attr) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => bail!("bpf GET_FD_BY_ID({id}): {e}"),
     };
-    let Ok(raw) = i32::try_from(fd) else {
-        bail!("bpf returned fd {fd}")
-    };
+    let Ok(raw) = i32::try_from(fd) else { bail!("bpf returned fd {fd}") };
     // SAFETY: the kernel just returned this fd to us; we own it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut buf = [0u8; INFO_BUF];
-    let mut attr = Attr {
-        a: raw as u32,
-        b: INFO_BUF as u32,
-        c: buf.as_mut_ptr() as u64,
-        ..Default::default()
-    };
+    let mut attr = Attr { a: raw as u32, b: INFO_BUF as u32, c: buf.as_mut_ptr() as u64, ..Default::default() };
     let r = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
     drop(fd);
     match r {
@@ -180,11 +157,7 @@ pub fn kernel_programs() -> Result<Vec<KernelProgram>> {
 
 /// Names of loaded programs starting with `prefix` (e.g. `"obs_"`).
 pub fn kernel_programs_named(prefix: &str) -> Result<Vec<String>> {
-    Ok(kernel_programs()?
-        .into_iter()
-        .filter(|p| p.name.starts_with(prefix))
-        .map(|p| p.name)
-        .collect())
+    Ok(kernel_programs()?.into_iter().filter(|p| p.name.starts_with(prefix)).map(|p| p.name).collect())
 }
 
 /// All BPF links.
@@ -198,10 +171,7 @@ pub fn kernel_links() -> Result<Vec<KernelLink>> {
                 id: u32_at(&b, LINK_INFO_ID),
                 link_type: u32_at(&b, LINK_INFO_TYPE),
                 prog_id,
-                prog_name: progs
-                    .iter()
-                    .find(|p| p.id == prog_id)
-                    .map(|p| p.name.clone()),
+                prog_name: progs.iter().find(|p| p.id == prog_id).map(|p| p.name.clone()),
             });
         }
     }
@@ -210,14 +180,7 @@ pub fn kernel_links() -> Result<Vec<KernelLink>> {
 
 /// Links whose program's name starts with `prefix`.
 pub fn kernel_links_named(prefix: &str) -> Result<Vec<KernelLink>> {
-    Ok(kernel_links()?
-        .into_iter()
-        .filter(|l| {
-            l.prog_name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(prefix))
-        })
-        .collect())
+    Ok(kernel_links()?.into_iter().filter(|l| l.prog_name.as_deref().is_some_and(|n| n.starts_with(prefix))).collect())
 }
 
 /// Waits (bounded) until no program and no link named with `prefix` is
@@ -227,11 +190,7 @@ pub fn wait_no_kernel_objects(prefix: &str, timeout: Duration) -> Result<()> {
         &format!("BPF programs and links named {prefix}* to be gone"),
         timeout,
         Duration::from_millis(50),
-        || {
-            Ok((kernel_programs_named(prefix)?.is_empty()
-                && kernel_links_named(prefix)?.is_empty())
-            .then_some(()))
-        },
+        || Ok((kernel_programs_named(prefix)?.is_empty() && kernel_links_named(prefix)?.is_empty()).then_some(())),
     );
     if let Err(e) = r {
         bail!(

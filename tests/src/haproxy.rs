@@ -79,23 +79,17 @@ impl HaproxySession {
     fn parse_fields(rest: &str) -> Result<Self> {
         let mut kv = std::collections::HashMap::new();
         for w in rest.split_whitespace() {
-            let (k, v) = w
-                .split_once('=')
-                .with_context(|| format!("word {w:?} is not key=value"))?;
+            let (k, v) = w.split_once('=').with_context(|| format!("word {w:?} is not key=value"))?;
             kv.insert(k, v);
         }
         let get = |k: &str| kv.get(k).copied().with_context(|| format!("missing {k}"));
         let num = |k: &str| -> Result<i64> {
             let v = get(k)?;
-            v.trim_start_matches('+')
-                .parse()
-                .with_context(|| format!("{k}={v:?}"))
+            v.trim_start_matches('+').parse().with_context(|| format!("{k}={v:?}"))
         };
         let unum = |k: &str| -> Result<u64> {
             let v = get(k)?;
-            v.trim_start_matches('+')
-                .parse()
-                .with_context(|| format!("{k}={v:?}"))
+            v.trim_start_matches('+').parse().with_context(|| format!("{k}={v:?}"))
         };
         let addr = |ip: &str, port: &str| -> Result<Option<SocketAddr>> {
             let (i, p) = (get(ip)?, get(port)?);
@@ -146,11 +140,7 @@ impl std::fmt::Debug for Haproxy {
 impl Haproxy {
     /// Proxies `127.0.0.1:listen_port` to `backend` inside `ns`.
     pub fn start(ns: &NetNs, listen_port: u16, backend: SocketAddr) -> Result<Self> {
-        Self::start_on(
-            ns,
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen_port),
-            backend,
-        )
+        Self::start_on(ns, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen_port), backend)
     }
 
     /// Proxies `listen` (IPv4 or IPv6) to `backend` inside `ns`, and returns
@@ -173,38 +163,16 @@ impl Haproxy {
             .stderr(log)
             .spawn()
             .context("spawning haproxy (is it installed?)")?;
-        let mut h = Self {
-            _ns: ns.clone(),
-            child: Some(child),
-            listen,
-            backend,
-            log_path,
-            cfg_path,
-            _tmp: tmp,
-        };
-        let waited = wait_until(
-            &format!("haproxy to listen on {listen}"),
-            START_TIMEOUT,
-            Duration::from_millis(20),
-            || {
-                if let Some(st) = h
-                    .child
-                    .as_mut()
-                    .map(|c| c.try_wait())
-                    .transpose()?
-                    .flatten()
-                {
+        let mut h = Self { _ns: ns.clone(), child: Some(child), listen, backend, log_path, cfg_path, _tmp: tmp };
+        let waited =
+            wait_until(&format!("haproxy to listen on {listen}"), START_TIMEOUT, Duration::from_millis(20), || {
+                if let Some(st) = h.child.as_mut().map(|c| c.try_wait()).transpose()?.flatten() {
                     bail!("haproxy exited ({st})");
                 }
                 Ok(ns.is_listening(listen)?.then_some(()))
-            },
-        );
+            });
         if let Err(e) = waited {
-            bail!(
-                "{e:#}\n----- haproxy log -----\n{}\n----- config -----\n{}",
-                h.log(),
-                h.config()
-            );
+            bail!("{e:#}\n----- haproxy log -----\n{}\n----- config -----\n{}", h.log(), h.config());
         }
         Ok(h)
     }
@@ -223,31 +191,21 @@ impl Haproxy {
 
     /// Sessions logged so far (i.e. already ended), in log order.
     pub fn sessions(&self) -> Result<Vec<HaproxySession>> {
-        self.log()
-            .lines()
-            .filter_map(HaproxySession::parse_line)
-            .collect()
+        self.log().lines().filter_map(HaproxySession::parse_line).collect()
     }
 
     /// Waits (bounded) until at least `n` sessions have been logged.
     pub fn wait_sessions(&self, n: usize, timeout: Duration) -> Result<Vec<HaproxySession>> {
-        wait_until(
-            &format!("{n} haproxy session log lines"),
-            timeout,
-            Duration::from_millis(10),
-            || {
-                let s = self.sessions()?;
-                Ok((s.len() >= n).then_some(s))
-            },
-        )
+        wait_until(&format!("{n} haproxy session log lines"), timeout, Duration::from_millis(10), || {
+            let s = self.sessions()?;
+            Ok((s.len() >= n).then_some(s))
+        })
         .with_context(|| format!("haproxy log so far:\n{}", self.log()))
     }
 
     /// The whole stdout/stderr of haproxy.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     pub fn config(&self) -> String {
@@ -265,10 +223,7 @@ impl Drop for Haproxy {
             terminate(&mut c, Duration::from_secs(3));
         }
         if std::thread::panicking() {
-            eprintln!(
-                "----- haproxy log -----\n{}\n----- end of haproxy log -----",
-                self.log().trim_end()
-            );
+            eprintln!("----- haproxy log -----\n{}\n----- end of haproxy log -----", self.log().trim_end());
         }
     }
 }
@@ -312,14 +267,9 @@ mod tests {
         assert_eq!(s.backend_source, Some("[::1]:48256".parse().unwrap()));
         assert_eq!(s.server, Some("[::1]:15001".parse().unwrap()));
         assert_eq!(s.accepted_unix_ms, 1_700_000_000_042);
-        assert_eq!(
-            (s.total_ms, s.bytes_from_client, s.bytes_to_client),
-            (300, 100, 5000)
-        );
+        assert_eq!((s.total_ms, s.bytes_from_client, s.bytes_to_client), (300, 100, 5000));
         assert_eq!(s.termination_state, "--");
-        assert!(
-            HaproxySession::parse_line("[NOTICE]   (7031) : haproxy version is 2.6.12").is_none()
-        );
+        assert!(HaproxySession::parse_line("[NOTICE]   (7031) : haproxy version is 2.6.12").is_none());
         let aborted = "obs-haproxy-session ci=127.0.0.1 cp=1 fi=127.0.0.1 fp=2 bi=- bp=- si=- sp=- \
                        Ts=1 ms=000 Tw=-1 Tc=-1 Tt=5 U=0 B=0 ts=CC";
         let a = HaproxySession::parse_line(aborted).unwrap().unwrap();

@@ -9,6 +9,12 @@
 //! drop, also when a test panics (logs are printed then).
 //!
 //! The tests need root (namespaces, BPF).
+//!
+//! Environment: `OBSERVER_BIN` names the binary under test (default
+//! `target/release/observer`); `OBSERVER_TEST_PROBES=auto|fentry|kprobe|tracepoint`
+//! appends `--probes <tier>` to every `observer run` an [`ObserverProcess`]
+//! starts (unless the test passes `--probes` itself), which is how
+//! `cargo xtask kernels` runs the same tests once per hook tier in qemu.
 
 pub mod bpf;
 pub mod haproxy;
@@ -24,12 +30,12 @@ pub mod util;
 mod selftest;
 
 pub use bpf::{
-    KernelLink, KernelProgram, kernel_links, kernel_links_named, kernel_programs,
-    kernel_programs_named, wait_no_kernel_objects,
+    KernelLink, KernelProgram, kernel_links, kernel_links_named, kernel_programs, kernel_programs_named,
+    wait_no_kernel_objects,
 };
 pub use haproxy::{Haproxy, HaproxySession};
 pub use netns::NetNs;
-pub use observer::{ObserverProcess, Stopped, observer_bin, run_observer_cli, run_observer_cli_in};
+pub use observer::{ObserverProcess, Stopped, forced_probes, observer_bin, run_observer_cli, run_observer_cli_in};
 pub use prom::{Histogram, Metrics, Sample};
 pub use scrape::{Response, Scraper};
 pub use session_log::{ObservedSession, by_local, read_session_log, wait_sessions};

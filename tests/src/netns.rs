@@ -54,29 +54,20 @@ impl NetNs {
     /// A namespace of the same name left behind by an earlier, crashed run
     /// with the same pid is deleted first.
     pub fn new(tag: &str) -> Result<Self> {
-        if tag.is_empty()
-            || !tag
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             bail!("netns tag {tag:?} must be non-empty [A-Za-z0-9_-]");
         }
         let name = reserve_name(&format!("obs-{tag}-{}", std::process::id()));
         let path = Path::new("/var/run/netns").join(&name);
         if path.exists() {
-            let _ = run_with_timeout(
-                Command::new("ip").args(["netns", "delete", &name]),
-                IP_TIMEOUT,
-            );
+            let _ = run_with_timeout(Command::new("ip").args(["netns", "delete", &name]), IP_TIMEOUT);
         }
         if let Err(e) = ip(&["netns", "add", &name]) {
             release_name(&name);
             return Err(e);
         }
         // From here on Drop cleans up, also when the set-up below fails.
-        let ns = NetNs {
-            inner: Arc::new(Inner { name, path }),
-        };
+        let ns = NetNs { inner: Arc::new(Inner { name, path }) };
         ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
         ns.enable_ipv6_loopback()?;
         Ok(ns)
@@ -136,12 +127,10 @@ impl NetNs {
     /// irreversible for the thread; [`NetNs::run`] and [`NetNs::spawn`] use
     /// fresh threads for that reason.
     fn enter(&self) -> Result<()> {
-        let f = File::open(self.path())
-            .with_context(|| format!("opening {}", self.path().display()))?;
+        let f = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
         // SAFETY: `f` is a valid open fd for the duration of the call.
         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("setns into {}", self.name()));
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {}", self.name()));
         }
         Ok(())
     }
@@ -221,8 +210,7 @@ impl NetNs {
 
     /// Binds a listener inside the namespace (port 0 picks a free port).
     pub fn bind(&self, addr: SocketAddr) -> Result<TcpListener> {
-        self.try_run(|| TcpListener::bind(addr))?
-            .with_context(|| format!("binding {addr} in netns {}", self.name()))
+        self.try_run(|| TcpListener::bind(addr))?.with_context(|| format!("binding {addr} in netns {}", self.name()))
     }
 
     /// A port that was free on `ip` in the namespace a moment ago. Racy only
@@ -239,8 +227,7 @@ impl NetNs {
     /// a proxy, the backend) counts.
     pub fn is_listening(&self, addr: SocketAddr) -> Result<bool> {
         let file = if addr.is_ipv4() { "tcp" } else { "tcp6" };
-        let text =
-            self.try_run(|| std::fs::read_to_string(format!("/proc/thread-self/net/{file}")))??;
+        let text = self.try_run(|| std::fs::read_to_string(format!("/proc/thread-self/net/{file}")))??;
         Ok(parse_proc_net_tcp_listeners(&text)
             .into_iter()
             .any(|l| l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified())))
@@ -264,11 +251,7 @@ impl NetNs {
         self.try_run(|| -> Result<()> {
             for knob in ["all", "lo"] {
                 let p = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
-                if std::fs::read_to_string(&p)
-                    .with_context(|| p.clone())?
-                    .trim()
-                    != "0"
-                {
+                if std::fs::read_to_string(&p).with_context(|| p.clone())?.trim() != "0" {
                     std::fs::write(&p, "0").with_context(|| format!("writing 0 to {p}"))?;
                 }
             }
@@ -291,9 +274,7 @@ impl NetNs {
 impl Drop for Inner {
     fn drop(&mut self) {
         match run_with_timeout(
-            Command::new("ip")
-                .args(["netns", "delete", &self.name])
-                .stdin(Stdio::null()),
+            Command::new("ip").args(["netns", "delete", &self.name]).stdin(Stdio::null()),
             IP_TIMEOUT,
         ) {
             Ok(o) if o.status.success() => {}
@@ -331,12 +312,7 @@ fn release_name(name: &str) {
 fn ip(args: &[&str]) -> Result<()> {
     let o = run_with_timeout(Command::new("ip").args(args), IP_TIMEOUT)?;
     if !o.status.success() {
-        bail!(
-            "ip {} failed ({}): {}",
-            args.join(" "),
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
+        bail!("ip {} failed ({}): {}", args.join(" "), o.status, String::from_utf8_lossy(&o.stderr).trim());
     }
     Ok(())
 }
@@ -351,9 +327,7 @@ pub fn parse_proc_net_tcp_listeners(text: &str) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let mut f = line.split_whitespace();
-        let (Some(_sl), Some(local), Some(_rem), Some(st)) =
-            (f.next(), f.next(), f.next(), f.next())
-        else {
+        let (Some(_sl), Some(local), Some(_rem), Some(st)) = (f.next(), f.next(), f.next(), f.next()) else {
             continue;
         };
         if st != "0A" {
@@ -393,15 +367,9 @@ mod tests {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
            0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n\
            1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0\n";
-        assert_eq!(
-            parse_proc_net_tcp_listeners(v4),
-            vec!["127.0.0.1:8080".parse().unwrap()]
-        );
+        assert_eq!(parse_proc_net_tcp_listeners(v4), vec!["127.0.0.1:8080".parse().unwrap()]);
         let v6 = "  sl  local_address                         remote_address                        st\n\
            0: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 0\n";
-        assert_eq!(
-            parse_proc_net_tcp_listeners(v6),
-            vec!["[::1]:80".parse().unwrap()]
-        );
+        assert_eq!(parse_proc_net_tcp_listeners(v6), vec!["[::1]:80".parse().unwrap()]);
     }
 }

@@ -34,13 +34,18 @@ pub fn observer_bin() -> PathBuf {
     }
 }
 
+/// `$OBSERVER_TEST_PROBES` (`auto`, `fentry`, `kprobe`, `tracepoint`): the hook
+/// tier every [`ObserverProcess`] is started with (`--probes`), unless the test
+/// passes its own. Set by `cargo xtask kernels` to run the session tests once
+/// per tier on other kernels.
+pub fn forced_probes() -> Option<String> {
+    std::env::var("OBSERVER_TEST_PROBES").ok().filter(|t| !t.is_empty())
+}
+
 fn checked_bin() -> Result<PathBuf> {
     let bin = observer_bin();
     if !bin.is_file() {
-        bail!(
-            "observer binary not found at {} (build it in release mode, or set OBSERVER_BIN)",
-            bin.display()
-        );
+        bail!("observer binary not found at {} (build it in release mode, or set OBSERVER_BIN)", bin.display());
     }
     Ok(bin)
 }
@@ -123,17 +128,18 @@ impl ObserverProcess {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let tmp = TempDir::new("observer")?;
         let log_path = tmp.path().join("observer.log");
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut args: Vec<&str> = args.to_vec();
+        let forced = forced_probes();
+        if let Some(tier) = forced.as_deref()
+            && !args.contains(&"--probes")
+        {
+            args.extend(["--probes", tier]);
+        }
         let mut cmd = ns.command_setns(bin);
-        cmd.arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(args);
+        cmd.arg("run").arg("--listen").arg(addr.to_string()).args(&args);
         let command = format!("{} run --listen {addr} {}", bin.display(), args.join(" "));
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             cmd.env("RUST_BACKTRACE", "1");
         }
@@ -157,10 +163,7 @@ impl ObserverProcess {
         let mut last;
         loop {
             if let Some(st) = self.try_status()? {
-                bail!(
-                    "observer exited ({st}) before becoming ready.\n{}",
-                    self.log_banner()
-                );
+                bail!("observer exited ({st}) before becoming ready.\n{}", self.log_banner());
             }
             match self.scraper.get("/readyz") {
                 Ok(r) if r.status == 200 => return Ok(()),
@@ -171,10 +174,7 @@ impl ObserverProcess {
                 }
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "observer not ready after {timeout:?} (last: {last}).\n{}",
-                    self.log_banner()
-                );
+                bail!("observer not ready after {timeout:?} (last: {last}).\n{}", self.log_banner());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -205,28 +205,17 @@ impl ObserverProcess {
 
     /// Like [`ObserverProcess::stop`] with another signal (e.g. SIGINT).
     pub fn stop_with(&mut self, sig: libc::c_int) -> Result<Stopped> {
-        let Some(child) = self.child.as_mut() else {
-            bail!("observer already stopped")
-        };
+        let Some(child) = self.child.as_mut() else { bail!("observer already stopped") };
         if let Some(st) = child.try_wait()? {
-            bail!(
-                "observer had already exited ({st}) before the signal.\n{}",
-                self.log_banner()
-            );
+            bail!("observer had already exited ({st}) before the signal.\n{}", self.log_banner());
         }
         let t0 = Instant::now();
         signal(self.pid, sig).context("signalling observer")?;
         match wait_child(child, STOP_TIMEOUT)? {
-            Some(status) => Ok(Stopped {
-                status,
-                elapsed: t0.elapsed(),
-            }),
+            Some(status) => Ok(Stopped { status, elapsed: t0.elapsed() }),
             None => {
                 let _ = terminate(child, Duration::ZERO);
-                bail!(
-                    "observer did not exit within {STOP_TIMEOUT:?} of signal {sig}; killed.\n{}",
-                    self.log_banner()
-                )
+                bail!("observer did not exit within {STOP_TIMEOUT:?} of signal {sig}; killed.\n{}", self.log_banner())
             }
         }
     }
@@ -262,9 +251,7 @@ impl ObserverProcess {
 
     /// Everything the observer wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     pub fn log_path(&self) -> &Path {
@@ -272,11 +259,7 @@ impl ObserverProcess {
     }
 
     fn log_banner(&self) -> String {
-        format!(
-            "----- {} -----\n{}\n----- end of observer log -----",
-            self.command,
-            self.log().trim_end()
-        )
+        format!("----- {} -----\n{}\n----- end of observer log -----", self.command, self.log().trim_end())
     }
 }
 

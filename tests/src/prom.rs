@@ -24,8 +24,7 @@ pub struct Sample {
 impl Sample {
     /// Whether every `(k, v)` pair is among this sample's labels.
     pub fn has_labels(&self, want: &[(&str, &str)]) -> bool {
-        want.iter()
-            .all(|(k, v)| self.labels.get(*k).is_some_and(|x| x == v))
+        want.iter().all(|(k, v)| self.labels.get(*k).is_some_and(|x| x == v))
     }
 
     /// Whether this sample's labels are exactly `want` (order irrelevant).
@@ -82,13 +81,7 @@ impl Histogram {
         }
         for w in self.buckets.windows(2) {
             if w[1].1 < w[0].1 {
-                bail!(
-                    "bucket counts decrease: le={} has {} but le={} has {}",
-                    w[0].0,
-                    w[0].1,
-                    w[1].0,
-                    w[1].1
-                );
+                bail!("bucket counts decrease: le={} has {} but le={} has {}", w[0].0, w[0].1, w[1].0, w[1].1);
             }
         }
         match self.buckets.last() {
@@ -138,16 +131,10 @@ impl Metrics {
             }
             if let Some(rest) = t.strip_prefix('#') {
                 let rest = rest.trim_start();
-                if let Some(r) = rest
-                    .strip_prefix("HELP ")
-                    .or_else(|| rest.strip_prefix("HELP\t"))
-                {
+                if let Some(r) = rest.strip_prefix("HELP ").or_else(|| rest.strip_prefix("HELP\t")) {
                     let (name, doc) = split_word(r.trim_start());
                     help.insert(name.to_string(), unescape_help(doc));
-                } else if let Some(r) = rest
-                    .strip_prefix("TYPE ")
-                    .or_else(|| rest.strip_prefix("TYPE\t"))
-                {
+                } else if let Some(r) = rest.strip_prefix("TYPE ").or_else(|| rest.strip_prefix("TYPE\t")) {
                     let (name, ty) = split_word(r.trim_start());
                     let ty = ty.trim();
                     if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&ty) {
@@ -166,12 +153,7 @@ impl Metrics {
             }
             samples.push(s);
         }
-        Ok(Self {
-            samples,
-            types,
-            help,
-            raw: text.to_string(),
-        })
+        Ok(Self { samples, types, help, raw: text.to_string() })
     }
 
     /// All samples, in exposition order.
@@ -202,18 +184,12 @@ impl Metrics {
     /// Samples named `name` whose labels include every `(k, v)` in `labels`
     /// (other labels may be present).
     pub fn matching(&self, name: &str, labels: &[(&str, &str)]) -> Vec<&Sample> {
-        self.samples
-            .iter()
-            .filter(|s| s.name == name && s.has_labels(labels))
-            .collect()
+        self.samples.iter().filter(|s| s.name == name && s.has_labels(labels)).collect()
     }
 
     /// Value of the series named `name` whose label set is exactly `labels`.
     pub fn value_exact(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.samples
-            .iter()
-            .find(|s| s.name == name && s.has_exact_labels(labels))
-            .map(|s| s.value)
+        self.samples.iter().find(|s| s.name == name && s.has_exact_labels(labels)).map(|s| s.value)
     }
 
     /// Value of the one series named `name` whose labels include `labels`;
@@ -232,10 +208,7 @@ impl Metrics {
             many => panic!(
                 "Metrics::value({name}, {labels:?}) is ambiguous, {} series match:\n{}",
                 many.len(),
-                many.iter()
-                    .map(|s| format!("  {s}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                many.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n")
             ),
         }
     }
@@ -270,11 +243,7 @@ impl Metrics {
             }
         }
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Some(Histogram {
-            count,
-            sum,
-            buckets,
-        })
+        Some(Histogram { count, sum, buckets })
     }
 }
 
@@ -314,9 +283,7 @@ pub fn parse_float(s: &str) -> Result<f64> {
         "+inf" | "inf" | "+infinity" | "infinity" => f64::INFINITY,
         "-inf" | "-infinity" => f64::NEG_INFINITY,
         "nan" | "+nan" | "-nan" => f64::NAN,
-        _ => s
-            .parse::<f64>()
-            .with_context(|| format!("bad float {s:?}"))?,
+        _ => s.parse::<f64>().with_context(|| format!("bad float {s:?}"))?,
     })
 }
 
@@ -342,10 +309,7 @@ fn parse_sample(line: &str) -> Result<Sample> {
     let mut fields = rest.split_ascii_whitespace();
     let value = parse_float(fields.next().context("missing value")?)?;
     let timestamp_ms = match fields.next() {
-        Some(t) => Some(
-            t.parse::<i64>()
-                .with_context(|| format!("bad timestamp {t:?}"))?,
-        ),
+        Some(t) => Some(t.parse::<i64>().with_context(|| format!("bad timestamp {t:?}"))?),
         None => None,
     };
     if let Some(extra) = fields.next() {
@@ -354,12 +318,7 @@ fn parse_sample(line: &str) -> Result<Sample> {
     if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
         bail!("no space before value");
     }
-    Ok(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-        timestamp_ms,
-    })
+    Ok(Sample { name: name.to_string(), labels, value, timestamp_ms })
 }
 
 /// Parses `k="v",...}` (after the `{`) and returns the text after the `}`.
@@ -369,21 +328,14 @@ fn parse_labels<'a>(mut s: &'a str, out: &mut BTreeMap<String, String>) -> Resul
         if let Some(r) = s.strip_prefix('}') {
             return Ok(r);
         }
-        let end = s
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(s.len());
+        let end = s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(s.len());
         let key = &s[..end];
         if key.is_empty() || key.starts_with(|c: char| c.is_ascii_digit()) {
             bail!("bad label name at {s:?}");
         }
         s = s[end..].trim_start();
-        s = s
-            .strip_prefix('=')
-            .with_context(|| format!("expected '=' after label {key}"))?
-            .trim_start();
-        s = s
-            .strip_prefix('"')
-            .with_context(|| format!("expected '\"' for label {key}"))?;
+        s = s.strip_prefix('=').with_context(|| format!("expected '=' after label {key}"))?.trim_start();
+        s = s.strip_prefix('"').with_context(|| format!("expected '\"' for label {key}"))?;
         let mut val = String::new();
         let mut chars = s.char_indices();
         let close = loop {
@@ -446,41 +398,20 @@ process_start_time_seconds   1.7e9
     fn parses_realistic_exposition() {
         let m = Metrics::parse(SAMPLE).unwrap();
         assert_eq!(m.samples().len(), 18);
-        assert_eq!(
-            m.metric_type("observer_session_bytes_total"),
-            Some("counter")
-        );
-        assert_eq!(
-            m.metric_type("observer_session_duration_seconds"),
-            Some("histogram")
-        );
+        assert_eq!(m.metric_type("observer_session_bytes_total"), Some("counter"));
+        assert_eq!(m.metric_type("observer_session_duration_seconds"), Some("histogram"));
         assert_eq!(
             m.help("observer_session_bytes_total"),
             Some("Bytes carried by \\ finished sessions.\nSecond line.")
         );
+        assert_eq!(m.value("observer_session_bytes_total", &[("direction", "tx")]), Some(1_048_592.0));
+        assert_eq!(m.value_exact("observer_session_bytes_total", &[("direction", "tx")]), None);
         assert_eq!(
-            m.value("observer_session_bytes_total", &[("direction", "tx")]),
-            Some(1_048_592.0)
-        );
-        assert_eq!(
-            m.value_exact("observer_session_bytes_total", &[("direction", "tx")]),
-            None
-        );
-        assert_eq!(
-            m.value_exact(
-                "observer_session_bytes_total",
-                &[("direction", "rx"), ("iface", "lo"), ("env", "ci")]
-            ),
+            m.value_exact("observer_session_bytes_total", &[("direction", "rx"), ("iface", "lo"), ("env", "ci")]),
             Some(16.0)
         );
-        assert_eq!(
-            m.sum("observer_session_bytes_total", &[("iface", "lo")]),
-            1_048_608.0
-        );
-        assert_eq!(
-            m.sum("observer_session_bytes_total", &[("iface", "nope")]),
-            0.0
-        );
+        assert_eq!(m.sum("observer_session_bytes_total", &[("iface", "lo")]), 1_048_608.0);
+        assert_eq!(m.sum("observer_session_bytes_total", &[("iface", "nope")]), 0.0);
         assert_eq!(m.value("absent", &[]), None);
 
         let info = m.matching("observer_build_info", &[]);
@@ -490,49 +421,31 @@ process_start_time_seconds   1.7e9
 
         assert!(m.value("observer_ratio", &[]).unwrap().is_nan());
         let min = &m.matching("observer_min", &[])[0];
-        assert_eq!(
-            (min.value, min.timestamp_ms),
-            (f64::NEG_INFINITY, Some(1_700_000_000_000))
-        );
+        assert_eq!((min.value, min.timestamp_ms), (f64::NEG_INFINITY, Some(1_700_000_000_000)));
         assert_eq!(m.value("process_start_time_seconds", &[]), Some(1.7e9));
     }
 
     #[test]
     fn reassembles_histograms() {
         let m = Metrics::parse(SAMPLE).unwrap();
-        let h = m
-            .histogram("observer_session_duration_seconds", &[("iface", "lo")])
-            .unwrap();
+        let h = m.histogram("observer_session_duration_seconds", &[("iface", "lo")]).unwrap();
         assert_eq!(h.count, 4.0);
         assert_eq!(h.sum, 7.25);
-        assert_eq!(
-            h.buckets,
-            vec![(0.005, 0.0), (0.1, 2.0), (1.0, 3.0), (f64::INFINITY, 4.0)]
-        );
+        assert_eq!(h.buckets, vec![(0.005, 0.0), (0.1, 2.0), (1.0, 3.0), (f64::INFINITY, 4.0)]);
         assert_eq!(h.bucket(0.1), Some(2.0));
         assert_eq!(h.count_between(0.1, 1.0), Some(1.0));
         h.check().unwrap();
 
-        let all = m
-            .histogram("observer_session_duration_seconds", &[])
-            .unwrap();
-        assert_eq!(
-            (all.count, all.bucket(0.005), all.bucket(f64::INFINITY)),
-            (5.0, Some(1.0), Some(5.0))
-        );
+        let all = m.histogram("observer_session_duration_seconds", &[]).unwrap();
+        assert_eq!((all.count, all.bucket(0.005), all.bucket(f64::INFINITY)), (5.0, Some(1.0), Some(5.0)));
         all.check().unwrap();
-        assert!(
-            m.histogram("observer_session_duration_seconds", &[("iface", "x")])
-                .is_none()
-        );
+        assert!(m.histogram("observer_session_duration_seconds", &[("iface", "x")]).is_none());
     }
 
     #[test]
     #[should_panic(expected = "ambiguous")]
     fn value_panics_when_ambiguous() {
-        Metrics::parse(SAMPLE)
-            .unwrap()
-            .value("observer_session_bytes_total", &[("iface", "lo")]);
+        Metrics::parse(SAMPLE).unwrap().value("observer_session_bytes_total", &[("iface", "lo")]);
     }
 
     #[test]
@@ -558,17 +471,9 @@ process_start_time_seconds   1.7e9
 
     #[test]
     fn histogram_check_catches_inconsistencies() {
-        let h = Histogram {
-            count: 3.0,
-            sum: 1.0,
-            buckets: vec![(1.0, 2.0), (f64::INFINITY, 2.0)],
-        };
+        let h = Histogram { count: 3.0, sum: 1.0, buckets: vec![(1.0, 2.0), (f64::INFINITY, 2.0)] };
         assert!(h.check().is_err());
-        let h = Histogram {
-            count: 2.0,
-            sum: 1.0,
-            buckets: vec![(1.0, 3.0), (f64::INFINITY, 2.0)],
-        };
+        let h = Histogram { count: 2.0, sum: 1.0, buckets: vec![(1.0, 3.0), (f64::INFINITY, 2.0)] };
         assert!(h.check().is_err());
     }
 }

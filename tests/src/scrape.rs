@@ -36,10 +36,7 @@ pub struct Response {
 impl Response {
     /// First header of that name, case-insensitive.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The body as UTF-8 (lossy: a metrics page is ASCII anyway, and a
@@ -78,16 +75,13 @@ impl Scraper {
     pub fn new(ns: &NetNs, addr: SocketAddr) -> Self {
         let ns = ns.clone();
         Self::with_connector(addr, move || {
-            ns.try_run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-                .map_err(std::io::Error::other)?
+            ns.try_run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).map_err(std::io::Error::other)?
         })
     }
 
     /// A scraper that connects from the calling thread's namespace.
     pub fn new_here(addr: SocketAddr) -> Self {
-        Self::with_connector(addr, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        })
+        Self::with_connector(addr, move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
     }
 
     /// A scraper using a custom way to open its connection.
@@ -95,13 +89,7 @@ impl Scraper {
         addr: SocketAddr,
         connector: impl FnMut() -> std::io::Result<TcpStream> + Send + 'static,
     ) -> Self {
-        Self {
-            addr,
-            connector: Box::new(connector),
-            conn: None,
-            on_conn: 0,
-            connections_opened: 0,
-        }
+        Self { addr, connector: Box::new(connector), conn: None, on_conn: 0, connections_opened: 0 }
     }
 
     /// The server address.
@@ -118,9 +106,7 @@ impl Scraper {
     /// The local address of the open connection, if any: lets tests
     /// recognise (and exclude) the scrape connection among reported sessions.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.conn
-            .as_ref()
-            .and_then(|c| c.get_ref().local_addr().ok())
+        self.conn.as_ref().and_then(|c| c.get_ref().local_addr().ok())
     }
 
     /// Opens the connection now if none is open (no request is sent).
@@ -193,25 +179,16 @@ impl Scraper {
              Accept: text/plain;version=0.0.4;q=1,*/*;q=0.1\r\nConnection: keep-alive\r\n\r\n"
         );
         if let Err(e) = conn.get_mut().write_all(req.as_bytes()) {
-            let stale = reused
-                && matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                );
+            let stale =
+                reused && matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset);
             let e = anyhow::Error::new(e).context(format!("sending GET {path}"));
-            return Err(if stale {
-                GetError::StaleConnection(e)
-            } else {
-                GetError::Other(e)
-            });
+            return Err(if stale { GetError::StaleConnection(e) } else { GetError::Other(e) });
         }
         self.on_conn += 1;
         // Distinguish "closed before answering" (retryable) from a broken response.
         match conn.fill_buf() {
             Ok([]) if reused => {
-                return Err(GetError::StaleConnection(anyhow::anyhow!(
-                    "EOF before response"
-                )));
+                return Err(GetError::StaleConnection(anyhow::anyhow!("EOF before response")));
             }
             Err(e) if reused && e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return Err(GetError::StaleConnection(e.into()));
@@ -241,30 +218,21 @@ fn read_response<R: BufRead>(r: &mut R) -> Result<(Response, bool)> {
     if !version.starts_with("HTTP/1.") {
         bail!("not an HTTP/1.x status line: {status_line:?}");
     }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let status: u16 =
+        parts.next().and_then(|s| s.parse().ok()).with_context(|| format!("bad status line {status_line:?}"))?;
     let mut headers = Vec::new();
     loop {
         let line = read_line(r)?;
         if line.is_empty() {
             break;
         }
-        let (k, v) = line
-            .split_once(':')
-            .with_context(|| format!("bad header line {line:?}"))?;
+        let (k, v) = line.split_once(':').with_context(|| format!("bad header line {line:?}"))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
         if headers.len() > 200 {
             bail!("too many headers");
         }
     }
-    let get = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.as_str());
     let mut keep = match get("connection") {
         Some(v) => !v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")),
         None => version != "HTTP/1.0",
@@ -274,9 +242,7 @@ fn read_response<R: BufRead>(r: &mut R) -> Result<(Response, bool)> {
     } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         decode_chunked(r)?
     } else if let Some(cl) = get("content-length") {
-        let n: usize = cl
-            .parse()
-            .with_context(|| format!("bad Content-Length {cl:?}"))?;
+        let n: usize = cl.parse().with_context(|| format!("bad Content-Length {cl:?}"))?;
         if n > MAX_BODY {
             bail!("Content-Length {n} too large");
         }
@@ -287,22 +253,13 @@ fn read_response<R: BufRead>(r: &mut R) -> Result<(Response, bool)> {
         // Body delimited by connection close.
         keep = false;
         let mut b = Vec::new();
-        r.take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut b)
-            .context("reading body to EOF")?;
+        r.take(MAX_BODY as u64 + 1).read_to_end(&mut b).context("reading body to EOF")?;
         b
     };
     if body.len() > MAX_BODY {
         bail!("body too large");
     }
-    Ok((
-        Response {
-            status,
-            headers,
-            body,
-        },
-        keep,
-    ))
+    Ok((Response { status, headers, body }, keep))
 }
 
 /// Decodes a chunked body, consuming the terminating chunk and any trailer
@@ -312,8 +269,7 @@ pub fn decode_chunked<R: BufRead>(r: &mut R) -> Result<Vec<u8>> {
     loop {
         let line = read_line(r)?;
         let size_s = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_s, 16)
-            .with_context(|| format!("bad chunk size line {line:?}"))?;
+        let size = usize::from_str_radix(size_s, 16).with_context(|| format!("bad chunk size line {line:?}"))?;
         if size == 0 {
             // Trailer fields, then an empty line.
             while !read_line(r)?.is_empty() {}
@@ -372,10 +328,7 @@ mod tests {
     #[test]
     fn chunked_uppercase_hex_and_bad_input() {
         let raw = b"A\r\n0123456789\r\n0\r\n\r\n";
-        assert_eq!(
-            decode_chunked(&mut Cursor::new(&raw[..])).unwrap(),
-            b"0123456789"
-        );
+        assert_eq!(decode_chunked(&mut Cursor::new(&raw[..])).unwrap(), b"0123456789");
         assert!(decode_chunked(&mut Cursor::new(&b"zz\r\n"[..])).is_err());
         assert!(decode_chunked(&mut Cursor::new(&b"5\r\nhel"[..])).is_err());
         assert!(decode_chunked(&mut Cursor::new(&b"3\r\nabcX\r\n0\r\n\r\n"[..])).is_err());
@@ -383,17 +336,13 @@ mod tests {
 
     #[test]
     fn parses_pipelined_responses() {
-        let raw =
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
                     3\r\nabc\r\n0\r\n\r\n\
                     HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\nnot ready\
                     HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
         let mut c = Cursor::new(&raw[..]);
         let (a, keep) = read_response(&mut c).unwrap();
-        assert_eq!(
-            (a.status, a.body.as_slice(), keep),
-            (200, &b"abc"[..], true)
-        );
+        assert_eq!((a.status, a.body.as_slice(), keep), (200, &b"abc"[..], true));
         assert_eq!(a.header("Content-Type"), Some("text/plain"));
         let (b, _) = read_response(&mut c).unwrap();
         assert_eq!((b.status, b.text().as_str()), (503, "not ready"));
@@ -420,15 +369,14 @@ mod tests {
                 }
                 let body = format!("n {i}\n");
                 if i % 2 == 0 {
+                    write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+                } else {
                     write!(
                         w,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
                         body.len()
                     )
                     .unwrap();
-                } else {
-                    write!(w, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len())
-                        .unwrap();
                 }
             }
         });

@@ -4,10 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{
-    HEADER_LEN, Haproxy, NetNs, TcpServer, is_root, kernel_links, kernel_programs, transfer,
-    transfer_in,
-};
+use crate::{HEADER_LEN, Haproxy, NetNs, TcpServer, is_root, kernel_links, kernel_programs, transfer, transfer_in};
 
 fn skip_unless_root() -> bool {
     if !is_root() {
@@ -44,12 +41,7 @@ fn transfer_in_netns_v4_and_v6() {
         for h in hs {
             h.join().unwrap();
         }
-        assert_eq!(
-            srv.wait_connections(5, Duration::from_secs(10))
-                .unwrap()
-                .len(),
-            5
-        );
+        assert_eq!(srv.wait_connections(5, Duration::from_secs(10)).unwrap().len(), 5);
     }
     // The listener lives in the namespace: the host's loopback cannot reach it.
     let srv = TcpServer::start_in(&ns, "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -65,19 +57,11 @@ fn netns_run_propagates_panics_and_isolates() {
     let ns = NetNs::new("selftest").unwrap();
     let ns2 = NetNs::new("selftest").unwrap();
     assert_ne!(ns.name(), ns2.name());
-    let inode = |p: &str| {
-        std::fs::metadata(p)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .unwrap()
-    };
+    let inode = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
     let host = inode("/proc/thread-self/ns/net");
     let inside = ns.run(|| inode("/proc/thread-self/ns/net"));
     assert_ne!(host, inside);
-    assert_eq!(
-        inode("/proc/thread-self/ns/net"),
-        host,
-        "caller thread must not move"
-    );
+    assert_eq!(inode("/proc/thread-self/ns/net"), host, "caller thread must not move");
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.run(|| panic!("boom"))));
     let msg = r.unwrap_err();
     assert_eq!(msg.downcast_ref::<&str>(), Some(&"boom"));
@@ -100,18 +84,8 @@ fn haproxy_logs_sessions() {
         let port = ns.free_port(ha_listen.parse().unwrap()).unwrap();
         let listen = SocketAddr::new(ha_listen.parse().unwrap(), port);
         let ha = Haproxy::start_on(&ns, listen, srv.addr()).unwrap();
-        assert!(
-            ha.sessions().unwrap().is_empty(),
-            "readiness check must not connect"
-        );
-        let t = transfer_in(
-            &ns,
-            listen,
-            50_000,
-            2_000_000,
-            Some(Duration::from_millis(300)),
-        )
-        .unwrap();
+        assert!(ha.sessions().unwrap().is_empty(), "readiness check must not connect");
+        let t = transfer_in(&ns, listen, 50_000, 2_000_000, Some(Duration::from_millis(300))).unwrap();
         let s = ha.wait_sessions(1, Duration::from_secs(10)).unwrap();
         let c = srv.wait_connections(1, Duration::from_secs(10)).unwrap();
         assert_eq!(s.len(), 1, "{s:?}");
@@ -120,17 +94,10 @@ fn haproxy_logs_sessions() {
         assert_eq!(s.frontend, listen);
         assert_eq!(s.server, Some(srv.addr()));
         assert_eq!(s.backend_source, Some(c[0].peer));
-        assert_eq!(
-            (s.bytes_from_client, s.bytes_to_client),
-            (t.sent, t.received)
-        );
+        assert_eq!((s.bytes_from_client, s.bytes_to_client), (t.sent, t.received));
         assert_eq!(s.termination_state, "--");
         let client_ms = t.duration().as_millis() as i64;
-        assert!(
-            s.total_ms >= 250 && s.total_ms <= client_ms + 5,
-            "Tt {} vs client {client_ms}",
-            s.total_ms
-        );
+        assert!(s.total_ms >= 250 && s.total_ms <= client_ms + 5, "Tt {} vs client {client_ms}", s.total_ms);
         eprintln!("haproxy {s:?}\nclient {:?}", t.duration());
     }
 }
@@ -168,10 +135,8 @@ fn bpf_enumeration_finds_a_loaded_program_and_link() {
         unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128 as libc::c_uint) }
     }
     // r0 = 0; exit
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
+    let insns: [u64; 2] =
+        [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
     let license = b"GPL\0";
     let mut attr = [0u64; 16];
     attr[0] = 17 | (2u64 << 32); // prog_type RAW_TRACEPOINT, insn_cnt 2
@@ -182,11 +147,7 @@ fn bpf_enumeration_finds_a_loaded_program_and_link() {
     attr[6] = u64::from_ne_bytes(name[..8].try_into().unwrap());
     attr[7] = u64::from_ne_bytes(name[8..].try_into().unwrap());
     let prog = sys_bpf(5, &mut attr);
-    assert!(
-        prog >= 0,
-        "BPF_PROG_LOAD: {}",
-        std::io::Error::last_os_error()
-    );
+    assert!(prog >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
     // SAFETY: fresh fd from the kernel, owned here.
     let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
     let tp = b"sys_enter\0";
@@ -194,23 +155,12 @@ fn bpf_enumeration_finds_a_loaded_program_and_link() {
     attr[0] = tp.as_ptr() as u64;
     attr[1] = std::os::fd::AsRawFd::as_raw_fd(&prog) as u64;
     let link = sys_bpf(17, &mut attr);
-    assert!(
-        link >= 0,
-        "BPF_RAW_TRACEPOINT_OPEN: {}",
-        std::io::Error::last_os_error()
-    );
+    assert!(link >= 0, "BPF_RAW_TRACEPOINT_OPEN: {}", std::io::Error::last_os_error());
     // SAFETY: as above.
     let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
 
-    assert_eq!(
-        crate::kernel_programs_named("harness_self").unwrap(),
-        vec![NAME.to_string()]
-    );
-    let p = kernel_programs()
-        .unwrap()
-        .into_iter()
-        .find(|p| p.name == NAME)
-        .unwrap();
+    assert_eq!(crate::kernel_programs_named("harness_self").unwrap(), vec![NAME.to_string()]);
+    let p = kernel_programs().unwrap().into_iter().find(|p| p.name == NAME).unwrap();
     assert_eq!(p.prog_type, 17);
     let l = crate::kernel_links_named("harness_self").unwrap();
     assert_eq!(l.len(), 1, "{l:?}");

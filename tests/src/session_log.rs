@@ -11,12 +11,17 @@ use anyhow::{Context as _, Result, bail};
 /// One line of the session log.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObservedSession {
+    /// `tcp` or `udp`.
+    pub protocol: String,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub bytes_received: u64,
     pub bytes_transmitted: u64,
     /// `None` for sessions adopted mid-life.
     pub lifetime: Option<Duration>,
+    /// Time during which data moved out / in; `None` when not measured.
+    pub active_transmit: Option<Duration>,
+    pub active_receive: Option<Duration>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
 }
@@ -29,15 +34,21 @@ pub fn read_session_log(path: &Path) -> Result<Vec<ObservedSession>> {
 fn parse_line(line: &str) -> Result<ObservedSession> {
     let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("session log line {line:?}"))?;
     let addr = |k: &str| -> Result<SocketAddr> {
-        v[k].as_str().with_context(|| format!("{k} missing in {line}"))?.parse().with_context(|| format!("{k} in {line}"))
+        v[k].as_str()
+            .with_context(|| format!("{k} missing in {line}"))?
+            .parse()
+            .with_context(|| format!("{k} in {line}"))
     };
     let num = |k: &str| v[k].as_u64().with_context(|| format!("{k} missing in {line}"));
     Ok(ObservedSession {
+        protocol: v["protocol"].as_str().with_context(|| format!("protocol missing in {line}"))?.to_owned(),
         local: addr("local")?,
         remote: addr("remote")?,
         bytes_received: num("bytes_received")?,
         bytes_transmitted: num("bytes_transmitted")?,
         lifetime: v["lifetime_seconds"].as_f64().map(Duration::from_secs_f64),
+        active_transmit: v["active_transmit_seconds"].as_f64().map(Duration::from_secs_f64),
+        active_receive: v["active_receive_seconds"].as_f64().map(Duration::from_secs_f64),
         pid: v["pid"].as_u64().map(|p| p as u32),
         comm: v["comm"].as_str().map(str::to_owned),
     })
@@ -84,7 +95,7 @@ mod tests {
         assert_eq!(s.bytes_transmitted, 2_000_000);
         assert_eq!(s.lifetime, Some(Duration::from_millis(500)));
         assert_eq!(s.comm.as_deref(), Some("python3"));
-        let adopted = parse_line(r#"{"bytes_received":0,"bytes_transmitted":0,"comm":null,"lifetime_seconds":null,"local":"127.0.0.1:1","pid":null,"remote":"127.0.0.1:2"}"#).unwrap();
+        let adopted = parse_line(r#"{"bytes_received":0,"bytes_transmitted":0,"comm":null,"lifetime_seconds":null,"local":"127.0.0.1:1","pid":null,"protocol":"tcp","remote":"127.0.0.1:2"}"#).unwrap();
         assert_eq!(adopted.lifetime, None);
         assert!(parse_line("{}").is_err());
     }

@@ -71,15 +71,9 @@ impl TransferStats {
 /// control, but socket buffers absorb a few MiB first, so for long
 /// sessions it is the client's timeline that is paced. With no payload at
 /// all, the connection is simply held open for `pace`.
-pub fn transfer(
-    addr: SocketAddr,
-    send: u64,
-    recv: u64,
-    pace: Option<Duration>,
-) -> Result<TransferStats> {
+pub fn transfer(addr: SocketAddr, send: u64, recv: u64, pace: Option<Duration>) -> Result<TransferStats> {
     let started = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     // Small writes (the header) must not wait for delayed ACKs.
@@ -118,8 +112,7 @@ pub fn transfer(
     let mut received = 0u64;
     while received < recv {
         let n = (recv - received).min(CHUNK as u64) as usize;
-        s.read_exact(&mut buf[..n])
-            .with_context(|| format!("{}: after {received} bytes", ctx()))?;
+        s.read_exact(&mut buf[..n]).with_context(|| format!("{}: after {received} bytes", ctx()))?;
         received += n as u64;
         pace_step();
     }
@@ -133,14 +126,7 @@ pub fn transfer(
     }
     drop(s);
     let finished = Instant::now();
-    Ok(TransferStats {
-        local,
-        peer,
-        sent: HEADER_LEN + send,
-        received,
-        started,
-        finished,
-    })
+    Ok(TransferStats { local, peer, sent: HEADER_LEN + send, received, started, finished })
 }
 
 /// [`transfer`] from inside `ns`.
@@ -200,9 +186,7 @@ pub struct TcpServer {
 
 impl std::fmt::Debug for TcpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpServer")
-            .field("addr", &self.addr)
-            .finish()
+        f.debug_struct("TcpServer").field("addr", &self.addr).finish()
     }
 }
 
@@ -230,21 +214,12 @@ impl TcpServer {
         let live: Live = Arc::new(Mutex::new(HashMap::new()));
         let workers = Arc::new(Mutex::new(Vec::new()));
         let acceptor = {
-            let (stop, done, live, workers) =
-                (stop.clone(), done.clone(), live.clone(), workers.clone());
+            let (stop, done, live, workers) = (stop.clone(), done.clone(), live.clone(), workers.clone());
             thread::Builder::new()
                 .name(format!("tcpserver-{addr}"))
                 .spawn(move || accept_loop(l, stop, done, live, workers))?
         };
-        Ok(Self {
-            addr,
-            stop,
-            done,
-            live,
-            workers,
-            acceptor: Some(acceptor),
-            _ns: ns,
-        })
+        Ok(Self { addr, stop, done, live, workers, acceptor: Some(acceptor), _ns: ns })
     }
 
     /// The bound address (with the real port if 0 was asked for).
@@ -259,15 +234,10 @@ impl TcpServer {
 
     /// Waits (bounded) until at least `n` connections have finished.
     pub fn wait_connections(&self, n: usize, timeout: Duration) -> Result<Vec<ServerConn>> {
-        wait_until(
-            &format!("{n} finished connections on {}", self.addr),
-            timeout,
-            Duration::from_millis(10),
-            || {
-                let c = self.connections();
-                Ok((c.len() >= n).then_some(c))
-            },
-        )
+        wait_until(&format!("{n} finished connections on {}", self.addr), timeout, Duration::from_millis(10), || {
+            let c = self.connections();
+            Ok((c.len() >= n).then_some(c))
+        })
     }
 }
 
@@ -300,11 +270,7 @@ fn accept_loop(
 ) {
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
     while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd: l.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, 50) };
         let (s, peer) = match l.accept() {
@@ -324,13 +290,11 @@ fn accept_loop(
             lock(&live).insert(id, c);
         }
         let (done, live2) = (done.clone(), live.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("tcpserver-conn-{peer}"))
-            .spawn(move || {
-                let c = serve(s, peer, accepted);
-                lock(&live2).remove(&id);
-                lock(&done).push(c);
-            });
+        let spawned = thread::Builder::new().name(format!("tcpserver-conn-{peer}")).spawn(move || {
+            let c = serve(s, peer, accepted);
+            lock(&live2).remove(&id);
+            lock(&done).push(c);
+        });
         match spawned {
             Ok(h) => lock(&workers).push(h),
             Err(e) => {
@@ -410,28 +374,15 @@ mod tests {
         let t = transfer(srv.addr(), 200_000, 70_000, None).unwrap();
         assert_eq!((t.sent, t.received), (HEADER_LEN + 200_000, 70_000));
         let c = srv.wait_connections(1, Duration::from_secs(10)).unwrap();
-        assert_eq!(
-            (c[0].received, c[0].sent, c[0].error.as_deref()),
-            (HEADER_LEN + 200_000, 70_000, None)
-        );
+        assert_eq!((c[0].received, c[0].sent, c[0].error.as_deref()), (HEADER_LEN + 200_000, 70_000, None));
         assert_eq!(c[0].peer, t.local);
     }
 
     #[test]
     fn pacing_stretches_the_session() {
         let srv = TcpServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
-        let t = transfer(
-            srv.addr(),
-            4 * CHUNK as u64,
-            4 * CHUNK as u64,
-            Some(Duration::from_millis(400)),
-        )
-        .unwrap();
-        assert!(
-            t.duration() >= Duration::from_millis(400),
-            "{:?}",
-            t.duration()
-        );
+        let t = transfer(srv.addr(), 4 * CHUNK as u64, 4 * CHUNK as u64, Some(Duration::from_millis(400))).unwrap();
+        assert!(t.duration() >= Duration::from_millis(400), "{:?}", t.duration());
         assert!(t.duration() < Duration::from_secs(3), "{:?}", t.duration());
         let t = transfer(srv.addr(), 0, 0, Some(Duration::from_millis(100))).unwrap();
         assert!(t.duration() >= Duration::from_millis(100));

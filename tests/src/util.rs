@@ -58,14 +58,9 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<ExitSta
 /// Sends `sig` to `pid`. Errors (e.g. the process is already gone) are
 /// returned, not hidden, so callers can decide whether they matter.
 pub fn signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
-    let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| std::io::Error::other(format!("pid {pid} out of range")))?;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::other(format!("pid {pid} out of range")))?;
     // SAFETY: kill(2) has no memory-safety preconditions.
-    if unsafe { libc::kill(pid, sig) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if unsafe { libc::kill(pid, sig) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Stops `child`: SIGTERM, then SIGKILL if it is still alive after `grace`.
@@ -106,18 +101,8 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> 
             buf
         })
     };
-    let out_t = drain(
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let err_t = drain(
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
+    let out_t = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let err_t = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
     let status = match wait_child(&mut child, timeout)? {
         Some(st) => st,
         None => {
@@ -129,11 +114,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> 
     };
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
-    Ok(Output {
-        status,
-        stdout,
-        stderr,
-    })
+    Ok(Output { status, stdout, stderr })
 }
 
 /// A private scratch directory, removed on drop.
@@ -150,10 +131,7 @@ impl TempDir {
     /// Creates `$TMPDIR/observer-tests-<tag>-<pid>-<seq>-<nanos>`.
     pub fn new(tag: &str) -> Result<Self> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let path = std::env::temp_dir().join(format!(
             "observer-tests-{tag}-{}-{}-{nanos}",
             std::process::id(),
@@ -188,7 +166,5 @@ pub fn is_root() -> bool {
 /// (the tests crate lives directly under it).
 pub fn workspace_root() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    dir.parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| dir.to_path_buf())
+    dir.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf())
 }

@@ -25,9 +25,11 @@ fn assert_usage_error(args: &[&str], needles: &[&str]) {
 fn unprivileged_user_is_told_which_capabilities_are_needed() {
     // setpriv (util-linux) drops to nobody with no capabilities at all.
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(observer_bin())
-        .args(["run", "--listen", "127.0.0.1:0"]);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]).arg(observer_bin()).args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -48,7 +50,10 @@ fn malformed_labels() {
     assert_usage_error(&["--label", "region"], &["invalid value 'region' for '--label <KEY=VALUE>'", "not KEY=VALUE"]);
     assert_usage_error(&["--label", "1x=y"], &["label name `1x` is not valid"]);
     assert_usage_error(&["--label", "direction=up"], &["set by the observer itself"]);
-    assert_usage_error(&["--listen", "127.0.0.1:0", "--label", "a=1", "--label", "a=2"], &["--label `a` is given more than once"]);
+    assert_usage_error(
+        &["--listen", "127.0.0.1:0", "--label", "a=1", "--label", "a=2"],
+        &["--label `a` is given more than once"],
+    );
 }
 
 #[test]
@@ -64,7 +69,10 @@ fn unusable_listen_address() {
     assert_usage_error(&["--listen", "127.0.0.1:99999"], &["is not ADDR:PORT"]);
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    assert_usage_error(&["--listen", &addr], &[&format!("cannot listen on {addr}"), "Address already in use", "--listen"]);
+    assert_usage_error(
+        &["--listen", &addr],
+        &[&format!("cannot listen on {addr}"), "Address already in use", "--listen"],
+    );
 }
 
 #[test]

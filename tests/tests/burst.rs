@@ -39,6 +39,6 @@ fn two_thousand_short_connections_are_all_counted() {
         assert_eq!(m.value_exact("observer_events_lost_total", &[("source", source)]), Some(0.0), "{source}");
     }
     let bytes = (CONNECTIONS as u64 * (16 + 100 + 100)) as f64;
-    assert_eq!(m.value("observer_session_bytes_total", &[("direction", "receive")]), Some(bytes));
-    assert_eq!(m.value("observer_session_bytes_total", &[("direction", "transmit")]), Some(bytes));
+    assert_eq!(m.value("observer_session_bytes_total", &[("direction", "receive"), ("protocol", "tcp")]), Some(bytes));
+    assert_eq!(m.value("observer_session_bytes_total", &[("direction", "transmit"), ("protocol", "tcp")]), Some(bytes));
 }

@@ -16,7 +16,11 @@ fn check_names_the_chosen_hooks_and_why_other_tiers_are_unavailable() {
     assert!(report.contains("concern tcp_state (required): tp_btf/inet_sock_set_state (chosen)"), "{report}");
     assert!(report.contains("result: run would work"), "{report}");
     let tier = |name: &str| {
-        report.lines().find(|l| l.starts_with(&format!("tier {name}: "))).unwrap_or_else(|| panic!("no {name} line: {report}")).to_owned()
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("tier {name}: ")))
+            .unwrap_or_else(|| panic!("no {name} line: {report}"))
+            .to_owned()
     };
     if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         assert_eq!(tier("kprobe"), "tier kprobe: available");
@@ -25,13 +29,19 @@ fn check_names_the_chosen_hooks_and_why_other_tiers_are_unavailable() {
         assert!(tier("kprobe").contains("CONFIG_KPROBES"), "{report}");
     }
     let fentry = tier("fentry");
-    assert!(fentry == "tier fentry: available" || fentry.starts_with("tier fentry: unavailable: the kernel refused"), "{fentry}");
+    assert!(
+        fentry == "tier fentry: available" || fentry.starts_with("tier fentry: unavailable: the kernel refused"),
+        "{fentry}"
+    );
     if fentry != "tier fentry: available" {
         // The reason is the kernel's own answer, not a guess.
         assert!(fentry.contains("os error"), "{fentry}");
-        assert!(report.contains("concern tcp_owner (optional): tp_btf/sock_send_length+sock_recv_length (chosen)")
-            || !Path::new("/sys/bus/event_source/devices/kprobe/type").exists() && report.contains("concern tcp_owner (optional): none"),
-            "{report}");
+        assert!(
+            report.contains("concern tcp_owner (optional): tp_btf/sock_send_length+sock_recv_length (chosen)")
+                || !Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+                    && report.contains("concern tcp_owner (optional): none"),
+            "{report}"
+        );
     }
 }
 
@@ -44,7 +54,10 @@ fn check_fails_for_a_forced_tier_the_kernel_lacks() {
         }
         let (forced, code) = stdout(&["check", "--probes", tier]);
         assert_ne!(code, 0, "{forced}");
-        assert!(forced.contains(&format!("concern tcp_state (required): none: {tier}/tcp_set_state: {tier} unavailable:")), "{forced}");
+        assert!(
+            forced.contains(&format!("concern tcp_state (required): none: {tier}/tcp_set_state: {tier} unavailable:")),
+            "{forced}"
+        );
         assert!(forced.contains("result: run cannot work here"), "{forced}");
     }
 }

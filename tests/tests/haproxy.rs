@@ -35,18 +35,34 @@ fn observer_bytes_and_durations_match_haproxys_log_on_both_legs() {
 
         // Leg 1: client <-> haproxy.
         let c = by_local(&observed, client.local).unwrap();
-        assert_eq!((c.bytes_transmitted, c.bytes_received), (hp.bytes_from_client, hp.bytes_to_client), "client leg, client side");
+        assert_eq!(
+            (c.bytes_transmitted, c.bytes_received),
+            (hp.bytes_from_client, hp.bytes_to_client),
+            "client leg, client side"
+        );
         let f = observed.iter().find(|s| s.remote == client.local).expect("haproxy's frontend socket");
         assert_eq!(f.local, front);
-        assert_eq!((f.bytes_received, f.bytes_transmitted), (hp.bytes_from_client, hp.bytes_to_client), "client leg, haproxy side");
+        assert_eq!(
+            (f.bytes_received, f.bytes_transmitted),
+            (hp.bytes_from_client, hp.bytes_to_client),
+            "client leg, haproxy side"
+        );
         assert_eq!(f.comm.as_deref(), Some("haproxy"), "the accepted socket's owner is haproxy");
         // Leg 2: haproxy <-> server.
         let b = by_local(&observed, backend_source).unwrap();
         assert_eq!(b.remote, server.addr());
-        assert_eq!((b.bytes_transmitted, b.bytes_received), (hp.bytes_from_client, hp.bytes_to_client), "server leg, haproxy side");
+        assert_eq!(
+            (b.bytes_transmitted, b.bytes_received),
+            (hp.bytes_from_client, hp.bytes_to_client),
+            "server leg, haproxy side"
+        );
         assert_eq!(b.comm.as_deref(), Some("haproxy"), "the connecting socket's owner is haproxy");
         let s = observed.iter().find(|s| s.remote == backend_source).expect("server's socket");
-        assert_eq!((s.bytes_received, s.bytes_transmitted), (hp.bytes_from_client, hp.bytes_to_client), "server leg, server side");
+        assert_eq!(
+            (s.bytes_received, s.bytes_transmitted),
+            (hp.bytes_from_client, hp.bytes_to_client),
+            "server leg, server side"
+        );
 
         // Durations: haproxy's %Tt (accept to both sides closed) against the
         // lifetimes of haproxy's own two sockets.

@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use observer_tests::{
-    NetNs, ObserverProcess, TcpServer, TempDir, TransferStats, by_local, transfer, wait_sessions,
-};
+use observer_tests::{NetNs, ObserverProcess, TcpServer, TempDir, TransferStats, by_local, transfer, wait_sessions};
 
 const BIG: u64 = 4 * 1024 * 1024;
 const SMALL: u64 = 64 * 1024;
@@ -23,11 +21,8 @@ fn loopback_sessions_ipv4_and_ipv6_exact_bytes_and_goodput() {
     let tmp = TempDir::new("tcp-sessions").unwrap();
     let log = tmp.path().join("sessions.jsonl");
     let log_arg = log.to_str().unwrap();
-    let mut observer = ObserverProcess::start(
-        &ns,
-        &["--iface", "lo", "--session-log", log_arg, "--label", "region=test"],
-    )
-    .unwrap();
+    let mut observer =
+        ObserverProcess::start(&ns, &["--iface", "lo", "--session-log", log_arg, "--label", "region=test"]).unwrap();
 
     let servers: Vec<TcpServer> = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]
         .into_iter()
@@ -94,7 +89,12 @@ fn loopback_sessions_ipv4_and_ipv6_exact_bytes_and_goodput() {
         assert_eq!(h.count, (2 * 2 * PER_KIND) as f64, "{direction}");
         assert_eq!(h.count as u64, expected_goodput[i].0);
         let rel = |a: f64, b: f64| (a - b).abs() / b;
-        assert!(rel(h.sum, expected_goodput[i].1) < 1e-6, "{direction}: histogram sum {} vs log {}", h.sum, expected_goodput[i].1);
+        assert!(
+            rel(h.sum, expected_goodput[i].1) < 1e-6,
+            "{direction}: histogram sum {} vs log {}",
+            h.sum,
+            expected_goodput[i].1
+        );
         assert!(
             rel(h.sum, test_goodput_sum[i]) < 0.10,
             "{direction}: observer goodput sum {} vs test-measured {}",

@@ -1,0 +1,377 @@
+//! The GPU metric families, built from the latest [`Snapshot`] at scrape time.
+//!
+//! A custom collector rather than long-lived gauge vectors: a series must
+//! vanish when its value becomes unavailable (a lost GPU, an unsupported
+//! field, a pod that ended), and rebuilding a few dozen series from an
+//! immutable snapshot is cheaper and simpler than tracking removals.
+use std::{collections::HashMap, sync::Arc, time::UNIX_EPOCH};
+
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use super::{
+    Shared,
+    snapshot::{GpuState, Pcie, Snapshot},
+};
+
+const GPU: &[&str] = &["gpu", "uuid"];
+
+struct Def {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    labels: &'static [&'static str],
+}
+
+const fn gauge(name: &'static str, labels: &'static [&'static str], help: &'static str) -> Def {
+    Def { name, help, kind: MetricType::GAUGE, labels }
+}
+
+const fn counter(name: &'static str, labels: &'static [&'static str], help: &'static str) -> Def {
+    Def { name, help, kind: MetricType::COUNTER, labels }
+}
+
+// Indexes into DEFS, in the order below.
+const NVML_UP: usize = 0;
+const INFO: usize = 1;
+const UP: usize = 2;
+const UTILIZATION: usize = 3;
+const MEMORY_USED: usize = 4;
+const MEMORY_TOTAL: usize = 5;
+const POWER: usize = 6;
+const ENERGY: usize = 7;
+const TEMPERATURE: usize = 8;
+const PCIE_RX_TOTAL: usize = 9;
+const PCIE_TX_TOTAL: usize = 10;
+const PCIE_RX_RATE: usize = 11;
+const PCIE_TX_RATE: usize = 12;
+const PCIE_REPLAYS: usize = 13;
+const ECC_CORRECTED: usize = 14;
+const ECC_UNCORRECTED: usize = 15;
+const XID: usize = 16;
+const POD_MEMORY: usize = 17;
+const SAMPLE_DURATION: usize = 18;
+const SAMPLE_TIME: usize = 19;
+
+const DEFS: [Def; 20] = [
+    gauge(
+        "observer_nvml_up",
+        &[],
+        "1 when NVML is loaded and initialised and answered the last GPU sampling cycle; 0 otherwise: no library, no driver, no permission, --gpu off, or re-initialising after a failure (the log says why).",
+    ),
+    gauge(
+        "observer_gpu_info",
+        &["gpu", "uuid", "model", "pci_bus_id", "driver_version", "mig_mode"],
+        "Identity of each GPU NVML reports (value 1), to join on gpu and uuid: model name, PCI bus id, NVIDIA driver version, MIG mode (enabled, disabled, unsupported).",
+    ),
+    gauge(
+        "observer_gpu_up",
+        GPU,
+        "1 when the GPU answered the last sampling cycle; 0 when NVML reports it lost (fallen off the bus) or needing a reset, in which case its other series are absent.",
+    ),
+    gauge(
+        "observer_gpu_utilization_ratio",
+        GPU,
+        "Fraction of NVML's last sample period (1/6 s to 1 s, depending on the GPU) during which one or more kernels ran on the GPU, 0 to 1.",
+    ),
+    gauge(
+        "observer_gpu_memory_used_bytes",
+        GPU,
+        "Device memory allocated, in bytes (NVML memory info v2 `used`, which excludes what the driver reserves).",
+    ),
+    gauge("observer_gpu_memory_total_bytes", GPU, "Device memory installed, in bytes."),
+    gauge("observer_gpu_power_watts", GPU, "Power draw of the GPU board, in watts (NVML reports milliwatts)."),
+    counter(
+        "observer_gpu_energy_joules_total",
+        GPU,
+        "Energy the GPU consumed since the driver was loaded, in joules (NVML reports millijoules; Volta and later).",
+    ),
+    gauge("observer_gpu_temperature_celsius", GPU, "GPU die temperature, in degrees Celsius."),
+    counter(
+        "observer_gpu_pcie_receive_bytes_total",
+        GPU,
+        "Bytes the GPU received over PCIe (host to GPU), from the GPU's cumulative counter (NVML field PCIE_COUNT_RX_BYTES; recent GPUs). The counter may wrap, which Prometheus treats as a reset. GPUs without it export observer_gpu_pcie_receive_bytes_per_second instead.",
+    ),
+    counter(
+        "observer_gpu_pcie_transmit_bytes_total",
+        GPU,
+        "Bytes the GPU sent over PCIe (GPU to host), from the GPU's cumulative counter (NVML field PCIE_COUNT_TX_BYTES; recent GPUs). The counter may wrap, which Prometheus treats as a reset. GPUs without it export observer_gpu_pcie_transmit_bytes_per_second instead.",
+    ),
+    gauge(
+        "observer_gpu_pcie_receive_bytes_per_second",
+        GPU,
+        "PCIe receive throughput (host to GPU) over NVML's last 20 ms window, in bytes per second (NVML reports KiB/s), for GPUs without the cumulative counter observer_gpu_pcie_receive_bytes_total. A sample, not an average over the scrape interval.",
+    ),
+    gauge(
+        "observer_gpu_pcie_transmit_bytes_per_second",
+        GPU,
+        "PCIe transmit throughput (GPU to host) over NVML's last 20 ms window, in bytes per second (NVML reports KiB/s), for GPUs without the cumulative counter observer_gpu_pcie_transmit_bytes_total. A sample, not an average over the scrape interval.",
+    ),
+    counter(
+        "observer_gpu_pcie_replays_total",
+        GPU,
+        "PCIe replays (link-level retransmissions after errors) counted by the GPU.",
+    ),
+    counter(
+        "observer_gpu_ecc_corrected_errors_total",
+        GPU,
+        "ECC errors corrected (single-bit) in the GPU's memories since the driver was loaded (NVML volatile count); absent when ECC is off or unsupported.",
+    ),
+    counter(
+        "observer_gpu_ecc_uncorrected_errors_total",
+        GPU,
+        "ECC errors not correctable (double-bit) in the GPU's memories since the driver was loaded (NVML volatile count); absent when ECC is off or unsupported.",
+    ),
+    counter(
+        "observer_gpu_xid_errors_total",
+        GPU,
+        "XID critical errors the driver reported for the GPU (NVML events) since the observer started watching; each is also logged with its XID code. Absent where the GPU offers no XID events.",
+    ),
+    gauge(
+        "observer_gpu_pod_memory_used_bytes",
+        &["uuid", "namespace", "pod"],
+        "GPU memory used by a pod's running compute processes on a GPU, in bytes: NVML's per-process memory, summed per pod (process to pod through /proc/<pid>/cgroup and the kubelet's pod log directory). Processes outside pods, or whose memory NVML does not report, are not counted.",
+    ),
+    gauge(
+        "observer_nvml_sample_duration_seconds",
+        &[],
+        "Time the last completed GPU sampling cycle took (all GPUs, their processes and events).",
+    ),
+    gauge(
+        "observer_nvml_last_sample_timestamp_seconds",
+        &[],
+        "Unix time at which the last GPU sampling cycle completed. Much older than --gpu-interval means an NVML call is blocked; scrapes keep answering with the last snapshot.",
+    ),
+];
+
+/// Serves the sampler's latest snapshot as Prometheus families.
+pub struct GpuCollector {
+    shared: Arc<Shared>,
+    descs: Vec<Desc>,
+}
+
+impl GpuCollector {
+    pub(super) fn new(shared: Arc<Shared>) -> prometheus::Result<Self> {
+        let descs = DEFS
+            .iter()
+            .map(|d| {
+                Desc::new(
+                    d.name.into(),
+                    d.help.into(),
+                    d.labels.iter().map(|l| l.to_string()).collect(),
+                    HashMap::new(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(GpuCollector { shared, descs })
+    }
+}
+
+impl Collector for GpuCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        families(&self.shared.latest())
+    }
+}
+
+/// The families for one snapshot; empty ones are left out (the registry would
+/// drop them anyway).
+pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
+    let mut out: Vec<MetricFamily> = DEFS
+        .iter()
+        .map(|d| {
+            let mut mf = MetricFamily::default();
+            mf.set_name(d.name.into());
+            mf.set_help(d.help.into());
+            mf.set_field_type(d.kind);
+            mf
+        })
+        .collect();
+    let mut put = |i: usize, labels: &[&str], value: f64| {
+        let def = &DEFS[i];
+        let pairs = def
+            .labels
+            .iter()
+            .zip(labels)
+            .map(|(k, v)| {
+                let mut p = LabelPair::default();
+                p.set_name(k.to_string());
+                p.set_value(v.to_string());
+                p
+            })
+            .collect();
+        let mut m = Metric::from_label(pairs);
+        match def.kind {
+            MetricType::COUNTER => {
+                let mut c = Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+        }
+        out[i].mut_metric().push(m);
+    };
+
+    put(NVML_UP, &[], if s.nvml_up { 1.0 } else { 0.0 });
+    if let Some(d) = s.cycle {
+        put(SAMPLE_DURATION, &[], d.as_secs_f64());
+    }
+    if let Some(t) = s.sampled_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+        put(SAMPLE_TIME, &[], t.as_secs_f64());
+    }
+    for g in &s.gpus {
+        let index = g.index.to_string();
+        let id = [index.as_str(), g.uuid.as_str()];
+        put(INFO, &[&index, &g.uuid, &g.model, &g.pci_bus_id, &s.driver_version, g.mig_mode.as_str()], 1.0);
+        put(UP, &id, if g.up { 1.0 } else { 0.0 });
+        if !g.up {
+            continue;
+        }
+        gpu_values(g, &id, &mut put);
+    }
+    for p in &s.pods {
+        put(POD_MEMORY, &[&p.uuid, &p.namespace, &p.pod], p.bytes as f64);
+    }
+    out.retain(|mf| !mf.get_metric().is_empty());
+    out
+}
+
+fn gpu_values(g: &GpuState, id: &[&str], put: &mut impl FnMut(usize, &[&str], f64)) {
+    let v = &g.values;
+    let mut opt = |i: usize, value: Option<f64>| {
+        if let Some(x) = value {
+            put(i, id, x);
+        }
+    };
+    opt(UTILIZATION, v.utilization_ratio);
+    opt(MEMORY_USED, v.memory_used_bytes.map(|b| b as f64));
+    opt(MEMORY_TOTAL, v.memory_total_bytes.map(|b| b as f64));
+    opt(POWER, v.power_watts);
+    opt(ENERGY, v.energy_joules);
+    opt(TEMPERATURE, v.temperature_celsius);
+    for (pcie, total, rate) in
+        [(v.pcie_receive, PCIE_RX_TOTAL, PCIE_RX_RATE), (v.pcie_transmit, PCIE_TX_TOTAL, PCIE_TX_RATE)]
+    {
+        match pcie {
+            Some(Pcie::TotalBytes(b)) => opt(total, Some(b as f64)),
+            Some(Pcie::BytesPerSecond(r)) => opt(rate, Some(r)),
+            None => {}
+        }
+    }
+    opt(PCIE_REPLAYS, v.pcie_replays.map(|n| n as f64));
+    opt(ECC_CORRECTED, v.ecc_corrected.map(|n| n as f64));
+    opt(ECC_UNCORRECTED, v.ecc_uncorrected.map(|n| n as f64));
+    opt(XID, g.xid_errors.map(|n| n as f64));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus::{Encoder, TextEncoder};
+
+    use super::*;
+    use crate::gpu::snapshot::{GpuValues, MigState, PodMemory};
+
+    fn text(s: &Snapshot) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&families(s), &mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn down_nvml_exports_only_nvml_up() {
+        let t = text(&Snapshot::default());
+        let samples: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(samples, ["observer_nvml_up 0"], "{t}");
+        assert!(t.contains("# HELP observer_nvml_up 1 when NVML"), "{t}");
+    }
+
+    #[test]
+    fn values_units_omissions_and_lost_gpus() {
+        let s = Snapshot {
+            nvml_up: true,
+            driver_version: "550.54.15".into(),
+            gpus: vec![
+                GpuState {
+                    index: 0,
+                    uuid: "GPU-a".into(),
+                    model: "NVIDIA H100".into(),
+                    pci_bus_id: "00000000:17:00.0".into(),
+                    mig_mode: MigState::Disabled,
+                    up: true,
+                    values: GpuValues {
+                        utilization_ratio: Some(0.37),
+                        memory_total_bytes: Some(80 << 30),
+                        power_watts: Some(123.456),
+                        pcie_receive: Some(Pcie::TotalBytes(5)),
+                        pcie_transmit: Some(Pcie::BytesPerSecond(2048.0)),
+                        ..GpuValues::default()
+                    },
+                    xid_errors: Some(0),
+                },
+                GpuState {
+                    index: 1,
+                    uuid: "GPU-b".into(),
+                    up: false,
+                    values: GpuValues { power_watts: Some(1.0), ..GpuValues::default() },
+                    ..GpuState::default()
+                },
+            ],
+            pods: vec![PodMemory { uuid: "GPU-a".into(), namespace: "ns".into(), pod: "p".into(), bytes: 1 << 20 }],
+            sampled_at: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            cycle: Some(Duration::from_millis(3)),
+        };
+        let t = text(&s);
+        for line in [
+            "observer_nvml_up 1",
+            r#"observer_gpu_info{gpu="0",uuid="GPU-a",model="NVIDIA H100",pci_bus_id="00000000:17:00.0",driver_version="550.54.15",mig_mode="disabled"} 1"#,
+            r#"observer_gpu_up{gpu="0",uuid="GPU-a"} 1"#,
+            r#"observer_gpu_up{gpu="1",uuid="GPU-b"} 0"#,
+            r#"observer_gpu_utilization_ratio{gpu="0",uuid="GPU-a"} 0.37"#,
+            r#"observer_gpu_memory_total_bytes{gpu="0",uuid="GPU-a"} 85899345920"#,
+            r#"observer_gpu_power_watts{gpu="0",uuid="GPU-a"} 123.456"#,
+            r#"observer_gpu_pcie_receive_bytes_total{gpu="0",uuid="GPU-a"} 5"#,
+            r#"observer_gpu_pcie_transmit_bytes_per_second{gpu="0",uuid="GPU-a"} 2048"#,
+            r#"observer_gpu_xid_errors_total{gpu="0",uuid="GPU-a"} 0"#,
+            r#"observer_gpu_pod_memory_used_bytes{uuid="GPU-a",namespace="ns",pod="p"} 1048576"#,
+            "observer_nvml_sample_duration_seconds 0.003",
+            "observer_nvml_last_sample_timestamp_seconds 1700000000",
+            "# TYPE observer_gpu_pcie_receive_bytes_total counter",
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
+        }
+        // Unsupported values and everything of a lost GPU are absent, not zero.
+        let samples: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
+        for absent in [
+            "observer_gpu_memory_used_bytes",
+            "observer_gpu_energy_joules_total",
+            "observer_gpu_pcie_receive_bytes_per_second",
+            "observer_gpu_pcie_transmit_bytes_total",
+            r#"observer_gpu_power_watts{gpu="1""#,
+        ] {
+            assert!(!samples.iter().any(|l| l.starts_with(absent)), "{absent} should be absent:\n{t}");
+        }
+        // Every exported family has HELP and TYPE.
+        for mf in families(&s) {
+            assert!(!mf.help().is_empty() && t.contains(&format!("# TYPE {} ", mf.name())), "{}", mf.name());
+        }
+    }
+
+    #[test]
+    fn every_family_registers() {
+        let shared = Arc::new(Shared::new(Snapshot::default()));
+        let registry = prometheus::Registry::new();
+        registry.register(Box::new(GpuCollector::new(shared).unwrap())).unwrap();
+        assert_eq!(registry.gather().len(), 1, "only observer_nvml_up without NVML");
+    }
+}

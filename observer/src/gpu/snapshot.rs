@@ -1,0 +1,91 @@
+//! What one sampling cycle saw, in base units. The sampler builds a new
+//! [`Snapshot`] each cycle and publishes it whole; a scrape reads the latest
+//! one and never touches NVML.
+//!
+//! `None` means NVML could not give the value for this GPU (not supported,
+//! no permission, a transient error): the series is omitted, never exported
+//! as zero.
+use std::time::{Duration, SystemTime};
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// NVML initialised and answered this cycle's device count.
+    pub nvml_up: bool,
+    pub driver_version: String,
+    pub gpus: Vec<GpuState>,
+    pub pods: Vec<PodMemory>,
+    /// End of the last completed cycle, and how long it took.
+    pub sampled_at: Option<SystemTime>,
+    pub cycle: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuState {
+    pub index: u32,
+    /// Empty when NVML could not name the GPU (lost before its UUID was read).
+    pub uuid: String,
+    pub model: String,
+    pub pci_bus_id: String,
+    pub mig_mode: MigState,
+    /// The GPU answered this cycle. A lost GPU keeps its identity and loses
+    /// its values.
+    pub up: bool,
+    pub values: GpuValues,
+    /// XID critical errors seen through NVML events since the observer
+    /// registered for them; `None` where the GPU offers no XID events.
+    pub xid_errors: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MigState {
+    Enabled,
+    Disabled,
+    #[default]
+    Unsupported,
+}
+
+impl MigState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigState::Enabled => "enabled",
+            MigState::Disabled => "disabled",
+            MigState::Unsupported => "unsupported",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuValues {
+    pub utilization_ratio: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub power_watts: Option<f64>,
+    pub energy_joules: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    /// Host to GPU.
+    pub pcie_receive: Option<Pcie>,
+    /// GPU to host.
+    pub pcie_transmit: Option<Pcie>,
+    pub pcie_replays: Option<u64>,
+    pub ecc_corrected: Option<u64>,
+    pub ecc_uncorrected: Option<u64>,
+}
+
+/// PCIe traffic in one direction, in the best form the GPU offers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pcie {
+    /// Cumulative byte counter (NVML fields PCIE_COUNT_TX/RX_BYTES, Hopper
+    /// and later).
+    TotalBytes(u64),
+    /// Throughput over NVML's last 20 ms window (nvmlDeviceGetPcieThroughput).
+    BytesPerSecond(f64),
+}
+
+/// GPU memory of one pod's running compute processes on one GPU.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodMemory {
+    pub uuid: String,
+    pub namespace: String,
+    pub pod: String,
+    pub bytes: u64,
+}

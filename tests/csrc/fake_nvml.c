@@ -1,0 +1,589 @@
+/*
+ * A fake libnvidia-ml.so for the end-to-end tests: the NVML functions the
+ * observer calls, with GPUs described by a small text file that the test
+ * rewrites while the observer runs.
+ *
+ * nvml-wrapper resolves every NVML symbol when it loads the library but keeps
+ * a missing one as an error that it reports only if called (never a panic,
+ * except nvmlShutdown and nvmlEventSetFree, which its destructors call
+ * unchecked). So the fake exports what the observer uses, and a missing
+ * symbol behaves like an old driver that lacks the function.
+ *
+ * Configuration: $FAKE_NVML_CONFIG, else `fake-nvml.conf` next to this
+ * library (each test copies the library into its own directory, so tests
+ * need no environment variables). Lines `key=value`, `#` comments. Re-read
+ * whenever the file changes (write a new file and rename it over the old
+ * one), so a test can make a GPU disappear mid-run.
+ *
+ *   init=<code>               nvmlInit_v2's result (name or number), default success
+ *   driver_version=<s>        default 550.54.15
+ *   count=<n>                 number of GPUs, default 0
+ *   error.<function>=<code>   that function fails with <code>
+ *   sleep.<function>=<ms>     that function sleeps first (a wedged driver)
+ *   sleep_marker=<path>       created when a sleep starts, for the test to wait on
+ *   gpu<N>.uuid / .name / .pci_bus_id
+ *   gpu<N>.lost=1             every call on the GPU: NVML_ERROR_GPU_IS_LOST
+ *   gpu<N>.util / .mem_util   percent
+ *   gpu<N>.mem_total / .mem_used / .mem_reserved   bytes
+ *   gpu<N>.power_mw / .energy_mj / .temp
+ *   gpu<N>.pcie_tx_bytes / .pcie_rx_bytes   cumulative counters (fields 197, 198)
+ *   gpu<N>.pcie_tx_kib / .pcie_rx_kib       throughput samples, KiB/s
+ *   gpu<N>.replays
+ *   gpu<N>.ecc_corrected / .ecc_uncorrected                 volatile counts
+ *   gpu<N>.ecc_corrected_aggregate / .ecc_uncorrected_aggregate
+ *   gpu<N>.mig=0|1
+ *   gpu<N>.procs=<pid>:<bytes>,<pid>:na,...   running compute processes
+ *   gpu<N>.xid=<n>            XID events generated so far (absent: no XID events)
+ *   gpu<N>.xid_code=<code>    default 79
+ *
+ * A GPU value whose key is absent is NVML_ERROR_NOT_SUPPORTED.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+typedef unsigned int nvmlReturn_t;
+enum {
+    NVML_SUCCESS = 0,
+    NVML_ERROR_UNINITIALIZED = 1,
+    NVML_ERROR_INVALID_ARGUMENT = 2,
+    NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_NO_PERMISSION = 4,
+    NVML_ERROR_NOT_FOUND = 6,
+    NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_DRIVER_NOT_LOADED = 9,
+    NVML_ERROR_TIMEOUT = 10,
+    NVML_ERROR_GPU_IS_LOST = 15,
+    NVML_ERROR_RESET_REQUIRED = 16,
+    NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18,
+    NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
+    NVML_ERROR_UNKNOWN = 999,
+};
+
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
+typedef struct {
+    unsigned int version;
+    unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_t;
+typedef struct fake_dev *nvmlDevice_t;
+typedef struct fake_set *nvmlEventSet_t;
+typedef struct {
+    nvmlDevice_t device;
+    unsigned long long eventType, eventData;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlEventData_t;
+typedef union {
+    double dVal;
+    int siVal;
+    unsigned int uiVal;
+    unsigned long ulVal;
+    unsigned long long ullVal;
+    long long sllVal;
+    unsigned short usVal;
+} nvmlValue_t;
+typedef struct {
+    unsigned int fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    unsigned int valueType;
+    nvmlReturn_t nvmlReturn;
+    nvmlValue_t value;
+} nvmlFieldValue_t;
+
+#define MAX_GPUS 64
+#define MAX_SETS 256
+#define EVENT_XID 8ULL
+#define FI_PCIE_COUNT_TX_BYTES 197
+#define FI_PCIE_COUNT_RX_BYTES 198
+#define VALUE_TYPE_UNSIGNED_LONG_LONG 3
+#define NO_ID 0xFFFFFFFFu
+#define NOT_AVAILABLE 0xFFFFFFFFFFFFFFFFULL
+
+struct fake_dev { int index; };
+struct fake_set {
+    int used;
+    int registered[MAX_GPUS];
+    unsigned long long delivered[MAX_GPUS];
+};
+
+static struct fake_dev devs[MAX_GPUS];
+static struct fake_set sets[MAX_SETS];
+static int initialized;
+
+/* ---- configuration ---------------------------------------------------- */
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static char cfg_path[4096];
+static char *cfg_text;
+static struct stat cfg_stat;
+static int cfg_have_stat;
+
+static void cfg_find_path(void) {
+    if (cfg_path[0]) return;
+    const char *env = getenv("FAKE_NVML_CONFIG");
+    if (env && *env) {
+        snprintf(cfg_path, sizeof cfg_path, "%s", env);
+        return;
+    }
+    Dl_info info;
+    if (dladdr((void *)cfg_find_path, &info) && info.dli_fname) {
+        char copy[4096];
+        snprintf(copy, sizeof copy, "%s", info.dli_fname);
+        snprintf(cfg_path, sizeof cfg_path, "%s/fake-nvml.conf", dirname(copy));
+    }
+}
+
+/* Re-reads the file when it changed (new inode, size or mtime). Caller holds mu. */
+static void cfg_refresh(void) {
+    cfg_find_path();
+    struct stat st;
+    if (stat(cfg_path, &st) != 0) {
+        free(cfg_text);
+        cfg_text = NULL;
+        cfg_have_stat = 0;
+        return;
+    }
+    if (cfg_have_stat && st.st_ino == cfg_stat.st_ino && st.st_size == cfg_stat.st_size &&
+        st.st_mtim.tv_sec == cfg_stat.st_mtim.tv_sec && st.st_mtim.tv_nsec == cfg_stat.st_mtim.tv_nsec)
+        return;
+    FILE *f = fopen(cfg_path, "r");
+    if (!f) return;
+    char *text = calloc(1, (size_t)st.st_size + 2);
+    size_t n = text ? fread(text, 1, (size_t)st.st_size, f) : 0;
+    fclose(f);
+    if (!text) return;
+    text[n] = '\0';
+    free(cfg_text);
+    cfg_text = text;
+    cfg_stat = st;
+    cfg_have_stat = 1;
+}
+
+/* Copies the value of `key` into out; 1 if present. */
+static int cfg_get(const char *key, char *out, size_t outlen) {
+    int found = 0;
+    size_t klen = strlen(key);
+    pthread_mutex_lock(&mu);
+    cfg_refresh();
+    for (const char *line = cfg_text; line && *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        while (len && (line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
+        if (len > klen && line[klen] == '=' && strncmp(line, key, klen) == 0) {
+            size_t vlen = len - klen - 1;
+            if (vlen >= outlen) vlen = outlen - 1;
+            memcpy(out, line + klen + 1, vlen);
+            out[vlen] = '\0';
+            found = 1; /* the last occurrence wins */
+        }
+        line = end ? end + 1 : line + len;
+    }
+    pthread_mutex_unlock(&mu);
+    return found;
+}
+
+static int cfg_ull(const char *key, unsigned long long *v) {
+    char buf[64];
+    if (!cfg_get(key, buf, sizeof buf)) return 0;
+    *v = strtoull(buf, NULL, 0);
+    return 1;
+}
+
+static int gpu_get(int idx, const char *field, char *out, size_t outlen) {
+    char key[128];
+    snprintf(key, sizeof key, "gpu%d.%s", idx, field);
+    return cfg_get(key, out, outlen);
+}
+
+static int gpu_ull(int idx, const char *field, unsigned long long *v) {
+    char key[128];
+    snprintf(key, sizeof key, "gpu%d.%s", idx, field);
+    return cfg_ull(key, v);
+}
+
+static nvmlReturn_t parse_code(const char *s) {
+    static const struct { const char *name; nvmlReturn_t code; } names[] = {
+        {"success", NVML_SUCCESS},
+        {"uninitialized", NVML_ERROR_UNINITIALIZED},
+        {"invalid_argument", NVML_ERROR_INVALID_ARGUMENT},
+        {"not_supported", NVML_ERROR_NOT_SUPPORTED},
+        {"no_permission", NVML_ERROR_NO_PERMISSION},
+        {"not_found", NVML_ERROR_NOT_FOUND},
+        {"driver_not_loaded", NVML_ERROR_DRIVER_NOT_LOADED},
+        {"timeout", NVML_ERROR_TIMEOUT},
+        {"gpu_is_lost", NVML_ERROR_GPU_IS_LOST},
+        {"reset_required", NVML_ERROR_RESET_REQUIRED},
+        {"lib_rm_version_mismatch", NVML_ERROR_LIB_RM_VERSION_MISMATCH},
+        {"unknown", NVML_ERROR_UNKNOWN},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(s, names[i].name) == 0) return names[i].code;
+    return (nvmlReturn_t)strtoul(s, NULL, 0);
+}
+
+/* Sleeps if the test asked this function to, then returns the error the test
+ * injected for it (NVML_SUCCESS if none). */
+static nvmlReturn_t begin(const char *fn) {
+    char key[160], buf[4096];
+    snprintf(key, sizeof key, "sleep.%s", fn);
+    unsigned long long ms;
+    if (cfg_ull(key, &ms) && ms > 0) {
+        if (cfg_get("sleep_marker", buf, sizeof buf)) {
+            int fd = open(buf, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+            if (fd >= 0) close(fd);
+        }
+        struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+    snprintf(key, sizeof key, "error.%s", fn);
+    if (cfg_get(key, buf, sizeof buf)) return parse_code(buf);
+    return NVML_SUCCESS;
+}
+
+static unsigned long long gpu_count(void) {
+    unsigned long long n = 0;
+    cfg_ull("count", &n);
+    return n > MAX_GPUS ? MAX_GPUS : n;
+}
+
+static int dev_index(nvmlDevice_t d) {
+    if (d < devs || d >= devs + MAX_GPUS) return -1;
+    return (int)(d - devs);
+}
+
+/* Common start of every per-GPU function. */
+static nvmlReturn_t dev_begin(const char *fn, nvmlDevice_t d, int *idx) {
+    nvmlReturn_t r = begin(fn);
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    *idx = dev_index(d);
+    if (*idx < 0 || (unsigned long long)*idx >= gpu_count()) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned long long lost = 0;
+    if (gpu_ull(*idx, "lost", &lost) && lost) return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+#define DEV(fn, device)                               \
+    int idx;                                          \
+    do {                                              \
+        nvmlReturn_t r_ = dev_begin(fn, device, &idx); \
+        if (r_ != NVML_SUCCESS) return r_;            \
+    } while (0)
+
+static nvmlReturn_t copy_str(const char *s, char *out, unsigned int len) {
+    if (!out) return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(s) + 1 > len) return NVML_ERROR_INSUFFICIENT_SIZE;
+    strcpy(out, s);
+    return NVML_SUCCESS;
+}
+
+/* ---- library ------------------------------------------------------------ */
+
+EXPORT nvmlReturn_t nvmlInit_v2(void) {
+    nvmlReturn_t r = begin("nvmlInit_v2");
+    if (r != NVML_SUCCESS) return r;
+    char buf[64];
+    if (cfg_get("init", buf, sizeof buf)) {
+        r = parse_code(buf);
+        if (r != NVML_SUCCESS) return r;
+    }
+    for (int i = 0; i < MAX_GPUS; i++) devs[i].index = i;
+    initialized++;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlShutdown(void) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    initialized--;
+    return NVML_SUCCESS;
+}
+
+EXPORT const char *nvmlErrorString(nvmlReturn_t r) {
+    switch (r) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    default: return "Fake NVML error";
+    }
+}
+
+EXPORT nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    nvmlReturn_t r = begin("nvmlSystemGetDriverVersion");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    char buf[80] = "550.54.15";
+    cfg_get("driver_version", buf, sizeof buf);
+    return copy_str(buf, version, length);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    nvmlReturn_t r = begin("nvmlDeviceGetCount_v2");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    *count = (unsigned int)gpu_count();
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
+    nvmlReturn_t r = begin("nvmlDeviceGetHandleByIndex_v2");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (index >= gpu_count()) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned long long lost = 0;
+    if (gpu_ull((int)index, "lost", &lost) && lost) return NVML_ERROR_GPU_IS_LOST;
+    *device = &devs[index];
+    return NVML_SUCCESS;
+}
+
+/* ---- identity ------------------------------------------------------------- */
+
+EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index) {
+    DEV("nvmlDeviceGetIndex", device);
+    *index = (unsigned int)idx;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
+    DEV("nvmlDeviceGetUUID", device);
+    char buf[96];
+    if (!gpu_get(idx, "uuid", buf, sizeof buf))
+        snprintf(buf, sizeof buf, "GPU-fake0000-0000-0000-0000-%012d", idx);
+    return copy_str(buf, uuid, length);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
+    DEV("nvmlDeviceGetName", device);
+    char buf[96] = "Fake GPU";
+    gpu_get(idx, "name", buf, sizeof buf);
+    return copy_str(buf, name, length);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    DEV("nvmlDeviceGetPciInfo_v3", device);
+    memset(pci, 0, sizeof *pci);
+    if (!gpu_get(idx, "pci_bus_id", pci->busId, sizeof pci->busId))
+        snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", idx + 1);
+    pci->bus = (unsigned int)idx + 1;
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", idx + 1);
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
+    DEV("nvmlDeviceGetMigMode", device);
+    unsigned long long mig;
+    if (!gpu_ull(idx, "mig", &mig)) return NVML_ERROR_NOT_SUPPORTED;
+    *current = *pending = (unsigned int)mig;
+    return NVML_SUCCESS;
+}
+
+/* ---- values --------------------------------------------------------------- */
+
+/* A plain unsigned int or unsigned long long value under gpu<N>.<field>. */
+#define UINT_GETTER(fn, field, type)                              \
+    EXPORT nvmlReturn_t fn(nvmlDevice_t device, type *out) {      \
+        DEV(#fn, device);                                         \
+        unsigned long long v;                                     \
+        if (!gpu_ull(idx, field, &v)) return NVML_ERROR_NOT_SUPPORTED; \
+        *out = (type)v;                                           \
+        return NVML_SUCCESS;                                      \
+    }
+
+UINT_GETTER(nvmlDeviceGetPowerUsage, "power_mw", unsigned int)
+UINT_GETTER(nvmlDeviceGetTotalEnergyConsumption, "energy_mj", unsigned long long)
+UINT_GETTER(nvmlDeviceGetPcieReplayCounter, "replays", unsigned int)
+
+EXPORT nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *u) {
+    DEV("nvmlDeviceGetUtilizationRates", device);
+    unsigned long long gpu, mem = 0;
+    if (!gpu_ull(idx, "util", &gpu)) return NVML_ERROR_NOT_SUPPORTED;
+    gpu_ull(idx, "mem_util", &mem);
+    u->gpu = (unsigned int)gpu;
+    u->memory = (unsigned int)mem;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *m) {
+    DEV("nvmlDeviceGetMemoryInfo_v2", device);
+    /* NVML_STRUCT_VERSION(Memory, 2), as the real library checks it. */
+    if (m->version != ((unsigned int)sizeof(nvmlMemory_v2_t) | (2u << 24)))
+        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    unsigned long long total, used, reserved = 0;
+    if (!gpu_ull(idx, "mem_total", &total) || !gpu_ull(idx, "mem_used", &used)) return NVML_ERROR_NOT_SUPPORTED;
+    gpu_ull(idx, "mem_reserved", &reserved);
+    m->total = total;
+    m->used = used;
+    m->reserved = reserved;
+    m->free = total - used - reserved;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, unsigned int sensor, unsigned int *temp) {
+    DEV("nvmlDeviceGetTemperature", device);
+    unsigned long long v;
+    if (sensor != 0) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!gpu_ull(idx, "temp", &v)) return NVML_ERROR_NOT_SUPPORTED;
+    *temp = (unsigned int)v;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPcieThroughput(nvmlDevice_t device, unsigned int counter, unsigned int *value) {
+    DEV("nvmlDeviceGetPcieThroughput", device);
+    unsigned long long v;
+    const char *field = counter == 0 ? "pcie_tx_kib" : counter == 1 ? "pcie_rx_kib" : NULL;
+    if (!field) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!gpu_ull(idx, field, &v)) return NVML_ERROR_NOT_SUPPORTED;
+    *value = (unsigned int)v;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, unsigned int errorType, unsigned int counterType,
+                                               unsigned long long *count) {
+    DEV("nvmlDeviceGetTotalEccErrors", device);
+    if (errorType > 1 || counterType > 1) return NVML_ERROR_INVALID_ARGUMENT;
+    static const char *fields[2][2] = {
+        {"ecc_corrected", "ecc_corrected_aggregate"},
+        {"ecc_uncorrected", "ecc_uncorrected_aggregate"},
+    };
+    if (!gpu_ull(idx, fields[errorType][counterType], count)) return NVML_ERROR_NOT_SUPPORTED;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount, nvmlFieldValue_t *values) {
+    DEV("nvmlDeviceGetFieldValues", device);
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    for (int i = 0; i < valuesCount; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        const char *field = v->fieldId == FI_PCIE_COUNT_TX_BYTES ? "pcie_tx_bytes"
+                          : v->fieldId == FI_PCIE_COUNT_RX_BYTES ? "pcie_rx_bytes"
+                                                                 : NULL;
+        v->timestamp = (long long)tv.tv_sec * 1000000 + tv.tv_usec;
+        v->latencyUsec = 0;
+        unsigned long long x;
+        if (field && gpu_ull(idx, field, &x)) {
+            v->valueType = VALUE_TYPE_UNSIGNED_LONG_LONG;
+            v->value.ullVal = x;
+            v->nvmlReturn = NVML_SUCCESS;
+        } else {
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        }
+    }
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                           nvmlProcessInfo_t *infos) {
+    DEV("nvmlDeviceGetComputeRunningProcesses_v3", device);
+    nvmlProcessInfo_t found[256];
+    unsigned int n = 0;
+    char buf[8192];
+    if (gpu_get(idx, "procs", buf, sizeof buf)) {
+        for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok && n < 256; tok = strtok_r(NULL, ",", &save)) {
+            char *colon = strchr(tok, ':');
+            if (!colon) continue;
+            *colon = '\0';
+            found[n].pid = (unsigned int)strtoul(tok, NULL, 10);
+            found[n].usedGpuMemory = strcmp(colon + 1, "na") == 0 ? NOT_AVAILABLE : strtoull(colon + 1, NULL, 10);
+            found[n].gpuInstanceId = NO_ID;
+            found[n].computeInstanceId = NO_ID;
+            n++;
+        }
+    }
+    if (*infoCount < n || (!infos && n)) {
+        *infoCount = n;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    if (n) memcpy(infos, found, n * sizeof found[0]);
+    *infoCount = n;
+    return NVML_SUCCESS;
+}
+
+/* ---- XID events ----------------------------------------------------------- */
+
+EXPORT nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *types) {
+    DEV("nvmlDeviceGetSupportedEventTypes", device);
+    unsigned long long xid;
+    *types = gpu_ull(idx, "xid", &xid) ? EVENT_XID : 0;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    nvmlReturn_t r = begin("nvmlEventSetCreate");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < MAX_SETS; i++) {
+        if (!sets[i].used) {
+            memset(&sets[i], 0, sizeof sets[i]);
+            sets[i].used = 1;
+            *set = &sets[i];
+            pthread_mutex_unlock(&mu);
+            return NVML_SUCCESS;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    return NVML_ERROR_UNKNOWN;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long types, nvmlEventSet_t set) {
+    DEV("nvmlDeviceRegisterEvents", device);
+    unsigned long long xid;
+    if (!set || set < sets || set >= sets + MAX_SETS || !set->used) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!(types & EVENT_XID) || !gpu_ull(idx, "xid", &xid)) return NVML_ERROR_NOT_SUPPORTED;
+    /* Events raised before registration are not delivered. */
+    set->registered[idx] = 1;
+    set->delivered[idx] = xid;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms) {
+    nvmlReturn_t r = begin("nvmlEventSetWait_v2");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!set || set < sets || set >= sets + MAX_SETS || !set->used) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned long long n = gpu_count();
+    for (unsigned long long i = 0; i < n; i++) {
+        unsigned long long xid, code = 79;
+        if (!set->registered[i] || !gpu_ull((int)i, "xid", &xid) || xid <= set->delivered[i]) continue;
+        gpu_ull((int)i, "xid_code", &code);
+        set->delivered[i]++;
+        data->device = &devs[i];
+        data->eventType = EVENT_XID;
+        data->eventData = code;
+        data->gpuInstanceId = NO_ID;
+        data->computeInstanceId = NO_ID;
+        return NVML_SUCCESS;
+    }
+    if (timeoutms) usleep((timeoutms > 1000 ? 1000 : timeoutms) * 1000);
+    return NVML_ERROR_TIMEOUT;
+}
+
+EXPORT nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) {
+    if (!set || set < sets || set >= sets + MAX_SETS || !set->used) return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&mu);
+    set->used = 0;
+    pthread_mutex_unlock(&mu);
+    return NVML_SUCCESS;
+}

@@ -1,0 +1,734 @@
+//! GPU statistics through NVML, end to end, against a fake NVML library
+//! (`tests/csrc/fake_nvml.c`; there is no GPU on CI). Each test copies the
+//! fake into its own directory next to its `fake-nvml.conf`, points the real
+//! observer at it with `--nvml-lib`, and rewrites the configuration while the
+//! observer runs (a GPU falls off the bus, the driver goes away, NVML blocks).
+//! The real NVML path is the same code with the real library.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use observer_tests::{Metrics, NetNs, ObserverProcess, TcpServer, TempDir, run_observer_cli, transfer, wait_until};
+
+const UUID0: &str = "GPU-5e1b9c1a-7d2e-4f30-8a41-b52c63d74e85";
+const UUID1: &str = "GPU-0c9d8e7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f";
+/// Long enough for backoff (1 s, 2 s, 4 s) and a few 100 ms cycles.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Two GPUs: an H100 with every value and cumulative PCIe counters, an A100
+/// in MIG mode with PCIe throughput samples only.
+fn two_gpus() -> String {
+    format!(
+        "count=2
+driver_version=550.54.15
+gpu0.uuid={UUID0}
+gpu0.name=NVIDIA H100 80GB HBM3
+gpu0.pci_bus_id=00000000:17:00.0
+gpu0.util=37
+gpu0.mem_total=85520809984
+gpu0.mem_used=2147483648
+gpu0.power_mw=123456
+gpu0.energy_mj=987654321
+gpu0.temp=61
+gpu0.pcie_tx_bytes=111111111111
+gpu0.pcie_rx_bytes=222222222222
+# Also present, and not to be used: the counters win.
+gpu0.pcie_tx_kib=1
+gpu0.pcie_rx_kib=1
+gpu0.replays=3
+gpu0.ecc_corrected=4
+gpu0.ecc_uncorrected=5
+# Lifetime counts: the observer reports the volatile ones.
+gpu0.ecc_corrected_aggregate=400
+gpu0.ecc_uncorrected_aggregate=500
+gpu0.mig=0
+gpu0.xid=0
+gpu1.uuid={UUID1}
+gpu1.name=NVIDIA A100-SXM4-40GB
+gpu1.pci_bus_id=00000000:65:00.0
+gpu1.util=100
+gpu1.mem_total=42949672960
+gpu1.mem_used=0
+gpu1.power_mw=250
+gpu1.energy_mj=1500
+gpu1.temp=35
+gpu1.pcie_tx_kib=1000
+gpu1.pcie_rx_kib=3
+gpu1.replays=0
+gpu1.ecc_corrected=0
+gpu1.ecc_uncorrected=0
+gpu1.mig=1
+gpu1.xid=0
+"
+    )
+}
+
+/// A private copy of the fake library and its configuration.
+struct FakeNvml {
+    dir: TempDir,
+    lib: PathBuf,
+}
+
+impl FakeNvml {
+    fn new(tag: &str, conf: &str) -> Self {
+        let dir = TempDir::new(tag).unwrap();
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        fs::copy(env!("FAKE_NVML_LIB"), &lib).unwrap();
+        fs::create_dir_all(dir.path().join("pods")).unwrap();
+        let fake = FakeNvml { dir, lib };
+        fake.set(conf);
+        fake
+    }
+
+    /// Replaces the configuration atomically (the fake re-reads it when its
+    /// inode changes, and never sees half a file).
+    fn set(&self, conf: &str) {
+        let tmp = self.dir.path().join("fake-nvml.conf.new");
+        fs::write(&tmp, conf).unwrap();
+        fs::rename(&tmp, self.dir.path().join("fake-nvml.conf")).unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `observer run` with this library, sampling every 100 ms.
+    fn start(&self, ns: &NetNs, extra: &[&str]) -> ObserverProcess {
+        let lib = self.lib.to_str().unwrap();
+        let pods = self.path("pods");
+        let mut args = vec![
+            "--iface",
+            "lo",
+            "--gpu-interval",
+            "100ms",
+            "--nvml-lib",
+            lib,
+            "--pod-log-dir",
+            pods.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ObserverProcess::start(ns, &args).unwrap()
+    }
+}
+
+fn wait_metrics(obs: &mut ObserverProcess, what: &str, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+    let mut last = None;
+    let r = wait_until(what, WAIT, Duration::from_millis(50), || {
+        let m = obs.metrics()?;
+        let ok = cond(&m);
+        last = Some(m.clone());
+        Ok(ok.then_some(m))
+    });
+    r.unwrap_or_else(|e| panic!("{e:#}\nlast scrape:\n{last:?}\nlog:\n{}", plain_log(obs)))
+}
+
+fn gpu(m: &Metrics, name: &str, index: &str) -> Option<f64> {
+    m.value(name, &[("gpu", index)])
+}
+
+/// The observer's log without terminal colour codes.
+fn plain_log(obs: &ObserverProcess) -> String {
+    let log = obs.log();
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn gpu_series(m: &Metrics) -> Vec<String> {
+    m.samples().iter().filter(|s| s.name.starts_with("observer_gpu_")).map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn no_library_nvml_down_and_the_network_side_runs() {
+    let ns = NetNs::new("gpu-nolib").unwrap();
+    let mut obs = ObserverProcess::start(
+        &ns,
+        &["--iface", "lo", "--gpu-interval", "100ms", "--nvml-lib", "/nonexistent/nvidia/libnvidia-ml.so.1"],
+    )
+    .unwrap();
+    let m = obs.metrics().unwrap();
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(0.0), "{m:?}");
+    assert!(gpu_series(&m).is_empty(), "{m:?}");
+    assert!(m.help("observer_nvml_up").is_some_and(|h| h.contains("no library")), "{m:?}");
+    wait_until("the reason in the log", WAIT, Duration::from_millis(50), || {
+        Ok(plain_log(&obs).contains("cannot load the NVML library").then_some(()))
+    })
+    .unwrap();
+    let log = plain_log(&obs);
+    assert!(log.contains("/nonexistent/nvidia/libnvidia-ml.so.1") && log.contains("--nvml-lib"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(obs.get("/readyz").unwrap().status, 200);
+}
+
+#[test]
+fn required_refuses_to_start_without_nvml_with_exit_2() {
+    let fake = FakeNvml::new("gpu-required", "init=driver_not_loaded\ncount=1\n");
+    let lib = fake.lib.to_str().unwrap().to_string();
+    let zero = FakeNvml::new("gpu-required-zero", "count=0\n");
+    let zero_lib = zero.lib.to_str().unwrap().to_string();
+    for (args, needles) in [
+        (
+            vec!["--nvml-lib", "/nonexistent/libnvidia-ml.so.1"],
+            vec![
+                "--gpu required, but NVML cannot start: cannot load the NVML library",
+                "/nonexistent/libnvidia-ml.so.1",
+            ],
+        ),
+        (
+            vec!["--nvml-lib", &lib],
+            vec!["--gpu required, but NVML cannot start: NVML initialisation through", "NVIDIA driver is not loaded"],
+        ),
+        (vec!["--nvml-lib", &zero_lib], vec!["--gpu required, but NVML cannot start: NVML started but reports no GPU"]),
+    ] {
+        let mut argv = vec!["run", "--listen", "127.0.0.1:0", "--gpu", "required"];
+        argv.extend(args.iter().copied());
+        let out = run_observer_cli(&argv).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "{argv:?}: expected {n:?} in {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn bad_gpu_flags_are_usage_errors() {
+    for (args, needle) in [
+        (&["--gpu", "maybe"][..], "[possible values: off, auto, required]"),
+        (&["--gpu-interval", "5"][..], "`5` has no unit"),
+        (&["--gpu-interval", "1ms"][..], "shorter than 100ms"),
+        (&["--nvml-lib", ""][..], "the path is empty"),
+        (&["--nvml-lib", "libnvidia-ml.so.1"][..], "is not a path"),
+    ] {
+        let mut argv = vec!["run", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let out = run_observer_cli(&argv).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+    }
+}
+
+#[test]
+fn init_failures_are_retried_and_a_driver_lost_mid_run_is_reinitialised() {
+    let conf = two_gpus();
+    let fake = FakeNvml::new("gpu-init", &format!("{conf}init=driver_not_loaded\n"));
+    let ns = NetNs::new("gpu-init").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let has = |obs: &ObserverProcess, s: &str| plain_log(obs).contains(s);
+
+    let m = obs.metrics().unwrap();
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(0.0), "{m:?}");
+    wait_until("the driver error in the log", WAIT, Duration::from_millis(50), || {
+        Ok(has(&obs, "NVIDIA driver is not loaded").then_some(()))
+    })
+    .unwrap();
+
+    // Another reason is logged again.
+    fake.set(&format!("{conf}init=no_permission\n"));
+    wait_until("the permission error in the log", WAIT, Duration::from_millis(50), || {
+        Ok(has(&obs, "cannot open the /dev/nvidia* devices").then_some(()))
+    })
+    .unwrap();
+    assert_eq!(obs.metrics().unwrap().value_exact("observer_nvml_up", &[]), Some(0.0));
+
+    // The driver arrives: the next retry (backoff 1 s, 2 s, 4 s...) succeeds.
+    fake.set(&conf);
+    wait_metrics(&mut obs, "NVML up after the retry", |m| {
+        m.value_exact("observer_nvml_up", &[]) == Some(1.0) && gpu(m, "observer_gpu_up", "1") == Some(1.0)
+    });
+    assert!(has(&obs, "NVML ready"));
+
+    // The driver goes away mid-run: NVML down, the GPU series go, then back.
+    fake.set(&format!("{conf}error.nvmlDeviceGetCount_v2=driver_not_loaded\n"));
+    let m = wait_metrics(&mut obs, "NVML down after the driver left", |m| {
+        m.value_exact("observer_nvml_up", &[]) == Some(0.0)
+    });
+    assert!(gpu_series(&m).is_empty(), "{m:?}");
+    fake.set(&conf);
+    wait_metrics(&mut obs, "NVML back", |m| {
+        m.value_exact("observer_nvml_up", &[]) == Some(1.0) && gpu(m, "observer_gpu_up", "0") == Some(1.0)
+    });
+    let log = plain_log(&obs);
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(obs.get("/readyz").unwrap().status, 200);
+}
+
+#[test]
+fn zero_gpus_nvml_up_and_no_gpu_series() {
+    let fake = FakeNvml::new("gpu-zero", "count=0\n");
+    let ns = NetNs::new("gpu-zero").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "a completed cycle", |m| {
+        m.value_exact("observer_nvml_sample_duration_seconds", &[]).is_some()
+    });
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0), "{m:?}");
+    assert!(gpu_series(&m).is_empty(), "{m:?}");
+    // A GPU appears: the session is rebuilt with it.
+    fake.set(&format!("count=1\ngpu0.uuid={UUID0}\ngpu0.util=5\n"));
+    let m = wait_metrics(&mut obs, "the new GPU", |m| gpu(m, "observer_gpu_up", "0") == Some(1.0));
+    assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "0"), Some(0.05));
+    assert!(plain_log(&obs).contains("the GPU count changed from 0 to 1"));
+}
+
+#[test]
+fn gpu_off_loads_nothing_and_exports_only_nvml_down() {
+    let fake = FakeNvml::new("gpu-off", &two_gpus());
+    let ns = NetNs::new("gpu-off").unwrap();
+    let mut obs = fake.start(&ns, &["--gpu", "off"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = obs.metrics().unwrap();
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(0.0), "{m:?}");
+    assert!(
+        gpu_series(&m).is_empty() && m.value_exact("observer_nvml_sample_duration_seconds", &[]).is_none(),
+        "{m:?}"
+    );
+    let maps = fs::read_to_string(format!("/proc/{}/maps", obs.pid())).unwrap();
+    assert!(!maps.contains("libnvidia-ml"), "the library was loaded");
+    assert!(plain_log(&obs).contains("GPU statistics off (--gpu off)"));
+}
+
+#[test]
+fn two_gpus_every_metric_with_its_unit() {
+    let fake = FakeNvml::new("gpu-two", &two_gpus());
+    let ns = NetNs::new("gpu-two").unwrap();
+    // `required` starts when NVML works.
+    let mut obs = fake.start(&ns, &["--gpu", "required"]);
+    let m = wait_metrics(&mut obs, "both GPUs sampled", |m| gpu(m, "observer_gpu_up", "1") == Some(1.0));
+
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0));
+    let info = |idx: &str, uuid: &str, model: &str, bus: &str, mig: &str| {
+        let labels = [
+            ("gpu", idx),
+            ("uuid", uuid),
+            ("model", model),
+            ("pci_bus_id", bus),
+            ("driver_version", "550.54.15"),
+            ("mig_mode", mig),
+        ];
+        assert_eq!(m.value_exact("observer_gpu_info", &labels), Some(1.0), "{labels:?}\n{m:?}");
+    };
+    info("0", UUID0, "NVIDIA H100 80GB HBM3", "00000000:17:00.0", "disabled");
+    info("1", UUID1, "NVIDIA A100-SXM4-40GB", "00000000:65:00.0", "enabled");
+
+    // (family, type, GPU 0, GPU 1): NVML's units converted to base units.
+    let kib = 1024.0;
+    let expected: &[(&str, &str, Option<f64>, Option<f64>)] = &[
+        ("observer_gpu_up", "gauge", Some(1.0), Some(1.0)),
+        ("observer_gpu_utilization_ratio", "gauge", Some(0.37), Some(1.0)),
+        ("observer_gpu_memory_used_bytes", "gauge", Some(2147483648.0), Some(0.0)),
+        ("observer_gpu_memory_total_bytes", "gauge", Some(85520809984.0), Some(42949672960.0)),
+        ("observer_gpu_power_watts", "gauge", Some(123.456), Some(0.25)),
+        ("observer_gpu_energy_joules_total", "counter", Some(987654.321), Some(1.5)),
+        ("observer_gpu_temperature_celsius", "gauge", Some(61.0), Some(35.0)),
+        ("observer_gpu_pcie_transmit_bytes_total", "counter", Some(111111111111.0), None),
+        ("observer_gpu_pcie_receive_bytes_total", "counter", Some(222222222222.0), None),
+        ("observer_gpu_pcie_transmit_bytes_per_second", "gauge", None, Some(1000.0 * kib)),
+        ("observer_gpu_pcie_receive_bytes_per_second", "gauge", None, Some(3.0 * kib)),
+        ("observer_gpu_pcie_replays_total", "counter", Some(3.0), Some(0.0)),
+        ("observer_gpu_ecc_corrected_errors_total", "counter", Some(4.0), Some(0.0)),
+        ("observer_gpu_ecc_uncorrected_errors_total", "counter", Some(5.0), Some(0.0)),
+        ("observer_gpu_xid_errors_total", "counter", Some(0.0), Some(0.0)),
+    ];
+    for &(family, kind, v0, v1) in expected {
+        assert_eq!(m.metric_type(family), Some(kind), "{family}");
+        assert_eq!(m.value_exact(family, &[("gpu", "0"), ("uuid", UUID0)]), v0, "{family} on GPU 0\n{m:?}");
+        assert_eq!(m.value_exact(family, &[("gpu", "1"), ("uuid", UUID1)]), v1, "{family} on GPU 1\n{m:?}");
+    }
+    // Every GPU and NVML family has HELP; per-GPU series carry gpu and uuid only.
+    for s in m.samples().iter().filter(|s| s.name.starts_with("observer_gpu_") || s.name.starts_with("observer_nvml_"))
+    {
+        assert!(m.help(&s.name).is_some_and(|h| !h.is_empty()), "no HELP for {}", s.name);
+        if !["observer_gpu_info", "observer_gpu_pod_memory_used_bytes"].contains(&s.name.as_str())
+            && s.name.starts_with("observer_gpu_")
+        {
+            assert_eq!(s.labels.keys().map(String::as_str).collect::<Vec<_>>(), ["gpu", "uuid"], "{s}");
+        }
+    }
+    let cycle = m.value_exact("observer_nvml_sample_duration_seconds", &[]).unwrap();
+    assert!(cycle > 0.0 && cycle < 1.0, "{cycle}");
+    let stamp = m.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - stamp).abs() < 5.0, "{stamp} vs {now}");
+
+    // XID errors arrive as NVML events: counted, and logged with their code.
+    fake.set(&two_gpus().replace("gpu0.xid=0", "gpu0.xid=2\ngpu0.xid_code=48"));
+    wait_metrics(&mut obs, "two XID errors on GPU 0", |m| gpu(m, "observer_gpu_xid_errors_total", "0") == Some(2.0));
+    let log = plain_log(&obs);
+    assert_eq!(log.matches("XID error reported by the NVIDIA driver").count(), 2, "{log}");
+    assert!(log.contains("xid=48"), "{log}");
+    assert_eq!(
+        obs.metrics().unwrap().value_exact("observer_gpu_xid_errors_total", &[("gpu", "1"), ("uuid", UUID1)]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn unsupported_values_are_omitted_not_zero() {
+    let conf = format!(
+        "count=1
+gpu0.uuid={UUID0}
+gpu0.util=12
+gpu0.mem_total=1000
+gpu0.mem_used=10
+gpu0.power_mw=5000
+error.nvmlDeviceGetPowerUsage=no_permission
+error.nvmlDeviceGetComputeRunningProcesses_v3=not_supported
+"
+    );
+    let fake = FakeNvml::new("gpu-unsupported", &conf);
+    let ns = NetNs::new("gpu-unsupported").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    wait_metrics(&mut obs, "the GPU sampled", |m| gpu(m, "observer_gpu_up", "0") == Some(1.0));
+    // A few more cycles, to see that errors are logged once, not per cycle.
+    std::thread::sleep(Duration::from_millis(500));
+    let m = obs.metrics().unwrap();
+    let mut names: Vec<&str> =
+        m.samples().iter().filter(|s| s.name.starts_with("observer_gpu_")).map(|s| s.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "observer_gpu_info",
+            "observer_gpu_memory_total_bytes",
+            "observer_gpu_memory_used_bytes",
+            "observer_gpu_up",
+            "observer_gpu_utilization_ratio"
+        ],
+        "{m:?}"
+    );
+    assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "0"), Some(0.12));
+    assert_eq!(m.value("observer_gpu_info", &[("gpu", "0")]), Some(1.0));
+    assert!(m.matching("observer_gpu_info", &[("mig_mode", "unsupported"), ("model", "Fake GPU")]).len() == 1, "{m:?}");
+    let log = plain_log(&obs);
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("cannot read GPU value")).collect();
+    assert_eq!(warned.len(), 1, "no permission is logged once:\n{log}");
+    assert!(warned[0].contains(r#"field="power""#) && warned[0].contains("permission"), "{log}");
+}
+
+#[test]
+fn a_gpu_lost_mid_run_goes_down_and_comes_back() {
+    let conf = two_gpus();
+    let fake = FakeNvml::new("gpu-lost", &conf);
+    let ns = NetNs::new("gpu-lost").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    wait_metrics(&mut obs, "both GPUs up", |m| gpu(m, "observer_gpu_up", "1") == Some(1.0));
+
+    fake.set(&format!("{conf}gpu1.lost=1\n"));
+    let m = wait_metrics(&mut obs, "GPU 1 down", |m| gpu(m, "observer_gpu_up", "1") == Some(0.0));
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0), "{m:?}");
+    let gpu1: Vec<&str> =
+        m.samples().iter().filter(|s| s.labels.get("gpu").is_some_and(|g| g == "1")).map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        gpu1,
+        ["observer_gpu_info", "observer_gpu_up"],
+        "a lost GPU keeps its identity and loses its values\n{m:?}"
+    );
+    assert_eq!(gpu(&m, "observer_gpu_up", "0"), Some(1.0));
+    assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "0"), Some(0.37));
+    // Still lost across a re-initialisation (after the 1 s backoff).
+    wait_until("a re-initialisation", WAIT, Duration::from_millis(50), || {
+        Ok(plain_log(&obs).contains("re-initialising NVML").then_some(()))
+    })
+    .unwrap();
+    let m = obs.metrics().unwrap();
+    assert_eq!(gpu(&m, "observer_gpu_up", "1"), Some(0.0), "{m:?}");
+    assert_eq!(
+        m.value_exact(
+            "observer_gpu_info",
+            &[
+                ("gpu", "1"),
+                ("uuid", UUID1),
+                ("model", "NVIDIA A100-SXM4-40GB"),
+                ("pci_bus_id", "00000000:65:00.0"),
+                ("driver_version", "550.54.15"),
+                ("mig_mode", "enabled")
+            ]
+        ),
+        Some(1.0),
+        "{m:?}"
+    );
+
+    fake.set(&conf);
+    let m = wait_metrics(&mut obs, "GPU 1 back", |m| gpu(m, "observer_gpu_up", "1") == Some(1.0));
+    assert_eq!(gpu(&m, "observer_gpu_power_watts", "1"), Some(0.25));
+    let log = plain_log(&obs);
+    assert_eq!(log.matches("GPU lost;").count(), 1, "{log}");
+    assert!(log.contains("GPU answers again"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The cgroup v2 mount: /sys/fs/cgroup on most hosts, /sys/fs/cgroup/unified
+/// on hybrid ones.
+fn cgroup2_root() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            let mount_point = before.split_whitespace().nth(4)?;
+            (after.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// Cgroups laid out as the kubelet does, each with a sleeping process in it.
+/// Everything sits below one test-owned directory (as in kind, whose kubelet
+/// runs below a prefix), so a real `kubepods.slice` on the host is never
+/// touched. Drop kills the processes and removes the cgroups, also when the
+/// test fails.
+struct PodCgroups {
+    dirs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl PodCgroups {
+    fn new() -> Self {
+        PodCgroups { dirs: Vec::new(), children: Vec::new() }
+    }
+
+    /// Creates `rel` (and its parents) below `base` and starts a process in it.
+    fn process_in(&mut self, base: &Path, rel: &str) -> u32 {
+        let mut dir = base.to_path_buf();
+        for part in std::iter::once(None).chain(Path::new(rel).components().map(Some)) {
+            if let Some(part) = part {
+                dir.push(part);
+            }
+            if !dir.exists() {
+                fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+                self.dirs.push(dir.clone());
+            }
+        }
+        let child = Command::new("sleep").arg("600").stdin(Stdio::null()).spawn().unwrap();
+        let pid = child.id();
+        self.children.push(child);
+        fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+        pid
+    }
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deepest first; a cgroup whose last process just exited may stay
+        // busy for a moment.
+        for dir in self.dirs.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Err(e) = fs::remove_dir(dir) {
+                if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_processes_are_mapped_to_pods_through_their_cgroups() {
+    let pod_a = ("team-a", "trainer-0", "3f2504e0-4f89-41d3-9a0c-0305e82c3301");
+    let pod_b = ("team-b", "server-1", "9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d");
+    let container = |n: u8| format!("{:064x}", 0xabcdef00u64 + u64::from(n));
+    let base = cgroup2_root().join(format!("observer-gpu-test-{}", std::process::id()));
+    let mut cgroups = PodCgroups::new();
+    let systemd_pod =
+        format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice", pod_a.2.replace('-', "_"));
+    // Pod A (systemd driver, containerd): two processes in two containers,
+    // and one whose memory NVML does not report.
+    let a1 = cgroups.process_in(&base, &format!("{systemd_pod}/cri-containerd-{}.scope", container(1)));
+    let a2 = cgroups.process_in(&base, &format!("{systemd_pod}/cri-containerd-{}.scope", container(2)));
+    let a3 = cgroups.process_in(&base, &format!("{systemd_pod}/cri-containerd-{}.scope", container(2)));
+    // Pod B (cgroupfs driver, CRI-O) on both GPUs.
+    let b1 = cgroups.process_in(&base, &format!("kubepods/burstable/pod{}/crio-{}", pod_b.2, container(3)));
+    // Not in a pod.
+    let host = cgroups.process_in(&base, "system.slice/inference-daemon.service");
+
+    let fake = FakeNvml::new("gpu-pods", &two_gpus());
+    for (ns, pod, uid) in [pod_a, pod_b] {
+        fs::create_dir_all(fake.path("pods").join(format!("{ns}_{pod}_{uid}"))).unwrap();
+    }
+    let conf = format!(
+        "{}gpu0.procs={a1}:1000000000,{a2}:500000000,{a3}:na,{b1}:7000000,{host}:123456\ngpu1.procs={b1}:2000000000\n",
+        two_gpus()
+    );
+    fake.set(&conf);
+    let ns = NetNs::new("gpu-pods").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "pod memory", |m| !m.matching("observer_gpu_pod_memory_used_bytes", &[]).is_empty());
+    let pods: Vec<String> =
+        m.matching("observer_gpu_pod_memory_used_bytes", &[]).iter().map(|s| s.to_string()).collect();
+    assert_eq!(pods.len(), 3, "{pods:#?}");
+    for (uuid, (namespace, pod, _), bytes) in
+        [(UUID0, pod_a, 1_500_000_000.0), (UUID0, pod_b, 7_000_000.0), (UUID1, pod_b, 2_000_000_000.0)]
+    {
+        assert_eq!(
+            m.value_exact(
+                "observer_gpu_pod_memory_used_bytes",
+                &[("uuid", uuid), ("namespace", namespace), ("pod", pod)]
+            ),
+            Some(bytes),
+            "{pods:#?}"
+        );
+    }
+    assert_eq!(m.metric_type("observer_gpu_pod_memory_used_bytes"), Some("gauge"));
+
+    // A pod whose log directory is missing is left out, and said so once.
+    let pod_c = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+    let c1 = cgroups.process_in(&base, &format!("kubepods/pod{pod_c}/{}", container(4)));
+    fake.set(&format!("{conf}gpu1.procs={b1}:2000000000,{c1}:4096\n"));
+    wait_until("the unnamed pod in the log", WAIT, Duration::from_millis(50), || {
+        Ok(plain_log(&obs).contains(&format!("pod_uid={pod_c}")).then_some(()))
+    })
+    .unwrap();
+    let m = obs.metrics().unwrap();
+    assert_eq!(m.matching("observer_gpu_pod_memory_used_bytes", &[]).len(), 3, "{m:?}");
+    drop(obs);
+    drop(cgroups);
+    assert!(!base.exists(), "cgroups left behind in {}", base.display());
+}
+
+/// Issue 6's performance note: how long one sampling cycle takes against the
+/// fake with 8 GPUs, and that scrapes answer as fast while an NVML call is
+/// blocked for 5 s (the network side keeps counting sessions meanwhile).
+#[test]
+fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
+    let mut conf = String::from("count=8\n");
+    for i in 0..8 {
+        conf.push_str(&format!(
+            "gpu{i}.uuid=GPU-00000000-0000-4000-8000-{i:012}\ngpu{i}.util=50\ngpu{i}.mem_total=85520809984\ngpu{i}.mem_used=1000000\n\
+             gpu{i}.power_mw=300000\ngpu{i}.energy_mj=1000000\ngpu{i}.temp=50\ngpu{i}.pcie_tx_bytes=1\ngpu{i}.pcie_rx_bytes=2\n\
+             gpu{i}.replays=0\ngpu{i}.ecc_corrected=0\ngpu{i}.ecc_uncorrected=0\ngpu{i}.mig=0\ngpu{i}.xid=0\n\
+             gpu{i}.procs={}:1000,{}:2000\n",
+            100_000 + i,
+            200_000 + i
+        ));
+    }
+    let fake = FakeNvml::new("gpu-perf", &conf);
+    let ns = NetNs::new("gpu-perf").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    wait_metrics(&mut obs, "8 GPUs sampled", |m| gpu(m, "observer_gpu_up", "7") == Some(1.0));
+
+    // Cycle time: the observer's own measurement, one per completed cycle.
+    let mut cycles = Vec::new();
+    let mut last_stamp = 0.0;
+    wait_until("30 sampling cycles", WAIT, Duration::from_millis(20), || {
+        let m = obs.metrics()?;
+        let stamp = m.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]).unwrap_or(0.0);
+        if stamp != last_stamp {
+            last_stamp = stamp;
+            cycles.push(m.value_exact("observer_nvml_sample_duration_seconds", &[]).unwrap());
+        }
+        Ok((cycles.len() >= 30).then_some(()))
+    })
+    .unwrap();
+    let cycle = Stats::of(cycles.iter().map(|s| Duration::from_secs_f64(*s)).collect());
+
+    let scrape = |obs: &mut ObserverProcess| {
+        let t = Instant::now();
+        let m = obs.metrics().unwrap();
+        (t.elapsed(), m)
+    };
+    // Paced like the scrapes during the block below, for a like-for-like baseline.
+    let before = Stats::of(
+        (0..50)
+            .map(|_| {
+                let took = scrape(&mut obs).0;
+                std::thread::sleep(Duration::from_millis(20));
+                took
+            })
+            .collect(),
+    );
+    let stamp_before = obs.metrics().unwrap().value_exact("observer_nvml_last_sample_timestamp_seconds", &[]).unwrap();
+
+    // Block one NVML call for 5 s, for one call only.
+    let marker = fake.path("blocked");
+    fake.set(&format!("{conf}sleep.nvmlDeviceGetUtilizationRates=5000\nsleep_marker={}\n", marker.display()));
+    wait_until("NVML blocked", WAIT, Duration::from_millis(5), || Ok(marker.exists().then_some(()))).unwrap();
+    let blocked_at = Instant::now();
+    fake.set(&conf);
+
+    let server = TcpServer::start_in(&ns, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let sessions = |m: &Metrics| m.sum("observer_sessions_total", &[("protocol", "tcp")]);
+    let sessions_before = sessions(&obs.metrics().unwrap());
+    let addr = server.addr();
+    ns.spawn(move || transfer(addr, 64 * 1024, 64 * 1024, None).unwrap()).join().unwrap();
+
+    let mut during = Vec::new();
+    let mut stamps = Vec::new();
+    let mut counted_while_blocked = false;
+    while blocked_at.elapsed() < Duration::from_secs(4) {
+        let (took, m) = scrape(&mut obs);
+        assert!(took < Duration::from_secs(1), "a scrape took {took:?} while NVML was blocked");
+        assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0), "the last snapshot is served");
+        assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "7"), Some(0.5));
+        stamps.push(m.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]).unwrap());
+        counted_while_blocked |= sessions(&m) >= sessions_before + 2.0;
+        during.push(took);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // At most the cycle in flight when the marker appeared completed.
+    let distinct = stamps.iter().filter(|s| **s != stamp_before).fold(Vec::<f64>::new(), |mut v, s| {
+        if !v.contains(s) {
+            v.push(*s)
+        }
+        v
+    });
+    assert!(distinct.len() <= 1, "the sampler kept publishing while blocked: {distinct:?}");
+    assert!(counted_while_blocked, "the network side counted the transfer's sessions while NVML was blocked");
+    let during = Stats::of(during);
+
+    let last_blocked_stamp = *stamps.last().unwrap();
+    wait_metrics(&mut obs, "sampling resumed", |m| {
+        m.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]).is_some_and(|s| s != last_blocked_stamp)
+    });
+    let resumed_after = blocked_at.elapsed();
+    eprintln!(
+        "gpu performance (fake NVML, 8 GPUs, 2 processes each):\n  sampling cycle: {cycle}\n  scrape latency, NVML free:    {before}\n  scrape latency, NVML blocked: {during}\n  sampling resumed {resumed_after:?} after the 5 s call began"
+    );
+    assert!(resumed_after >= Duration::from_millis(4500), "{resumed_after:?}");
+    assert!(cycle.median < Duration::from_millis(50), "{cycle}");
+    // Blocked scrapes are as fast as free ones (the bound absorbs CI noise).
+    assert!(during.median < before.max + Duration::from_millis(20), "free {before}, blocked {during}");
+}
+
+struct Stats {
+    n: usize,
+    min: Duration,
+    median: Duration,
+    p90: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    fn of(mut v: Vec<Duration>) -> Self {
+        v.sort();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Stats { n: v.len(), min: v[0], median: at(0.5), p90: at(0.9), max: v[v.len() - 1] }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "n={} min={:?} median={:?} p90={:?} max={:?}", self.n, self.min, self.median, self.p90, self.max)
+    }
+}

@@ -1,0 +1,147 @@
+//! UDP sessions: connected sockets are one session until release; an
+//! unconnected server socket is split per peer, each flow ending at its idle
+//! timeout or at the socket's release. Exact bytes, checked per session.
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use observer_tests::{NetNs, ObservedSession, ObserverProcess, TempDir, read_session_log, wait_sessions};
+
+const DATAGRAM: usize = 1000;
+const ROUNDS: usize = 1200; // 1.2 MB each way: over the 1 MB goodput floor
+
+/// Ping-pong so no datagram can overflow a receive buffer: every byte sent
+/// is received, and the test knows each side's totals exactly.
+fn ping_pong(a: &UdpSocket, b: &UdpSocket, rounds: usize, size_a: usize, size_b: usize) {
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..rounds {
+        a.send(&vec![1u8; size_a]).unwrap();
+        let (n, from) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(n, size_a);
+        b.send_to(&vec![2u8; size_b], from).unwrap();
+        assert_eq!(a.recv(&mut buf).unwrap(), size_b);
+    }
+}
+
+fn timeout(s: &UdpSocket) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+}
+
+fn session_between(log: &[ObservedSession], local: SocketAddr, remote: SocketAddr) -> &ObservedSession {
+    let found: Vec<_> = log.iter().filter(|s| s.local == local && s.remote == remote).collect();
+    assert_eq!(found.len(), 1, "one session {local} -> {remote} in {log:#?}");
+    found[0]
+}
+
+#[test]
+fn connected_udp_ipv4_and_ipv6_exact_bytes_and_goodput() {
+    let ns = NetNs::new("udpc").unwrap();
+    let tmp = TempDir::new("udp-connected").unwrap();
+    let log = tmp.path().join("sessions.jsonl");
+    let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--session-log", log.to_str().unwrap()]).unwrap();
+
+    let pairs: Vec<(SocketAddr, SocketAddr)> = ["127.0.0.1:0", "[::1]:0"]
+        .into_iter()
+        .map(|any| {
+            ns.run(|| {
+                let a = UdpSocket::bind(any).unwrap();
+                let b = UdpSocket::bind(any).unwrap();
+                a.connect(b.local_addr().unwrap()).unwrap();
+                b.connect(a.local_addr().unwrap()).unwrap();
+                timeout(&a);
+                timeout(&b);
+                ping_pong(&a, &b, ROUNDS, DATAGRAM, DATAGRAM);
+                (a.local_addr().unwrap(), b.local_addr().unwrap())
+                // Both sockets are released here: that ends their sessions.
+            })
+        })
+        .collect();
+
+    let sessions = wait_sessions(&log, 4, Duration::from_secs(10), |s| s.protocol == "udp").unwrap();
+    let bytes = (ROUNDS * DATAGRAM) as u64;
+    for (a, b) in pairs {
+        for (local, remote) in [(a, b), (b, a)] {
+            let s = session_between(&sessions, local, remote);
+            assert_eq!((s.bytes_transmitted, s.bytes_received), (bytes, bytes), "{s:?}");
+            assert!(s.lifetime.unwrap() > Duration::ZERO);
+            assert_eq!(s.pid, Some(std::process::id()), "the test process owns the sockets");
+        }
+    }
+    let m = observer.metrics().unwrap();
+    for direction in ["receive", "transmit"] {
+        let labels = [("direction", direction), ("protocol", "udp")];
+        assert_eq!(m.value_exact("observer_session_bytes_total", &labels), Some((4 * bytes) as f64));
+        assert_eq!(m.value_exact("observer_bytes_total", &labels), Some((4 * bytes) as f64), "live counter caught up");
+        let h = m.histogram("observer_session_goodput_bytes_per_second", &labels).unwrap();
+        assert_eq!(h.count, 4.0, "{direction}: one observation per session over the floor");
+    }
+    assert_eq!(m.value_exact("observer_sessions_total", &[("protocol", "udp")]), Some(4.0));
+}
+
+#[test]
+fn unconnected_server_splits_flows_per_peer_and_ends_idle_ones() {
+    let ns = NetNs::new("udpu").unwrap();
+    let tmp = TempDir::new("udp-unconnected").unwrap();
+    let log = tmp.path().join("sessions.jsonl");
+    let mut observer = ObserverProcess::start(
+        &ns,
+        &["--iface", "lo", "--session-log", log.to_str().unwrap(), "--udp-idle-timeout", "1s"],
+    )
+    .unwrap();
+
+    // Request sizes 500, answers 250; three clients with different volumes.
+    let volumes = [100usize, 200, 300];
+    let (server_addr, clients, idle_client) = ns.run(|| {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        timeout(&server);
+        let mut clients = Vec::new();
+        for &n in &volumes {
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.connect(server.local_addr().unwrap()).unwrap();
+            timeout(&c);
+            ping_pong(&c, &server, n, 500, 250);
+            clients.push(c);
+        }
+        // A fourth peer talks briefly, then stays quiet past the idle timeout
+        // while its socket and the server's stay open.
+        let idle = UdpSocket::bind("127.0.0.1:0").unwrap();
+        idle.connect(server.local_addr().unwrap()).unwrap();
+        timeout(&idle);
+        ping_pong(&idle, &server, 10, 500, 250);
+        (server, clients, idle)
+    });
+    let idle_addr = idle_client.local_addr().unwrap();
+    let server = server_addr.local_addr().unwrap();
+
+    // The quiet peer's flow at the server ends by timeout, before any release.
+    let ended =
+        wait_sessions(&log, 1, Duration::from_secs(10), |s| s.local == server && s.remote == idle_addr).unwrap();
+    assert_eq!((ended[0].bytes_received, ended[0].bytes_transmitted), (10 * 500, 10 * 250));
+    // The other peers were just as quiet: their flows ended too, all at the
+    // server, and none of the connected clients' (connected = until release).
+    let client_addrs: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+    let at_server = wait_sessions(&log, 4, Duration::from_secs(10), |s| s.local == server).unwrap();
+    for (addr, n) in client_addrs.iter().zip(volumes) {
+        let s = session_between(&at_server, server, *addr);
+        assert_eq!((s.bytes_received, s.bytes_transmitted), ((n * 500) as u64, (n * 250) as u64), "{s:?}");
+    }
+    let sessions = read_session_log(&log).unwrap();
+    assert!(sessions.iter().all(|s| s.local == server), "connected clients still open: {sessions:#?}");
+
+    // Releasing the clients ends their sessions with exact bytes.
+    drop(clients);
+    drop(idle_client);
+    let all = wait_sessions(&log, 8, Duration::from_secs(10), |s| s.protocol == "udp").unwrap();
+    for (addr, n) in client_addrs.iter().zip(volumes) {
+        let s = session_between(&all, *addr, server);
+        assert_eq!((s.bytes_transmitted, s.bytes_received), ((n * 500) as u64, (n * 250) as u64));
+    }
+    drop(server_addr);
+    let m = observer.metrics().unwrap();
+    assert_eq!(m.value_exact("observer_sessions_total", &[("protocol", "udp")]), Some(8.0));
+    let total: usize = volumes.iter().sum::<usize>() + 10;
+    let labels = [("direction", "receive"), ("protocol", "udp")];
+    assert_eq!(m.value_exact("observer_session_bytes_total", &labels), Some((total * (500 + 250)) as f64));
+    assert_eq!(m.sum("observer_events_lost_total", &[]), 0.0);
+}
