@@ -10,6 +10,18 @@ use std::{
 
 use observer_tests::{NetNs, ObserverProcess, TcpServer, TempDir, by_local, wait_sessions};
 
+/// Reads until the peer closes; returns how many bytes came.
+fn drain(mut s: TcpStream) -> usize {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0usize;
+    loop {
+        match s.read(&mut buf).unwrap() {
+            0 => return n,
+            k => n += k,
+        }
+    }
+}
+
 fn live(observer: &mut ObserverProcess, direction: &str) -> f64 {
     let m = observer.metrics().unwrap();
     m.value_exact("observer_bytes_total", &[("direction", direction), ("protocol", "tcp")]).unwrap()
@@ -102,17 +114,7 @@ fn active_goodput_excludes_an_idle_gap() {
     let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--session-log", log.to_str().unwrap()]).unwrap();
     let listener = ns.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
-    let sink = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0usize;
-        loop {
-            match s.read(&mut buf).unwrap() {
-                0 => return n,
-                k => n += k,
-            }
-        }
-    });
+    let sink = thread::spawn(move || drain(listener.accept().unwrap().0));
     let local = ns.run(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         let data = vec![7u8; CHUNK];
@@ -156,17 +158,8 @@ fn connection_opened_before_the_observer_is_adopted() {
     let listener: TcpListener = ns.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let mut client = ns.connect(addr).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
-    let reader = thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0usize;
-        loop {
-            match server.read(&mut buf).unwrap() {
-                0 => return n,
-                k => n += k,
-            }
-        }
-    });
+    let (server, _) = listener.accept().unwrap();
+    let reader = thread::spawn(move || drain(server));
     client.write_all(&vec![1u8; BEFORE]).unwrap();
     thread::sleep(Duration::from_millis(300));
 
