@@ -25,6 +25,8 @@ pub enum Error {
     NoHook { concern: &'static str, why: String, forced: bool },
     #[error("reading closed sessions from the kernel")]
     Ring(#[source] std::io::Error),
+    #[error("serving metrics")]
+    Server(#[source] std::io::Error),
     #[error("{0}")]
     Other(String),
 }

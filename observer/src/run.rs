@@ -123,7 +123,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     tokio::select! {
         r = wait_for_shutdown() => r?,
         Some(r) = readers.join_next() => return Err(Error::Other(format!("a session reader stopped: {}", task_end(r)))),
-        r = &mut server => return Err(Error::Other(format!("the metrics server stopped: {}", task_end(r.map(|r| r.map_err(Error::Ring)))))),
+        r = &mut server => return Err(Error::Other(format!("the metrics server stopped: {}", task_end(r.map(|r| r.map_err(Error::Server)))))),
     }
     let started = Instant::now();
     state.ready.store(false, Ordering::Release);
