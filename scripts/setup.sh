@@ -5,7 +5,8 @@
 #   - rust-src for the nightly toolchain (the eBPF crate builds core from source);
 #   - bpf-linker from crates.io, built against the nightly's own libLLVM (no
 #     prebuilt download): see ARCHITECTURE notes in README "Prerequisites";
-#   - the Debian packages the tests drive (haproxy, iperf3, nftables, ...).
+#   - the Debian packages the tests drive (haproxy, iperf3, nftables, prometheus
+#     with promtool, ...).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -16,7 +17,9 @@ NIGHTLY=${OBSERVER_NIGHTLY:-nightly}
 LLVM_PREFIX_DIR=${OBSERVER_LLVM_PREFIX:-$HOME/.local/share/observer/llvm-prefix}
 
 # --- Debian packages -------------------------------------------------------
-DEB_PACKAGES=(haproxy iperf3 nftables iproute2 procps)
+DEB_PACKAGES=(haproxy iperf3 nftables iproute2 procps prometheus)
+# OBSERVER_SETUP_SKIP_DEBS=1: build-only machines (deploy/Dockerfile) need none.
+if [[ -n "${OBSERVER_SETUP_SKIP_DEBS:-}" ]]; then DEB_PACKAGES=(); fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -26,9 +29,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # haproxy's package starts a service we do not want listening on this host.
-  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now haproxy >/dev/null 2>&1 || true; fi
-  pkill -x haproxy 2>/dev/null || true
+  # haproxy's and prometheus' packages start services we do not want on this
+  # host: the tests start their own, in private network namespaces.
+  for svc in haproxy prometheus; do
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
+    pkill -x "$svc" 2>/dev/null || true
+  done
 fi
 
 # --- nightly toolchain with rust-src ----------------------------------------

@@ -30,6 +30,9 @@ pub const SESSION_FIN_ACKED: u32 = 1 << 4;
 /// The peer's FIN was received (`SOCK_DONE`): `bytes_received` counts its
 /// sequence number.
 pub const SESSION_FIN_RECEIVED: u32 = 1 << 5;
+/// The session's network namespace and interfaces were read (once, at its
+/// first data call): later calls skip those reads.
+pub const SESSION_PLACED: u32 = 1 << 6;
 
 /// One closed TCP session, written once at `TCP_CLOSE` into the `SESSIONS` ring buffer.
 #[repr(C)]
@@ -84,7 +87,8 @@ pub struct SessionRecord {
     /// Interface index of the socket's cached output route
     /// (`sk_dst_cache->dev->ifindex`), 0 when there is none.
     pub tx_ifindex: u32,
-    pub _pad1: u32,
+    /// Segments the session retransmitted (`tcp_sock.total_retrans` at close).
+    pub retransmits: u32,
     /// Local address, network byte order; IPv4 in the first 4 bytes.
     pub local_addr: [u8; 16],
     /// Remote address, network byte order; IPv4 in the first 4 bytes.
@@ -190,9 +194,17 @@ pub struct KernelOffsets {
     /// and the shift of its lowest bit in that byte.
     pub tcp_chrono_type_byte: u32,
     pub tcp_chrono_type_shift: u32,
-    pub _pad0: u32,
+    /// `struct sk_buff` -> `dev` (a `struct net_device *`).
+    pub skb_dev: u32,
+    /// `struct sk_buff` -> `_skb_refdst` (a `struct dst_entry *` whose
+    /// lowest bit is the SKB_DST_NOREF flag).
+    pub skb_refdst: u32,
+    /// `struct net_device` -> `nd_net.net` (a `struct net *`).
+    pub netdev_net: u32,
+    /// `struct tcp_sock` -> `total_retrans` (u32).
+    pub tcp_total_retrans: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 108);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
 
 /// Index into the `LOST` per-CPU counter array: where a kernel program had to
 /// drop data. Userspace exports each as `observer_events_lost_total{source}`.
@@ -209,9 +221,45 @@ pub enum LostSource {
     /// The UDP release ring buffer was full: a released socket's flows end at
     /// their idle timeout instead.
     UdpReleaseRingFull = 3,
+    /// The drop counter table was full: a drop (or retransmit, reset) of a
+    /// new (reason, interface) pair was not counted.
+    DropTableFull = 4,
 }
 /// Number of `LostSource` values (the `LOST` array's length).
-pub const LOST_SOURCES: u32 = 4;
+pub const LOST_SOURCES: u32 = 5;
+
+/// `DropKey::kind`: what the kernel counted.
+pub mod drop_kind {
+    /// A packet freed by `kfree_skb` with a drop reason.
+    pub const DROP: u32 = 0;
+    /// A TCP segment retransmitted (`tcp:tcp_retransmit_skb`, success only).
+    pub const TCP_RETRANSMIT: u32 = 1;
+    /// A TCP reset sent (`tcp:tcp_send_reset`).
+    pub const TCP_RESET_SENT: u32 = 2;
+    /// A TCP reset received (`tcp:tcp_receive_reset`).
+    pub const TCP_RESET_RECEIVED: u32 = 3;
+}
+
+/// `DropKey::reason` when the kernel gives no drop reason (before 5.17).
+pub const DROP_REASON_UNKNOWN: u32 = u32::MAX;
+
+/// Key of the per-CPU `DROPS` counter table: the kernel adds one per event,
+/// userspace sums the CPUs at every scrape. Never one record per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    /// `drop_kind::*`.
+    pub kind: u32,
+    /// `enum skb_drop_reason` value (drops only; 0 otherwise).
+    pub reason: u32,
+    /// Interface index of the packet's device (or its route's device), 0 when
+    /// unknown.
+    pub ifindex: u32,
+    /// Inode of that device's network namespace, 0 when unknown: interface
+    /// indexes are per namespace.
+    pub netns_ino: u32,
+}
+const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
 
 /// `sock.sk_protocol` of UDP sockets.
 pub const IPPROTO_UDP: u16 = 17;
@@ -292,6 +340,16 @@ pub struct PendingKey {
 pub struct Settings {
     /// Gaps between data calls up to this long count as active time.
     pub active_gap_ns: u64,
+    /// Parameters of the `kfree_skb` tracepoint in this kernel: 2 before
+    /// drop reasons existed (5.17), 3 or 4 after. The verifier refuses reads
+    /// past the last one, and prunes the branch this constant rules out.
+    pub kfree_skb_args: u32,
+    /// `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED` from this kernel's BTF: not
+    /// real drops, skipped in the kernel (u32::MAX when absent).
+    pub drop_reason_not_dropped: u32,
+    pub drop_reason_consumed: u32,
+    /// Parameters of `tcp:tcp_retransmit_skb` (3 from 6.13: an error code).
+    pub tcp_retransmit_args: u32,
 }
 
 /// Payload bytes from the kernel's TCP sequence counters: `bytes_acked` counts
@@ -334,8 +392,10 @@ mod pod {
     unsafe impl aya::Pod for UdpFlow {}
     // SAFETY: repr(C), two u64 fields.
     unsafe impl aya::Pod for UdpRelease {}
-    // SAFETY: repr(C), a single u64.
+    // SAFETY: repr(C), a u64 and four u32s, no padding.
     unsafe impl aya::Pod for Settings {}
+    // SAFETY: repr(C), four u32 fields, size asserted.
+    unsafe impl aya::Pod for DropKey {}
 }
 
 #[cfg(test)]

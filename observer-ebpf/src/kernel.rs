@@ -35,12 +35,21 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_chrono_stat: 0,
     tcp_chrono_type_byte: 0,
     tcp_chrono_type_shift: 0,
-    _pad0: 0,
+    skb_dev: 0,
+    skb_refdst: 0,
+    netdev_net: 0,
+    tcp_total_retrans: 0,
 };
 
 /// Program settings the loader wrote (see `Settings`).
 #[unsafe(no_mangle)]
-static SETTINGS: Settings = Settings { active_gap_ns: 0 };
+static SETTINGS: Settings = Settings {
+    active_gap_ns: 0,
+    kfree_skb_args: 0,
+    drop_reason_not_dropped: 0,
+    drop_reason_consumed: 0,
+    tcp_retransmit_args: 0,
+};
 
 #[inline(always)]
 pub fn settings() -> Settings {

@@ -6,7 +6,7 @@ use aya_ebpf::helpers::{
 };
 use observer_common::{
     KernelOffsets, LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED,
-    SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SessionRecord, SessionStart, payload_bytes, tcp_state,
+    SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
 };
 
 use crate::{
@@ -129,13 +129,14 @@ pub fn on_tcp_call(sk: *const u8) {
     let (tx, rx) = current_payload(sk, &off, start.flags);
     start.live_tx = tx;
     start.live_rx = rx;
-    if start.netns_ino == 0 {
+    // Once per session: these are for the --iface filter of live bytes, and
+    // the close record reads them again anyway. Re-reading them at every call
+    // (the receive interface of an active opener stays 0) costs a pointer
+    // chase per send and receive.
+    if start.flags & SESSION_PLACED == 0 {
+        start.flags |= SESSION_PLACED;
         start.netns_ino = netns_ino(sk, &off);
-    }
-    if start.rx_ifindex == 0 {
         start.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);
-    }
-    if start.tx_ifindex == 0 {
         start.tx_ifindex = tx_ifindex(sk, &off);
     }
 }
@@ -240,7 +241,7 @@ unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<Sessio
     r.bytes_received = rx;
     r.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);
     r.tx_ifindex = tx_ifindex(sk, &off);
-    r._pad1 = 0;
+    r.retransmits = read::<u32>(sk, off.tcp_total_retrans).unwrap_or(0);
     r.netns_ino = netns_ino(sk, &off);
     let (family, local, remote) = addresses(sk, &off);
     r.family = family;

@@ -202,8 +202,37 @@ impl KernelBtf {
             tcp_chrono_stat: self.member_offset("tcp_sock", "chrono_stat")?,
             tcp_chrono_type_byte: chrono_type.0,
             tcp_chrono_type_shift: chrono_type.1,
-            _pad0: 0,
+            skb_dev: self.member_offset("sk_buff", "dev")?,
+            skb_refdst: self.member_offset("sk_buff", "_skb_refdst")?,
+            netdev_net: self.member_offset("net_device", "nd_net.net")?,
+            tcp_total_retrans: self.member_offset("tcp_sock", "total_retrans")?,
         })
+    }
+
+    /// Number of parameters of BTF tracepoint `name` (its `btf_trace_<name>`
+    /// typedef is a pointer to a prototype whose first parameter is the
+    /// tracepoint's private data, not counted here).
+    pub fn tracepoint_params(&self, name: &str) -> Result<usize, BtfError> {
+        let typedef = format!("btf_trace_{name}");
+        for ty in self.btf.resolve_types_by_name(&typedef).unwrap_or_default() {
+            if let Type::Typedef(t) = ty
+                && let Type::Ptr(p) = self.btf.resolve_chained_type(&t)?
+                && let Type::FuncProto(proto) = self.btf.resolve_chained_type(&p)?
+            {
+                return Ok(proto.parameters.len().saturating_sub(1));
+            }
+        }
+        Err(BtfError::NoType { ty: typedef })
+    }
+
+    /// Every enumerator of `enum ty` as (value, name), in declaration order.
+    pub fn enum_members(&self, ty: &str) -> Result<Vec<(u32, String)>, BtfError> {
+        for t in self.btf.resolve_types_by_name(ty).unwrap_or_default() {
+            if let Type::Enum(e) = t {
+                return Ok(e.members.iter().map(|m| (m.val(), self.btf.resolve_name(m).unwrap_or_default())).collect());
+            }
+        }
+        Err(BtfError::NoType { ty: format!("enum {ty}") })
     }
 
     /// Value of enumerator `name` of `enum ty`.
@@ -315,6 +344,20 @@ mod tests {
         assert!(btf.has_btf_tracepoint("inet_sock_set_state"));
         assert!(!btf.has_btf_tracepoint("no_such_tracepoint"));
         assert!(btf.function_params("no_such_function_xyz").is_err());
+    }
+
+    #[test]
+    fn drop_reasons_and_tracepoint_prototypes() {
+        let Some(btf) = kernel() else { return };
+        let reasons = btf.enum_members("skb_drop_reason").unwrap();
+        let value = |n: &str| reasons.iter().find(|(_, name)| name == n).map(|(v, _)| *v);
+        assert_eq!(value("SKB_NOT_DROPPED_YET"), Some(0));
+        assert!(value("SKB_DROP_REASON_NETFILTER_DROP").is_some(), "{reasons:?}");
+        // 6.18: skb, location, reason, rx_sk.
+        assert!(btf.tracepoint_params("kfree_skb").unwrap() >= 3);
+        assert!(btf.tracepoint_params("tcp_receive_reset").unwrap() == 1);
+        assert!(btf.tracepoint_params("no_such_tracepoint").is_err());
+        assert!(btf.enum_members("no_such_enum").is_err());
     }
 
     #[test]

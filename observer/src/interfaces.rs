@@ -27,7 +27,7 @@ pub fn resolve(names: &[String]) -> Result<IfaceFilter, String> {
     Ok(IfaceFilter::only(netns, indexes))
 }
 
-fn index_of(name: &str) -> Option<u32> {
+pub fn index_of(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     // SAFETY: a valid NUL-terminated string; the call only reads it.
     let index = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -38,14 +38,18 @@ fn round_sig(x: f64) -> f64 {
 }
 
 /// Where the observer had to drop data; label values of `observer_events_lost_total`.
-/// The first four are the kernel's `LostSource` indexes, in order.
-pub const LOST_SOURCES: [&str; 5] = [
+/// The first five are the kernel's `LostSource` indexes, in order.
+pub const LOST_SOURCES: [&str; 6] = [
     "session_ring_full",
     "session_table_full",
     "udp_flow_table_full",
     "udp_release_ring_full",
+    "drop_table_full",
     "session_record_malformed",
 ];
+
+/// HELP of `observer_drops_total`: what the common reasons mean.
+const DROPS_HELP: &str = "Packets the kernel dropped, by drop reason (the running kernel's enum skb_drop_reason, lowercased, without the SKB_DROP_REASON_ prefix) and interface (the packet's device, \"\" when it had none or it is in another network namespace; with --iface only selected interfaces are reported). Common reasons: netfilter_drop: a firewall (nftables/iptables) rule dropped it; socket_rcvbuff: the receiving socket's buffer was full (the application reads too slowly); socket_backlog: the socket's backlog was full; no_socket: no socket listens on the destination port; tcp_invalid_sequence / tcp_old_data / tcp_ofo_drop: TCP segments outside the receive window, duplicates or out-of-order segments that did not fit; tcp_csum / udp_csum: bad checksums; pkt_too_small / pkt_too_big: malformed or oversized packets; qdisc_drop: a queueing discipline discarded it on transmit; neigh_failed / neigh_queuefull: the next hop's address could not be resolved; ip_noproto: no handler for the IP protocol; otherhost: addressed to another host; not_specified: the kernel gave no specific reason; unknown: this kernel reports no reasons (before 5.17) or one outside its enum. Freed packets that were not dropped (SKB_CONSUMED, SKB_NOT_DROPPED_YET) are not counted.";
 
 pub struct Metrics {
     registry: Registry,
@@ -59,6 +63,13 @@ pub struct Metrics {
     ignored: IntCounterVec,
     events_lost: IntCounterVec,
     probe_info: GaugeVec,
+    drops: IntCounterVec,
+    tcp_retransmits: IntCounterVec,
+    tcp_resets: IntCounterVec,
+    /// observer_interface_{packets,bytes,drops}_total.
+    interface: [IntCounterVec; 3],
+    /// The observer's own health: table usage, scrape duration, process_*.
+    pub telemetry: crate::telemetry::SelfMetrics,
 }
 
 impl Metrics {
@@ -68,15 +79,16 @@ impl Metrics {
             base.iter().map(|s| s.to_string()).chain(static_labels.iter().map(|l| l.key.clone())).collect()
         };
         let dir_proto = names(&["direction", "protocol"]);
+        let goodput_labels = names(&["direction", "protocol", "impaired"]);
         let proto = names(&["protocol"]);
 
         let goodput = HistogramVec::new(
             HistogramOpts::new(
                 "observer_session_goodput_bytes_per_second",
-                "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. protocol=tcp.",
+                "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. impaired=true: the session retransmitted at least one segment (loss or heavy delay on its path), impaired=false: it did not (UDP sessions are always false).",
             )
             .buckets(goodput_buckets()),
-            &refs(&dir_proto),
+            &refs(&goodput_labels),
         )?;
         let active_goodput = HistogramVec::new(
             HistogramOpts::new(
@@ -84,7 +96,7 @@ impl Metrics {
                 "Goodput of closed sessions over their active time: bytes moved in one direction divided by the time during which data moved in that direction. direction=transmit (TCP): the kernel's busy time, while data waited to be sent or acknowledged; direction=receive and UDP: gaps between send/receive calls up to --active-gap, longer gaps being idle. Same floor and labels as observer_session_goodput_bytes_per_second; sessions whose active time is unknown or zero, or adopted mid-life, are not observed.",
             )
             .buckets(goodput_buckets()),
-            &refs(&dir_proto),
+            &refs(&goodput_labels),
         )?;
         let live_bytes = IntCounterVec::new(
             Opts::new(
@@ -125,17 +137,42 @@ impl Metrics {
         let events_lost = IntCounterVec::new(
             Opts::new(
                 "observer_events_lost_total",
-                "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=session_record_malformed: records userspace could not decode.",
+                "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=session_record_malformed: records userspace could not decode.",
             ),
             &["source"],
         )?;
         let probe_info = GaugeVec::new(
             Opts::new(
                 "observer_probe_info",
-                "Kernel hook attached for each concern (value 1). concern=tcp_state: TCP session birth and close; concern=tcp_owner: owner process of accepted sessions; concern=sock_calls: every send and receive (UDP flows, live TCP bytes, active time); concern=udp_release: socket release, which ends UDP flows.",
+                "Kernel hook attached for each concern (value 1). concern=tcp_state: TCP session birth and close; concern=tcp_owner: owner process of accepted sessions; concern=sock_calls: every send and receive (UDP flows, live TCP bytes, active time); concern=udp_release: socket release, which ends UDP flows; concern=drops: packet drops with the kernel's reason; concern=tcp_errors: TCP retransmits and resets.",
             ),
             &["concern", "hook"],
         )?;
+        let drops =
+            IntCounterVec::new(Opts::new("observer_drops_total", DROPS_HELP), &refs(&names(&["reason", "iface"])))?;
+        let tcp_retransmits = IntCounterVec::new(
+            Opts::new(
+                "observer_tcp_retransmits_total",
+                "TCP segments retransmitted (tcp:tcp_retransmit_skb, successful attempts), by the interface of the connection's route. A rising rate means loss or heavy delay on the path.",
+            ),
+            &refs(&names(&["iface"])),
+        )?;
+        let tcp_resets = IntCounterVec::new(
+            Opts::new(
+                "observer_tcp_resets_total",
+                "TCP resets. direction=sent: this host answered or aborted a connection with a RST (e.g. a connection attempt to a closed port); direction=received: a peer reset a connection (or refused one). iface: the interface of the packet answered, or of the connection's route.",
+            ),
+            &refs(&names(&["direction", "iface"])),
+        )?;
+        let iface_dir = names(&["iface", "direction"]);
+        let interface = [
+            ("observer_interface_packets_total", "Packets the interface delivered (direction=receive) or sent (direction=transmit), from the kernel's device statistics; only interfaces selected with --iface."),
+            ("observer_interface_bytes_total", "Bytes the interface received or sent, from the kernel's device statistics; only interfaces selected with --iface."),
+            ("observer_interface_drops_total", "Packets the interface itself dropped (the device's rx_dropped/tx_dropped: no buffer, queue full, unsupported protocol; direction=transmit also counts the drops of its root queueing discipline, as tc -s qdisc shows them), from the kernel's device statistics; only interfaces selected with --iface. Drop ratio: rate(drops) / (rate(drops) + rate(packets)). Drops further up the stack are in observer_drops_total."),
+        ]
+        .map(|(name, help)| IntCounterVec::new(Opts::new(name, help), &refs(&iface_dir)));
+        let [a, b, c] = interface;
+        let interface = [a?, b?, c?];
         let build_info = GaugeVec::new(
             Opts::new("observer_build_info", "Build of the running observer (value 1)."),
             &["version", "commit"],
@@ -158,6 +195,13 @@ impl Metrics {
         registry.register(Box::new(events_lost.clone()))?;
         registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(drops.clone()))?;
+        registry.register(Box::new(tcp_retransmits.clone()))?;
+        registry.register(Box::new(tcp_resets.clone()))?;
+        for family in &interface {
+            registry.register(Box::new(family.clone()))?;
+        }
+        let telemetry = crate::telemetry::SelfMetrics::new(&registry)?;
 
         let m = Metrics {
             registry,
@@ -171,6 +215,11 @@ impl Metrics {
             ignored,
             events_lost,
             probe_info,
+            drops,
+            tcp_retransmits,
+            tcp_resets,
+            interface,
+            telemetry,
         };
         // Series exist from the start, so rate() and dashboards see zeros
         // instead of absent series before the first session closes.
@@ -182,7 +231,9 @@ impl Metrics {
                     family.with_label_values(&m.values(&[d, p]));
                 }
                 for family in [&m.goodput, &m.active_goodput] {
-                    family.with_label_values(&m.values(&[d, p]));
+                    for impaired in ["false", "true"] {
+                        family.with_label_values(&m.values(&[d, p, impaired]));
+                    }
                 }
             }
         }
@@ -217,11 +268,13 @@ impl Metrics {
         for d in Direction::ALL {
             let labels = self.values(&[d.as_str(), protocol]);
             self.session_bytes.with_label_values(&labels).inc_by(s.bytes(d));
+            let impaired = if s.impaired() { "true" } else { "false" };
+            let goodput_labels = self.values(&[d.as_str(), protocol, impaired]);
             if let Some(g) = s.goodput(d, min_session_bytes) {
-                self.goodput.with_label_values(&labels).observe(g);
+                self.goodput.with_label_values(&goodput_labels).observe(g);
             }
             if let Some(g) = s.active_goodput(d, min_session_bytes) {
-                self.active_goodput.with_label_values(&labels).observe(g);
+                self.active_goodput.with_label_values(&goodput_labels).observe(g);
             }
         }
     }
@@ -230,6 +283,25 @@ impl Metrics {
     pub fn add_live(&self, protocol: Protocol, direction: Direction, bytes: u64) {
         if bytes > 0 {
             self.live_bytes.with_label_values(&self.values(&[direction.as_str(), protocol.as_str()])).inc_by(bytes);
+        }
+    }
+
+    pub fn add_drops(&self, reason: &str, iface: &str, n: u64) {
+        self.drops.with_label_values(&self.values(&[reason, iface])).inc_by(n);
+    }
+
+    pub fn add_tcp_retransmits(&self, iface: &str, n: u64) {
+        self.tcp_retransmits.with_label_values(&self.values(&[iface])).inc_by(n);
+    }
+
+    pub fn add_tcp_resets(&self, direction: &str, iface: &str, n: u64) {
+        self.tcp_resets.with_label_values(&self.values(&[direction, iface])).inc_by(n);
+    }
+
+    /// Adds an interface's (packets, bytes, drops) growth in one direction.
+    pub fn add_interface(&self, iface: &str, direction: &str, deltas: [u64; 3]) {
+        for (family, n) in self.interface.iter().zip(deltas) {
+            family.with_label_values(&self.values(&[iface, direction])).inc_by(n);
         }
     }
 
@@ -286,6 +358,7 @@ mod tests {
             netns_ino: 0,
             rx_ifindex: 1,
             tx_ifindex: 1,
+            retransmits: 0,
         }
     }
 
@@ -304,18 +377,20 @@ mod tests {
         );
         assert!(
             has(
-                r#"observer_session_goodput_bytes_per_second_count{direction="transmit",protocol="tcp",region="eu"} 1"#
+                r#"observer_session_goodput_bytes_per_second_count{direction="transmit",impaired="false",protocol="tcp",region="eu"} 1"#
             ),
             "{text}"
         );
         assert!(
             has(
-                r#"observer_session_goodput_bytes_per_second_sum{direction="transmit",protocol="tcp",region="eu"} 2000000"#
+                r#"observer_session_goodput_bytes_per_second_sum{direction="transmit",impaired="false",protocol="tcp",region="eu"} 2000000"#
             ),
             "{text}"
         );
         assert!(
-            has(r#"observer_session_goodput_bytes_per_second_count{direction="receive",protocol="tcp",region="eu"} 0"#),
+            has(
+                r#"observer_session_goodput_bytes_per_second_count{direction="receive",impaired="false",protocol="tcp",region="eu"} 0"#
+            ),
             "below the floor: {text}"
         );
         assert!(

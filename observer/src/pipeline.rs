@@ -20,7 +20,9 @@ use observer_common::{
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
+    drops::DropCounters,
     error::Error,
+    iface_stats::InterfaceStats,
     live::LiveCounts,
     metrics::{LOST_SOURCES, Metrics},
     session::{Direction, IfaceFilter, Protocol, Session},
@@ -33,6 +35,8 @@ pub struct PipelineConfig {
     pub min_session_bytes: u64,
     pub udp_idle_timeout: Duration,
     pub session_log: Option<SessionLog>,
+    /// Interfaces selected with --iface, whose device counters are exported.
+    pub ifaces: Vec<String>,
 }
 
 /// The maps userspace reads, taken out of the loaded object.
@@ -40,6 +44,7 @@ pub struct KernelMaps {
     pub lost: PerCpuArray<MapData, u64>,
     pub open_sessions: BpfHashMap<MapData, u64, SessionStart>,
     pub udp_flows: BpfHashMap<MapData, UdpFlowKey, UdpFlow>,
+    pub drops: DropCounters,
 }
 
 pub struct Pipeline {
@@ -61,6 +66,7 @@ struct State {
     /// UDP flows by (flow key, first datagram time), for the same reason.
     udp_live: LiveCounts<(UdpFlowKey, u64)>,
     session_log: Option<SessionLog>,
+    iface_stats: InterfaceStats,
 }
 
 impl Pipeline {
@@ -76,6 +82,7 @@ impl Pipeline {
                 tcp_live: LiveCounts::default(),
                 udp_live: LiveCounts::default(),
                 session_log: config.session_log,
+                iface_stats: InterfaceStats::new(config.ifaces),
             }),
         }
     }
@@ -193,6 +200,8 @@ impl Pipeline {
         let mut state = self.state();
         self.sync_lost(&mut state);
         self.sweep_live(&mut state);
+        state.maps.drops.sync(&self.filter, &self.metrics);
+        state.iface_stats.sync(&self.metrics);
     }
 
     fn sync_lost(&self, state: &mut State) {
@@ -210,6 +219,8 @@ impl Pipeline {
     /// Adds what open sessions moved since the last scrape.
     fn sweep_live(&self, state: &mut State) {
         let sessions = snapshot(&state.maps.open_sessions);
+        let capacity = map_capacity(&state.maps.open_sessions);
+        self.metrics.telemetry.map_usage("open_sessions", sessions.len(), capacity);
         let mut alive = HashSet::with_capacity(sessions.len());
         for (sk, s) in &sessions {
             let key = (*sk, s.birth_ns);
@@ -223,6 +234,7 @@ impl Pipeline {
         state.tcp_live.retain(|k| alive.contains(k));
 
         let flows = snapshot(&state.maps.udp_flows);
+        self.metrics.telemetry.map_usage("udp_flows", flows.len(), map_capacity(&state.maps.udp_flows));
         let mut alive = HashSet::with_capacity(flows.len());
         for (key, f) in &flows {
             let live_key = (*key, f.first_ns);

@@ -62,10 +62,22 @@ pub enum Concern {
     /// Socket release, which ends a UDP socket's flows. Optional: without it
     /// flows end only at their idle timeout.
     UdpRelease,
+    /// Packet drops with the kernel's drop reason. Optional: without it
+    /// there is no `observer_drops_total`.
+    Drops,
+    /// TCP retransmits and resets. Optional.
+    TcpErrors,
 }
 
 impl Concern {
-    pub const ALL: [Concern; 4] = [Concern::TcpState, Concern::TcpOwner, Concern::SockCalls, Concern::UdpRelease];
+    pub const ALL: [Concern; 6] = [
+        Concern::TcpState,
+        Concern::TcpOwner,
+        Concern::SockCalls,
+        Concern::UdpRelease,
+        Concern::Drops,
+        Concern::TcpErrors,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -73,6 +85,8 @@ impl Concern {
             Concern::TcpOwner => "tcp_owner",
             Concern::SockCalls => "sock_calls",
             Concern::UdpRelease => "udp_release",
+            Concern::Drops => "drops",
+            Concern::TcpErrors => "tcp_errors",
         }
     }
 
@@ -93,6 +107,11 @@ impl Concern {
             Concern::TcpOwner => &[Hook::OwnerFexit, Hook::OwnerKretprobe, Hook::OwnerTpBtf],
             Concern::SockCalls => &[Hook::CallsTpBtf],
             Concern::UdpRelease => &[Hook::ReleaseFentry, Hook::ReleaseCgroup, Hook::ReleaseKprobe],
+            // Tracepoints carry the drop reason and fire only on the drop
+            // path; a function hook on kfree_skb_reason would see the same
+            // at a similar cost, so only the tracepoint tier exists so far.
+            Concern::Drops => &[Hook::DropsTpBtf],
+            Concern::TcpErrors => &[Hook::TcpErrorsTpBtf],
         }
     }
 }
@@ -134,7 +153,15 @@ pub enum Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Tracepoint(tp) => write!(f, "tracepoint sock:{tp}"),
+            Target::Tracepoint(tp) => {
+                // The tracepoint's system, for a message the user can look up.
+                let system = match *tp {
+                    "kfree_skb" => "skb",
+                    t if t.starts_with("tcp_") => "tcp",
+                    _ => "sock",
+                };
+                write!(f, "tracepoint {system}:{tp}")
+            }
             Target::Function(func) => write!(f, "function {func}"),
             Target::Cgroup2 => write!(f, "cgroup v2 hierarchy mounted"),
         }
@@ -157,13 +184,20 @@ pub enum Hook {
     ReleaseFentry,
     ReleaseCgroup,
     ReleaseKprobe,
+    DropsTpBtf,
+    TcpErrorsTpBtf,
 }
 
 impl Hook {
     pub fn tier(self) -> Tier {
         match self {
             // cgroup programs are a stable ABI like tracepoints: same tier.
-            Hook::StateTpBtf | Hook::OwnerTpBtf | Hook::CallsTpBtf | Hook::ReleaseCgroup => Tier::Tracepoint,
+            Hook::StateTpBtf
+            | Hook::OwnerTpBtf
+            | Hook::CallsTpBtf
+            | Hook::ReleaseCgroup
+            | Hook::DropsTpBtf
+            | Hook::TcpErrorsTpBtf => Tier::Tracepoint,
             Hook::StateFentry | Hook::OwnerFexit | Hook::ReleaseFentry => Tier::Fentry,
             Hook::StateKprobe | Hook::OwnerKretprobe | Hook::ReleaseKprobe => Tier::Kprobe,
         }
@@ -191,6 +225,12 @@ impl Hook {
             Hook::ReleaseFentry => &[("obs_release_fe", Attach::FEntry("inet_release"))],
             Hook::ReleaseCgroup => &[("obs_release_cg", Attach::CgroupSock)],
             Hook::ReleaseKprobe => &[("obs_release_kp", Attach::KProbe("inet_release"))],
+            Hook::DropsTpBtf => &[("obs_kfree_skb", Attach::BtfTracepoint("kfree_skb"))],
+            Hook::TcpErrorsTpBtf => &[
+                ("obs_tcp_retrans", Attach::BtfTracepoint("tcp_retransmit_skb")),
+                ("obs_tcp_rst_tx", Attach::BtfTracepoint("tcp_send_reset")),
+                ("obs_tcp_rst_rx", Attach::BtfTracepoint("tcp_receive_reset")),
+            ],
         }
     }
 
@@ -207,6 +247,8 @@ impl Hook {
             Hook::ReleaseFentry => "fentry/inet_release",
             Hook::ReleaseCgroup => "cgroup/sock_release",
             Hook::ReleaseKprobe => "kprobe/inet_release",
+            Hook::DropsTpBtf => "tp_btf/kfree_skb",
+            Hook::TcpErrorsTpBtf => "tp_btf/tcp_retransmit_skb+tcp_send_reset+tcp_receive_reset",
         }
     }
 }
@@ -297,7 +339,11 @@ pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
 mod tests {
     use super::*;
 
-    const ALL_TARGETS: [Target; 7] = [
+    const ALL_TARGETS: [Target; 11] = [
+        Target::Tracepoint("kfree_skb"),
+        Target::Tracepoint("tcp_retransmit_skb"),
+        Target::Tracepoint("tcp_send_reset"),
+        Target::Tracepoint("tcp_receive_reset"),
         Target::Tracepoint("inet_sock_set_state"),
         Target::Tracepoint("sock_send_length"),
         Target::Tracepoint("sock_recv_length"),
@@ -339,6 +385,26 @@ mod tests {
         assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerTpBtf));
         assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsTpBtf));
         assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseCgroup));
+        assert_eq!(chosen(&plan, Concern::Drops), Ok(Hook::DropsTpBtf));
+        assert_eq!(chosen(&plan, Concern::TcpErrors), Ok(Hook::TcpErrorsTpBtf));
+    }
+
+    #[test]
+    fn drops_need_the_kfree_skb_tracepoint_and_are_optional() {
+        let targets: Vec<Target> =
+            ALL_TARGETS.iter().copied().filter(|t| *t != Target::Tracepoint("kfree_skb")).collect();
+        let plan = select(&facts(false, false, true, &targets), ProbeMode::Auto);
+        let why = chosen(&plan, Concern::Drops).unwrap_err();
+        assert!(why.contains("tp_btf/kfree_skb: kernel has no tracepoint"), "{why}");
+        assert!(plan.missing_required().is_empty());
+        // Forcing a function tier leaves drops without a hook, not the run.
+        let plan = select(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Fentry);
+        assert_eq!(chosen(&plan, Concern::Drops), Err("no fentry hook exists for this".into()));
+        assert!(plan.missing_required().is_empty());
+        // Without BTF tracepoints, neither drops nor TCP errors are measured.
+        let plan = select(&facts(true, true, false, &ALL_TARGETS), ProbeMode::Auto);
+        assert!(chosen(&plan, Concern::Drops).unwrap_err().contains("tracepoint unavailable: no BTF"));
+        assert!(chosen(&plan, Concern::TcpErrors).is_err());
     }
 
     #[test]

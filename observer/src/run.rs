@@ -1,12 +1,11 @@
 //! `observer run`: validate, load, attach, serve, and shut down cleanly.
 use std::{
-    future::IntoFuture,
     net::TcpListener as StdListener,
     sync::{Arc, OnceLock, atomic::Ordering},
     time::Instant,
 };
 
-use aya::maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use observer_common::Settings;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -14,14 +13,16 @@ use crate::{
     btf::KernelBtf,
     cli::RunArgs,
     detect,
+    drops::{self, DropCounters},
     error::Error,
     interfaces, labels, loader,
     metrics::Metrics,
     pipeline::{KernelMaps, Pipeline, PipelineConfig},
     privileges,
     probes::{self, ProbeMode},
-    server::{AppState, router},
+    server::{AppState, router, serve},
     session_log::SessionLog,
+    telemetry,
 };
 
 pub async fn run(args: RunArgs) -> Result<(), Error> {
@@ -53,10 +54,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // Serve /healthz at once; /readyz turns 200 when the programs are attached.
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Other(format!("listener: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::Other(format!("listener: {e}")))?;
-    let server = tokio::spawn(axum::serve(listener, router(state.clone())).into_future());
+    let server = tokio::spawn(serve(listener, router(state.clone())));
 
     let btf = KernelBtf::open(&args.kernel.btf)?;
-    let settings = Settings { active_gap_ns: args.active_gap.as_nanos() as u64 };
+    let settings = Settings { active_gap_ns: args.active_gap.as_nanos() as u64, ..drops::settings(&btf) };
+    // Held until the process exits: BPF run-time statistics stay on while
+    // the observer runs, and the kernel restores the previous state then.
+    let _bpf_stats = telemetry::enable_bpf_stats();
     let mut kernel = loader::load(&btf, settings)?;
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
@@ -75,6 +79,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         lost: take_map(ebpf, "LOST", PerCpuArray::try_from)?,
         open_sessions: take_map(ebpf, "OPEN_SESSIONS", BpfHashMap::try_from)?,
         udp_flows: take_map(ebpf, "UDP_FLOWS", BpfHashMap::try_from)?,
+        drops: DropCounters::new(take_map(ebpf, "DROPS", PerCpuHashMap::try_from)?, &btf),
     };
     let sessions_ring = take_map(ebpf, "SESSIONS", RingBuf::try_from)?;
     let releases_ring = take_map(ebpf, "UDP_RELEASES", RingBuf::try_from)?;
@@ -83,6 +88,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         min_session_bytes: args.min_session_bytes,
         udp_idle_timeout: args.udp_idle_timeout,
         session_log,
+        ifaces: args.ifaces.clone(),
     };
     let pipeline = Arc::new(Pipeline::new(metrics.clone(), config, maps));
     let mut readers = tokio::task::JoinSet::new();
@@ -113,6 +119,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
         }
     }
+    let attached_programs: Vec<&str> = attached
+        .iter()
+        .filter(|(_, result)| result.is_ok())
+        .flat_map(|(hook, _)| hook.programs().iter().map(|(name, _)| *name))
+        .collect();
+    telemetry::BpfPrograms::new(telemetry::program_entries(&kernel.ebpf, &attached_programs))
+        .and_then(|c| metrics.register(Box::new(c)))
+        .map_err(|e| Error::Other(format!("BPF program metrics: {e}")))?;
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on http://{local}/metrics");
     tracing::info!(listen = %local, "ready");

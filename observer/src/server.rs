@@ -1,18 +1,27 @@
-//! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz.
-use std::sync::{
-    Arc, OnceLock,
-    atomic::{AtomicBool, Ordering},
+//! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz,
+//! served by a hardened connection loop (see [`serve`]).
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
 };
 
 use axum::{
     Router,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{metrics::Metrics, pipeline::Pipeline};
+
+mod conn;
+
+pub use conn::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, serve};
 
 pub struct AppState {
     pub metrics: Arc<Metrics>,
@@ -23,29 +32,48 @@ pub struct AppState {
     pub pipeline: OnceLock<Arc<Pipeline>>,
 }
 
+/// The endpoints. Only GET (and HEAD, which axum derives from GET) is routed:
+/// other methods get 405 with an `Allow` header, unknown paths 404.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(state)
+    hardened(
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { no_store("ok\n").into_response() }))
+            .route("/readyz", get(readyz))
+            .with_state(state),
+    )
+}
+
+/// Layers every route gets: a panic in a handler answers 500 and the server
+/// keeps serving (the connection and the process survive).
+fn hardened(router: Router) -> Router {
+    router.layer(CatchPanicLayer::new())
+}
+
+/// Health answers must never be served from a cache: a stale 200 would hide
+/// a dead agent.
+fn no_store(body: impl IntoResponse) -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], body)
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let started = Instant::now();
     if let Some(pipeline) = state.pipeline.get() {
         pipeline.refresh();
     }
-    match state.metrics.encode() {
+    let response = match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
-    }
+    };
+    state.metrics.telemetry.observe_scrape(started.elapsed());
+    response
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+        no_store((StatusCode::OK, "ready\n")).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: kernel programs are not attached\n")
+        no_store((StatusCode::SERVICE_UNAVAILABLE, "not ready: kernel programs are not attached\n")).into_response()
     }
 }
 
@@ -56,17 +84,25 @@ mod tests {
 
     use super::*;
 
+    async fn call(router: Router, method: &str, path: &str) -> Response {
+        router.oneshot(Request::builder().method(method).uri(path).body(Body::empty()).unwrap()).await.unwrap()
+    }
+
     async fn get(state: &Arc<AppState>, path: &str) -> (StatusCode, String) {
-        let response = router(state.clone()).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let response = call(router(state.clone()), "GET", path).await;
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
     }
 
+    fn state() -> Arc<AppState> {
+        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new() })
+    }
+
     #[tokio::test]
     async fn readyz_is_503_until_ready_and_healthz_always_200() {
-        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-        let state = Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new() });
+        let state = state();
         assert_eq!(get(&state, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
         state.ready.store(true, Ordering::Release);
@@ -75,5 +111,35 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("# TYPE observer_session_goodput_bytes_per_second histogram"), "{body}");
         assert_eq!(get(&state, "/nope").await.0, StatusCode::NOT_FOUND);
+        // The first scrape's duration shows in the second.
+        let (_, body) = get(&state, "/metrics").await;
+        assert!(body.contains("observer_scrape_duration_seconds_count 1"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn only_get_and_head_and_health_is_not_cached() {
+        let state = state();
+        for path in ["/healthz", "/readyz"] {
+            let r = call(router(state.clone()), "GET", path).await;
+            assert_eq!(r.headers().get(header::CACHE_CONTROL).unwrap(), "no-store", "{path}");
+        }
+        assert_eq!(call(router(state.clone()), "HEAD", "/metrics").await.status(), StatusCode::OK);
+        for method in ["POST", "PUT", "DELETE", "PATCH"] {
+            let r = call(router(state.clone()), method, "/metrics").await;
+            assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+            let allow = r.headers().get(header::ALLOW).expect("Allow header").to_str().unwrap().to_string();
+            assert!(allow.contains("GET") && allow.contains("HEAD"), "{method}: Allow: {allow}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500() {
+        async fn boom() -> &'static str {
+            panic!("handler panic (expected in this test)")
+        }
+        let router = hardened(Router::new().route("/boom", axum::routing::get(boom)));
+        assert_eq!(call(router.clone(), "GET", "/boom").await.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // The same router (and, in the server, the connection) still serves.
+        assert_eq!(call(router, "GET", "/boom").await.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

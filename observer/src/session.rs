@@ -71,6 +71,9 @@ pub struct Session {
     pub rx_ifindex: u32,
     /// Interface of the session's output route, 0 if unknown.
     pub tx_ifindex: u32,
+    /// TCP segments the session retransmitted (0 for UDP, where the kernel
+    /// keeps no such count).
+    pub retransmits: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +138,7 @@ impl Session {
             netns_ino: r.netns_ino,
             rx_ifindex: r.rx_ifindex,
             tx_ifindex: r.tx_ifindex,
+            retransmits: r.retransmits,
         }
     }
 
@@ -160,7 +164,14 @@ impl Session {
             netns_ino: flow.netns_ino,
             rx_ifindex: 0,
             tx_ifindex: 0,
+            retransmits: 0,
         }
+    }
+
+    /// Whether the session saw loss on its path: any retransmitted segment.
+    /// Label `impaired` of the goodput histograms.
+    pub fn impaired(&self) -> bool {
+        self.retransmits > 0
     }
 
     pub fn bytes(&self, direction: Direction) -> u64 {
@@ -272,7 +283,7 @@ mod tests {
             remote_port: 443,
             _pad0: 0,
             tx_ifindex: 1,
-            _pad1: 0,
+            retransmits: 0,
             local_addr: local,
             remote_addr: remote,
             comm,

@@ -53,6 +53,7 @@ pub fn to_json(s: &Session) -> String {
         "cgroup_id": s.owner.as_ref().map(|o| o.cgroup_id),
         "rx_ifindex": s.rx_ifindex,
         "tx_ifindex": s.tx_ifindex,
+        "retransmits": s.retransmits,
     })
     .to_string()
 }

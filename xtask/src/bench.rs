@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: TCP bulk throughput over loopback with the observer on vs off.
+//! `cargo xtask bench`: iperf3 over loopback with the observer on vs off, in three
+//! workloads (workload.rs): TCP bulk, TCP small messages, UDP small datagrams.
 //!
 //! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
 //! always says how its numbers were made.
@@ -8,6 +9,7 @@ mod progs;
 mod report;
 mod stats;
 mod sys;
+mod workload;
 
 use std::fs;
 use std::io::ErrorKind;
@@ -21,6 +23,8 @@ use crate::{build, setup, util};
 use progs::ProgStats;
 use report::{Machine, Report, Round};
 use sys::{BpfStats, NetNs, Proc};
+pub use workload::Selection;
+use workload::Workload;
 
 const NETNS_PREFIX: &str = "obs-bench-";
 /// Ports inside the benchmark's own, fresh namespace, where nothing else listens.
@@ -33,9 +37,10 @@ const CLIENT_SLACK: Duration = Duration::from_secs(30);
 pub struct Options {
     pub rounds: u32,
     pub seconds: u32,
-    /// Where to put the report's section; None prints it only.
+    /// Where to put each workload's section; None prints them only.
     pub out: Option<PathBuf>,
     pub smoke: bool,
+    pub workload: Selection,
 }
 
 impl Options {
@@ -45,6 +50,7 @@ impl Options {
             seconds: 1,
             out: None,
             smoke: true,
+            workload: Selection::All,
         }
     }
 }
@@ -90,16 +96,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
     };
     sys::wait_listening(&mut server, IPERF_PORT, Duration::from_secs(10))?;
 
-    let machine = machine();
-    if let Ok(load) = machine.load.parse::<f64>()
-        && load > machine.cpus as f64 / 2.0
-    {
-        eprintln!(
-            "xtask: warning: load average {load} on {} CPUs: other work will show up as spread \
-             and bias in the results",
-            machine.cpus
-        );
-    }
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let bench = Bench {
         ns: &ns,
         observer: &bin,
@@ -107,69 +104,57 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         iperf3: &iperf3,
         client_json: logs.join("iperf3-client.json"),
         seconds: opts.seconds,
-        pin: machine.cpus >= 2,
+        pin: cpus >= 2,
     };
-    let mut rounds = Vec::new();
-    let mut progs: Vec<ProgStats> = Vec::new();
-    for i in 0..opts.rounds {
-        let on_first = i % 2 == 1;
-        let (mut off_bps, mut on_bps) = (0.0, 0.0);
-        for on in [on_first, !on_first] {
-            sys::check_interrupted()?;
-            if on {
-                let (bps, counted) = bench.measure_on()?;
-                on_bps = bps;
-                progs::accumulate(&mut progs, &counted);
-            } else {
-                off_bps = bench.measure()?;
-            }
+    let mut reports = Vec::new();
+    for workload in opts.workload.workloads() {
+        eprintln!("xtask bench: workload {}", workload.name());
+        let machine = machine();
+        if let Ok(load) = machine.load.parse::<f64>()
+            && load > machine.cpus as f64 / 2.0
+        {
+            eprintln!(
+                "xtask: warning: load average {load} on {} CPUs: other work will show up as \
+                 spread and bias in the results",
+                machine.cpus
+            );
         }
-        let round = Round {
-            on_first,
-            off_bps,
-            on_bps,
-        };
-        eprintln!(
-            "xtask bench: round {}/{}: off {:.2} Gbit/s, on {:.2} Gbit/s, on/off {:.3}",
-            i + 1,
-            opts.rounds,
-            off_bps / 1e9,
-            on_bps / 1e9,
-            round.ratio()
-        );
-        rounds.push(round);
+        let mut report = bench.workload(workload, opts, &machine)?;
+        report.machine.load_end = load_average();
+        println!("\n{}", report.markdown());
+        // Written as each workload ends, so that a later failure keeps what was measured.
+        if let Some(out) = &opts.out {
+            write_section(out, workload.heading(), &report.markdown())?;
+            eprintln!(
+                "xtask bench: wrote section \"{}\" of {}",
+                workload.heading(),
+                out.display()
+            );
+        }
+        reports.push(report);
     }
     server.stop(Duration::from_secs(5))?;
 
-    let report = Report {
-        rounds,
-        seconds: opts.seconds,
-        smoke: opts.smoke,
-        progs,
-        pinned: bench.pin,
-        machine,
-    };
-    let markdown = report.markdown();
-    println!("\n{markdown}");
-
     if opts.smoke {
-        for (i, r) in report.rounds.iter().enumerate() {
-            ensure!(
-                r.off_bps > 0.0 && r.on_bps > 0.0,
-                "benchmark smoke: round {} measured no throughput (off {} bit/s, on {} bit/s)",
-                i + 1,
-                r.off_bps,
-                r.on_bps
-            );
+        for report in &reports {
+            for (i, r) in report.rounds.iter().enumerate() {
+                ensure!(
+                    r.off > 0.0 && r.on > 0.0,
+                    "benchmark smoke: {} round {} measured nothing (off {}, on {})",
+                    report.workload.name(),
+                    i + 1,
+                    r.off,
+                    r.on
+                );
+            }
         }
-        println!("xtask bench: smoke run ok: throughput measured with the observer off and on");
-    }
-    if let Some(out) = &opts.out {
-        write_section(out, &markdown)?;
-        eprintln!(
-            "xtask bench: wrote section \"{}\" of {}",
-            report::HEADING,
-            out.display()
+        println!(
+            "xtask bench: smoke run ok: {} measured with the observer off and on",
+            reports
+                .iter()
+                .map(|r| r.workload.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())
@@ -186,8 +171,49 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// One iperf3 client run in the namespace; received bits per second.
-    fn measure(&self) -> Result<f64> {
+    /// All rounds of one workload.
+    fn workload(&self, workload: Workload, opts: &Options, machine: &Machine) -> Result<Report> {
+        let mut rounds = Vec::new();
+        let mut progs: Vec<ProgStats> = Vec::new();
+        let unit = workload.display_unit();
+        for i in 0..opts.rounds {
+            let on_first = i % 2 == 1;
+            let (mut off, mut on) = (0.0, 0.0);
+            for observer_on in [on_first, !on_first] {
+                sys::check_interrupted()?;
+                if observer_on {
+                    let (figure, counted) = self.measure_on(workload)?;
+                    on = figure;
+                    progs::accumulate(&mut progs, &counted);
+                } else {
+                    off = self.measure(workload)?;
+                }
+            }
+            let round = Round { on_first, off, on };
+            eprintln!(
+                "xtask bench: {} round {}/{}: off {} {unit}, on {} {unit}, on/off {:.3}",
+                workload.name(),
+                i + 1,
+                opts.rounds,
+                workload.show(off),
+                workload.show(on),
+                round.ratio()
+            );
+            rounds.push(round);
+        }
+        Ok(Report {
+            workload,
+            rounds,
+            seconds: opts.seconds,
+            smoke: opts.smoke,
+            progs,
+            pinned: self.pin,
+            machine: machine.clone(),
+        })
+    }
+
+    /// One iperf3 client run in the namespace; the workload's figure.
+    fn measure(&self, workload: Workload) -> Result<f64> {
         // The JSON goes to a file: a pipe read only after exit could fill up and stall
         // iperf3 on long runs.
         let json_file = fs::File::create(&self.client_json)
@@ -195,6 +221,7 @@ impl Bench<'_> {
         let mut cmd = self.ns.command(self.iperf3);
         cmd.args(["-c", "127.0.0.1", "-p", &IPERF_PORT.to_string()])
             .args(["-t", &self.seconds.to_string(), "-J"])
+            .args(workload.client_args())
             .stdout(json_file);
         if self.pin {
             // Client on CPU 0, server on CPU 1: unpinned, the scheduler moving them around
@@ -222,24 +249,24 @@ impl Bench<'_> {
         sys::check_interrupted()?;
         let json = fs::read_to_string(&self.client_json)
             .with_context(|| format!("reading {}", self.client_json.display()))?;
-        let bps = iperf::received_bps(&json).with_context(|| {
+        let figure = workload.figure(&json).with_context(|| {
             format!(
                 "iperf3 client ({status}), output in {}",
                 self.client_json.display()
             )
         })?;
         ensure!(status.success(), "iperf3 client failed ({status})");
-        Ok(bps)
+        Ok(figure)
     }
 
     /// A measurement with the observer running: start it, wait for /readyz, measure,
     /// read its programs' counters, stop it.
-    fn measure_on(&self) -> Result<(f64, Vec<ProgStats>)> {
+    fn measure_on(&self, workload: Workload) -> Result<(f64, Vec<ProgStats>)> {
         let mut cmd = self.ns.command(self.observer);
         cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
         let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
         self.wait_ready(&mut observer)?;
-        let bps = self.measure()?;
+        let figure = self.measure(workload)?;
         let counted = progs::read_for_pid(observer.pid())?;
         if let Some(status) = observer.exited()? {
             bail!(
@@ -251,7 +278,7 @@ impl Bench<'_> {
         if !status.success() {
             eprintln!("xtask: warning: the observer exited with {status} after SIGTERM");
         }
-        Ok((bps, counted))
+        Ok((figure, counted))
     }
 
     fn wait_ready(&self, observer: &mut Proc) -> Result<()> {
@@ -301,20 +328,26 @@ fn machine() -> Machine {
             .unwrap_or_else(|_| "unknown".to_owned()),
         arch: std::env::consts::ARCH.to_owned(),
         date: report::utc_date(now),
-        load: fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".to_owned()),
+        load: load_average(),
+        load_end: "unknown".to_owned(),
     }
 }
 
-fn write_section(path: &Path, section: &str) -> Result<()> {
+/// The 1-minute load average.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn write_section(path: &Path, heading: &str, section: &str) -> Result<()> {
     let doc = match fs::read_to_string(path) {
         Ok(doc) => doc,
         Err(err) if err.kind() == ErrorKind::NotFound => String::new(),
         Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
     };
-    let doc = report::replace_section(&doc, report::HEADING, section);
+    let doc = report::replace_section(&doc, heading, section);
     fs::write(path, doc).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -328,12 +361,20 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("BENCHMARKS.md");
         let _ = fs::remove_file(&path);
-        let one = format!("{}\n\none\n", report::HEADING);
-        let two = format!("{}\n\ntwo\n", report::HEADING);
-        write_section(&path, &one).unwrap();
-        write_section(&path, &two).unwrap();
+        let section = |w: Workload, body: &str| format!("{}\n\n{body}\n", w.heading());
+        let (bulk, udp) = (Workload::Bulk, Workload::UdpSmall);
+        write_section(&path, bulk.heading(), &section(bulk, "one")).unwrap();
+        write_section(&path, udp.heading(), &section(udp, "u")).unwrap();
+        write_section(&path, bulk.heading(), &section(bulk, "two")).unwrap();
         let text = fs::read_to_string(&path).unwrap();
-        assert_eq!(text, format!("# Benchmarks\n\n{two}"));
+        assert_eq!(
+            text,
+            format!(
+                "# Benchmarks\n\n{}\n{}",
+                section(bulk, "two"),
+                section(udp, "u")
+            )
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

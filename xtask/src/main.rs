@@ -43,11 +43,15 @@ enum Command {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// TCP bulk throughput (iperf3 over loopback) with the observer on vs off.
+    /// iperf3 over loopback (TCP bulk, TCP and UDP small messages) with the observer on vs off.
     Bench {
-        /// One round of one second, no file written: checks that the benchmark still works.
-        #[arg(long, conflicts_with_all = ["rounds", "seconds", "out"])]
+        /// Every workload, one round of one second, no file written: checks that the benchmark
+        /// still works.
+        #[arg(long, conflicts_with_all = ["rounds", "seconds", "out", "workload"])]
         smoke: bool,
+        /// The workload to run; each writes its own section.
+        #[arg(long, value_enum, default_value_t = bench::Selection::All)]
+        workload: bench::Selection,
         /// Rounds; each runs one "off" and one "on" measurement.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
@@ -83,6 +87,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Test { skip_bench, filter } => test::run(&test::TestArgs { skip_bench, filter }),
         Command::Bench {
             smoke,
+            workload,
             rounds,
             seconds,
             out,
@@ -95,6 +100,7 @@ fn dispatch(command: Command) -> Result<()> {
                     seconds,
                     out: Some(out.unwrap_or_else(|| util::root().join("BENCHMARKS.md"))),
                     smoke: false,
+                    workload,
                 }
             };
             bench::run(&opts, bench::Prepare::SetupAndBuild)
@@ -148,11 +154,13 @@ mod tests {
         match parse(&["bench"]) {
             Command::Bench {
                 smoke,
+                workload,
                 rounds,
                 seconds,
                 out,
             } => {
                 assert!(!smoke);
+                assert_eq!(workload, bench::Selection::All);
                 assert_eq!((rounds, seconds), (5, 5));
                 assert!(out.is_none());
             }
@@ -160,5 +168,10 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["xtask", "bench", "--rounds", "0"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "bench", "--smoke", "--rounds", "3"]).is_err());
+        assert!(matches!(
+            parse(&["bench", "--workload", "tcp-small"]),
+            Command::Bench { workload: bench::Selection::TcpSmall, .. }
+        ));
+        assert!(Cli::try_parse_from(["xtask", "bench", "--workload", "tcp"]).is_err());
     }
 }

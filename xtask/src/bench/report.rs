@@ -4,22 +4,20 @@ use std::fmt::Write as _;
 
 use super::progs::ProgStats;
 use super::stats::{median, spread};
-
-pub const HEADING: &str = "## TCP bulk throughput (iperf3, loopback)";
-/// The issue's acceptance bar: throughput with the observer on, relative to off.
-pub const TARGET_RATIO: f64 = 0.99;
+use super::workload::{PER_CALL_HOOKS, Workload};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Round {
     /// Whether "on" ran before "off" in this round.
     pub on_first: bool,
-    pub off_bps: f64,
-    pub on_bps: f64,
+    /// The workload's figure (`Workload::figure`) with the observer off and on.
+    pub off: f64,
+    pub on: f64,
 }
 
 impl Round {
     pub fn ratio(&self) -> f64 {
-        self.on_bps / self.off_bps
+        self.on / self.off
     }
 }
 
@@ -30,12 +28,15 @@ pub struct Machine {
     pub arch: String,
     /// YYYY-MM-DD (UTC).
     pub date: String,
-    /// 1-minute load average when the run started: other load shows up as spread.
+    /// 1-minute load average when the workload's rounds started and ended: other load
+    /// shows up as spread.
     pub load: String,
+    pub load_end: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
+    pub workload: Workload,
     pub rounds: Vec<Round>,
     pub seconds: u32,
     pub smoke: bool,
@@ -48,8 +49,8 @@ pub struct Report {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
-    pub median_off_bps: f64,
-    pub median_on_bps: f64,
+    pub median_off: f64,
+    pub median_on: f64,
     /// Median of the per-round on/off ratios: each round's pair ran back to back, so
     /// this cancels slow drift best.
     pub ratio_of_rounds: f64,
@@ -61,20 +62,26 @@ pub struct Summary {
 
 impl Report {
     pub fn summary(&self) -> Option<Summary> {
-        let off: Vec<f64> = self.rounds.iter().map(|r| r.off_bps).collect();
-        let on: Vec<f64> = self.rounds.iter().map(|r| r.on_bps).collect();
+        let off: Vec<f64> = self.rounds.iter().map(|r| r.off).collect();
+        let on: Vec<f64> = self.rounds.iter().map(|r| r.on).collect();
         let ratios: Vec<f64> = self.rounds.iter().map(Round::ratio).collect();
         let (ratio_min, ratio_max) = spread(&ratios)?;
-        let median_off_bps = median(&off)?;
-        let median_on_bps = median(&on)?;
+        let median_off = median(&off)?;
+        let median_on = median(&on)?;
         Some(Summary {
-            median_off_bps,
-            median_on_bps,
+            median_off,
+            median_on,
             ratio_of_rounds: median(&ratios)?,
-            ratio_of_medians: median_on_bps / median_off_bps,
+            ratio_of_medians: median_on / median_off,
             ratio_min,
             ratio_max,
         })
+    }
+
+    /// ns per run of a program over the "on" measurements; None if it did not run.
+    pub fn ns_per_run(&self, name: &str) -> Option<f64> {
+        let p = self.progs.iter().find(|p| p.name == name)?;
+        (p.run_cnt > 0).then(|| p.run_time_ns as f64 / p.run_cnt as f64)
     }
 
     /// The whole section, heading included, ending in a newline.
@@ -86,8 +93,11 @@ impl Report {
     }
 
     fn write_markdown(&self, s: &mut String) -> std::fmt::Result {
+        let w = self.workload;
         let n = self.rounds.len();
         let secs = self.seconds;
+        let target = w.target_ratio();
+        let unit = w.display_unit();
         let (pin, pin_why) = if self.pinned {
             (
                 " -A 0,1",
@@ -97,13 +107,9 @@ impl Report {
         } else {
             ("", "")
         };
-        writeln!(s, "{HEADING}\n")?;
-        writeln!(
-            s,
-            "What a running observer costs TCP bulk throughput. \
-             Target: throughput with the observer on is at least {TARGET_RATIO} of off \
-             (median of the per-round on/off ratios)."
-        )?;
+        let args: String = w.client_args().iter().map(|a| format!(" {a}")).collect();
+        writeln!(s, "{}\n", w.heading())?;
+        writeln!(s, "{}", w.intro())?;
         if self.smoke {
             writeln!(
                 s,
@@ -114,29 +120,31 @@ impl Report {
         writeln!(s)?;
         writeln!(
             s,
-            "Method (`cargo xtask bench --rounds {n} --seconds {secs}`): a network namespace \
-             of its own with only `lo` up; one `iperf3 -s` on 127.0.0.1 in it; each \
-             measurement is `iperf3 -c 127.0.0.1 -t {secs} -J{pin}` in that namespace, and \
-             its figure is `end.sum_received.bits_per_second`.{pin_why} \"On\" measurements \
-             run while \
+            "Method (`cargo xtask bench --workload {} --rounds {n} --seconds {secs}`): a \
+             network namespace of its own with only `lo` up; one `iperf3 -s` on 127.0.0.1 in \
+             it; each measurement is `iperf3 -c 127.0.0.1 -t {secs} -J{args}{pin}` in that \
+             namespace; {}{pin_why} \"On\" measurements run while \
              `observer run --iface lo` (release build) runs in the same namespace: started \
              before the measurement, ready on `/readyz`, stopped with SIGTERM after it. \
              \"Off\" measurements run without it. Each round has one of each, back to back, \
              and rounds alternate which goes first, so drift hits both alike. Kernel BPF \
              statistics (`kernel.bpf_stats_enabled=1`) are on throughout, to count the \
              observer's program runs; their clock reads are charged to \"on\", so the ratio \
-             is slightly pessimistic."
+             is slightly pessimistic.",
+            w.name(),
+            w.figure_method()
         )?;
         writeln!(s)?;
         let m = &self.machine;
         writeln!(
             s,
-            "Machine: {} CPUs, Linux {} ({}), load average {} at the start. Date: {}.",
-            m.cpus, m.kernel, m.arch, m.load, m.date
+            "Machine: {} CPUs, Linux {} ({}), 1-minute load average {} at the start and {} \
+             at the end. Date: {}.",
+            m.cpus, m.kernel, m.arch, m.load, m.load_end, m.date
         )?;
 
         writeln!(s)?;
-        writeln!(s, "| round | order | off (Gbit/s) | on (Gbit/s) | on/off |")?;
+        writeln!(s, "| round | order | off ({unit}) | on ({unit}) | on/off |")?;
         writeln!(s, "|---:|---|---:|---:|---:|")?;
         for (i, r) in self.rounds.iter().enumerate() {
             let order = if r.on_first { "on, off" } else { "off, on" };
@@ -144,25 +152,27 @@ impl Report {
                 s,
                 "| {} | {order} | {} | {} | {:.3} |",
                 i + 1,
-                gbit(r.off_bps),
-                gbit(r.on_bps),
+                w.show(r.off),
+                w.show(r.on),
                 r.ratio()
             )?;
         }
 
         if let Some(sum) = self.summary() {
-            let verdict = if self.smoke {
-                "not judged (smoke run)"
-            } else if sum.ratio_of_rounds >= TARGET_RATIO {
-                "met"
-            } else {
-                "NOT met"
+            let verdict = |met: bool| {
+                if self.smoke {
+                    "not judged (smoke run)"
+                } else if met {
+                    "met"
+                } else {
+                    "NOT met"
+                }
             };
             writeln!(s)?;
             writeln!(s, "| summary | value |")?;
             writeln!(s, "|---|---:|")?;
-            writeln!(s, "| median off | {} Gbit/s |", gbit(sum.median_off_bps))?;
-            writeln!(s, "| median on | {} Gbit/s |", gbit(sum.median_on_bps))?;
+            writeln!(s, "| median off | {} {unit} |", w.show(sum.median_off))?;
+            writeln!(s, "| median on | {} {unit} |", w.show(sum.median_on))?;
             writeln!(
                 s,
                 "| on/off, median of per-round ratios | {:.3} |",
@@ -178,7 +188,30 @@ impl Report {
                 "| on/off spread over rounds (min–max) | {:.3}–{:.3} |",
                 sum.ratio_min, sum.ratio_max
             )?;
-            writeln!(s, "| target on/off ≥ {TARGET_RATIO} | {verdict} |")?;
+            writeln!(
+                s,
+                "| target on/off ≥ {target} | {} |",
+                verdict(sum.ratio_of_rounds >= target)
+            )?;
+            if let Some(bar) = w.target_hook_ns() {
+                let per: Vec<f64> = PER_CALL_HOOKS
+                    .iter()
+                    .filter_map(|h| self.ns_per_run(h))
+                    .collect();
+                for h in PER_CALL_HOOKS {
+                    let ns = self
+                        .ns_per_run(h)
+                        .map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
+                    writeln!(s, "| ns per `{h}` run | {ns} |")?;
+                }
+                let judged = if per.len() < PER_CALL_HOOKS.len() {
+                    "not judged (not all of them ran)"
+                } else {
+                    verdict(per.iter().all(|&ns| ns <= bar))
+                };
+                let names = PER_CALL_HOOKS.map(|h| format!("`{h}`")).join(", ");
+                writeln!(s, "| target ≤ {bar} ns per run of {names} | {judged} |")?;
+            }
         }
 
         writeln!(s)?;
@@ -196,20 +229,14 @@ impl Report {
             writeln!(s, "| program | invocations | ns per invocation |")?;
             writeln!(s, "|---|---:|---:|")?;
             for p in &self.progs {
-                let per = if p.run_cnt == 0 {
-                    "–".to_owned()
-                } else {
-                    format!("{:.0}", p.run_time_ns as f64 / p.run_cnt as f64)
-                };
+                let per = self
+                    .ns_per_run(&p.name)
+                    .map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0}"));
                 writeln!(s, "| `{}` | {} | {per} |", p.name, p.run_cnt)?;
             }
         }
         Ok(())
     }
-}
-
-fn gbit(bps: f64) -> String {
-    format!("{:.2}", bps / 1e9)
 }
 
 /// Replaces the level-2 section that starts with `heading` (up to the next level-2
@@ -266,20 +293,30 @@ mod tests {
             arch: "x86_64".into(),
             date: "2025-01-02".into(),
             load: "0.05".into(),
+            load_end: "0.10".into(),
         }
     }
 
     fn round(on_first: bool, off: f64, on: f64) -> Round {
         Round {
             on_first,
-            off_bps: off * 1e9,
-            on_bps: on * 1e9,
+            off: off * 1e9,
+            on: on * 1e9,
+        }
+    }
+
+    fn prog(name: &str, run_time_ns: u64, run_cnt: u64) -> ProgStats {
+        ProgStats {
+            name: name.into(),
+            run_time_ns,
+            run_cnt,
         }
     }
 
     #[test]
     fn summary_math() {
         let report = Report {
+            workload: Workload::Bulk,
             rounds: vec![
                 round(false, 40.0, 39.6),
                 round(true, 50.0, 50.0),
@@ -292,8 +329,8 @@ mod tests {
             machine: machine(),
         };
         let s = report.summary().unwrap();
-        assert_eq!(s.median_off_bps, 42e9);
-        assert!((s.median_on_bps - 41.16e9).abs() < 1.0);
+        assert_eq!(s.median_off, 42e9);
+        assert!((s.median_on - 41.16e9).abs() < 1.0);
         assert!((s.ratio_of_rounds - 0.99).abs() < 1e-12);
         assert!((s.ratio_of_medians - 0.98).abs() < 1e-12);
         assert!((s.ratio_min - 0.98).abs() < 1e-12);
@@ -311,26 +348,19 @@ mod tests {
     #[test]
     fn markdown_has_rounds_summary_and_programs() {
         let report = Report {
+            workload: Workload::Bulk,
             rounds: vec![round(false, 40.0, 39.8), round(true, 41.0, 40.0)],
             seconds: 5,
             smoke: false,
             progs: vec![
-                ProgStats {
-                    name: "obs_state_btf".into(),
-                    run_time_ns: 12_000,
-                    run_cnt: 100,
-                },
-                ProgStats {
-                    name: "obs_state_kp".into(),
-                    run_time_ns: 0,
-                    run_cnt: 0,
-                },
+                prog("obs_state_btf", 12_000, 100),
+                prog("obs_state_kp", 0, 0),
             ],
             pinned: true,
             machine: machine(),
         };
         let md = report.markdown();
-        assert!(md.starts_with(HEADING), "{md}");
+        assert!(md.starts_with(Workload::Bulk.heading()), "{md}");
         assert!(
             md.contains("| 1 | off, on | 40.00 | 39.80 | 0.995 |"),
             "{md}"
@@ -348,16 +378,86 @@ mod tests {
         assert!(md.contains("| `obs_state_btf` | 100 | 120 |"), "{md}");
         assert!(md.contains("| `obs_state_kp` | 0 | – |"), "{md}");
         assert!(md.contains(
-            "Machine: 2 CPUs, Linux 6.18.0 (x86_64), load average 0.05 at the start. \
-             Date: 2025-01-02."
+            "Machine: 2 CPUs, Linux 6.18.0 (x86_64), 1-minute load average 0.05 at the \
+             start and 0.10 at the end. Date: 2025-01-02."
         ));
         assert!(!md.contains("Smoke"));
         assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -A 0,1`"), "{md}");
+        assert!(
+            md.contains("`cargo xtask bench --workload bulk --rounds 2"),
+            "{md}"
+        );
+        assert!(!md.contains("obs_send"), "{md}");
+    }
+
+    #[test]
+    fn small_message_markdown_judges_hooks() {
+        let msgs = |off: f64, on: f64| Round {
+            on_first: false,
+            off: off * 1e3,
+            on: on * 1e3,
+        };
+        let mut report = Report {
+            workload: Workload::TcpSmall,
+            rounds: vec![msgs(400.0, 392.0), msgs(410.0, 402.0)],
+            seconds: 5,
+            smoke: false,
+            progs: vec![
+                prog("obs_recv", 9_000, 100),
+                prog("obs_send", 5_000, 100),
+                prog("obs_state_btf", 3_000, 10),
+            ],
+            pinned: false,
+            machine: machine(),
+        };
+        let md = report.markdown();
+        assert!(md.starts_with("## TCP small messages"), "{md}");
+        assert!(md.contains("| off (k msg/s) | on (k msg/s) |"), "{md}");
+        assert!(
+            md.contains("| 1 | off, on | 400.0 | 392.0 | 0.980 |"),
+            "{md}"
+        );
+        assert!(md.contains("| median off | 405.0 k msg/s |"), "{md}");
+        assert!(md.contains("| target on/off ≥ 0.97 | met |"), "{md}");
+        assert!(md.contains("| ns per `obs_send` run | 50 |"), "{md}");
+        assert!(md.contains("| ns per `obs_recv` run | 90 |"), "{md}");
+        assert!(
+            md.contains("| target ≤ 100 ns per run of `obs_send`, `obs_recv` | met |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -l 1024 -N`"),
+            "{md}"
+        );
+        assert!(md.contains("/ 8192"), "{md}");
+
+        report.progs[0].run_time_ns = 10_100;
+        let md = report.markdown();
+        assert!(md.contains("`obs_recv` | NOT met |"), "{md}");
+        report.progs.remove(0);
+        let md = report.markdown();
+        assert!(
+            md.contains("| ns per `obs_recv` run | did not run |"),
+            "{md}"
+        );
+        assert!(md.contains("| not judged (not all of them ran) |"), "{md}");
+
+        report.workload = Workload::UdpSmall;
+        let md = report.markdown();
+        assert!(md.starts_with("## UDP small datagrams"), "{md}");
+        assert!(
+            md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -u -b 0 -l 1024`"),
+            "{md}"
+        );
+        assert!(md.contains("`end.sum_received.lost_packets`"), "{md}");
+        assert!(!md.contains("ns per `obs_send` run"), "{md}");
+        assert!(md.contains("| `obs_send` | 100 | 50 |"), "{md}");
     }
 
     #[test]
     fn smoke_markdown_says_so_and_does_not_judge() {
         let report = Report {
+            workload: Workload::Bulk,
             rounds: vec![round(false, 40.0, 20.0)],
             seconds: 1,
             smoke: true,
@@ -379,7 +479,7 @@ mod tests {
             ## TCP bulk throughput (iperf3, loopback)\n\nold body\n### detail\nold\n\n\
             ## Latency\n\nkept\n";
         assert_eq!(
-            replace_section(doc, HEADING, NEW),
+            replace_section(doc, Workload::Bulk.heading(), NEW),
             "# Benchmarks\n\nintro\n\n\
              ## TCP bulk throughput (iperf3, loopback)\n\nnew body\n\n\
              ## Latency\n\nkept\n"
@@ -390,7 +490,7 @@ mod tests {
     fn replaces_last_section() {
         let doc = "# B\n\n## Other\n\nx\n\n## TCP bulk throughput (iperf3, loopback)\n\nold\n";
         assert_eq!(
-            replace_section(doc, HEADING, NEW),
+            replace_section(doc, Workload::Bulk.heading(), NEW),
             "# B\n\n## Other\n\nx\n\n## TCP bulk throughput (iperf3, loopback)\n\nnew body\n"
         );
     }
@@ -398,19 +498,46 @@ mod tests {
     #[test]
     fn appends_when_absent_and_creates_when_empty() {
         assert_eq!(
-            replace_section("# B\n\n## Other\n\nx\n", HEADING, NEW),
+            replace_section("# B\n\n## Other\n\nx\n", Workload::Bulk.heading(), NEW),
             "# B\n\n## Other\n\nx\n\n## TCP bulk throughput (iperf3, loopback)\n\nnew body\n"
         );
         assert_eq!(
-            replace_section("", HEADING, NEW),
+            replace_section("", Workload::Bulk.heading(), NEW),
             "# Benchmarks\n\n## TCP bulk throughput (iperf3, loopback)\n\nnew body\n"
         );
     }
 
     #[test]
     fn replacing_twice_is_stable() {
-        let once = replace_section("# B\n\n## Z\n\nz\n", HEADING, NEW);
-        assert_eq!(replace_section(&once, HEADING, NEW), once);
+        let h = Workload::Bulk.heading();
+        let once = replace_section("# B\n\n## Z\n\nz\n", h, NEW);
+        assert_eq!(replace_section(&once, h, NEW), once);
+    }
+
+    /// Three workloads' sections in one document: each run replaces its own only, in
+    /// place, whatever order they were written in.
+    #[test]
+    fn workload_sections_replace_only_their_own() {
+        let section = |w: Workload, body: &str| format!("{}\n\n{body}\n", w.heading());
+        let [bulk, tcp, udp] = Workload::ALL;
+        let mut doc = String::new();
+        for (w, body) in [(udp, "u1"), (bulk, "b1\n\n| t |"), (tcp, "t1")] {
+            doc = replace_section(&doc, w.heading(), &section(w, body));
+        }
+        let expected = |u: &str, b: &str, t: &str| {
+            format!(
+                "# Benchmarks\n\n{}\n{}\n{}",
+                section(udp, u),
+                section(bulk, b),
+                section(tcp, t)
+            )
+        };
+        assert_eq!(doc, expected("u1", "b1\n\n| t |", "t1"));
+        doc = replace_section(&doc, bulk.heading(), &section(bulk, "b2"));
+        assert_eq!(doc, expected("u1", "b2", "t1"));
+        doc = replace_section(&doc, tcp.heading(), &section(tcp, "t2\n\nmore"));
+        doc = replace_section(&doc, udp.heading(), &section(udp, "u2"));
+        assert_eq!(doc, expected("u2", "b2", "t2\n\nmore"));
     }
 
     #[test]

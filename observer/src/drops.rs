@@ -1,0 +1,145 @@
+//! Packet drops, TCP retransmits and resets: the kernel counts them per
+//! (kind, reason, interface, namespace) in the per-CPU `DROPS` table; this
+//! module names them from the running kernel's BTF and adds what each key
+//! gained since the previous scrape to the counters.
+use std::{collections::HashMap, ffi::CStr, fs, os::unix::fs::MetadataExt};
+
+use aya::maps::{IterableMap, MapData, PerCpuHashMap};
+use observer_common::{DROP_REASON_UNKNOWN, DropKey, Settings, drop_kind};
+
+use crate::{btf::KernelBtf, metrics::Metrics, session::IfaceFilter};
+
+/// The enum whose enumerators name drop reasons (5.17+).
+const REASON_ENUM: &str = "skb_drop_reason";
+const REASON_PREFIX: &str = "SKB_DROP_REASON_";
+
+/// The drop-related load-time settings, from the running kernel's BTF.
+/// Missing pieces (older kernels) give values the programs treat as absent.
+pub fn settings(btf: &KernelBtf) -> Settings {
+    let reason = |name: &str| btf.enum_value(REASON_ENUM, name).unwrap_or(u32::MAX);
+    Settings {
+        kfree_skb_args: btf.tracepoint_params("kfree_skb").map_or(0, |n| n as u32),
+        drop_reason_not_dropped: reason("SKB_NOT_DROPPED_YET"),
+        drop_reason_consumed: reason("SKB_CONSUMED"),
+        tcp_retransmit_args: btf.tracepoint_params("tcp_retransmit_skb").map_or(0, |n| n as u32),
+        ..Settings::default()
+    }
+}
+
+/// Label value of a reason enumerator: `SKB_DROP_REASON_NETFILTER_DROP` ->
+/// `netfilter_drop`.
+pub fn reason_label(enumerator: &str) -> String {
+    enumerator.strip_prefix(REASON_PREFIX).unwrap_or(enumerator).to_ascii_lowercase()
+}
+
+/// Reason names by value, from the running kernel (never a compiled-in
+/// table: values are renumbered between kernel versions).
+pub fn reason_names(btf: &KernelBtf) -> HashMap<u32, String> {
+    btf.enum_members(REASON_ENUM)
+        .map(|members| members.into_iter().map(|(v, name)| (v, reason_label(&name))).collect())
+        .unwrap_or_default()
+}
+
+/// What the kernel counted, read at every scrape.
+pub struct DropCounters {
+    map: PerCpuHashMap<MapData, DropKey, u64>,
+    /// Per-key totals already added to the metrics.
+    seen: HashMap<DropKey, u64>,
+    reasons: HashMap<u32, String>,
+    /// The observer's own network namespace: interface indexes of other
+    /// namespaces cannot be named here.
+    own_netns: u32,
+}
+
+impl DropCounters {
+    pub fn new(map: PerCpuHashMap<MapData, DropKey, u64>, btf: &KernelBtf) -> Self {
+        let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino() as u32);
+        Self { map, seen: HashMap::new(), reasons: reason_names(btf), own_netns }
+    }
+
+    /// Adds every key's growth since the last call to the metrics. Keys whose
+    /// interface is not selected with --iface are tracked but not reported.
+    pub fn sync(&mut self, filter: &IfaceFilter, metrics: &Metrics) {
+        // Bounded walk: a key space larger than the table cannot exist.
+        let capacity = self.map.map().info().map_or(4096, |info| info.max_entries() as usize);
+        let keys: Vec<DropKey> = self.map.keys().take(2 * capacity).filter_map(Result::ok).collect();
+        metrics.telemetry.map_usage("drops", keys.len(), capacity);
+        for key in keys {
+            let Ok(values) = self.map.get(&key, 0) else { continue };
+            let total: u64 = values.iter().sum();
+            let seen = self.seen.entry(key).or_insert(0);
+            let delta = total.saturating_sub(*seen);
+            *seen = total;
+            if delta == 0 || !filter.accepts_interfaces(key.netns_ino, key.ifindex, key.ifindex) {
+                continue;
+            }
+            let iface = self.iface_name(&key);
+            match key.kind {
+                drop_kind::DROP => metrics.add_drops(&self.reason(key.reason), &iface, delta),
+                drop_kind::TCP_RETRANSMIT => metrics.add_tcp_retransmits(&iface, delta),
+                drop_kind::TCP_RESET_SENT => metrics.add_tcp_resets("sent", &iface, delta),
+                drop_kind::TCP_RESET_RECEIVED => metrics.add_tcp_resets("received", &iface, delta),
+                _ => {}
+            }
+        }
+    }
+
+    fn reason(&self, value: u32) -> String {
+        if value == DROP_REASON_UNKNOWN {
+            return "unknown".into();
+        }
+        // A value this kernel's enum does not name (a subsystem's own
+        // reasons, e.g. mac80211 or openvswitch, live in the high bits).
+        self.reasons.get(&value).cloned().unwrap_or_else(|| "unknown".into())
+    }
+
+    /// The interface's name in the observer's namespace; "" when the packet
+    /// had no device, or its device lives in another namespace (a pod).
+    fn iface_name(&self, key: &DropKey) -> String {
+        if key.ifindex == 0 || key.netns_ino != self.own_netns {
+            return String::new();
+        }
+        index_to_name(key.ifindex).unwrap_or_default()
+    }
+}
+
+fn index_to_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_labels_drop_the_prefix_and_lowercase() {
+        assert_eq!(reason_label("SKB_DROP_REASON_NETFILTER_DROP"), "netfilter_drop");
+        assert_eq!(reason_label("SKB_DROP_REASON_TCP_INVALID_SEQUENCE"), "tcp_invalid_sequence");
+        assert_eq!(reason_label("SKB_CONSUMED"), "skb_consumed");
+    }
+
+    #[test]
+    fn loopback_is_named() {
+        assert_eq!(index_to_name(1).as_deref(), Some("lo"));
+        assert_eq!(index_to_name(0), None);
+    }
+
+    #[test]
+    fn reasons_come_from_this_kernel() {
+        let Ok(btf) = KernelBtf::open(std::path::Path::new(crate::btf::DEFAULT_BTF_PATH)) else { return };
+        let names = reason_names(&btf);
+        assert!(names.values().any(|n| n == "netfilter_drop"), "{names:?}");
+        assert!(names.values().any(|n| n == "socket_rcvbuff"), "{names:?}");
+        let s = settings(&btf);
+        assert!(s.kfree_skb_args >= 3);
+        assert_eq!(s.drop_reason_not_dropped, 0);
+        assert_ne!(s.drop_reason_consumed, u32::MAX);
+    }
+}

@@ -1,0 +1,222 @@
+//! The observer's metrics about itself: its kernel programs' run counts and
+//! run time (the kernel's BPF statistics), whether each is attached, how full
+//! its kernel tables are, how long scrapes take, and the standard `process_*`
+//! metrics. Operators need these to show that a node agent does not hurt the
+//! node, and to see a table filling up before it drops data.
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::OwnedFd,
+    sync::Mutex,
+    time::Duration,
+};
+
+use prometheus::{
+    CounterVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+
+/// Scrape duration buckets, 1 ms to 10 s: a scrape normally takes a
+/// millisecond or two; seconds mean a blocked lock or a huge table.
+const SCRAPE_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Upper bound on programs walked per scrape when looking ours up among every
+/// BPF program of the host (a node with a CNI has hundreds, not thousands).
+const MAX_HOST_PROGRAMS: usize = 16_384;
+
+/// Table usage and scrape duration, updated by the pipeline and the server.
+pub struct SelfMetrics {
+    map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
+    scrape_duration: Histogram,
+}
+
+impl SelfMetrics {
+    /// Creates and registers the families (and the process collector).
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let map_entries = IntGaugeVec::new(
+            Opts::new(
+                "observer_bpf_map_entries",
+                "Entries in use in a kernel table, counted at the last scrape. map=open_sessions: open TCP sessions; map=udp_flows: UDP flows. When it reaches observer_bpf_map_capacity new entries are dropped (see observer_events_lost_total).",
+            ),
+            &["map"],
+        )?;
+        let map_capacity = IntGaugeVec::new(
+            Opts::new("observer_bpf_map_capacity", "Maximum number of entries of a kernel table (max_entries)."),
+            &["map"],
+        )?;
+        let scrape_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "observer_scrape_duration_seconds",
+                "Time to answer /metrics (refreshing kernel-side counters and encoding), observed after each scrape, so the exposition shows the scrapes before it.",
+            )
+            .buckets(SCRAPE_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(map_entries.clone()))?;
+        registry.register(Box::new(map_capacity.clone()))?;
+        registry.register(Box::new(scrape_duration.clone()))?;
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(SelfMetrics { map_entries, map_capacity, scrape_duration })
+    }
+
+    /// Records a kernel table's usage (called from the live sweep at scrape).
+    pub fn map_usage(&self, map: &str, entries: usize, capacity: usize) {
+        self.map_entries.with_label_values(&[map]).set(entries as i64);
+        self.map_capacity.with_label_values(&[map]).set(capacity as i64);
+    }
+
+    pub fn observe_scrape(&self, took: Duration) {
+        self.scrape_duration.observe(took.as_secs_f64());
+    }
+}
+
+/// Turns on the kernel's BPF run-time statistics (the switch behind
+/// `kernel.bpf_stats_enabled`, whose sysctl value is left alone) for as long
+/// as the returned descriptor is open. The kernel counts holders, so the
+/// previous state returns by itself when the observer exits, however it exits. `None` (logged) on kernels before 5.8 or without the privilege:
+/// run counts then stay at whatever the sysctl gives.
+pub fn enable_bpf_stats() -> Option<OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot enable BPF run-time statistics; observer_bpf_program_run* stay at zero unless kernel.bpf_stats_enabled is set");
+            None
+        }
+    }
+}
+
+/// One of our programs: its name in the object, its kernel id once loaded,
+/// and whether it is attached.
+#[derive(Clone, Debug)]
+pub struct ProgramEntry {
+    pub name: String,
+    pub id: Option<u32>,
+    pub attached: bool,
+}
+
+/// Per program: attached state, run count and run time, read from the kernel
+/// at every scrape.
+pub struct BpfPrograms {
+    programs: Vec<ProgramEntry>,
+    run_seconds: CounterVec,
+    runs: IntCounterVec,
+    attached: IntGaugeVec,
+    /// Last (run time, run count) seen per kernel id: the counters advance by
+    /// the difference.
+    last: Mutex<HashMap<u32, (Duration, u64)>>,
+}
+
+impl BpfPrograms {
+    pub fn new(programs: Vec<ProgramEntry>) -> prometheus::Result<Self> {
+        let run_seconds = CounterVec::new(
+            Opts::new(
+                "observer_bpf_program_run_seconds_total",
+                "Time the kernel spent running this program (BPF statistics, run_time_ns), counted while the observer runs; rate() is the share of a CPU it costs.",
+            ),
+            &["program"],
+        )?;
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "observer_bpf_program_runs_total",
+                "Times the kernel ran this program (BPF statistics, run_cnt).",
+            ),
+            &["program"],
+        )?;
+        let attached = IntGaugeVec::new(
+            Opts::new(
+                "observer_bpf_program_attached",
+                "1 when the program is attached to its hook, 0 when it is part of the object but not attached (its concern uses another hook or none).",
+            ),
+            &["program"],
+        )?;
+        for p in &programs {
+            attached.with_label_values(&[&p.name]).set(i64::from(p.attached));
+            if p.id.is_some() {
+                run_seconds.with_label_values(&[&p.name]);
+                runs.with_label_values(&[&p.name]);
+            }
+        }
+        Ok(BpfPrograms { programs, run_seconds, runs, attached, last: Mutex::new(HashMap::new()) })
+    }
+
+    /// Reads our programs' statistics from the kernel's list of programs.
+    fn refresh(&self) {
+        let ids: HashSet<u32> = self.programs.iter().filter_map(|p| p.id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = 0;
+        for info in aya::programs::loaded_programs().take(MAX_HOST_PROGRAMS) {
+            let Ok(info) = info else { continue };
+            if !ids.contains(&info.id()) {
+                continue;
+            }
+            let Some(entry) = self.programs.iter().find(|p| p.id == Some(info.id())) else { continue };
+            let (time, count) = (info.run_time(), info.run_count());
+            let (prev_time, prev_count) = last.insert(info.id(), (time, count)).unwrap_or_default();
+            self.run_seconds.with_label_values(&[&entry.name]).inc_by(time.saturating_sub(prev_time).as_secs_f64());
+            self.runs.with_label_values(&[&entry.name]).inc_by(count.saturating_sub(prev_count));
+            found += 1;
+            if found == ids.len() {
+                break;
+            }
+        }
+    }
+}
+
+impl Collector for BpfPrograms {
+    fn desc(&self) -> Vec<&Desc> {
+        [self.run_seconds.desc(), self.runs.desc(), self.attached.desc()].concat()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.refresh();
+        [self.run_seconds.collect(), self.runs.collect(), self.attached.collect()].concat()
+    }
+}
+
+/// Our programs as loaded in `ebpf`, with the names of those attached.
+pub fn program_entries(ebpf: &aya::Ebpf, attached: &[&str]) -> Vec<ProgramEntry> {
+    let mut entries: Vec<ProgramEntry> = ebpf
+        .programs()
+        .map(|(name, program)| ProgramEntry {
+            name: name.to_string(),
+            id: program.info().ok().map(|i| i.id()),
+            attached: attached.contains(&name),
+        })
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_metrics_export_tables_scrapes_and_process() {
+        let registry = Registry::new();
+        let m = SelfMetrics::new(&registry).unwrap();
+        m.map_usage("open_sessions", 3, 65_536);
+        m.observe_scrape(Duration::from_millis(2));
+        let programs = vec![
+            ProgramEntry { name: "obs_state_tp".into(), id: None, attached: true },
+            ProgramEntry { name: "obs_state_fe".into(), id: None, attached: false },
+        ];
+        registry.register(Box::new(BpfPrograms::new(programs).unwrap())).unwrap();
+        let mut buf = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        for line in [
+            r#"observer_bpf_map_entries{map="open_sessions"} 3"#,
+            r#"observer_bpf_map_capacity{map="open_sessions"} 65536"#,
+            "observer_scrape_duration_seconds_count 1",
+            r#"observer_bpf_program_attached{program="obs_state_tp"} 1"#,
+            r#"observer_bpf_program_attached{program="obs_state_fe"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+}

@@ -1,0 +1,195 @@
+//! The benchmark's workloads: what iperf3 runs, what figure is taken from it, and the
+//! target that figure is judged against. Each has its own section in BENCHMARKS.md.
+
+use anyhow::Result;
+
+use super::iperf;
+
+/// `--workload`: one workload, or all of them in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Selection {
+    Bulk,
+    TcpSmall,
+    UdpSmall,
+    All,
+}
+
+impl Selection {
+    pub fn workloads(self) -> Vec<Workload> {
+        match self {
+            Selection::Bulk => vec![Workload::Bulk],
+            Selection::TcpSmall => vec![Workload::TcpSmall],
+            Selection::UdpSmall => vec![Workload::UdpSmall],
+            Selection::All => Workload::ALL.to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// TCP bulk throughput, iperf3's defaults (128 KiB sends).
+    Bulk,
+    /// TCP with 1 KiB sends, TCP_NODELAY, as fast as they go.
+    TcpSmall,
+    /// UDP with 1 KiB datagrams, no rate limit.
+    UdpSmall,
+}
+
+/// Message size of the small-message workloads (`iperf3 -l`).
+pub const SMALL_MSG_BYTES: u32 = 1024;
+/// The per-call hooks: one run per send(2) or recv(2) of any socket.
+pub const PER_CALL_HOOKS: [&str; 2] = ["obs_send", "obs_recv"];
+
+impl Workload {
+    pub const ALL: [Workload; 3] = [Workload::Bulk, Workload::TcpSmall, Workload::UdpSmall];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Bulk => "bulk",
+            Workload::TcpSmall => "tcp-small",
+            Workload::UdpSmall => "udp-small",
+        }
+    }
+
+    /// The level-2 heading of its section in BENCHMARKS.md.
+    pub fn heading(self) -> &'static str {
+        match self {
+            Workload::Bulk => "## TCP bulk throughput (iperf3, loopback)",
+            Workload::TcpSmall => "## TCP small messages (iperf3 -l 1024 -N, loopback)",
+            Workload::UdpSmall => "## UDP small datagrams (iperf3 -u -b 0 -l 1024, loopback)",
+        }
+    }
+
+    /// iperf3 client arguments beyond `-c`, `-p`, `-t`, `-J` and `-A`.
+    pub fn client_args(self) -> &'static [&'static str] {
+        match self {
+            Workload::Bulk => &[],
+            Workload::TcpSmall => &["-l", "1024", "-N"],
+            Workload::UdpSmall => &["-u", "-b", "0", "-l", "1024"],
+        }
+    }
+
+    /// The figure of one finished client run (`iperf3 -J` output), in `unit()`s.
+    pub fn figure(self, json: &str) -> Result<f64> {
+        match self {
+            Workload::Bulk => iperf::received_bps(json),
+            Workload::TcpSmall => Ok(iperf::received_bps(json)? / f64::from(SMALL_MSG_BYTES * 8)),
+            Workload::UdpSmall => iperf::received_datagrams_per_sec(json),
+        }
+    }
+
+    /// The figure, as shown in the report (in `display_unit()`).
+    pub fn show(self, figure: f64) -> String {
+        match self {
+            Workload::Bulk => format!("{:.2}", figure / 1e9),
+            Workload::TcpSmall | Workload::UdpSmall => format!("{:.1}", figure / 1e3),
+        }
+    }
+
+    pub fn display_unit(self) -> &'static str {
+        match self {
+            Workload::Bulk => "Gbit/s",
+            Workload::TcpSmall | Workload::UdpSmall => "k msg/s",
+        }
+    }
+
+    /// The acceptance bar: the figure with the observer on, relative to off.
+    pub fn target_ratio(self) -> f64 {
+        match self {
+            Workload::Bulk => 0.99,
+            Workload::TcpSmall | Workload::UdpSmall => 0.97,
+        }
+    }
+
+    /// The bar for ns per run of each of `PER_CALL_HOOKS`, where this workload has one.
+    pub fn target_hook_ns(self) -> Option<f64> {
+        match self {
+            Workload::TcpSmall => Some(100.0),
+            Workload::Bulk | Workload::UdpSmall => None,
+        }
+    }
+
+    /// What the workload shows, and its target; one paragraph of markdown.
+    pub fn intro(self) -> String {
+        let ratio = self.target_ratio();
+        match self {
+            Workload::Bulk => format!(
+                "What a running observer costs TCP bulk throughput. Target: throughput with \
+                 the observer on is at least {ratio} of off (median of the per-round on/off \
+                 ratios)."
+            ),
+            Workload::TcpSmall => format!(
+                "What a running observer costs a TCP stream of small messages: 1 KiB per \
+                 send(2), as fast as they go, so the per-call hooks (`obs_send`, `obs_recv`) \
+                 run once per KiB rather than once per 128 KiB as in bulk. Target: messages \
+                 per second with the observer on are at least {ratio} of off (median of the \
+                 per-round on/off ratios), and each run of `obs_send` and `obs_recv` takes at \
+                 most {} ns.",
+                self.target_hook_ns().unwrap_or_default()
+            ),
+            Workload::UdpSmall => format!(
+                "What a running observer costs a UDP flow of small datagrams: 1 KiB each, \
+                 sent as fast as they go. Target: datagrams received per second with the \
+                 observer on are at least {ratio} of off (median of the per-round on/off \
+                 ratios)."
+            ),
+        }
+    }
+
+    /// How the workload's figure is made from the client run; part of the method text.
+    pub fn figure_method(self) -> &'static str {
+        match self {
+            Workload::Bulk => "its figure is `end.sum_received.bits_per_second`.",
+            Workload::TcpSmall => {
+                "`-l 1024` makes every send(2) 1 KiB and the server read at most 1 KiB per \
+                 recv(2); `-N` (TCP_NODELAY) sends each message at once instead of letting \
+                 Nagle's algorithm wait to fill a segment (loopback autocorking may still \
+                 merge segments: the hooks run per call, not per segment, so that does not \
+                 change what is measured). Its figure is messages per second, \
+                 `end.sum_received.bits_per_second` / 8192."
+            }
+            Workload::UdpSmall => {
+                "`-u -b 0 -l 1024` sends 1 KiB datagrams with no rate limit; the sender \
+                 outruns the receiver, so datagrams are dropped at the receiving socket and \
+                 the figure is the receiver's: datagrams received per second, \
+                 (`end.sum_received.packets` − `end.sum_received.lost_packets`) / \
+                 `end.sum_received.seconds`."
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_runs_every_workload_once_in_order() {
+        assert_eq!(Selection::All.workloads(), Workload::ALL);
+        assert_eq!(Selection::UdpSmall.workloads(), [Workload::UdpSmall]);
+    }
+
+    #[test]
+    fn headings_are_distinct_level_two_headings() {
+        for (i, a) in Workload::ALL.iter().enumerate() {
+            assert!(a.heading().starts_with("## "), "{}", a.heading());
+            assert!(!a.heading()[3..].contains('#'));
+            for b in &Workload::ALL[i + 1..] {
+                assert_ne!(a.heading(), b.heading());
+            }
+        }
+        // BENCHMARKS.md sections written before workloads existed keep their place.
+        assert_eq!(
+            Workload::Bulk.heading(),
+            "## TCP bulk throughput (iperf3, loopback)"
+        );
+    }
+
+    #[test]
+    fn tcp_small_counts_kib_messages() {
+        let json = r#"{"end": {"sum_received": {"bits_per_second": 819200000}}}"#;
+        assert_eq!(Workload::TcpSmall.figure(json).unwrap(), 100_000.0);
+        assert_eq!(Workload::TcpSmall.show(123_456.0), "123.5");
+        assert_eq!(Workload::Bulk.show(41.234e9), "41.23");
+    }
+}
