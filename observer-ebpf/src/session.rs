@@ -199,15 +199,20 @@ fn tx_ifindex(sk: *const u8, off: &KernelOffsets) -> u32 {
 
 #[inline(always)]
 fn on_close(sk: *const u8, key: u64, old: i32) {
-    let start = unsafe { OPEN_SESSIONS.get(&key) }.copied();
-    if start.is_some() {
-        let _ = OPEN_SESSIONS.remove(&key);
-    } else if old == tcp_state::LISTEN || old == tcp_state::CLOSE {
+    // A reference into the map, not a copy: the record is filled from it
+    // before the entry is removed. Copies of the 100-byte start took the
+    // programs' stack to 488 bytes, which with the memset/memcpy subprograms
+    // exceeds 512 on verifiers that round each frame up to 32 bytes (6.1).
+    let start = unsafe { OPEN_SESSIONS.get(&key) };
+    if start.is_none() && (old == tcp_state::LISTEN || old == tcp_state::CLOSE) {
         // A listener or a socket that never connected: not a session.
         return;
     }
     let Some(mut entry) = SESSIONS.reserve::<SessionRecord>(0) else {
         count_lost(LostSource::SessionRingFull);
+        if start.is_some() {
+            let _ = OPEN_SESSIONS.remove(&key);
+        }
         return;
     };
     let record = entry.as_mut_ptr();
@@ -215,12 +220,18 @@ fn on_close(sk: *const u8, key: u64, old: i32) {
     // of the right size; every field is written before submit.
     unsafe { fill_record(&mut *record, sk, start) };
     entry.submit(0);
+    if start.is_some() {
+        let _ = OPEN_SESSIONS.remove(&key);
+    }
 }
 
+/// What a session seen only at its close starts from.
+static ADOPTED_START: SessionStart = SessionStart { flags: SESSION_ADOPTED, ..EMPTY };
+
 #[inline(always)]
-unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<SessionStart>) {
+unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<&SessionStart>) {
     let off = offsets();
-    let s = start.unwrap_or(SessionStart { flags: SESSION_ADOPTED, ..EMPTY });
+    let s = start.unwrap_or(&ADOPTED_START);
     r.sock = sk as u64;
     r.birth_ns = s.birth_ns;
     r.close_ns = unsafe { bpf_ktime_get_ns() };

@@ -20,17 +20,36 @@ static ACCEPT_RET_ARG: u32 = 0;
 #[fexit(function = "inet_csk_accept")]
 pub fn obs_owner_fexit(ctx: FExitContext) -> i32 {
     let n = unsafe { core::ptr::read_volatile(&ACCEPT_RET_ARG) } as usize;
-    // The verifier wants a bounded index; 4 parameters is the most any kernel had.
-    let sk: *const u8 = match n {
-        2 => ctx.arg(2),
-        3 => ctx.arg(3),
-        4 => ctx.arg(4),
+    // 4 parameters is the most any kernel had. One function per index: arms
+    // that differ only in the index are merged by LLVM into one load at a
+    // computed offset, which the verifier refuses ("dereference of modified
+    // ctx ptr", seen on 6.1 where the index is 4); a call's target is never
+    // merged that way.
+    let sk = match n {
+        2 => ret_at_2(&ctx),
+        3 => ret_at_3(&ctx),
+        4 => ret_at_4(&ctx),
         _ => return 0,
     };
     if !sk.is_null() {
         claim_owner(sk);
     }
     0
+}
+
+#[inline(never)]
+fn ret_at_2(ctx: &FExitContext) -> *const u8 {
+    ctx.arg(2)
+}
+
+#[inline(never)]
+fn ret_at_3(ctx: &FExitContext) -> *const u8 {
+    ctx.arg(3)
+}
+
+#[inline(never)]
+fn ret_at_4(ctx: &FExitContext) -> *const u8 {
+    ctx.arg(4)
 }
 
 /// kretprobe `inet_csk_accept`: same function as above.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod kernels;
 mod run;
 mod setup;
 mod test;
@@ -34,14 +35,28 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The whole test suite as CI runs it: setup, build, clippy, unit, end-to-end, bench smoke.
+    /// The whole test suite as CI runs it: setup, build, clippy, unit, end-to-end, kernel matrix
+    /// (qemu), bench smoke.
     Test {
-        /// Leave out the benchmark smoke run (step 6).
+        /// Leave out the benchmark smoke run (the last step).
         #[arg(long)]
         skip_bench: bool,
         /// Passed to the end-to-end test binary after `--test-threads=1` (a test-name filter).
         #[arg(last = true)]
         filter: Vec<String>,
+    },
+    /// Boot Debian's 6.1 and 6.12 kernels in qemu and run the end-to-end tests there in every
+    /// hook tier (fentry, kprobe, tracepoint, auto), with `observer check` per tier.
+    Kernels {
+        /// Rewrite README's kernel tables (between its kernels:begin/end markers) from the results.
+        #[arg(long)]
+        write_readme: bool,
+        /// Only this kernel (6.1, 6.12); repeatable. Default: all.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Bound on one VM's whole run, in seconds.
+        #[arg(long, default_value_t = kernels::DEFAULT_VM_TIMEOUT_S)]
+        vm_timeout: u64,
     },
     /// iperf3 over loopback (TCP bulk, TCP and UDP small messages) with the observer on vs off.
     Bench {
@@ -85,6 +100,11 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Setup => setup::run(),
         Command::Run { args } => run::run(args),
         Command::Test { skip_bench, filter } => test::run(&test::TestArgs { skip_bench, filter }),
+        Command::Kernels { write_readme, kernels: names, vm_timeout } => kernels::run(&kernels::Options {
+            write_readme,
+            kernels: names,
+            vm_timeout: std::time::Duration::from_secs(vm_timeout),
+        }),
         Command::Bench {
             smoke,
             workload,
@@ -144,6 +164,18 @@ mod tests {
             Command::Test { skip_bench, filter } => {
                 assert!(skip_bench);
                 assert_eq!(filter, ["tcp_state", "--nocapture"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn kernels_flags() {
+        match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12"]) {
+            Command::Kernels { write_readme, kernels, vm_timeout } => {
+                assert!(write_readme);
+                assert_eq!(kernels, ["6.1", "6.12"]);
+                assert_eq!(vm_timeout, kernels::DEFAULT_VM_TIMEOUT_S);
             }
             other => panic!("{other:?}"),
         }

@@ -1,0 +1,372 @@
+//! `cargo xtask kernels`: Debian's current 6.1 and 6.12 kernels booted in
+//! qemu (software emulation), each running the host-built end-to-end tests
+//! once per hook tier, `observer check` per tier and deliberately broken
+//! starts; a report per kernel and tier, and README's kernel table.
+//!
+//! This machine's own kernel has no kprobes and refuses fentry, so these VMs
+//! are where those tiers run at all. How Debian kernels boot here (and what
+//! does not work) is recorded in ../shared/KERNELS.md.
+//!
+//! Layout under `<target>/kernels/`: `<name>/` the unpacked package, its
+//! `vmlinux` and `initramfs.cpio` (reused while the meta package resolves to
+//! the same version); `runs/<name>/` the guest's writable share with every
+//! result file; `logs/<name>.console.log` the serial console; `report.md`.
+
+mod bzimage;
+mod cpio;
+mod fetch;
+pub mod guest;
+mod host;
+mod initramfs;
+mod modules;
+mod qemu;
+mod report;
+mod results;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+
+use crate::{build, util};
+use guest::{Run, TestBin};
+use report::KernelReport;
+use results::Check;
+
+/// A kernel of the matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    /// Short name: `--kernel` value, cache and log names.
+    pub name: &'static str,
+    pub label: &'static str,
+    /// The meta package that names the current image package.
+    pub meta: &'static str,
+    /// Its version must start with this: a guard against a meta package that
+    /// moved to another series (a newer Debian release on the host).
+    pub series: &'static str,
+    /// Forced tiers this kernel offers (Debian builds both with kprobes, BTF
+    /// and fentry trampolines); a tier `observer check` reports unavailable
+    /// there is a failure, not a skip.
+    pub tiers: &'static [&'static str],
+}
+
+pub const KERNELS: [Spec; 2] = [
+    Spec { name: "6.1", label: "Debian 6.1", meta: "linux-image-amd64", series: "6.1.", tiers: &guest::TIERS },
+    Spec { name: "6.12", label: "Debian 6.12", meta: "linux-image-6.12-amd64", series: "6.12.", tiers: &guest::TIERS },
+];
+
+/// Guest memory: the tests' transfers and two observers fit well within it.
+const MEMORY_MB: u32 = 2048;
+
+pub struct Options {
+    pub write_readme: bool,
+    /// Names from `KERNELS`; empty for all.
+    pub kernels: Vec<String>,
+    /// Bound on one VM's whole run.
+    pub vm_timeout: Duration,
+}
+
+pub const DEFAULT_VM_TIMEOUT_S: u64 = 900;
+
+pub fn run(opts: &Options) -> Result<()> {
+    ensure!(
+        util::is_root(),
+        "cargo xtask kernels installs packages and shares the host's root with the VMs: run it as root"
+    );
+    let specs = select(&opts.kernels)?;
+    let started = Instant::now();
+    host::ensure_tools()?;
+    let observer = build::observer_release()?;
+    let tests = test_binaries()?;
+    let base = target_dir()?.join("kernels");
+    for d in ["logs", "runs"] {
+        std::fs::create_dir_all(base.join(d))?;
+    }
+
+    // One at a time: apt holds a lock, and preparing takes seconds.
+    let prepared = specs
+        .iter()
+        .map(|s| prepare(s, &base, &observer, &tests).with_context(|| format!("preparing kernel {}", s.name)))
+        .collect::<Result<Vec<_>>>()?;
+    let host_check = host_check(&observer);
+    eprintln!("xtask kernels: prepared in {:.0} s; booting {} VMs", started.elapsed().as_secs_f64(), prepared.len());
+
+    // In parallel, one vCPU each: the host has two cores.
+    let (booted, cpu_before) = (Instant::now(), children_cpu());
+    let reports: Vec<KernelReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = prepared.iter().map(|p| s.spawn(|| boot(p, opts.vm_timeout))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("the VM thread panicked"))))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    // CPU time tells what the VMs cost apart from other load on the machine:
+    // software emulation is CPU-bound, so on an idle machine it bounds their wall time.
+    let vm_timing = format!(
+        "VMs: {:.0} s wall, {:.0} s CPU (all VMs together)",
+        booted.elapsed().as_secs_f64(),
+        (children_cpu().saturating_sub(cpu_before)).as_secs_f64()
+    );
+    eprintln!("xtask kernels: {vm_timing}");
+
+    let summary = format!("{}
+{vm_timing}
+", report::summary(&reports, host_check.as_ref()));
+    std::fs::write(base.join("report.md"), &summary)?;
+    println!("\n{summary}");
+    show_failure_details(&reports);
+    if opts.write_readme {
+        let path = util::root().join("README.md");
+        let readme = std::fs::read_to_string(&path)?;
+        let section = report::readme_section(&reports, host_check.as_ref());
+        std::fs::write(&path, report::splice(&readme, &section)?)?;
+        println!("xtask kernels: README.md's kernel tables rewritten");
+    }
+    let failed: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.failures().into_iter().map(move |f| format!("{}: {f}", r.label)))
+        .collect();
+    println!(
+        "xtask kernels: {} kernel(s) in {:.0} s; report: {}",
+        reports.len(),
+        started.elapsed().as_secs_f64(),
+        base.join("report.md").display()
+    );
+    if !failed.is_empty() {
+        bail!("the kernel matrix failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
+/// User plus system CPU time of this process's finished children.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct it is given; RUSAGE_CHILDREN is valid.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn select(names: &[String]) -> Result<Vec<Spec>> {
+    if names.is_empty() {
+        return Ok(KERNELS.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            KERNELS.iter().find(|s| s.name == n).copied().with_context(|| {
+                let known: Vec<_> = KERNELS.iter().map(|s| s.name).collect();
+                format!("unknown kernel {n:?}; known: {}", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// Cargo's target directory as cargo itself resolves it (CARGO_TARGET_DIR,
+/// config files), so the cache lands where CI's other build outputs are.
+fn target_dir() -> Result<PathBuf> {
+    let out = util::cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    ensure!(out.status.success(), "cargo metadata failed ({})", out.status);
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    meta["target_directory"].as_str().map(PathBuf::from).context("cargo metadata has no target_directory")
+}
+
+/// Builds the end-to-end test binaries (a no-op right after `cargo xtask
+/// test`'s end-to-end step) and lists them.
+fn test_binaries() -> Result<Vec<TestBin>> {
+    let mut cmd = util::cargo();
+    cmd.args(["test", "-p", "observer-tests", "--no-run", "--message-format=json"]).stderr(Stdio::inherit());
+    eprintln!("+ {}", util::show(&cmd));
+    let out = cmd.output().context("running cargo test --no-run")?;
+    ensure!(out.status.success(), "building the end-to-end tests failed ({})", out.status);
+    let tests = parse_test_executables(&String::from_utf8_lossy(&out.stdout));
+    ensure!(!tests.is_empty(), "cargo built no end-to-end test binaries");
+    Ok(tests)
+}
+
+/// Integration-test executables in cargo's JSON messages.
+pub fn parse_test_executables(json_lines: &str) -> Vec<TestBin> {
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| m["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test")))
+        .filter_map(|m| {
+            Some(TestBin { name: m["target"]["name"].as_str()?.to_owned(), path: m["executable"].as_str()?.into() })
+        })
+        .collect()
+}
+
+/// `observer check` on this host, for README's table; `None` if it could not run.
+fn host_check(observer: &Path) -> Option<Check> {
+    let out = Command::new(observer).arg("check").stderr(Stdio::null()).output().ok()?;
+    Some(results::parse_check(&String::from_utf8_lossy(&out.stdout), out.status.code()))
+}
+
+struct Prepared {
+    spec: Spec,
+    package: String,
+    vmlinux: PathBuf,
+    initramfs: PathBuf,
+    work: PathBuf,
+    console: PathBuf,
+    pidfile: PathBuf,
+    runs: Vec<Run>,
+}
+
+/// Fetches the kernel (or finds it cached), writes the guest script and
+/// builds the initramfs.
+fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Result<Prepared> {
+    let dir = base.join(spec.name);
+    let fetch = || -> Result<_> {
+        let r = fetch::resolve(spec.meta)?;
+        ensure!(
+            r.version.starts_with(spec.series),
+            "{} now resolves to {} {}, not a {}* kernel",
+            spec.meta,
+            r.package,
+            r.version,
+            spec.series
+        );
+        let u = fetch::fetch(&r, &dir)?;
+        Ok((r, u))
+    };
+    // Stale package lists name versions the mirror no longer has: refresh once.
+    let (resolved, unpacked) = match fetch() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("xtask kernels: {e:#}; refreshing apt's package lists and retrying");
+            util::run_checked(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
+            fetch()?
+        }
+    };
+
+    let work = base.join("runs").join(spec.name);
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let runs = guest::plan(tests, spec.tiers);
+    let script_path = work.join("guest.sh");
+    std::fs::write(&script_path, guest::script(&work, observer, spec.tiers, &runs))?;
+
+    let modules = modules::ModuleTree::open(&unpacked.modules)?.resolve(&modules::GUEST_MODULES)?;
+    let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
+    let module_bytes = modules
+        .iter()
+        .map(|(n, p)| modules::read_module(p).map(|b| (n.clone(), b)))
+        .collect::<Result<Vec<_>>>()?;
+    let busybox_path = util::find_in_path("busybox").unwrap_or_else(|| "/bin/busybox".into());
+    let busybox = std::fs::read(&busybox_path).with_context(|| format!("reading {}", busybox_path.display()))?;
+    let init = initramfs::init_script(&names, &work, &script_path);
+    let archive = cpio::archive(&initramfs::entries(busybox, module_bytes, init)?);
+    let initramfs = dir.join("initramfs.cpio");
+    std::fs::write(&initramfs, archive)?;
+    eprintln!(
+        "xtask kernels: {}: {} {} (`{}`), modules: {}",
+        spec.name,
+        resolved.package,
+        resolved.version,
+        unpacked.release,
+        names.join(" ")
+    );
+    Ok(Prepared {
+        spec: *spec,
+        package: format!("{} {}", resolved.package, resolved.version),
+        vmlinux: unpacked.vmlinux,
+        initramfs,
+        console: base.join("logs").join(format!("{}.console.log", spec.name)),
+        pidfile: base.join("runs").join(format!("{}.qemu.pid", spec.name)),
+        work,
+        runs,
+    })
+}
+
+fn boot(p: &Prepared, timeout: Duration) -> Result<KernelReport> {
+    let vm = qemu::Vm {
+        vmlinux: &p.vmlinux,
+        initramfs: &p.initramfs,
+        work: &p.work,
+        memory_mb: MEMORY_MB,
+        timeout,
+        pidfile: &p.pidfile,
+    };
+    eprintln!("[{}] booting {} (console: {})", p.spec.name, p.package, p.console.display());
+    let ended = qemu::run(&vm, &p.console, p.spec.name)?;
+    let console = String::from_utf8_lossy(&std::fs::read(&p.console)?).into_owned();
+    let vm_end = results::vm_end(&console, ended.timed_out);
+    eprintln!("[{}] VM ended after {:.0} s: {vm_end:?}", p.spec.name, ended.elapsed.as_secs_f64());
+    Ok(KernelReport {
+        label: p.spec.label.to_owned(),
+        package: p.package.clone(),
+        tiers: p.spec.tiers.to_vec(),
+        vm: vm_end,
+        elapsed: ended.elapsed,
+        console: p.console.clone(),
+        work: p.work.clone(),
+        collected: results::collect(&p.work, p.spec.tiers, &p.runs),
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The end of the console log of a VM that did not finish, and of each
+/// failed test's output: CI logs then show the cause without the files.
+fn show_failure_details(reports: &[KernelReport]) {
+    for r in reports {
+        if !matches!(r.vm, results::VmEnd::Exited(_)) || !r.collected.done {
+            let console = std::fs::read(&r.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            println!("----- {}: last lines of {} -----\n{}\n-----", r.label, r.console.display(), tail(&console, 60));
+        }
+        for results::Tested { run, outcome, .. } in &r.collected.tests {
+            if outcome.is_failure() {
+                let path = r.work.join(guest::test_file(run.tier, &run.test));
+                let log = std::fs::read(&path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                println!("----- {}: tier {}: {}: last lines of {} -----\n{}\n-----", r.label, run.tier, run.test, path.display(), tail(&log, 40));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_executables_from_cargo_messages() {
+        let json = r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"observer_tests"},"executable":null}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"tcp_sessions"},"executable":"/t/debug/deps/tcp_sessions-0a1b"}
+{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"observer_tests"},"executable":"/t/debug/deps/observer_tests-99"}
+{"reason":"build-finished","success":true}
+not json
+"#;
+        assert_eq!(
+            parse_test_executables(json),
+            [TestBin { name: "tcp_sessions".into(), path: "/t/debug/deps/tcp_sessions-0a1b".into() }]
+        );
+    }
+
+    #[test]
+    fn kernels_are_selected_by_name() {
+        assert_eq!(select(&[]).unwrap().len(), KERNELS.len());
+        assert_eq!(select(&["6.12".into()]).unwrap()[0].meta, "linux-image-6.12-amd64");
+        assert!(select(&["5.10".into()]).unwrap_err().to_string().contains("known: 6.1, 6.12"));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
+}
