@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     btf::DEFAULT_BTF_PATH,
     labels::{StaticLabel, parse_label},
+    logging::LogArgs,
     probes::ProbeMode,
 };
 
@@ -40,7 +41,25 @@ pub enum Command {
     Run(RunArgs),
     /// Print which kernel hook each concern would use, or why none can; exit
     /// non-zero when `run` could not work.
-    Check(KernelArgs),
+    Check(CheckArgs),
+}
+
+impl Command {
+    /// How this command logs.
+    pub fn log(&self) -> &LogArgs {
+        match self {
+            Command::Run(args) => &args.log,
+            Command::Check(args) => &args.log,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Options that decide how the observer hooks into the kernel.
@@ -56,6 +75,11 @@ pub struct KernelArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Read settings from this TOML file: keys are the long flag names
+    /// (`min-session-bytes = 1000000`, `label = ["region=eu"]`). The command
+    /// line and OBSERVER_* environment variables take precedence.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Address and port of the metrics server (/metrics, /healthz, /readyz).
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]
     pub listen: SocketAddr,
@@ -91,6 +115,8 @@ pub struct RunArgs {
     pub gpu: crate::gpu::GpuArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
