@@ -22,6 +22,11 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT: &str = "30s";
 /// time: a transfer pausing for less than this is still transferring.
 pub const DEFAULT_ACTIVE_GAP: &str = "1s";
 
+/// Default shutdown budget: well within Kubernetes' default 30 s grace
+/// period, and ample for detaching programs and draining the rings (tens of
+/// milliseconds).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "5s";
+
 /// Default goodput floor: the in-process metric this replaces records only
 /// sessions that moved at least 1 MB in a direction.
 pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
@@ -107,6 +112,11 @@ pub struct RunArgs {
     /// longer gaps are idle and excluded from active-time goodput.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_ACTIVE_GAP, value_parser = parse_duration)]
     pub active_gap: Duration,
+    /// On SIGTERM or SIGINT, the time allowed to detach the kernel programs,
+    /// read the sessions still queued and exit; past it the process exits
+    /// with code 1 whatever is left.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
     /// which names the pods that processes' cgroups point to.
     #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]
@@ -180,6 +190,7 @@ mod tests {
         assert_eq!(r.kernel.probes, ProbeMode::Auto);
         assert_eq!(r.udp_idle_timeout, Duration::from_secs(30));
         assert_eq!(r.active_gap, Duration::from_secs(1));
+        assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
     }
 
     #[test]
