@@ -117,6 +117,11 @@ pub struct RunArgs {
     /// with code 1 whatever is left.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// TLS and basic authentication for the metrics server, from a YAML file
+    /// in the format of Prometheus exporters' web configuration
+    /// (`tls_server_config: {cert_file, key_file}`, `basic_auth_users: {USER: BCRYPT_HASH}`).
+    #[arg(long, value_name = "PATH")]
+    pub web_config_file: Option<PathBuf>,
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
     /// which names the pods that processes' cgroups point to.
     #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]

@@ -23,7 +23,7 @@ use crate::{
     pipeline::{KernelMaps, Pipeline, PipelineConfig, Stop},
     privileges,
     probes::{self, ProbeMode},
-    server::{AppState, router, serve},
+    server::{AppState, router, serve, web_config},
     session_log::SessionLog,
     telemetry,
 };
@@ -38,6 +38,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let listener = StdListener::bind(args.listen).and_then(|l| l.set_nonblocking(true).map(|()| l)).map_err(|e| {
         Error::Usage(format!("cannot listen on {}: {e} (choose another address with --listen)", args.listen))
     })?;
+    let web = match &args.web_config_file {
+        Some(path) => web_config::load(path).map_err(Error::Usage)?,
+        None => web_config::WebConfig::default(),
+    };
     let session_log = match &args.session_log {
         Some(path) => Some(
             SessionLog::open(path)
@@ -53,11 +57,17 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     gpu.collector()
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("GPU metrics: {e}")))?;
-    let state = Arc::new(AppState { metrics: metrics.clone(), ready: false.into(), pipeline: OnceLock::new() });
+    let state = Arc::new(AppState {
+        metrics: metrics.clone(),
+        ready: false.into(),
+        pipeline: OnceLock::new(),
+        auth: web.auth.map(Arc::new),
+    });
     // Serve /healthz at once; /readyz turns 200 when the programs are attached.
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Other(format!("listener: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::Other(format!("listener: {e}")))?;
-    let server = tokio::spawn(serve(listener, router(state.clone())));
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    let server = tokio::spawn(serve(listener, router(state.clone()), web.tls));
 
     let btf = KernelBtf::open(&args.kernel.btf)?;
     let settings = Settings { active_gap_ns: args.active_gap.as_nanos() as u64, ..drops::settings(&btf) };
@@ -132,7 +142,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("BPF program metrics: {e}")))?;
     state.ready.store(true, Ordering::Release);
-    println!("observer: serving metrics on http://{local}/metrics");
+    println!("observer: serving metrics on {scheme}://{local}/metrics");
     tracing::info!(listen = %local, "ready");
 
     // A reader or server that dies would leave a process that looks healthy

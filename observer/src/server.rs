@@ -1,5 +1,6 @@
 //! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz,
-//! /api/v1/snapshot (JSON summary, see [`crate::snapshot`]), served by a hardened connection loop (see [`serve`]).
+//! /api/v1/snapshot (JSON summary, see [`crate::snapshot`]), served by a hardened connection loop (see [`serve`]),
+//! optionally over TLS and behind basic authentication (see [`web_config`]).
 use std::{
     sync::{
         Arc, OnceLock,
@@ -10,8 +11,9 @@ use std::{
 
 use axum::{
     Router,
-    extract::State,
+    extract::{Request, State},
     http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -20,6 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::{metrics::Metrics, pipeline::Pipeline};
 
 mod conn;
+pub mod web_config;
 
 pub use conn::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, serve};
 
@@ -30,19 +33,38 @@ pub struct AppState {
     /// Set once the kernel programs are loaded: each scrape refreshes
     /// kernel-side counters (lost data, live throughput) through it.
     pub pipeline: OnceLock<Arc<Pipeline>>,
+    /// Users allowed on the data endpoints (`--web-config-file`); `None`:
+    /// no authentication.
+    pub auth: Option<Arc<web_config::BasicAuth>>,
 }
 
 /// The endpoints. Only GET (and HEAD, which axum derives from GET) is routed:
-/// other methods get 405 with an `Allow` header, unknown paths 404.
+/// other methods get 405 with an `Allow` header, unknown paths 404. With
+/// basic authentication configured, the data endpoints require it; the health
+/// endpoints do not (they tell nothing about the node, and the kubelet's
+/// probes carry no credentials).
 pub fn router(state: Arc<AppState>) -> Router {
-    hardened(
-        Router::new()
-            .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { no_store("ok\n").into_response() }))
-            .route("/readyz", get(readyz))
-            .route("/api/v1/snapshot", get(snapshot))
-            .with_state(state),
-    )
+    let data = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/snapshot", get(snapshot))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let health = Router::new()
+        .route("/healthz", get(|| async { no_store("ok\n").into_response() }))
+        .route("/readyz", get(readyz));
+    hardened(data.merge(health).with_state(state))
+}
+
+async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let Some(auth) = state.auth.clone() else { return next.run(request).await };
+    let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    // bcrypt takes tens of milliseconds by design: off the async workers.
+    let allowed = tokio::task::spawn_blocking(move || auth.allows(header.as_deref())).await.unwrap_or(false);
+    if allowed {
+        next.run(request).await
+    } else {
+        let challenge = [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"observer\""))];
+        (StatusCode::UNAUTHORIZED, challenge, "unauthorized\n").into_response()
+    }
 }
 
 /// Layers every route gets: a panic in a handler answers 500 and the server
@@ -105,7 +127,7 @@ mod tests {
 
     fn state() -> Arc<AppState> {
         let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-        Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new() })
+        Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new(), auth: None })
     }
 
     #[tokio::test]
@@ -147,6 +169,34 @@ mod tests {
                 let allow = r.headers().get(header::ALLOW).expect("Allow header").to_str().unwrap().to_string();
                 assert!(allow.contains("GET") && allow.contains("HEAD"), "{method} {path}: Allow: {allow}");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn basic_auth_guards_data_endpoints_not_health() {
+        let web = std::env::temp_dir().join(format!("observer-auth-{}.yml", std::process::id()));
+        let hash = bcrypt::hash("secret", 4).unwrap();
+        std::fs::write(&web, format!("basic_auth_users:\n  alice: '{hash}'\n")).unwrap();
+        let auth = web_config::load(&web).unwrap().auth.map(Arc::new);
+        std::fs::remove_file(&web).unwrap();
+        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        let state = Arc::new(AppState { metrics, ready: true.into(), pipeline: OnceLock::new(), auth });
+        let with = |user_password: &str, path: &str| {
+            use base64::Engine as _;
+            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_password));
+            Request::builder().uri(path).header(header::AUTHORIZATION, value).body(Body::empty()).unwrap()
+        };
+        for path in ["/metrics", "/api/v1/snapshot"] {
+            let r = call(router(state.clone()), "GET", path).await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(r.headers().get(header::WWW_AUTHENTICATE).unwrap(), "Basic realm=\"observer\"");
+            let r = router(state.clone()).oneshot(with("alice:wrong", path)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+            let r = router(state.clone()).oneshot(with("alice:secret", path)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+        }
+        for path in ["/healthz", "/readyz"] {
+            assert_eq!(call(router(state.clone()), "GET", path).await.status(), StatusCode::OK, "{path}");
         }
     }
 

@@ -1,8 +1,9 @@
 //! The metrics server's accept loop, hardened for a node agent that must not
 //! be knocked over by a misbehaving client: a bound on concurrent
-//! connections, a deadline for a request's headers, an idle timeout between
-//! requests and a small header size limit. `axum::serve` exposes none of
-//! these, so connections are driven by hyper's HTTP/1 server directly.
+//! connections, a deadline for a request's headers (and for the TLS
+//! handshake), an idle timeout between requests and a small header size
+//! limit. `axum::serve` exposes none of these, so connections are driven by
+//! hyper's HTTP/1 server directly.
 use std::{
     io,
     pin::Pin,
@@ -19,10 +20,11 @@ use hyper::{Request, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::Semaphore,
     task::JoinSet,
 };
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 /// A request's headers must be complete this long after their first byte;
@@ -41,9 +43,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How often a connection's header deadline is checked.
 const CHECK_PERIOD: Duration = Duration::from_millis(250);
 
-/// Serves `app` on `listener` until the task is cancelled (dropping it drops
-/// every connection), or returns an error if accepting fails for good.
-pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
+/// Serves `app` on `listener`, over TLS when `tls` is given, until the task
+/// is cancelled (dropping it drops every connection), or returns an error if
+/// accepting fails for good.
+pub async fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcceptor>) -> io::Result<()> {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper's header timer starts as soon as it waits for a request, so on a
@@ -68,14 +71,28 @@ pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
         };
         let http = http.clone();
         let app = app.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            serve_connection(http, stream, app).await;
+            match tls {
+                None => serve_connection(http, stream, app).await,
+                // The handshake runs in the connection's task, so a slow one
+                // holds no one else up; it gets the headers' deadline. A
+                // plain-HTTP client fails it and is disconnected.
+                Some(tls) => match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(http, stream, app).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics server: TLS handshake failed"),
+                    Err(_) => tracing::debug!("metrics server: TLS handshake too slow; closing the connection"),
+                },
+            }
             drop(permit);
         });
     }
 }
 
-async fn serve_connection(http: hyper::server::conn::http1::Builder, stream: TcpStream, app: Router) {
+async fn serve_connection<S>(http: hyper::server::conn::http1::Builder, stream: S, app: Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let clock = Arc::new(Clock::new());
     let io = TokioIo::new(Tracked { inner: stream, clock: clock.clone() });
     let service = {
@@ -138,13 +155,14 @@ impl Clock {
     }
 }
 
-/// The connection's stream, telling the clock when request bytes arrive.
-struct Tracked {
-    inner: TcpStream,
+/// The connection's stream (TCP or TLS), telling the clock when request
+/// bytes arrive.
+struct Tracked<S> {
+    inner: S,
     clock: Arc<Clock>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -155,7 +173,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
