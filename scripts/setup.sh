@@ -6,7 +6,7 @@
 #   - bpf-linker from crates.io, built against the nightly's own libLLVM (no
 #     prebuilt download): see ARCHITECTURE notes in README "Prerequisites";
 #   - the Debian packages the tests drive (haproxy, iperf3, nftables, prometheus
-#     with promtool, ...).
+#     with promtool, curl, ...).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -17,7 +17,8 @@ NIGHTLY=${OBSERVER_NIGHTLY:-nightly}
 LLVM_PREFIX_DIR=${OBSERVER_LLVM_PREFIX:-$HOME/.local/share/observer/llvm-prefix}
 
 # --- Debian packages -------------------------------------------------------
-DEB_PACKAGES=(haproxy iperf3 nftables iproute2 procps prometheus)
+# curl: the HTTPS client of tests/tests/web_config.rs.
+DEB_PACKAGES=(haproxy iperf3 nftables iproute2 procps prometheus curl)
 # OBSERVER_SETUP_SKIP_DEBS=1: build-only machines (deploy/Dockerfile) need none.
 if [[ -n "${OBSERVER_SETUP_SKIP_DEBS:-}" ]]; then DEB_PACKAGES=(); fi
 missing=()
