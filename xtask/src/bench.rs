@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: iperf3 over loopback with the observer on vs off, in three
-//! workloads (workload.rs): TCP bulk, TCP small messages, UDP small datagrams.
+//! workloads (workload.rs): TCP bulk, TCP small messages, UDP small datagrams; then
+//! the observer's own footprint, idle and under a churn of sessions (footprint.rs).
 //!
 //! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
 //! always says how its numbers were made.
 
+mod footprint;
 mod iperf;
 mod progs;
 mod report;
@@ -123,6 +125,9 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         reports.push(report);
     }
     server.stop(Duration::from_secs(5))?;
+    if matches!(opts.workload, Selection::All | Selection::Footprint) {
+        bench.footprint(opts)?;
+    }
 
     if opts.smoke {
         for report in &reports {
@@ -256,6 +261,27 @@ impl Bench<'_> {
             eprintln!("xtask: warning: the observer exited with {status} after SIGTERM");
         }
         Ok((figure, counted))
+    }
+
+    /// The observer's footprint section (footprint.rs), printed and written like a
+    /// workload's.
+    fn footprint(&self, opts: &Options) -> Result<()> {
+        let durations = if opts.smoke { footprint::Durations::smoke() } else { footprint::Durations::full() };
+        let measured = footprint::measure(self, &durations)?;
+        let machine = machine();
+        let section = measured.markdown(&machine.date, machine.cpus, &machine.kernel);
+        println!("\n{section}");
+        if let Some(out) = &opts.out {
+            write_section(out, footprint::HEADING, &section)?;
+            eprintln!("xtask bench: wrote section \"{}\" of {}", footprint::HEADING, out.display());
+        }
+        ensure!(
+            measured.sessions_per_sec > 0.0 && measured.idle.rss_mib > 0.0,
+            "footprint: nothing measured ({} sessions/s, {} MiB)",
+            measured.sessions_per_sec,
+            measured.idle.rss_mib
+        );
+        Ok(())
     }
 
     fn wait_ready(&self, observer: &mut Proc) -> Result<()> {

@@ -11,6 +11,8 @@ pub enum Selection {
     Bulk,
     TcpSmall,
     UdpSmall,
+    /// Only the observer's own footprint (footprint.rs), which `all` also measures.
+    Footprint,
     All,
 }
 
@@ -20,6 +22,7 @@ impl Selection {
             Selection::Bulk => vec![Workload::Bulk],
             Selection::TcpSmall => vec![Workload::TcpSmall],
             Selection::UdpSmall => vec![Workload::UdpSmall],
+            Selection::Footprint => Vec::new(),
             Selection::All => Workload::ALL.to_vec(),
         }
     }

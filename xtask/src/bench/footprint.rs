@@ -1,0 +1,291 @@
+//! The observer's own footprint: CPU (share of one core) and resident memory
+//! with no traffic at all, and under a churn of short TCP sessions (target
+//! 10,000 closed sessions per second). Goal: idle under 0.5% of a core and
+//! 40 MiB.
+//!
+//! CPU is the process's user + system time from `/proc/<pid>/stat` over the
+//! window (all threads; kernel programs' run time is charged to the processes
+//! they run in, so it is not in here: see the workloads' per-hook figures).
+//! Memory is `VmRSS` (resident now) and `VmHWM` (peak) from `/proc/<pid>/status`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+
+use super::sys::Proc;
+use super::{Bench, OBSERVER_LISTEN};
+
+/// The level-2 heading of its section in BENCHMARKS.md.
+pub const HEADING: &str = "## Footprint (idle, and 10k closed sessions per second)";
+const IDLE_GOAL_CPU: f64 = 0.005;
+const IDLE_GOAL_RSS_MIB: f64 = 40.0;
+/// Closed sessions per second the churn aims at: each connection is two
+/// sessions on loopback (client and server sockets).
+const CHURN_TARGET: f64 = 10_000.0;
+/// Left after start-up before the idle window, so loading and attaching are
+/// not counted as idle work.
+const SETTLE: Duration = Duration::from_secs(3);
+
+pub struct Durations {
+    pub idle: Duration,
+    pub churn: Duration,
+}
+
+impl Durations {
+    pub fn full() -> Self {
+        Durations { idle: Duration::from_secs(30), churn: Duration::from_secs(20) }
+    }
+
+    pub fn smoke() -> Self {
+        Durations { idle: Duration::from_secs(2), churn: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Footprint {
+    pub idle: Window,
+    pub churn: Window,
+    /// Closed sessions per second during the churn window (2 per connection).
+    pub sessions_per_sec: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub seconds: f64,
+    /// CPU seconds per second: 0.01 is 1% of one core.
+    pub cpu_share: f64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Starts the observer in the benchmark's namespace and measures both windows.
+pub fn measure(bench: &Bench, durations: &Durations) -> Result<Footprint> {
+    let mut cmd = bench.ns.command(bench.observer);
+    cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
+    let mut observer = Proc::spawn(cmd, "observer", Some(bench.observer_log))?;
+    bench.wait_ready(&mut observer)?;
+    let pid = observer.pid();
+    thread::sleep(SETTLE);
+
+    eprintln!("xtask bench: footprint: {} s idle", durations.idle.as_secs());
+    let (idle, ()) = window(pid, || {
+        thread::sleep(durations.idle);
+        Ok(())
+    })?;
+    eprintln!("xtask bench: footprint: {} s of short connections", durations.churn.as_secs());
+    let (churn, connections) = window(pid, || bench.ns.run_in(|| churn(durations.churn))?)?;
+    if let Some(status) = observer.exited()? {
+        anyhow::bail!("the observer exited ({status}) during the measurement\n{}", observer.log_tail(20));
+    }
+    let status = observer.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "the observer exited with {status} after SIGTERM\n{}", observer.log_tail(20));
+    let sessions_per_sec = 2.0 * connections as f64 / churn.seconds;
+    let f = Footprint { idle, churn, sessions_per_sec };
+    eprintln!(
+        "xtask bench: footprint: idle {:.3}% CPU, {:.1} MiB; {:.0} sessions/s: {:.1}% CPU, {:.1} MiB",
+        100.0 * f.idle.cpu_share,
+        f.idle.rss_mib,
+        f.sessions_per_sec,
+        100.0 * f.churn.cpu_share,
+        f.churn.rss_mib
+    );
+    Ok(f)
+}
+
+/// Runs `during` and measures the process meanwhile.
+fn window<T>(pid: u32, during: impl FnOnce() -> Result<T>) -> Result<(Window, T)> {
+    let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
+    let out = during()?;
+    let (cpu1, seconds) = (cpu_seconds(pid)?, t0.elapsed().as_secs_f64());
+    let (rss_mib, peak_rss_mib) = memory_mib(pid)?;
+    Ok((Window { seconds, cpu_share: (cpu1 - cpu0) / seconds, rss_mib, peak_rss_mib }, out))
+}
+
+/// utime + stime of the whole process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / clock_ticks_per_sec()).with_context(|| format!("parsing {path}"))
+}
+
+/// Fields 14 and 15 (utime, stime), counted after the `(comm)` field, which
+/// may itself hold spaces and parentheses.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, index 11 here.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// (VmRSS, VmHWM) in MiB.
+fn memory_mib(pid: u32) -> Result<(f64, f64)> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib = |key: &str| parse_status_kib(&status, key).with_context(|| format!("{key} in {path}"));
+    Ok((kib("VmRSS")? / 1024.0, kib("VmHWM")? / 1024.0))
+}
+
+fn parse_status_kib(status: &str, key: &str) -> Option<f64> {
+    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Short TCP connections on loopback for `length`, paced to [`CHURN_TARGET`]
+/// closed sessions per second (as far as this machine gets); the number of
+/// connections made. Clients close with a reset (SO_LINGER 0), so no
+/// TIME_WAIT socket holds an ephemeral port and the churn can go on at any rate.
+fn churn(length: Duration) -> Result<u64> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the churn listener")?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicU64::new(0));
+    thread::scope(|scope| {
+        let acceptor = {
+            let stop = stop.clone();
+            scope.spawn(move || accept_until(&listener, &stop))
+        };
+        let clients = 2;
+        let per_client = CHURN_TARGET / 2.0 / clients as f64;
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (stop, made) = (stop.clone(), made.clone());
+                scope.spawn(move || connect_until(addr, per_client, &stop, &made))
+            })
+            .collect();
+        thread::sleep(length);
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("a churn client panicked"))??;
+        }
+        acceptor.join().map_err(|_| anyhow::anyhow!("the churn acceptor panicked"))?
+    })?;
+    Ok(made.load(Ordering::Relaxed))
+}
+
+fn accept_until(listener: &TcpListener, stop: &AtomicBool) -> Result<()> {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            // Dropped at once: the server socket closes when the client's reset arrives.
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_micros(200)),
+            Err(e) => return Err(e).context("accepting a churn connection"),
+        }
+    }
+    Ok(())
+}
+
+fn connect_until(addr: SocketAddr, per_sec: f64, stop: &AtomicBool, made: &AtomicU64) -> Result<()> {
+    let started = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let stream = TcpStream::connect(addr).context("churn connection")?;
+        reset_on_close(&stream)?;
+        drop(stream);
+        n += 1;
+        made.fetch_add(1, Ordering::Relaxed);
+        let due = started + Duration::from_secs_f64(n as f64 / per_sec);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    Ok(())
+}
+
+fn reset_on_close(stream: &TcpStream) -> Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt reads `linger`, which outlives the call, on a socket the stream owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+impl Footprint {
+    pub fn markdown(&self, date: &str, cpus: usize, kernel: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "{HEADING}\n");
+        let _ = writeln!(
+            s,
+            "`cargo xtask bench` on {date}, {cpus} CPUs, kernel {kernel}. The observer runs with `--iface lo` in \
+             the benchmark's namespace; after {} s of settling, its CPU time (user + system, all threads, from \
+             `/proc/<pid>/stat`) is read over each window and divided by the window's length, and its resident \
+             memory (`VmRSS`, peak `VmHWM`, from `/proc/<pid>/status`) read at the window's end. Idle: nothing \
+             runs in the namespace. Churn: two threads open and reset short TCP connections to a local listener, \
+             paced to {} closed sessions per second (each connection is two sessions, client and server socket); \
+             the rate reached is reported. Kernel programs' own run time is charged to the processes they run in \
+             and is not included (see the per-hook figures above). Goal: idle under {:.1}% of a core and {} MiB.\n",
+            SETTLE.as_secs(),
+            CHURN_TARGET,
+            100.0 * IDLE_GOAL_CPU,
+            IDLE_GOAL_RSS_MIB
+        );
+        let _ = writeln!(s, "| window | length | sessions/s | CPU (% of one core) | RSS | peak RSS |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
+        for (name, w, rate) in [("idle", &self.idle, 0.0), ("churn", &self.churn, self.sessions_per_sec)] {
+            let _ = writeln!(
+                s,
+                "| {name} | {:.0} s | {rate:.0} | {:.3}% | {:.1} MiB | {:.1} MiB |",
+                w.seconds,
+                100.0 * w.cpu_share,
+                w.rss_mib,
+                w.peak_rss_mib
+            );
+        }
+        let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+        let _ = writeln!(
+            s,
+            "\nIdle goal: CPU {}, memory {}.",
+            verdict(self.idle.cpu_share < IDLE_GOAL_CPU),
+            verdict(self.idle.rss_mib < IDLE_GOAL_RSS_MIB)
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_parsing() {
+        let stat = "42 (tokio (rt) x) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 100 1000 500";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        let status = "Name:\tobserver\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\nVmRSSx:\t1 kB\n";
+        assert_eq!(parse_status_kib(status, "VmRSS"), Some(10240.0));
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(20480.0));
+        assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn markdown_states_the_goal_verdict() {
+        let w = |cpu, rss| Window { seconds: 30.0, cpu_share: cpu, rss_mib: rss, peak_rss_mib: rss };
+        let f = Footprint { idle: w(0.001, 20.0), churn: w(0.2, 30.0), sessions_per_sec: 9800.0 };
+        let md = f.markdown("2026-01-01", 2, "6.18");
+        assert!(md.starts_with(HEADING), "{md}");
+        assert!(md.contains("| idle | 30 s | 0 | 0.100% | 20.0 MiB |"), "{md}");
+        assert!(md.contains("| churn | 30 s | 9800 | 20.000% |"), "{md}");
+        assert!(md.contains("Idle goal: CPU met, memory met."), "{md}");
+    }
+}
