@@ -141,6 +141,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     telemetry::BpfPrograms::new(telemetry::program_entries(&kernel.ebpf, &attached_programs))
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("BPF program metrics: {e}")))?;
+    // The parsed kernel BTF (tens of MiB) is needed only to start; give it
+    // and the loader's scratch memory back to the system.
+    drop(btf);
+    release_free_memory();
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on {scheme}://{local}/metrics");
     tracing::info!(listen = %local, "ready");
@@ -202,6 +206,17 @@ async fn shutdown(
         "stopped; kernel programs detached, queued sessions read"
     );
     Ok(())
+}
+
+/// Returns the allocator's free pages to the system. glibc keeps freed heap
+/// memory mapped (in every thread's arena) unless asked: without this the
+/// start-up's peak would stay resident for the process's lifetime.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases memory the allocator holds unused.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn task_end(r: Result<Result<(), Error>, tokio::task::JoinError>) -> String {

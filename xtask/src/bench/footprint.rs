@@ -183,6 +183,8 @@ fn accept_until(listener: &TcpListener, stop: &AtomicBool) -> Result<()> {
             // Dropped at once: the server socket closes when the client's reset arrives.
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_micros(200)),
+            // Reset by the client before it was accepted: the normal case here.
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) => {}
             Err(e) => return Err(e).context("accepting a churn connection"),
         }
     }
@@ -246,13 +248,18 @@ impl Footprint {
         for (name, w, rate) in [("idle", &self.idle, 0.0), ("churn", &self.churn, self.sessions_per_sec)] {
             let _ = writeln!(
                 s,
-                "| {name} | {:.0} s | {rate:.0} | {:.3}% | {:.1} MiB | {:.1} MiB |",
+                "| {name} | {:.0} s | {rate:.0} | {} | {:.1} MiB | {:.1} MiB |",
                 w.seconds,
-                100.0 * w.cpu_share,
+                show_cpu(w.cpu_share, w.seconds),
                 w.rss_mib,
                 w.peak_rss_mib
             );
         }
+        let _ = writeln!(
+            s,
+            "\nThe peak is start-up's: parsing the kernel's BTF (tens of MiB) before the programs load; that \
+             memory is returned to the system once the observer is ready."
+        );
         let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
         let _ = writeln!(
             s,
@@ -261,6 +268,16 @@ impl Footprint {
             verdict(self.idle.rss_mib < IDLE_GOAL_RSS_MIB)
         );
         s
+    }
+}
+
+/// A CPU share as a percentage of one core; "< x%" when the window saw no
+/// clock tick at all (the kernel counts CPU time in ticks).
+fn show_cpu(share: f64, seconds: f64) -> String {
+    if share > 0.0 {
+        format!("{:.3}%", 100.0 * share)
+    } else {
+        format!("< {:.3}% (no clock tick in {seconds:.0} s)", 100.0 / clock_ticks_per_sec() / seconds)
     }
 }
 
@@ -287,5 +304,6 @@ mod tests {
         assert!(md.contains("| idle | 30 s | 0 | 0.100% | 20.0 MiB |"), "{md}");
         assert!(md.contains("| churn | 30 s | 9800 | 20.000% |"), "{md}");
         assert!(md.contains("Idle goal: CPU met, memory met."), "{md}");
+        assert!(show_cpu(0.0, 30.0).starts_with("< 0.0"), "{}", show_cpu(0.0, 30.0));
     }
 }
