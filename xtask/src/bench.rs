@@ -247,10 +247,7 @@ impl Bench<'_> {
     /// A measurement with the observer running: start it, wait for /readyz, measure,
     /// read its programs' counters, stop it.
     fn measure_on(&self, workload: Workload) -> Result<(f64, Vec<ProgStats>)> {
-        let mut cmd = self.ns.command(self.observer);
-        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
-        let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
-        self.wait_ready(&mut observer)?;
+        let mut observer = self.start_observer()?;
         let figure = self.measure(workload)?;
         let counted = progs::read_for_pid(observer.pid())?;
         if let Some(status) = observer.exited()? {
@@ -282,6 +279,15 @@ impl Bench<'_> {
             measured.idle.rss_mib
         );
         Ok(())
+    }
+
+    /// `observer run --iface lo` in the namespace, once /readyz answers 200.
+    fn start_observer(&self) -> Result<Proc> {
+        let mut cmd = self.ns.command(self.observer);
+        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
+        let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
+        self.wait_ready(&mut observer)?;
+        Ok(observer)
     }
 
     fn wait_ready(&self, observer: &mut Proc) -> Result<()> {

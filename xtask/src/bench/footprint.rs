@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use super::sys::Proc;
-use super::{Bench, OBSERVER_LISTEN};
+use super::Bench;
 
 /// The level-2 heading of its section in BENCHMARKS.md.
 pub const HEADING: &str = "## Footprint (idle, and 10k closed sessions per second)";
@@ -68,10 +67,7 @@ pub struct Window {
 
 /// Starts the observer in the benchmark's namespace and measures both windows.
 pub fn measure(bench: &Bench, durations: &Durations) -> Result<Footprint> {
-    let mut cmd = bench.ns.command(bench.observer);
-    cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
-    let mut observer = Proc::spawn(cmd, "observer", Some(bench.observer_log))?;
-    bench.wait_ready(&mut observer)?;
+    let mut observer = bench.start_observer()?;
     let pid = observer.pid();
     thread::sleep(SETTLE);
 
