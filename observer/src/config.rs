@@ -56,9 +56,10 @@ pub fn parse_from(argv: impl IntoIterator<Item = impl Into<OsString>>) -> Result
     if let Some(("run", run)) = matches.subcommand()
         && let Some(path) = run.get_one::<PathBuf>(CONFIG_ID)
     {
-        let run_cmd = cmd.find_subcommand("run").expect("run is a subcommand").clone();
+        let run_cmd = cmd.find_subcommand_mut("run").expect("run is a subcommand");
+        // Reported with `run`'s usage line, as clap reports its own errors.
         let from_file =
-            file_args(&run_cmd, run, path).map_err(|message| cmd.error(ErrorKind::InvalidValue, message))?;
+            file_args(run_cmd, run, path).map_err(|message| run_cmd.error(ErrorKind::InvalidValue, message))?;
         if !from_file.is_empty() {
             // `run` takes no positional arguments, so flags appended after the
             // user's own still belong to it.
