@@ -6,6 +6,7 @@ pub mod check;
 pub mod cli;
 pub mod detect;
 pub mod drops;
+pub mod enrich;
 pub mod error;
 pub mod gpu;
 pub mod iface_stats;

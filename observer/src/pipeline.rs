@@ -6,7 +6,7 @@ use std::{
     hash::Hash,
     mem::size_of,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -21,6 +21,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     drops::DropCounters,
+    enrich::Enricher,
     error::Error,
     iface_stats::InterfaceStats,
     live::LiveCounts,
@@ -37,6 +38,7 @@ pub struct PipelineConfig {
     pub session_log: Option<SessionLog>,
     /// Interfaces selected with --iface, whose device counters are exported.
     pub ifaces: Vec<String>,
+    pub enricher: Enricher,
 }
 
 /// The maps userspace reads, taken out of the loaded object.
@@ -67,6 +69,7 @@ struct State {
     udp_live: LiveCounts<(UdpFlowKey, u64)>,
     session_log: Option<SessionLog>,
     iface_stats: InterfaceStats,
+    enricher: Enricher,
 }
 
 impl Pipeline {
@@ -83,6 +86,7 @@ impl Pipeline {
                 udp_live: LiveCounts::default(),
                 session_log: config.session_log,
                 iface_stats: InterfaceStats::new(config.ifaces),
+                enricher: config.enricher,
             }),
         }
     }
@@ -184,9 +188,10 @@ impl Pipeline {
     }
 
     fn report(&self, state: &mut State, session: &Session) {
-        self.metrics.record(session, self.min_session_bytes);
+        let labels = state.enricher.label(session, Instant::now(), |label| self.metrics.label_overflow(label));
+        self.metrics.record(session, &labels, self.min_session_bytes);
         if let Some(log) = &mut state.session_log {
-            log.write(session);
+            log.write(session, &state.enricher.names(), &labels);
         }
     }
 
@@ -202,6 +207,9 @@ impl Pipeline {
         self.sweep_live(&mut state);
         state.maps.drops.sync(&self.filter, &self.metrics);
         state.iface_stats.sync(&self.metrics);
+        for expired in state.enricher.expire(Instant::now()) {
+            self.metrics.remove_session_series(&expired);
+        }
     }
 
     fn sync_lost(&self, state: &mut State) {

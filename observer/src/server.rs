@@ -96,7 +96,7 @@ mod tests {
     }
 
     fn state() -> Arc<AppState> {
-        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        let metrics = Arc::new(Metrics::new(Vec::new(), &[]).unwrap());
         Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new() })
     }
 

@@ -15,11 +15,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "observer's developer and CI tasks"
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "observer's developer and CI tasks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -105,13 +101,7 @@ fn dispatch(command: Command) -> Result<()> {
             kernels: names,
             vm_timeout: std::time::Duration::from_secs(vm_timeout),
         }),
-        Command::Bench {
-            smoke,
-            workload,
-            rounds,
-            seconds,
-            out,
-        } => {
+        Command::Bench { smoke, workload, rounds, seconds, out } => {
             let opts = if smoke {
                 bench::Options::smoke()
             } else {
@@ -134,9 +124,7 @@ mod tests {
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Command {
-        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
-            .unwrap()
-            .command
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).unwrap().command
     }
 
     #[test]
@@ -146,10 +134,7 @@ mod tests {
 
     #[test]
     fn run_takes_observer_arguments_with_or_without_separator() {
-        for argv in [
-            &["run", "--", "--iface", "eth0"][..],
-            &["run", "--iface", "eth0"][..],
-        ] {
+        for argv in [&["run", "--", "--iface", "eth0"][..], &["run", "--iface", "eth0"][..]] {
             match parse(argv) {
                 Command::Run { args } => assert_eq!(args, ["--iface", "eth0"]),
                 other => panic!("{other:?}"),
@@ -184,13 +169,7 @@ mod tests {
     #[test]
     fn bench_defaults() {
         match parse(&["bench"]) {
-            Command::Bench {
-                smoke,
-                workload,
-                rounds,
-                seconds,
-                out,
-            } => {
+            Command::Bench { smoke, workload, rounds, seconds, out } => {
                 assert!(!smoke);
                 assert_eq!(workload, bench::Selection::All);
                 assert_eq!((rounds, seconds), (5, 5));

@@ -110,9 +110,12 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     eprintln!("xtask kernels: {vm_timing}");
 
-    let summary = format!("{}
+    let summary = format!(
+        "{}
 {vm_timing}
-", report::summary(&reports, host_check.as_ref()));
+",
+        report::summary(&reports, host_check.as_ref())
+    );
     std::fs::write(base.join("report.md"), &summary)?;
     println!("\n{summary}");
     show_failure_details(&reports);
@@ -123,10 +126,8 @@ pub fn run(opts: &Options) -> Result<()> {
         std::fs::write(&path, report::splice(&readme, &section)?)?;
         println!("xtask kernels: README.md's kernel tables rewritten");
     }
-    let failed: Vec<String> = reports
-        .iter()
-        .flat_map(|r| r.failures().into_iter().map(move |f| format!("{}: {f}", r.label)))
-        .collect();
+    let failed: Vec<String> =
+        reports.iter().flat_map(|r| r.failures().into_iter().map(move |f| format!("{}: {f}", r.label))).collect();
     println!(
         "xtask kernels: {} kernel(s) in {:.0} s; report: {}",
         reports.len(),
@@ -260,10 +261,8 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
 
     let modules = modules::ModuleTree::open(&unpacked.modules)?.resolve(&modules::GUEST_MODULES)?;
     let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
-    let module_bytes = modules
-        .iter()
-        .map(|(n, p)| modules::read_module(p).map(|b| (n.clone(), b)))
-        .collect::<Result<Vec<_>>>()?;
+    let module_bytes =
+        modules.iter().map(|(n, p)| modules::read_module(p).map(|b| (n.clone(), b))).collect::<Result<Vec<_>>>()?;
     let busybox_path = util::find_in_path("busybox").unwrap_or_else(|| "/bin/busybox".into());
     let busybox = std::fs::read(&busybox_path).with_context(|| format!("reading {}", busybox_path.display()))?;
     let init = initramfs::init_script(&names, &work, &script_path);
@@ -326,14 +325,22 @@ fn tail(text: &str, lines: usize) -> String {
 fn show_failure_details(reports: &[KernelReport]) {
     for r in reports {
         if !matches!(r.vm, results::VmEnd::Exited(_)) || !r.collected.done {
-            let console = std::fs::read(&r.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            let console =
+                std::fs::read(&r.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
             println!("----- {}: last lines of {} -----\n{}\n-----", r.label, r.console.display(), tail(&console, 60));
         }
         for results::Tested { run, outcome, .. } in &r.collected.tests {
             if outcome.is_failure() {
                 let path = r.work.join(guest::test_file(run.tier, &run.test));
                 let log = std::fs::read(&path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-                println!("----- {}: tier {}: {}: last lines of {} -----\n{}\n-----", r.label, run.tier, run.test, path.display(), tail(&log, 40));
+                println!(
+                    "----- {}: tier {}: {}: last lines of {} -----\n{}\n-----",
+                    r.label,
+                    run.tier,
+                    run.test,
+                    path.display(),
+                    tail(&log, 40)
+                );
             }
         }
     }
