@@ -11,6 +11,7 @@ use crate::{
         peers::{PeerGroup, parse_peer_group, parse_service_ports},
     },
     labels::{StaticLabel, parse_label},
+    logging::LogArgs,
     probes::ProbeMode,
 };
 
@@ -31,6 +32,11 @@ pub const DEFAULT_ACTIVE_GAP: &str = "1s";
 /// series do not pile up.
 pub const DEFAULT_SERIES_TTL: &str = "30m";
 
+/// Default shutdown budget: well within Kubernetes' default 30 s grace
+/// period, and ample for detaching programs and draining the rings (tens of
+/// milliseconds).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "5s";
+
 /// Default goodput floor: the in-process metric this replaces records only
 /// sessions that moved at least 1 MB in a direction.
 pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
@@ -50,7 +56,25 @@ pub enum Command {
     Run(RunArgs),
     /// Print which kernel hook each concern would use, or why none can; exit
     /// non-zero when `run` could not work.
-    Check(KernelArgs),
+    Check(CheckArgs),
+}
+
+impl Command {
+    /// How this command logs.
+    pub fn log(&self) -> &LogArgs {
+        match self {
+            Command::Run(args) => &args.log,
+            Command::Check(args) => &args.log,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Options that decide how the observer hooks into the kernel.
@@ -66,6 +90,11 @@ pub struct KernelArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Read settings from this TOML file: keys are the long flag names
+    /// (`min-session-bytes = 1000000`, `label = ["region=eu"]`). The command
+    /// line and OBSERVER_* environment variables take precedence.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Address and port of the metrics server (/metrics, /healthz, /readyz).
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]
     pub listen: SocketAddr,
@@ -121,6 +150,11 @@ pub struct RunArgs {
     /// longer gaps are idle and excluded from active-time goodput.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_ACTIVE_GAP, value_parser = parse_duration)]
     pub active_gap: Duration,
+    /// On SIGTERM or SIGINT, the time allowed to detach the kernel programs,
+    /// read the sessions still queued and exit; past it the process exits
+    /// with code 1 whatever is left.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
     /// which names the pods that processes' cgroups point to.
     #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]
@@ -129,6 +163,8 @@ pub struct RunArgs {
     pub gpu: crate::gpu::GpuArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -194,6 +230,7 @@ mod tests {
         assert_eq!(r.active_gap, Duration::from_secs(1));
         assert!(r.session_labels.is_empty() && r.peer_groups.is_empty() && r.service_ports.is_empty());
         assert_eq!(r.series_ttl, Duration::from_secs(1800));
+        assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -368,10 +368,15 @@ impl Metrics {
         self.events_lost.with_label_values(&[source]).inc_by(n);
     }
 
+    /// Every family's current values: what `/metrics` and `/api/v1/snapshot` serve.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The exposition in Prometheus text format 0.0.4.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        TextEncoder::new().encode(&self.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
 }

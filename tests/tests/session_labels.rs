@@ -290,3 +290,39 @@ fn bad_label_options_are_refused_with_exit_2() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// The same options from a configuration file: the three mistakes.
+#[test]
+fn bad_label_settings_in_a_configuration_file_are_refused_with_exit_2() {
+    let tmp = TempDir::new("label-config").unwrap();
+    for (name, text, needle) in [
+        (
+            "unknown-key.toml",
+            "session-labels = [\"comm\"]\n",
+            "unknown key `session-labels` (did you mean `session-label`?)",
+        ),
+        ("bad-cidr.toml", "peer-group = [\"10.0.0.0/33=cluster\"]\n", "key `peer-group`"),
+        (
+            "missing-db.toml",
+            "geoip-db = \"/nonexistent/GeoLite2-Country.mmdb\"\n",
+            "cannot read --geoip-db /nonexistent",
+        ),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = run_observer_cli(&["run", "--listen", "127.0.0.1:0", "--config", path.to_str().unwrap()]).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        if name == "bad-cidr.toml" {
+            assert!(stderr.contains("not a CIDR network"), "{stderr}");
+        }
+    }
+    // And a good one reaches the program: labels on, values from the file.
+    let good = tmp.path().join("good.toml");
+    std::fs::write(&good, "session-label = [\"peer_port\"]\nlabel-limit = [\"peer_port=7\"]\n").unwrap();
+    let ns = NetNs::new("label-config").unwrap();
+    let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--config", good.to_str().unwrap()]).unwrap();
+    let m = observer.metrics().unwrap();
+    assert_eq!(m.value("observer_label_overflow_total", &[("label", "peer_port")]), Some(0.0), "{}", m.raw());
+}
