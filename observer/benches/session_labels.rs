@@ -51,7 +51,7 @@ fn enricher(labels: &[SessionLabel]) -> Enricher {
 fn session(i: u64) -> Session {
     let peer = IpAddr::V4(Ipv4Addr::new(10, (i % 3 * 10) as u8, (i >> 8) as u8, i as u8));
     Session {
-        protocol: if i % 5 == 0 { Protocol::Udp } else { Protocol::Tcp },
+        protocol: if i.is_multiple_of(5) { Protocol::Udp } else { Protocol::Tcp },
         local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)), 40_000 + (i % 20_000) as u16),
         remote: SocketAddr::new(peer, 8000 + (i % 100) as u16),
         bytes_transmitted: 500_000 + i % 1_000_000,
@@ -63,7 +63,7 @@ fn session(i: u64) -> Session {
         netns_ino: 1,
         rx_ifindex: 1,
         tx_ifindex: 1,
-        retransmits: (i % 7 == 0) as u32,
+        retransmits: i.is_multiple_of(7) as u32,
     }
 }
 
