@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod detect;
 pub mod drops;
+pub mod enrich;
 pub mod error;
 pub mod gpu;
 pub mod iface_stats;

@@ -6,7 +6,7 @@ use std::{
     hash::Hash,
     mem::size_of,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -24,6 +24,7 @@ use tokio::{
 
 use crate::{
     drops::DropCounters,
+    enrich::Enricher,
     error::Error,
     iface_stats::InterfaceStats,
     live::LiveCounts,
@@ -40,6 +41,7 @@ pub struct PipelineConfig {
     pub session_log: Option<SessionLog>,
     /// Interfaces selected with --iface, whose device counters are exported.
     pub ifaces: Vec<String>,
+    pub enricher: Enricher,
 }
 
 /// The maps userspace reads, taken out of the loaded object.
@@ -70,6 +72,7 @@ struct State {
     udp_live: LiveCounts<(UdpFlowKey, u64)>,
     session_log: Option<SessionLog>,
     iface_stats: InterfaceStats,
+    enricher: Enricher,
 }
 
 impl Pipeline {
@@ -86,6 +89,7 @@ impl Pipeline {
                 udp_live: LiveCounts::default(),
                 session_log: config.session_log,
                 iface_stats: InterfaceStats::new(config.ifaces),
+                enricher: config.enricher,
             }),
         }
     }
@@ -191,9 +195,10 @@ impl Pipeline {
     }
 
     fn report(&self, state: &mut State, session: &Session) {
-        self.metrics.record(session, self.min_session_bytes);
+        let labels = state.enricher.label(session, Instant::now(), |label| self.metrics.label_overflow(label));
+        self.metrics.record(session, &labels, self.min_session_bytes);
         if let Some(log) = &mut state.session_log {
-            log.write(session);
+            log.write(session, &state.enricher.names(), &labels);
         }
     }
 
@@ -209,6 +214,9 @@ impl Pipeline {
         self.sweep_live(&mut state);
         state.maps.drops.sync(&self.filter, &self.metrics);
         state.iface_stats.sync(&self.metrics);
+        for expired in state.enricher.expire(Instant::now()) {
+            self.metrics.remove_session_series(&expired);
+        }
     }
 
     fn sync_lost(&self, state: &mut State) {

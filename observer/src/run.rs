@@ -17,6 +17,7 @@ use crate::{
     cli::RunArgs,
     detect,
     drops::{self, DropCounters},
+    enrich::{EnrichConfig, Enricher},
     error::Error,
     interfaces, labels, loader,
     metrics::Metrics,
@@ -50,7 +51,21 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         None => None,
     };
 
-    let metrics = Arc::new(Metrics::new(args.labels.clone()).map_err(|e| Error::Other(format!("metrics: {e}")))?);
+    let enricher = Enricher::new(EnrichConfig {
+        labels: args.session_labels.clone(),
+        peer_groups: args.peer_groups.clone(),
+        service_ports: args.service_ports.clone(),
+        geoip_db: args.geoip_db.clone(),
+        limits: args.label_limits.clone(),
+        series_ttl: args.series_ttl,
+        pod_log_dir: args.pod_log_dir.clone(),
+        cgroup_root: crate::cgroup::cgroup2_root(),
+    })
+    .map_err(Error::Usage)?;
+    labels::validate_against(&args.labels, &enricher.names()).map_err(Error::Usage)?;
+    let metrics = Arc::new(
+        Metrics::new(args.labels.clone(), &enricher.names()).map_err(|e| Error::Other(format!("metrics: {e}")))?,
+    );
     // GPU statistics sample on their own thread and never delay a scrape;
     // `--gpu required` refuses to start (exit 2) when NVML cannot.
     let gpu = crate::gpu::Gpu::start(&args.gpu, &args.pod_log_dir).map_err(Error::Usage)?;
@@ -102,6 +117,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         udp_idle_timeout: args.udp_idle_timeout,
         session_log,
         ifaces: args.ifaces.clone(),
+        enricher,
     };
     let pipeline = Arc::new(Pipeline::new(metrics.clone(), config, maps));
     let (stop_readers, stop) = Stop::new();

@@ -126,7 +126,7 @@ mod tests {
     }
 
     fn state() -> Arc<AppState> {
-        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        let metrics = Arc::new(Metrics::new(Vec::new(), &[]).unwrap());
         Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new(), auth: None })
     }
 
@@ -179,7 +179,7 @@ mod tests {
         std::fs::write(&web, format!("basic_auth_users:\n  alice: '{hash}'\n")).unwrap();
         let auth = web_config::load(&web).unwrap().auth.map(Arc::new);
         std::fs::remove_file(&web).unwrap();
-        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        let metrics = Arc::new(Metrics::new(Vec::new(), &[]).unwrap());
         let state = Arc::new(AppState { metrics, ready: true.into(), pipeline: OnceLock::new(), auth });
         let with = |user_password: &str, path: &str| {
             use base64::Engine as _;
