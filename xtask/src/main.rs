@@ -15,11 +15,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "observer's developer and CI tasks"
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "observer's developer and CI tasks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,6 +37,9 @@ enum Command {
         /// Leave out the benchmark smoke run (the last step).
         #[arg(long)]
         skip_bench: bool,
+        /// Leave out the kernel matrix in qemu (`cargo xtask kernels`, several minutes).
+        #[arg(long)]
+        skip_kernels: bool,
         /// Passed to the end-to-end test binary after `--test-threads=1` (a test-name filter).
         #[arg(last = true)]
         filter: Vec<String>,
@@ -54,6 +53,9 @@ enum Command {
         /// Only this kernel (6.1, 6.12); repeatable. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
+        /// Only this end-to-end test binary (tests/tests/<NAME>.rs); repeatable. Default: all.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
         /// Bound on one VM's whole run, in seconds.
         #[arg(long, default_value_t = kernels::DEFAULT_VM_TIMEOUT_S)]
         vm_timeout: u64,
@@ -99,19 +101,16 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Setup => setup::run(),
         Command::Run { args } => run::run(args),
-        Command::Test { skip_bench, filter } => test::run(&test::TestArgs { skip_bench, filter }),
-        Command::Kernels { write_readme, kernels: names, vm_timeout } => kernels::run(&kernels::Options {
+        Command::Test { skip_bench, skip_kernels, filter } => {
+            test::run(&test::TestArgs { skip_bench, skip_kernels, filter })
+        }
+        Command::Kernels { write_readme, kernels: names, tests, vm_timeout } => kernels::run(&kernels::Options {
             write_readme,
             kernels: names,
+            tests,
             vm_timeout: std::time::Duration::from_secs(vm_timeout),
         }),
-        Command::Bench {
-            smoke,
-            workload,
-            rounds,
-            seconds,
-            out,
-        } => {
+        Command::Bench { smoke, workload, rounds, seconds, out } => {
             let opts = if smoke {
                 bench::Options::smoke()
             } else {
@@ -134,9 +133,7 @@ mod tests {
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Command {
-        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
-            .unwrap()
-            .command
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).unwrap().command
     }
 
     #[test]
@@ -146,10 +143,7 @@ mod tests {
 
     #[test]
     fn run_takes_observer_arguments_with_or_without_separator() {
-        for argv in [
-            &["run", "--", "--iface", "eth0"][..],
-            &["run", "--iface", "eth0"][..],
-        ] {
+        for argv in [&["run", "--", "--iface", "eth0"][..], &["run", "--iface", "eth0"][..]] {
             match parse(argv) {
                 Command::Run { args } => assert_eq!(args, ["--iface", "eth0"]),
                 other => panic!("{other:?}"),
@@ -161,20 +155,22 @@ mod tests {
     #[test]
     fn test_takes_flag_and_filter() {
         match parse(&["test", "--skip-bench", "--", "tcp_state", "--nocapture"]) {
-            Command::Test { skip_bench, filter } => {
-                assert!(skip_bench);
+            Command::Test { skip_bench, skip_kernels, filter } => {
+                assert!(skip_bench && !skip_kernels);
                 assert_eq!(filter, ["tcp_state", "--nocapture"]);
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(parse(&["test", "--skip-kernels"]), Command::Test { skip_kernels: true, .. }));
     }
 
     #[test]
     fn kernels_flags() {
-        match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12"]) {
-            Command::Kernels { write_readme, kernels, vm_timeout } => {
+        match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12", "--test", "drops"]) {
+            Command::Kernels { write_readme, kernels, tests, vm_timeout } => {
                 assert!(write_readme);
                 assert_eq!(kernels, ["6.1", "6.12"]);
+                assert_eq!(tests, ["drops"]);
                 assert_eq!(vm_timeout, kernels::DEFAULT_VM_TIMEOUT_S);
             }
             other => panic!("{other:?}"),
@@ -184,13 +180,7 @@ mod tests {
     #[test]
     fn bench_defaults() {
         match parse(&["bench"]) {
-            Command::Bench {
-                smoke,
-                workload,
-                rounds,
-                seconds,
-                out,
-            } => {
+            Command::Bench { smoke, workload, rounds, seconds, out } => {
                 assert!(!smoke);
                 assert_eq!(workload, bench::Selection::All);
                 assert_eq!((rounds, seconds), (5, 5));

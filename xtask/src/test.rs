@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{bench, build, setup, util};
+use crate::{bench, build, kernels, setup, util};
 
 pub struct TestArgs {
     pub skip_bench: bool,
+    pub skip_kernels: bool,
     /// Extra arguments for the end-to-end test binary (a name filter, --nocapture, ...).
     pub filter: Vec<String>,
 }
@@ -28,19 +29,29 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
     let mut steps: Vec<(&str, StepFn)> = vec![
         ("setup", Box::new(setup::run)),
-        (
-            "release build",
-            Box::new(|| build::observer_release().map(drop)),
-        ),
+        ("release build", Box::new(|| build::observer_release().map(drop))),
         ("clippy", Box::new(clippy)),
         ("unit tests", Box::new(unit_tests)),
         ("end-to-end tests", Box::new(|| end_to_end(&args.filter))),
     ];
-    if !args.skip_bench {
+    if !args.skip_kernels {
+        // The same end-to-end tests on Debian's 6.1 and 6.12 in qemu, every
+        // hook tier: the fentry and kprobe tiers run nowhere else.
         steps.push((
-            "benchmark smoke",
-            Box::new(|| bench::run(&bench::Options::smoke(), bench::Prepare::AlreadyBuilt)),
+            "kernel matrix (qemu)",
+            Box::new(|| {
+                kernels::run(&kernels::Options {
+                    write_readme: false,
+                    kernels: Vec::new(),
+                    tests: Vec::new(),
+                    vm_timeout: Duration::from_secs(kernels::DEFAULT_VM_TIMEOUT_S),
+                })
+            }),
         ));
+    }
+    if !args.skip_bench {
+        steps
+            .push(("benchmark smoke", Box::new(|| bench::run(&bench::Options::smoke(), bench::Prepare::AlreadyBuilt))));
     }
 
     let total = steps.len();
@@ -61,41 +72,28 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
         passed.push((name, t.elapsed()));
     }
-    let skipped = if args.skip_bench {
-        "; benchmark smoke skipped (--skip-bench)"
-    } else {
-        ""
-    };
+    let skipped: String =
+        [(args.skip_kernels, "kernel matrix", "--skip-kernels"), (args.skip_bench, "benchmark smoke", "--skip-bench")]
+            .iter()
+            .filter(|(skip, ..)| *skip)
+            .map(|(_, what, flag)| format!("; {what} skipped ({flag})"))
+            .collect();
     eprintln!();
-    println!(
-        "xtask test: all {total} steps passed in {}: {}{skipped}",
-        secs(started.elapsed()),
-        list(&passed)
-    );
+    println!("xtask test: all {total} steps passed in {}: {}{skipped}", secs(started.elapsed()), list(&passed));
     Ok(())
 }
 
 fn clippy() -> Result<()> {
     // Default members only: observer-ebpf builds for the bpf target alone, through
     // observer's build script, which this run compiles (and lints) as usual.
-    util::run_checked(
-        util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]),
-        "clippy",
-    )
+    util::run_checked(util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]), "clippy")
 }
 
 fn unit_tests() -> Result<()> {
     // --workspace ignores default-members, so the bpf-only crate is excluded by name; the
     // end-to-end crate has its own privileged step.
     util::run_checked(
-        util::cargo().args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "observer-tests",
-            "--exclude",
-            "observer-ebpf",
-        ]),
+        util::cargo().args(["test", "--workspace", "--exclude", "observer-tests", "--exclude", "observer-ebpf"]),
         "unit tests",
     )
 }
@@ -134,11 +132,7 @@ fn list(steps: &[(&str, Duration)]) -> String {
     if steps.is_empty() {
         return "none".to_owned();
     }
-    steps
-        .iter()
-        .map(|(name, d)| format!("{name} ({})", secs(*d)))
-        .collect::<Vec<_>>()
-        .join(", ")
+    steps.iter().map(|(name, d)| format!("{name} ({})", secs(*d))).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -149,10 +143,7 @@ mod tests {
     fn step_list_reads_well() {
         assert_eq!(list(&[]), "none");
         assert_eq!(
-            list(&[
-                ("setup", Duration::from_millis(1400)),
-                ("clippy", Duration::from_secs(30))
-            ]),
+            list(&[("setup", Duration::from_millis(1400)), ("clippy", Duration::from_secs(30))]),
             "setup (1 s), clippy (30 s)"
         );
     }
