@@ -198,6 +198,14 @@ pub fn readme_section(kernels: &[KernelReport], host: Option<&Check>) -> String 
             cells.join(" | ")
         );
     }
+    // What a chosen hook misses on a kernel, as its `observer check` says.
+    let limited = kernels.iter().filter_map(|k| Some((k.label.as_str(), k.check(AUTO)?)));
+    let limited = limited.chain(host.map(|h| ("the build host", h)));
+    for (label, check) in limited {
+        for (concern, what) in &check.limits {
+            let _ = writeln!(s, "\n{label}, `{concern}`: {what}.");
+        }
+    }
     let _ = writeln!(
         s,
         "\nEnd-to-end tests in qemu, per tier (`--probes` forced on every observer a test starts; \
@@ -352,6 +360,7 @@ result: run would work
         assert!(k.failures().is_empty(), "{:?}", k.failures());
         let host = parse_check("kernel: 6.18.44\ntier fentry: unavailable: EPERM\ntier kprobe: unavailable: no\ntier tracepoint: available\nconcern tcp_state (required): tp_btf/inet_sock_set_state (chosen)\n", Some(0));
         let s = readme_section(&[k], Some(&host));
+        assert!(!s.contains("`tcp_errors`"), "no limit line: {s}");
         assert!(s.contains("| kernel | tcp_state | tcp_owner | sock_calls | how known |\n| --- | --- | --- | --- | --- |\n"), "{s}");
         assert!(s.contains("| Debian 6.12 (`6.12.117+deb12-amd64`, linux-image-6.12.117+deb12-amd64-unsigned 6.12.117-1~deb12u1) | `tp_btf/inet_sock_set_state` | `fexit/inet_csk_accept` | none | qemu, `cargo xtask kernels` |"), "{s}");
         assert!(s.contains("| `6.18.44` (the build host; unavailable: fentry, kprobe) | `tp_btf/inet_sock_set_state` | ? | ? |"), "{s}");
@@ -394,6 +403,14 @@ result: run would work
         assert!(k.failures().is_empty(), "{:?}", k.failures());
         assert_eq!(k.tier_cell("fentry"), "1 passed (haproxy; on a second run: haproxy)");
         assert!(summary(&[k], None).contains("| fentry | haproxy | passed (1); first run failed (relay; exit Some(101)) | 3 |"));
+    }
+
+    #[test]
+    fn limits_follow_the_hooks_table() {
+        let mut k = kernel(vec![], true);
+        k.collected.checks[0].1.limits.push(("tcp_errors".into(), "closed-port resets are not counted as sent".into()));
+        let s = readme_section(&[k], None);
+        assert!(s.contains("\n\nDebian 6.12, `tcp_errors`: closed-port resets are not counted as sent.\n"), "{s}");
     }
 
     #[test]
