@@ -6,7 +6,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     btf::DEFAULT_BTF_PATH,
+    enrich::{
+        SessionLabel, parse_label_limit,
+        peers::{PeerGroup, parse_peer_group, parse_service_ports},
+    },
     labels::{StaticLabel, parse_label},
+    logging::LogArgs,
     probes::ProbeMode,
 };
 
@@ -20,6 +25,17 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT: &str = "30s";
 /// Default longest gap between send/receive calls that still counts as active
 /// time: a transfer pausing for less than this is still transferring.
 pub const DEFAULT_ACTIVE_GAP: &str = "1s";
+
+/// Default time after which a set of session label values with no new
+/// session leaves the exposition: long enough that an hourly job's series
+/// stay between runs of a dashboard's range, short enough that ended pods'
+/// series do not pile up.
+pub const DEFAULT_SERIES_TTL: &str = "30m";
+
+/// Default shutdown budget: well within Kubernetes' default 30 s grace
+/// period, and ample for detaching programs and draining the rings (tens of
+/// milliseconds).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "5s";
 
 /// Default goodput floor: the in-process metric this replaces records only
 /// sessions that moved at least 1 MB in a direction.
@@ -40,7 +56,25 @@ pub enum Command {
     Run(RunArgs),
     /// Print which kernel hook each concern would use, or why none can; exit
     /// non-zero when `run` could not work.
-    Check(KernelArgs),
+    Check(CheckArgs),
+}
+
+impl Command {
+    /// How this command logs.
+    pub fn log(&self) -> &LogArgs {
+        match self {
+            Command::Run(args) => &args.log,
+            Command::Check(args) => &args.log,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Options that decide how the observer hooks into the kernel.
@@ -56,6 +90,11 @@ pub struct KernelArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Read settings from this TOML file: keys are the long flag names
+    /// (`min-session-bytes = 1000000`, `label = ["region=eu"]`). The command
+    /// line and OBSERVER_* environment variables take precedence.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Address and port of the metrics server (/metrics, /healthz, /readyz).
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]
     pub listen: SocketAddr,
@@ -72,6 +111,34 @@ pub struct RunArgs {
     /// Static label added to every session metric (e.g. track, region). Repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<StaticLabel>,
+    /// Session labels to add to the session metrics (comma-separated or
+    /// repeated): who owns a session (comm, container_id, pod_uid, pod,
+    /// namespace) and where its peer is (peer_group, peer_country, peer_port).
+    #[arg(long = "session-label", value_name = "NAME", value_enum, value_delimiter = ',')]
+    pub session_labels: Vec<SessionLabel>,
+    /// A named group of peer networks for the peer_group label (turns it on);
+    /// the longest matching prefix wins, unmatched peers are `other`, loopback
+    /// peers `loopback`. Repeatable.
+    #[arg(long = "peer-group", value_name = "CIDR=NAME", value_parser = parse_peer_group)]
+    pub peer_groups: Vec<PeerGroup>,
+    /// MaxMind database (GeoLite2/GeoIP2 Country or City) for the
+    /// peer_country label (turns it on).
+    #[arg(long, value_name = "PATH")]
+    pub geoip_db: Option<PathBuf>,
+    /// Port or FIRST-LAST range reported as itself in the peer_port label
+    /// (turns it on), besides the well-known ports 1-1023; other ports are
+    /// `other`. Repeatable.
+    #[arg(long = "service-port", value_name = "PORT|FIRST-LAST", value_parser = parse_service_ports)]
+    pub service_ports: Vec<std::ops::RangeInclusive<u16>>,
+    /// Most distinct values a session label may take before further values
+    /// are reported as `other` (and counted in observer_label_overflow_total).
+    /// Repeatable; defaults in README.
+    #[arg(long = "label-limit", value_name = "NAME=N", value_parser = parse_label_limit)]
+    pub label_limits: Vec<(SessionLabel, usize)>,
+    /// Session label values with no session for this long leave the
+    /// exposition (and free their place in the label's budget).
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_SERIES_TTL, value_parser = parse_duration)]
+    pub series_ttl: Duration,
     /// Also write one JSON line per reported session to this file (`-`: stdout).
     #[arg(long, value_name = "PATH")]
     pub session_log: Option<PathBuf>,
@@ -83,6 +150,11 @@ pub struct RunArgs {
     /// longer gaps are idle and excluded from active-time goodput.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_ACTIVE_GAP, value_parser = parse_duration)]
     pub active_gap: Duration,
+    /// On SIGTERM or SIGINT, the time allowed to detach the kernel programs,
+    /// read the sessions still queued and exit; past it the process exits
+    /// with code 1 whatever is left.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
     /// which names the pods that processes' cgroups point to.
     #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]
@@ -91,6 +163,8 @@ pub struct RunArgs {
     pub gpu: crate::gpu::GpuArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -154,6 +228,15 @@ mod tests {
         assert_eq!(r.kernel.probes, ProbeMode::Auto);
         assert_eq!(r.udp_idle_timeout, Duration::from_secs(30));
         assert_eq!(r.active_gap, Duration::from_secs(1));
+        assert!(r.session_labels.is_empty() && r.peer_groups.is_empty() && r.service_ports.is_empty());
+        assert_eq!(r.series_ttl, Duration::from_secs(1800));
+        assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn session_labels_comma_separated_or_repeated() {
+        let r = run_args(&["--session-label", "comm,pod", "--session-label", "peer_port"]).unwrap();
+        assert_eq!(r.session_labels, [SessionLabel::Comm, SessionLabel::Pod, SessionLabel::PeerPort]);
     }
 
     #[test]
@@ -186,6 +269,11 @@ mod tests {
             (&["--probes", "ebpf"][..], "auto, fentry, kprobe, tracepoint"),
             (&["--udp-idle-timeout", "forever"][..], "not a duration"),
             (&["--active-gap", "0ms"][..], "is zero"),
+            (&["--session-label", "pid"][..], "container_id"),
+            (&["--peer-group", "10.0.0.0/40=x"][..], "not a CIDR network"),
+            (&["--service-port", "0"][..], "not a port"),
+            (&["--label-limit", "peer_port=none"][..], "at least 1"),
+            (&["--series-ttl", "1h"][..], "unknown unit"),
         ] {
             let err = run_args(args).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");

@@ -44,6 +44,17 @@ pub fn validate_set(labels: &[StaticLabel]) -> Result<(), String> {
     Ok(())
 }
 
+/// A static label must not take the name of an enabled session label.
+pub fn validate_against(labels: &[StaticLabel], session_labels: &[&str]) -> Result<(), String> {
+    match labels.iter().find(|l| session_labels.contains(&l.key.as_str())) {
+        Some(l) => Err(format!(
+            "--label `{}` has the name of a session label turned on with --session-label; rename the static label",
+            l.key
+        )),
+        None => Ok(()),
+    }
+}
+
 fn is_label_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -81,5 +92,7 @@ mod tests {
         let set = vec![parse_label("a=1").unwrap(), parse_label("a=2").unwrap()];
         assert!(validate_set(&set).unwrap_err().contains("more than once"));
         assert!(validate_set(&set[..1]).is_ok());
+        assert!(validate_against(&set[..1], &["comm", "a"]).unwrap_err().contains("session label"));
+        assert!(validate_against(&set[..1], &["comm"]).is_ok());
     }
 }

@@ -1,24 +1,15 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use observer::{
-    check::check,
-    cli::{Cli, Command},
-    loader::chain,
-    run::run,
-};
-use tracing_subscriber::EnvFilter;
+use observer::{check::check, cli::Command, loader::chain, run::run};
 
 fn main() -> ExitCode {
-    // clap exits with code 2 and a specific message on bad arguments.
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("OBSERVER_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    // Command line, OBSERVER_* environment and --config file; clap exits with
+    // code 2 and a specific message on bad arguments.
+    let cli = observer::config::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    observer::logging::init(cli.command.log());
     match cli.command {
         Command::Check(args) => {
-            let (report, ok) = check(&args);
+            let (report, ok) = check(&args.kernel);
             print!("{report}");
             if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }

@@ -1,7 +1,9 @@
 //! Prometheus metric families and how a closed session updates them.
 //!
-//! Bucket layouts are fixed and documented in the README; label sets are
-//! fixed too (`direction`, `protocol`, plus the operator's static labels).
+//! Bucket layouts are fixed and documented in the README. Label sets: the
+//! observer's own (`direction`, `protocol`, ...), then on session families the
+//! session labels the operator turned on (`crate::enrich`), then the
+//! operator's static labels.
 use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::{
@@ -54,6 +56,9 @@ const DROPS_HELP: &str = "Packets the kernel dropped, by drop reason (the runnin
 pub struct Metrics {
     registry: Registry,
     static_labels: Vec<StaticLabel>,
+    /// Whether session families carry session labels (`crate::enrich`).
+    session_labelled: bool,
+    label_overflow: IntCounterVec,
     goodput: HistogramVec,
     active_goodput: HistogramVec,
     duration: HistogramVec,
@@ -73,14 +78,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(static_labels: Vec<StaticLabel>) -> prometheus::Result<Self> {
+    /// `session_labels`: names of the session labels, in value order.
+    pub fn new(static_labels: Vec<StaticLabel>, session_labels: &[&'static str]) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let names = |base: &[&'static str]| -> Vec<String> {
             base.iter().map(|s| s.to_string()).chain(static_labels.iter().map(|l| l.key.clone())).collect()
         };
+        let session_names = |base: &[&'static str]| -> Vec<String> {
+            let with_session: Vec<&'static str> = base.iter().chain(session_labels).copied().collect();
+            names(&with_session)
+        };
         let dir_proto = names(&["direction", "protocol"]);
-        let goodput_labels = names(&["direction", "protocol", "impaired"]);
-        let proto = names(&["protocol"]);
+        let session_dir_proto = session_names(&["direction", "protocol"]);
+        let goodput_labels = session_names(&["direction", "protocol", "impaired"]);
+        let session_proto = session_names(&["protocol"]);
 
         let goodput = HistogramVec::new(
             HistogramOpts::new(
@@ -111,21 +122,21 @@ impl Metrics {
                 "Lifetime of closed sessions (first state change to close), whatever they moved. Sessions adopted mid-life are not observed (their birth is unknown).",
             )
             .buckets(duration_buckets()),
-            &refs(&proto),
+            &refs(&session_proto),
         )?;
         let sessions = IntCounterVec::new(
             Opts::new(
                 "observer_sessions_total",
                 "Closed sessions (TCP connections, UDP flows), over the goodput floor or not, including TCP sessions adopted mid-life.",
             ),
-            &refs(&proto),
+            &refs(&session_proto),
         )?;
         let session_bytes = IntCounterVec::new(
             Opts::new(
                 "observer_session_bytes_total",
                 "Bytes moved by closed sessions. direction=receive: received in order; direction=transmit: acknowledged by the peer (retransmissions excluded).",
             ),
-            &refs(&dir_proto),
+            &refs(&session_dir_proto),
         )?;
         let ignored = IntCounterVec::new(
             Opts::new(
@@ -173,6 +184,16 @@ impl Metrics {
         .map(|(name, help)| IntCounterVec::new(Opts::new(name, help), &refs(&iface_dir)));
         let [a, b, c] = interface;
         let interface = [a?, b?, c?];
+        let label_overflow = IntCounterVec::new(
+            Opts::new(
+                "observer_label_overflow_total",
+                "Closed sessions whose value of a session label was reported as \"other\" because the label already had its budget of distinct values (--label-limit). A value gives its place back when its series are removed after --series-ttl without sessions.",
+            ),
+            &["label"],
+        )?;
+        for label in session_labels {
+            label_overflow.with_label_values(&[label]);
+        }
         let build_info = GaugeVec::new(
             Opts::new("observer_build_info", "Build of the running observer (value 1)."),
             &["version", "commit"],
@@ -192,6 +213,7 @@ impl Metrics {
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(session_bytes.clone()))?;
         registry.register(Box::new(ignored.clone()))?;
+        registry.register(Box::new(label_overflow.clone()))?;
         registry.register(Box::new(events_lost.clone()))?;
         registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -206,6 +228,8 @@ impl Metrics {
         let m = Metrics {
             registry,
             static_labels,
+            session_labelled: !session_labels.is_empty(),
+            label_overflow,
             goodput,
             active_goodput,
             duration,
@@ -222,27 +246,60 @@ impl Metrics {
             telemetry,
         };
         // Series exist from the start, so rate() and dashboards see zeros
-        // instead of absent series before the first session closes.
+        // instead of absent series before the first session closes. With
+        // session labels, which values will exist is not known yet.
         for p in Protocol::ALL.map(Protocol::as_str) {
-            m.sessions.with_label_values(&m.values(&[p]));
-            m.duration.with_label_values(&m.values(&[p]));
             for d in Direction::ALL.map(Direction::as_str) {
-                for family in [&m.session_bytes, &m.live_bytes] {
-                    family.with_label_values(&m.values(&[d, p]));
-                }
-                for family in [&m.goodput, &m.active_goodput] {
-                    for impaired in ["false", "true"] {
-                        family.with_label_values(&m.values(&[d, p, impaired]));
-                    }
-                }
+                m.live_bytes.with_label_values(&m.values(&[d, p]));
             }
+        }
+        if !m.session_labelled {
+            m.each_session_series(&[], |family, values| family.touch(values));
         }
         Ok(m)
     }
 
     /// Label values: the given ones followed by the static labels' values.
     fn values<'a>(&'a self, base: &[&'a str]) -> Vec<&'a str> {
-        base.iter().copied().chain(self.static_labels.iter().map(|l| l.value.as_str())).collect()
+        self.session_values(base, &[])
+    }
+
+    /// Label values of a session family: the given ones, the session labels'
+    /// values, the static labels' values.
+    fn session_values<'a>(&'a self, base: &[&'a str], session: &'a [String]) -> Vec<&'a str> {
+        base.iter()
+            .copied()
+            .chain(session.iter().map(String::as_str))
+            .chain(self.static_labels.iter().map(|l| l.value.as_str()))
+            .collect()
+    }
+
+    /// Calls `f` with every session family's series for one set of session
+    /// label values: every protocol, direction and impaired value.
+    fn each_session_series(&self, session: &[String], mut f: impl FnMut(SessionFamily<'_>, &[&str])) {
+        for p in Protocol::ALL.map(Protocol::as_str) {
+            f(SessionFamily::Histogram(&self.duration), &self.session_values(&[p], session));
+            f(SessionFamily::Counter(&self.sessions), &self.session_values(&[p], session));
+            for d in Direction::ALL.map(Direction::as_str) {
+                f(SessionFamily::Counter(&self.session_bytes), &self.session_values(&[d, p], session));
+                for family in [&self.goodput, &self.active_goodput] {
+                    for impaired in ["false", "true"] {
+                        f(SessionFamily::Histogram(family), &self.session_values(&[d, p, impaired], session));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes every series of one set of session label values (expired by
+    /// the series TTL).
+    pub fn remove_session_series(&self, session: &[String]) {
+        // Not every combination was ever created: a missing one is no error.
+        self.each_session_series(session, |family, values| family.remove(values));
+    }
+
+    pub fn label_overflow(&self, label: &str) {
+        self.label_overflow.with_label_values(&[label]).inc();
     }
 
     /// Serves another collector's families with these (the GPU snapshot).
@@ -258,18 +315,20 @@ impl Metrics {
         self.ignored.with_label_values(&[reason]).inc();
     }
 
-    /// Accounts one closed session.
-    pub fn record(&self, s: &Session, min_session_bytes: u64) {
+    /// Accounts one closed session, with its session label values (in the
+    /// order given to [`Metrics::new`]).
+    pub fn record(&self, s: &Session, session_labels: &[String], min_session_bytes: u64) {
         let protocol = s.protocol.as_str();
-        self.sessions.with_label_values(&self.values(&[protocol])).inc();
+        let proto_labels = self.session_values(&[protocol], session_labels);
+        self.sessions.with_label_values(&proto_labels).inc();
         if let Some(lifetime) = s.lifetime {
-            self.duration.with_label_values(&self.values(&[protocol])).observe(lifetime.as_secs_f64());
+            self.duration.with_label_values(&proto_labels).observe(lifetime.as_secs_f64());
         }
         for d in Direction::ALL {
-            let labels = self.values(&[d.as_str(), protocol]);
+            let labels = self.session_values(&[d.as_str(), protocol], session_labels);
             self.session_bytes.with_label_values(&labels).inc_by(s.bytes(d));
             let impaired = if s.impaired() { "true" } else { "false" };
-            let goodput_labels = self.values(&[d.as_str(), protocol, impaired]);
+            let goodput_labels = self.session_values(&[d.as_str(), protocol, impaired], session_labels);
             if let Some(g) = s.goodput(d, min_session_bytes) {
                 self.goodput.with_label_values(&goodput_labels).observe(g);
             }
@@ -309,11 +368,38 @@ impl Metrics {
         self.events_lost.with_label_values(&[source]).inc_by(n);
     }
 
+    /// Every family's current values: what `/metrics` and `/api/v1/snapshot` serve.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The exposition in Prometheus text format 0.0.4.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        TextEncoder::new().encode(&self.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// A session family, for operations on all of them at once.
+enum SessionFamily<'a> {
+    Histogram(&'a HistogramVec),
+    Counter(&'a IntCounterVec),
+}
+
+impl SessionFamily<'_> {
+    fn touch(&self, values: &[&str]) {
+        match self {
+            SessionFamily::Histogram(h) => drop(h.with_label_values(values)),
+            SessionFamily::Counter(c) => drop(c.with_label_values(values)),
+        }
+    }
+
+    fn remove(&self, values: &[&str]) {
+        let _ = match self {
+            SessionFamily::Histogram(h) => h.remove_label_values(values),
+            SessionFamily::Counter(c) => c.remove_label_values(values),
+        };
     }
 }
 
@@ -364,10 +450,10 @@ mod tests {
 
     #[test]
     fn records_sessions_with_static_labels_and_the_floor() {
-        let m = Metrics::new(vec![parse_label("region=eu").unwrap()]).unwrap();
-        m.record(&session(4_000_000, 10, Some(2)), 1_000_000);
-        m.record(&session(100, 100, Some(1)), 1_000_000);
-        m.record(&session(5_000_000, 0, None), 1_000_000);
+        let m = Metrics::new(vec![parse_label("region=eu").unwrap()], &[]).unwrap();
+        m.record(&session(4_000_000, 10, Some(2)), &[], 1_000_000);
+        m.record(&session(100, 100, Some(1)), &[], 1_000_000);
+        m.record(&session(5_000_000, 0, None), &[], 1_000_000);
         let text = m.encode().unwrap();
         let has = |line: &str| text.lines().any(|l| l == line);
         assert!(has(r#"observer_sessions_total{protocol="tcp",region="eu"} 3"#), "{text}");
@@ -396,6 +482,36 @@ mod tests {
         assert!(
             has(r#"observer_session_duration_seconds_count{protocol="tcp",region="eu"} 2"#),
             "adopted session has no duration: {text}"
+        );
+    }
+
+    #[test]
+    fn session_labels_sit_between_own_and_static_labels_and_expired_sets_leave() {
+        let m = Metrics::new(vec![parse_label("region=eu").unwrap()], &["comm", "peer_port"]).unwrap();
+        let text = m.encode().unwrap();
+        assert!(!text.contains("observer_sessions_total{"), "no series before a session: {text}");
+        assert!(text.contains(r#"observer_label_overflow_total{label="peer_port"} 0"#), "{text}");
+        let curl = vec!["curl".to_string(), "443".to_string()];
+        m.record(&session(2_000_000, 0, Some(1)), &curl, 1_000_000);
+        m.record(&session(10, 0, Some(1)), &["wget".to_string(), "other".to_string()], 1_000_000);
+        m.label_overflow("peer_port");
+        let text = m.encode().unwrap();
+        let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+        assert!(
+            has(&text, r#"observer_sessions_total{comm="curl",peer_port="443",protocol="tcp",region="eu"} 1"#),
+            "{text}"
+        );
+        assert!(has(&text, r#"observer_label_overflow_total{label="peer_port"} 1"#), "{text}");
+        assert!(has(
+            &text,
+            r#"observer_session_goodput_bytes_per_second_count{comm="curl",direction="transmit",impaired="false",peer_port="443",protocol="tcp",region="eu"} 1"#
+        ));
+        m.remove_session_series(&curl);
+        let text = m.encode().unwrap();
+        assert!(!text.contains(r#"comm="curl""#), "{text}");
+        assert!(
+            has(&text, r#"observer_sessions_total{comm="wget",peer_port="other",protocol="tcp",region="eu"} 1"#),
+            "{text}"
         );
     }
 }

@@ -6,7 +6,7 @@ use std::{
     hash::Hash,
     mem::size_of,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -17,10 +17,14 @@ use observer_common::{
     LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord, SessionStart, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
     UdpRelease,
 };
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
 
 use crate::{
     drops::DropCounters,
+    enrich::Enricher,
     error::Error,
     iface_stats::InterfaceStats,
     live::LiveCounts,
@@ -37,6 +41,7 @@ pub struct PipelineConfig {
     pub session_log: Option<SessionLog>,
     /// Interfaces selected with --iface, whose device counters are exported.
     pub ifaces: Vec<String>,
+    pub enricher: Enricher,
 }
 
 /// The maps userspace reads, taken out of the loaded object.
@@ -67,6 +72,7 @@ struct State {
     udp_live: LiveCounts<(UdpFlowKey, u64)>,
     session_log: Option<SessionLog>,
     iface_stats: InterfaceStats,
+    enricher: Enricher,
 }
 
 impl Pipeline {
@@ -83,6 +89,7 @@ impl Pipeline {
                 udp_live: LiveCounts::default(),
                 session_log: config.session_log,
                 iface_stats: InterfaceStats::new(config.ifaces),
+                enricher: config.enricher,
             }),
         }
     }
@@ -93,14 +100,15 @@ impl Pipeline {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads closed TCP sessions until cancelled, a batch per wake-up.
-    pub async fn run_tcp(&self, ring: RingBuf<MapData>) -> Result<(), Error> {
-        drain_forever(ring, |bytes| self.tcp_closed(bytes)).await
+    /// Reads closed TCP sessions, a batch per wake-up, until `stop`; then
+    /// reads what is left in the ring and returns.
+    pub async fn run_tcp(&self, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
+        drain_until_stopped(ring, stop, |bytes| self.tcp_closed(bytes)).await
     }
 
-    /// Reads UDP socket releases until cancelled.
-    pub async fn run_udp_releases(&self, ring: RingBuf<MapData>) -> Result<(), Error> {
-        drain_forever(ring, |bytes| match read_pod::<UdpRelease>(bytes) {
+    /// Reads UDP socket releases until `stop`, then what is left.
+    pub async fn run_udp_releases(&self, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
+        drain_until_stopped(ring, stop, |bytes| match read_pod::<UdpRelease>(bytes) {
             Some(release) => self.udp_released(release),
             None => self.metrics.lost("session_record_malformed", 1),
         })
@@ -108,14 +116,17 @@ impl Pipeline {
     }
 
     /// Ends idle UDP flows, checking a few times per timeout (at most once a
-    /// second, at least every 100 ms).
-    pub async fn run_udp_expiry(&self) -> Result<(), Error> {
+    /// second, at least every 100 ms), until `stop`. Flows still open then
+    /// are not reported: they have not ended.
+    pub async fn run_udp_expiry(&self, mut stop: Stop) -> Result<(), Error> {
         let period = (self.udp_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            self.expire_udp(monotonic_ns());
+            tokio::select! {
+                _ = tick.tick() => self.expire_udp(monotonic_ns()),
+                _ = stop.stopped() => return Ok(()),
+            }
         }
     }
 
@@ -184,9 +195,10 @@ impl Pipeline {
     }
 
     fn report(&self, state: &mut State, session: &Session) {
-        self.metrics.record(session, self.min_session_bytes);
+        let labels = state.enricher.label(session, Instant::now(), |label| self.metrics.label_overflow(label));
+        self.metrics.record(session, &labels, self.min_session_bytes);
         if let Some(log) = &mut state.session_log {
-            log.write(session);
+            log.write(session, &state.enricher.names(), &labels);
         }
     }
 
@@ -202,6 +214,9 @@ impl Pipeline {
         self.sweep_live(&mut state);
         state.maps.drops.sync(&self.filter, &self.metrics);
         state.iface_stats.sync(&self.metrics);
+        for expired in state.enricher.expire(Instant::now()) {
+            self.metrics.remove_session_series(&expired);
+        }
     }
 
     fn sync_lost(&self, state: &mut State) {
@@ -248,19 +263,55 @@ impl Pipeline {
     }
 }
 
-/// Waits on a ring buffer and hands each record to `handle`, until cancelled.
-async fn drain_forever(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8])) -> Result<(), Error> {
+/// Tells the readers to finish: at shutdown, once the kernel programs are
+/// detached, so that nothing is added to the rings after their last read.
+#[derive(Clone)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// The signal and the handle that raises it.
+    pub fn new() -> (watch::Sender<bool>, Stop) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Stop(rx))
+    }
+
+    /// Resolves once stop is raised (or its sender is gone).
+    async fn stopped(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Waits on a ring buffer and hands each record to `handle`; once `stop` is
+/// raised, reads the records still in the ring and returns.
+async fn drain_until_stopped(
+    ring: RingBuf<MapData>,
+    mut stop: Stop,
+    mut handle: impl FnMut(&[u8]),
+) -> Result<(), Error> {
     // SAFETY: the AsyncFd owns the ring buffer, so the descriptor stays open
     // for as long as it is registered.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| Error::Ring(e.into_parts().1))?;
     loop {
-        let mut guard = fd.readable_mut().await.map_err(Error::Ring)?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            handle(&item);
+        let stopping = tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard.map_err(Error::Ring)?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    handle(&item);
+                }
+                guard.clear_ready();
+                false
+            }
+            _ = stop.stopped() => true,
+        };
+        if stopping {
+            let ring = fd.get_mut();
+            while let Some(item) = ring.next() {
+                handle(&item);
+            }
+            return Ok(());
         }
-        guard.clear_ready();
     }
 }
 

@@ -2,22 +2,26 @@
 use std::{
     net::TcpListener as StdListener,
     sync::{Arc, OnceLock, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use observer_common::Settings;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::JoinSet,
+};
 
 use crate::{
     btf::KernelBtf,
     cli::RunArgs,
     detect,
     drops::{self, DropCounters},
+    enrich::{EnrichConfig, Enricher},
     error::Error,
     interfaces, labels, loader,
     metrics::Metrics,
-    pipeline::{KernelMaps, Pipeline, PipelineConfig},
+    pipeline::{KernelMaps, Pipeline, PipelineConfig, Stop},
     privileges,
     probes::{self, Concern, ProbeMode},
     server::{AppState, router, serve},
@@ -43,7 +47,21 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         None => None,
     };
 
-    let metrics = Arc::new(Metrics::new(args.labels.clone()).map_err(|e| Error::Other(format!("metrics: {e}")))?);
+    let enricher = Enricher::new(EnrichConfig {
+        labels: args.session_labels.clone(),
+        peer_groups: args.peer_groups.clone(),
+        service_ports: args.service_ports.clone(),
+        geoip_db: args.geoip_db.clone(),
+        limits: args.label_limits.clone(),
+        series_ttl: args.series_ttl,
+        pod_log_dir: args.pod_log_dir.clone(),
+        cgroup_root: crate::cgroup::cgroup2_root(),
+    })
+    .map_err(Error::Usage)?;
+    labels::validate_against(&args.labels, &enricher.names()).map_err(Error::Usage)?;
+    let metrics = Arc::new(
+        Metrics::new(args.labels.clone(), &enricher.names()).map_err(|e| Error::Other(format!("metrics: {e}")))?,
+    );
     // GPU statistics sample on their own thread and never delay a scrape;
     // `--gpu required` refuses to start (exit 2) when NVML cannot.
     let gpu = crate::gpu::Gpu::start(&args.gpu, &args.pod_log_dir).map_err(Error::Usage)?;
@@ -89,18 +107,20 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         udp_idle_timeout: args.udp_idle_timeout,
         session_log,
         ifaces: args.ifaces.clone(),
+        enricher,
     };
     let pipeline = Arc::new(Pipeline::new(metrics.clone(), config, maps));
-    let mut readers = tokio::task::JoinSet::new();
+    let (stop_readers, stop) = Stop::new();
+    let mut readers = JoinSet::new();
     {
+        let (p, s) = (pipeline.clone(), stop.clone());
+        readers.spawn(async move { p.run_tcp(sessions_ring, s).await });
+        let (p, s) = (pipeline.clone(), stop.clone());
+        readers.spawn(async move { p.run_udp_releases(releases_ring, s).await });
         let p = pipeline.clone();
-        readers.spawn(async move { p.run_tcp(sessions_ring).await });
-        let p = pipeline.clone();
-        readers.spawn(async move { p.run_udp_releases(releases_ring).await });
-        let p = pipeline.clone();
-        readers.spawn(async move { p.run_udp_expiry().await });
+        readers.spawn(async move { p.run_udp_expiry(stop).await });
     }
-    let _ = state.pipeline.set(pipeline);
+    let _ = state.pipeline.set(pipeline.clone());
 
     let attached = kernel.attach(&plan)?;
     for (hook, result) in &attached {
@@ -144,13 +164,54 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         Some(r) = readers.join_next() => return Err(Error::Other(format!("a session reader stopped: {}", task_end(r)))),
         r = &mut server => return Err(Error::Other(format!("the metrics server stopped: {}", task_end(r.map(|r| r.map_err(Error::Server)))))),
     }
-    let started = Instant::now();
-    state.ready.store(false, Ordering::Release);
-    readers.abort_all();
-    // Dropping the Ebpf detaches every link and unloads every program.
-    drop(kernel);
+    shutdown(args.shutdown_timeout, &state, kernel, stop_readers, readers, &pipeline).await?;
     server.abort();
-    tracing::info!(took_ms = started.elapsed().as_millis() as u64, "stopped; kernel programs detached");
+    Ok(())
+}
+
+/// Stops within `budget`: not ready, programs detached (nothing new reaches
+/// the rings), the rings read to the end and the counters brought up to date
+/// (the session log gets every session that closed before the detach). A
+/// watchdog thread ends the process if any of it hangs past the budget.
+async fn shutdown(
+    budget: Duration,
+    state: &AppState,
+    kernel: loader::Kernel,
+    stop_readers: tokio::sync::watch::Sender<bool>,
+    mut readers: JoinSet<Result<(), Error>>,
+    pipeline: &Pipeline,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        std::thread::sleep(budget);
+        tracing::error!(budget = ?budget, "shutdown took longer than --shutdown-timeout; exiting now, unfinished");
+        std::process::exit(1);
+    });
+    state.ready.store(false, Ordering::Release);
+    // Dropping the Ebpf detaches every link and unloads every program; the
+    // maps taken out of it stay open for the readers.
+    drop(kernel);
+    let detached_ms = started.elapsed().as_millis() as u64;
+    let _ = stop_readers.send(true);
+    let drained = tokio::time::timeout(budget.saturating_sub(started.elapsed()), async {
+        while let Some(result) = readers.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::warn!(error = %crate::loader::chain(&e), "a session reader failed while draining");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        return Err(Error::Other(format!(
+            "shutdown took longer than --shutdown-timeout {budget:?}: sessions still queued were not read"
+        )));
+    }
+    pipeline.refresh();
+    tracing::info!(
+        detached_ms,
+        took_ms = started.elapsed().as_millis() as u64,
+        "stopped; kernel programs detached, queued sessions read"
+    );
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz,
-//! served by a hardened connection loop (see [`serve`]).
+//! /api/v1/snapshot (JSON summary, see [`crate::snapshot`]), served by a hardened connection loop (see [`serve`]).
 use std::{
     sync::{
         Arc, OnceLock,
@@ -40,6 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { no_store("ok\n").into_response() }))
             .route("/readyz", get(readyz))
+            .route("/api/v1/snapshot", get(snapshot))
             .with_state(state),
     )
 }
@@ -69,6 +70,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     response
 }
 
+/// Reads the histograms as they are: sessions are accounted when they close,
+/// so there is no kernel state to refresh first (unlike `/metrics`).
+async fn snapshot(State(state): State<Arc<AppState>>) -> Response {
+    let body = crate::snapshot::build(&state.metrics.gather()).to_string();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         no_store((StatusCode::OK, "ready\n")).into_response()
@@ -96,7 +104,7 @@ mod tests {
     }
 
     fn state() -> Arc<AppState> {
-        let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+        let metrics = Arc::new(Metrics::new(Vec::new(), &[]).unwrap());
         Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new() })
     }
 
@@ -114,6 +122,14 @@ mod tests {
         // The first scrape's duration shows in the second.
         let (_, body) = get(&state, "/metrics").await;
         assert!(body.contains("observer_scrape_duration_seconds_count 1"), "{body}");
+        let (status, body) = get(&state, "/api/v1/snapshot").await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // Pre-created series: every (direction, protocol, impaired), empty.
+        let goodput = doc["goodput"]["observer_session_goodput_bytes_per_second"].as_array().unwrap();
+        assert_eq!(goodput.len(), 8, "{body}");
+        assert!(goodput.iter().all(|s| s["count"] == 0 && s["p50"].is_null()), "{body}");
+        assert_eq!(doc["sessions_total"].as_array().unwrap().len(), 2, "{body}");
     }
 
     #[tokio::test]
@@ -123,12 +139,14 @@ mod tests {
             let r = call(router(state.clone()), "GET", path).await;
             assert_eq!(r.headers().get(header::CACHE_CONTROL).unwrap(), "no-store", "{path}");
         }
-        assert_eq!(call(router(state.clone()), "HEAD", "/metrics").await.status(), StatusCode::OK);
-        for method in ["POST", "PUT", "DELETE", "PATCH"] {
-            let r = call(router(state.clone()), method, "/metrics").await;
-            assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
-            let allow = r.headers().get(header::ALLOW).expect("Allow header").to_str().unwrap().to_string();
-            assert!(allow.contains("GET") && allow.contains("HEAD"), "{method}: Allow: {allow}");
+        for path in ["/metrics", "/api/v1/snapshot"] {
+            assert_eq!(call(router(state.clone()), "HEAD", path).await.status(), StatusCode::OK);
+            for method in ["POST", "PUT", "DELETE", "PATCH"] {
+                let r = call(router(state.clone()), method, path).await;
+                assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                let allow = r.headers().get(header::ALLOW).expect("Allow header").to_str().unwrap().to_string();
+                assert!(allow.contains("GET") && allow.contains("HEAD"), "{method} {path}: Allow: {allow}");
+            }
         }
     }
 

@@ -25,8 +25,9 @@ impl SessionLog {
         Ok(Self { out, failed: false })
     }
 
-    pub fn write(&mut self, s: &Session) {
-        let line = to_json(s) + "\n";
+    /// One session with its session labels (`names[i]` = `values[i]`).
+    pub fn write(&mut self, s: &Session, names: &[&str], values: &[String]) {
+        let line = to_json(s, names, values) + "\n";
         let result = self.out.write_all(line.as_bytes()).and_then(|()| self.out.flush());
         if let Err(e) = result {
             // Say it once; the metrics do not depend on the log.
@@ -38,7 +39,9 @@ impl SessionLog {
     }
 }
 
-pub fn to_json(s: &Session) -> String {
+pub fn to_json(s: &Session, names: &[&str], values: &[String]) -> String {
+    let labels: serde_json::Map<String, serde_json::Value> =
+        names.iter().zip(values).map(|(n, v)| (n.to_string(), v.as_str().into())).collect();
     serde_json::json!({
         "protocol": s.protocol.as_str(),
         "local": s.local.to_string(),
@@ -54,6 +57,7 @@ pub fn to_json(s: &Session) -> String {
         "rx_ifindex": s.rx_ifindex,
         "tx_ifindex": s.tx_ifindex,
         "retransmits": s.retransmits,
+        "labels": labels,
     })
     .to_string()
 }

@@ -19,6 +19,7 @@
 //! ([`scaled`]), which those software-emulated VMs need.
 
 pub mod bpf;
+pub mod cgroup;
 pub mod haproxy;
 pub mod netns;
 pub mod observer;
@@ -36,6 +37,7 @@ pub use bpf::{
     KernelLink, KernelProgram, kernel_links, kernel_links_named, kernel_programs, kernel_programs_named,
     wait_no_kernel_objects,
 };
+pub use cgroup::{TestCgroup, cgroup2_root};
 pub use haproxy::{Haproxy, HaproxySession};
 pub use netns::NetNs;
 pub use observer::{ObserverProcess, Stopped, forced_probes, observer_bin, run_observer_cli, run_observer_cli_in};

@@ -219,6 +219,16 @@ impl NetNs {
         Ok(self.bind(SocketAddr::new(ip, 0))?.local_addr()?.port())
     }
 
+    /// Runs `ip -n <this namespace> <args>` (bounded), failing with its
+    /// stderr: links, addresses and routes of test topologies.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let out = run_with_timeout(Command::new("ip").args(["-n", self.name()]).args(args), Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("ip -n {} {}: {}", self.name(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
     /// Whether something in the namespace listens on `addr` (or on the
     /// wildcard address of its family, same port).
     ///

@@ -249,6 +249,17 @@ impl ObserverProcess {
         Metrics::parse(&text).context("parsing /metrics")
     }
 
+    /// Scrapes until `f` holds (counters read at scrape time may need one
+    /// more scrape for the kernel's last increments), up to `timeout`, and
+    /// returns that scrape; on timeout, panics with the last exposition.
+    pub fn scrape_until(&mut self, what: &str, timeout: Duration, f: impl Fn(&Metrics) -> bool) -> Metrics {
+        let found = crate::util::wait_until(what, timeout, Duration::from_millis(50), || {
+            let m = self.metrics()?;
+            Ok(f(&m).then_some(m))
+        });
+        found.unwrap_or_else(|e| panic!("{e:#}\n{}", self.metrics().map(|m| m.raw().to_string()).unwrap_or_default()))
+    }
+
     /// Everything the observer wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         std::fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()

@@ -2,7 +2,7 @@
 //! panic, and nothing left loaded.
 use std::{net::TcpListener, process::Command, time::Duration};
 
-use observer_tests::{observer_bin, run_observer_cli, run_with_timeout};
+use observer_tests::{TempDir, observer_bin, run_observer_cli, run_with_timeout};
 
 fn run(args: &[&str]) -> (i32, String) {
     let mut argv = vec!["run"];
@@ -87,4 +87,33 @@ fn forcing_a_tier_the_kernel_lacks_fails_with_the_reason() {
             &[&format!("no usable kernel hook for tcp_state: {tier}/tcp_set_state: {tier} unavailable:")],
         );
     }
+}
+
+#[test]
+fn bad_configuration_files_name_the_file_and_the_key() {
+    let tmp = TempDir::new("bad-config").unwrap();
+    let file = |name: &str, text: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let typo = file("typo.toml", "min-sesion-bytes = 5\n");
+    assert_usage_error(
+        &["--config", &typo],
+        &[&format!("configuration file {typo}: unknown key `min-sesion-bytes`"), "did you mean `min-session-bytes`?"],
+    );
+    let zero = file("zero.toml", "min-session-bytes = 0\n");
+    assert_usage_error(
+        &["--config", &zero],
+        &[&format!("configuration file {zero}: key `min-session-bytes`"), "must be at least 1 byte"],
+    );
+    let broken = file("broken.toml", "label = [\"region=eu\"\n");
+    assert_usage_error(&["--config", &broken], &[&format!("configuration file {broken} is not valid TOML")]);
+    let missing = tmp.path().join("missing.toml").display().to_string();
+    assert_usage_error(&["--config", &missing], &[&format!("cannot read configuration file {missing}")]);
+    // A value from the file reaches the program (here, the address it binds).
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let listen = file("listen.toml", &format!("listen = \"{addr}\"\n"));
+    assert_usage_error(&["--config", &listen], &[&format!("cannot listen on {addr}")]);
 }

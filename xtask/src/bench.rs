@@ -45,13 +45,7 @@ pub struct Options {
 
 impl Options {
     pub fn smoke() -> Self {
-        Options {
-            rounds: 1,
-            seconds: 1,
-            out: None,
-            smoke: true,
-            workload: Selection::All,
-        }
+        Options { rounds: 1, seconds: 1, out: None, smoke: true, workload: Selection::All }
     }
 }
 
@@ -76,8 +70,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         Prepare::AlreadyBuilt => build::observer_bin(),
     };
     ensure!(bin.is_file(), "{} is missing", bin.display());
-    let iperf3 = util::find_in_path("iperf3")
-        .context("iperf3 is not installed (scripts/setup.sh installs it)")?;
+    let iperf3 = util::find_in_path("iperf3").context("iperf3 is not installed (scripts/setup.sh installs it)")?;
 
     sys::catch_interrupts();
     sys::sweep_stale_netns(NETNS_PREFIX);
@@ -125,11 +118,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         // Written as each workload ends, so that a later failure keeps what was measured.
         if let Some(out) = &opts.out {
             write_section(out, workload.heading(), &report.markdown())?;
-            eprintln!(
-                "xtask bench: wrote section \"{}\" of {}",
-                workload.heading(),
-                out.display()
-            );
+            eprintln!("xtask bench: wrote section \"{}\" of {}", workload.heading(), out.display());
         }
         reports.push(report);
     }
@@ -150,11 +139,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         }
         println!(
             "xtask bench: smoke run ok: {} measured with the observer off and on",
-            reports
-                .iter()
-                .map(|r| r.workload.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            reports.iter().map(|r| r.workload.name()).collect::<Vec<_>>().join(", ")
         );
     }
     Ok(())
@@ -216,8 +201,8 @@ impl Bench<'_> {
     fn measure(&self, workload: Workload) -> Result<f64> {
         // The JSON goes to a file: a pipe read only after exit could fill up and stall
         // iperf3 on long runs.
-        let json_file = fs::File::create(&self.client_json)
-            .with_context(|| format!("creating {}", self.client_json.display()))?;
+        let json_file =
+            fs::File::create(&self.client_json).with_context(|| format!("creating {}", self.client_json.display()))?;
         let mut cmd = self.ns.command(self.iperf3);
         cmd.args(["-c", "127.0.0.1", "-p", &IPERF_PORT.to_string()])
             .args(["-t", &self.seconds.to_string(), "-J"])
@@ -229,9 +214,7 @@ impl Bench<'_> {
             cmd.args(["-A", "0,1"]);
         }
         eprintln!("+ {}", util::show(&cmd));
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting `{}`", util::show(&cmd)))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting `{}`", util::show(&cmd)))?;
         let limit = Duration::from_secs(self.seconds.into()) + CLIENT_SLACK;
         let deadline = Instant::now() + limit;
         let status = loop {
@@ -247,14 +230,11 @@ impl Bench<'_> {
         };
         // A Ctrl-C reaches iperf3 too; say so rather than report its error.
         sys::check_interrupted()?;
-        let json = fs::read_to_string(&self.client_json)
-            .with_context(|| format!("reading {}", self.client_json.display()))?;
-        let figure = workload.figure(&json).with_context(|| {
-            format!(
-                "iperf3 client ({status}), output in {}",
-                self.client_json.display()
-            )
-        })?;
+        let json =
+            fs::read_to_string(&self.client_json).with_context(|| format!("reading {}", self.client_json.display()))?;
+        let figure = workload
+            .figure(&json)
+            .with_context(|| format!("iperf3 client ({status}), output in {}", self.client_json.display()))?;
         ensure!(status.success(), "iperf3 client failed ({status})");
         Ok(figure)
     }
@@ -269,10 +249,7 @@ impl Bench<'_> {
         let figure = self.measure(workload)?;
         let counted = progs::read_for_pid(observer.pid())?;
         if let Some(status) = observer.exited()? {
-            bail!(
-                "the observer exited ({status}) during the measurement\n{}",
-                observer.log_tail(20)
-            );
+            bail!("the observer exited ({status}) during the measurement\n{}", observer.log_tail(20));
         }
         let status = observer.stop(Duration::from_secs(10))?;
         if !status.success() {
@@ -286,30 +263,18 @@ impl Bench<'_> {
         let started = Instant::now();
         loop {
             if let Some(status) = observer.exited()? {
-                bail!(
-                    "the observer exited ({status}) before it was ready\n{}",
-                    observer.log_tail(20)
-                );
+                bail!("the observer exited ({status}) before it was ready\n{}", observer.log_tail(20));
             }
-            let last = match self
-                .ns
-                .run_in(|| sys::http_get_status(addr, "/readyz", Duration::from_secs(1)))?
-            {
+            let last = match self.ns.run_in(|| sys::http_get_status(addr, "/readyz", Duration::from_secs(1)))? {
                 Ok(200) => {
-                    eprintln!(
-                        "xtask bench: observer ready after {:.1} s",
-                        started.elapsed().as_secs_f64()
-                    );
+                    eprintln!("xtask bench: observer ready after {:.1} s", started.elapsed().as_secs_f64());
                     return Ok(());
                 }
                 Ok(code) => format!("GET /readyz answered {code}"),
                 Err(err) => format!("GET /readyz: {err:#}"),
             };
             if started.elapsed() >= READY_TIMEOUT {
-                bail!(
-                    "the observer was not ready within {READY_TIMEOUT:?} ({last})\n{}",
-                    observer.log_tail(20)
-                );
+                bail!("the observer was not ready within {READY_TIMEOUT:?} ({last})\n{}", observer.log_tail(20));
             }
             sys::check_interrupted()?;
             std::thread::sleep(Duration::from_millis(200));
@@ -318,9 +283,7 @@ impl Bench<'_> {
 }
 
 fn machine() -> Machine {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Machine {
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -367,14 +330,7 @@ mod tests {
         write_section(&path, udp.heading(), &section(udp, "u")).unwrap();
         write_section(&path, bulk.heading(), &section(bulk, "two")).unwrap();
         let text = fs::read_to_string(&path).unwrap();
-        assert_eq!(
-            text,
-            format!(
-                "# Benchmarks\n\n{}\n{}",
-                section(bulk, "two"),
-                section(udp, "u")
-            )
-        );
+        assert_eq!(text, format!("# Benchmarks\n\n{}\n{}", section(bulk, "two"), section(udp, "u")));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -11,16 +11,9 @@ use crate::util;
 /// observer's build script compiles the eBPF crate with the nightly toolchain, so
 /// scripts/setup.sh must have run first.
 pub fn observer_release() -> Result<PathBuf> {
-    util::run_checked(
-        util::cargo().args(["build", "--release", "-p", "observer"]),
-        "release build of observer",
-    )?;
+    util::run_checked(util::cargo().args(["build", "--release", "-p", "observer"]), "release build of observer")?;
     let bin = observer_bin();
-    ensure!(
-        bin.is_file(),
-        "the release build succeeded but {} is missing",
-        bin.display()
-    );
+    ensure!(bin.is_file(), "the release build succeeded but {} is missing", bin.display());
     Ok(bin)
 }
 

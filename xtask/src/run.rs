@@ -24,11 +24,7 @@ pub fn run(args: Vec<String>) -> Result<()> {
     setup::run()?;
     // Built as the invoking user, before any sudo, so target/ stays theirs.
     let bin = build::observer_release()?;
-    let args = if args.is_empty() {
-        vec!["--iface".to_owned(), "lo".to_owned()]
-    } else {
-        args
-    };
+    let args = if args.is_empty() { vec!["--iface".to_owned(), "lo".to_owned()] } else { args };
 
     let mut cmd = match sudo {
         None => Command::new(&bin),

@@ -13,9 +13,7 @@ pub fn run() -> Result<()> {
     let mut cmd = Command::new("bash");
     cmd.arg(&script).current_dir(&root);
     eprintln!("+ {}", util::show(&cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start bash to run {}", script.display()))?;
+    let status = cmd.status().with_context(|| format!("could not start bash to run {}", script.display()))?;
     if !status.success() {
         bail!(
             "machine set-up failed: {} exited with {status}; its messages above say which step \

@@ -9,10 +9,7 @@ use anyhow::{Context, Result, bail};
 
 /// The workspace root: xtask lives one level below it.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent directory")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent directory").to_path_buf()
 }
 
 /// Cargo's target directory, honouring CARGO_TARGET_DIR as cargo itself does.
@@ -20,11 +17,7 @@ pub fn target_dir() -> PathBuf {
     match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if !dir.is_empty() => {
             let dir = PathBuf::from(dir);
-            if dir.is_absolute() {
-                dir
-            } else {
-                env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir)
-            }
+            if dir.is_absolute() { dir } else { env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir) }
         }
         _ => root().join("target"),
     }
@@ -44,9 +37,7 @@ pub fn cargo() -> Command {
 /// Runs `cmd` with inherited stdio, failing with `what` in the message when it fails.
 pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     eprintln!("+ {}", show(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("{what}: could not start `{}`", show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("{what}: could not start `{}`", show(cmd)))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -55,25 +46,16 @@ pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// A shell-like rendering of a command for logs.
 pub fn show(cmd: &Command) -> String {
-    let envs = cmd
-        .get_envs()
-        .filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), v.to_string_lossy())));
-    let words = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(quote);
+    let envs =
+        cmd.get_envs().filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), v.to_string_lossy())));
+    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(quote);
     envs.chain(words).collect::<Vec<_>>().join(" ")
 }
 
 fn quote(word: &OsStr) -> String {
     let s = word.to_string_lossy();
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if plain {
-        s.into_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
+    let plain = !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain { s.into_owned() } else { format!("'{}'", s.replace('\'', r"'\''")) }
 }
 
 pub fn is_root() -> bool {
@@ -84,16 +66,12 @@ pub fn is_root() -> bool {
 /// Looks `name` up in PATH, as a shell would.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
+    env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// A visible step header, so a long CI log can be scanned by eye.

@@ -13,10 +13,7 @@ pub fn received_bps(json: &str) -> Result<f64> {
         .pointer("/end/sum_received/bits_per_second")
         .and_then(Value::as_f64)
         .context("iperf3 -J output has no end.sum_received.bits_per_second")?;
-    ensure!(
-        bps.is_finite() && bps >= 0.0,
-        "iperf3 reported a throughput of {bps} bit/s"
-    );
+    ensure!(bps.is_finite() && bps >= 0.0, "iperf3 reported a throughput of {bps} bit/s");
     Ok(bps)
 }
 
@@ -41,10 +38,7 @@ pub fn received_datagrams_per_sec(json: &str) -> Result<f64> {
         packets.is_finite() && lost.is_finite() && lost >= 0.0 && packets >= lost,
         "iperf3 reported {packets} datagrams of which {lost} were lost"
     );
-    ensure!(
-        seconds.is_finite() && seconds > 0.0,
-        "iperf3 reported a receiving time of {seconds} s"
-    );
+    ensure!(seconds.is_finite() && seconds > 0.0, "iperf3 reported a receiving time of {seconds} s");
     Ok((packets - lost) / seconds)
 }
 
@@ -120,10 +114,7 @@ mod tests {
         assert_eq!(19_719_168 / 1024, 19_257);
         assert!((rate - 19_257.0 / 1.035454).abs() < 1e-6, "{rate}");
         // The same figure as the receiver's bits per second over 8192 bits a datagram.
-        assert!(
-            (rate - 152_351_861.115_993_56 / 8192.0).abs() < 1e-3,
-            "{rate}"
-        );
+        assert!((rate - 152_351_861.115_993_56 / 8192.0).abs() < 1e-3, "{rate}");
     }
 
     #[test]

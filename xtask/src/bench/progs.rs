@@ -98,11 +98,7 @@ pub fn select(named: Vec<(String, ProgFdInfo)>) -> Vec<ProgStats> {
     let mut out: Vec<ProgStats> = named
         .into_iter()
         .filter(|(name, _)| name.starts_with("obs_") || name.starts_with("prog "))
-        .map(|(name, info)| ProgStats {
-            name,
-            run_time_ns: info.run_time_ns,
-            run_cnt: info.run_cnt,
-        })
+        .map(|(name, info)| ProgStats { name, run_time_ns: info.run_time_ns, run_cnt: info.run_cnt })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -182,20 +178,11 @@ struct GetInfoAttr {
 
 /// A program's name as bpf(2) reports it (at most 15 bytes).
 fn bpf_prog_name(prog_id: u32) -> io::Result<String> {
-    let attr = GetFdByIdAttr {
-        prog_id,
-        next_id: 0,
-        open_flags: 0,
-    };
+    let attr = GetFdByIdAttr { prog_id, next_id: 0, open_flags: 0 };
     // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr for this
     // command, and the size passed is its size.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            &attr as *const GetFdByIdAttr,
-            size_of::<GetFdByIdAttr>(),
-        )
+        libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, &attr as *const GetFdByIdAttr, size_of::<GetFdByIdAttr>())
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -203,20 +190,12 @@ fn bpf_prog_name(prog_id: u32) -> io::Result<String> {
     // SAFETY: the kernel just returned this new fd to us; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     let mut info = [0u8; INFO_NAME.end];
-    let attr = GetInfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
+    let attr =
+        GetInfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
     // SAFETY: attr is a valid prefix of union bpf_attr; the kernel writes at most
     // info_len bytes into `info`, which outlives the call.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const GetInfoAttr,
-            size_of::<GetInfoAttr>(),
-        )
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const GetInfoAttr, size_of::<GetInfoAttr>())
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -244,12 +223,7 @@ mod tests {
     fn parses_prog_fdinfo() {
         assert_eq!(
             parse_fdinfo(FDINFO),
-            Some(ProgFdInfo {
-                prog_id: 40,
-                tag: "6deef7357e7b4530".into(),
-                run_time_ns: 123456,
-                run_cnt: 789,
-            })
+            Some(ProgFdInfo { prog_id: 40, tag: "6deef7357e7b4530".into(), run_time_ns: 123456, run_cnt: 789 })
         );
     }
 
@@ -273,24 +247,15 @@ mod tests {
         let names = parse_kallsyms(kallsyms);
         assert_eq!(names.len(), 3);
         assert_eq!(names["6deef7357e7b4530"], ["obs_state_btf"]);
-        assert_eq!(
-            names["aabbccddeeff0011"],
-            ["obs_owner_send", "obs_owner_recv"]
-        );
+        assert_eq!(names["aabbccddeeff0011"], ["obs_owner_send", "obs_owner_recv"]);
     }
 
     #[test]
     fn bpf_name_decides_and_kallsyms_completes_it() {
         let shared = ["obs_owner_send".to_owned(), "obs_owner_recv".to_owned()];
-        assert_eq!(
-            resolve_name(Some("obs_owner_recv"), &shared, 7),
-            "obs_owner_recv"
-        );
+        assert_eq!(resolve_name(Some("obs_owner_recv"), &shared, 7), "obs_owner_recv");
         let long = ["obs_a_rather_long_name".to_owned()];
-        assert_eq!(
-            resolve_name(Some("obs_a_rather_lo"), &long, 7),
-            "obs_a_rather_long_name"
-        );
+        assert_eq!(resolve_name(Some("obs_a_rather_lo"), &long, 7), "obs_a_rather_long_name");
         assert_eq!(resolve_name(Some("obs_x"), &[], 7), "obs_x");
         assert_eq!(resolve_name(None, &long, 7), "obs_a_rather_long_name");
         assert_eq!(resolve_name(None, &shared, 7), "prog 7");
@@ -309,46 +274,24 @@ mod tests {
 
     #[test]
     fn selects_observer_programs() {
-        let info = |prog_id, run_time_ns, run_cnt| ProgFdInfo {
-            prog_id,
-            tag: String::new(),
-            run_time_ns,
-            run_cnt,
-        };
+        let info = |prog_id, run_time_ns, run_cnt| ProgFdInfo { prog_id, tag: String::new(), run_time_ns, run_cnt };
         let got = select(vec![
             ("obs_owner_send".into(), info(2, 10, 1)),
             ("obs_state_fe".into(), info(1, 500, 5)),
             ("other".into(), info(3, 7, 7)),
             ("prog 4".into(), info(4, 0, 0)),
         ]);
-        let got: Vec<(&str, u64, u64)> = got
-            .iter()
-            .map(|p| (p.name.as_str(), p.run_cnt, p.run_time_ns))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("obs_owner_send", 1, 10),
-                ("obs_state_fe", 5, 500),
-                ("prog 4", 0, 0)
-            ]
-        );
+        let got: Vec<(&str, u64, u64)> = got.iter().map(|p| (p.name.as_str(), p.run_cnt, p.run_time_ns)).collect();
+        assert_eq!(got, [("obs_owner_send", 1, 10), ("obs_state_fe", 5, 500), ("prog 4", 0, 0)]);
     }
 
     #[test]
     fn accumulates_by_name() {
-        let p = |name: &str, t, c| ProgStats {
-            name: name.into(),
-            run_time_ns: t,
-            run_cnt: c,
-        };
+        let p = |name: &str, t, c| ProgStats { name: name.into(), run_time_ns: t, run_cnt: c };
         let mut totals = Vec::new();
         accumulate(&mut totals, &[p("obs_b", 10, 1), p("obs_a", 20, 2)]);
         accumulate(&mut totals, &[p("obs_a", 5, 1), p("obs_c", 1, 1)]);
-        assert_eq!(
-            totals,
-            [p("obs_a", 25, 3), p("obs_b", 10, 1), p("obs_c", 1, 1)]
-        );
+        assert_eq!(totals, [p("obs_a", 25, 3), p("obs_b", 10, 1), p("obs_c", 1, 1)]);
     }
 
     /// Loads `r0 = 0; exit` as a socket filter named `name`; None without privileges.
@@ -388,12 +331,7 @@ mod tests {
         // SAFETY: attr is a valid prefix of union bpf_attr for BPF_PROG_LOAD whose
         // pointers outlive the call.
         let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &attr as *const ProgLoadAttr,
-                size_of::<ProgLoadAttr>(),
-            )
+            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoadAttr, size_of::<ProgLoadAttr>())
         };
         // SAFETY: a new fd from the kernel, owned by nobody else.
         (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
@@ -406,11 +344,6 @@ mod tests {
             return;
         };
         let progs = read_for_pid(std::process::id()).unwrap();
-        assert!(
-            progs
-                .iter()
-                .any(|p| p.name == "obs_xtask_test" && p.run_cnt == 0),
-            "{progs:?}"
-        );
+        assert!(progs.iter().any(|p| p.name == "obs_xtask_test" && p.run_cnt == 0), "{progs:?}");
     }
 }

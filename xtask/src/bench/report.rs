@@ -148,14 +148,7 @@ impl Report {
         writeln!(s, "|---:|---|---:|---:|---:|")?;
         for (i, r) in self.rounds.iter().enumerate() {
             let order = if r.on_first { "on, off" } else { "off, on" };
-            writeln!(
-                s,
-                "| {} | {order} | {} | {} | {:.3} |",
-                i + 1,
-                w.show(r.off),
-                w.show(r.on),
-                r.ratio()
-            )?;
+            writeln!(s, "| {} | {order} | {} | {} | {:.3} |", i + 1, w.show(r.off), w.show(r.on), r.ratio())?;
         }
 
         if let Some(sum) = self.summary() {
@@ -173,35 +166,14 @@ impl Report {
             writeln!(s, "|---|---:|")?;
             writeln!(s, "| median off | {} {unit} |", w.show(sum.median_off))?;
             writeln!(s, "| median on | {} {unit} |", w.show(sum.median_on))?;
-            writeln!(
-                s,
-                "| on/off, median of per-round ratios | {:.3} |",
-                sum.ratio_of_rounds
-            )?;
-            writeln!(
-                s,
-                "| on/off, median on / median off | {:.3} |",
-                sum.ratio_of_medians
-            )?;
-            writeln!(
-                s,
-                "| on/off spread over rounds (min–max) | {:.3}–{:.3} |",
-                sum.ratio_min, sum.ratio_max
-            )?;
-            writeln!(
-                s,
-                "| target on/off ≥ {target} | {} |",
-                verdict(sum.ratio_of_rounds >= target)
-            )?;
+            writeln!(s, "| on/off, median of per-round ratios | {:.3} |", sum.ratio_of_rounds)?;
+            writeln!(s, "| on/off, median on / median off | {:.3} |", sum.ratio_of_medians)?;
+            writeln!(s, "| on/off spread over rounds (min–max) | {:.3}–{:.3} |", sum.ratio_min, sum.ratio_max)?;
+            writeln!(s, "| target on/off ≥ {target} | {} |", verdict(sum.ratio_of_rounds >= target))?;
             if let Some(bar) = w.target_hook_ns() {
-                let per: Vec<f64> = PER_CALL_HOOKS
-                    .iter()
-                    .filter_map(|h| self.ns_per_run(h))
-                    .collect();
+                let per: Vec<f64> = PER_CALL_HOOKS.iter().filter_map(|h| self.ns_per_run(h)).collect();
                 for h in PER_CALL_HOOKS {
-                    let ns = self
-                        .ns_per_run(h)
-                        .map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
+                    let ns = self.ns_per_run(h).map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
                     writeln!(s, "| ns per `{h}` run | {ns} |")?;
                 }
                 let judged = if per.len() < PER_CALL_HOOKS.len() {
@@ -216,10 +188,7 @@ impl Report {
 
         writeln!(s)?;
         if self.progs.is_empty() {
-            writeln!(
-                s,
-                "No `obs_*` eBPF program statistics could be read from the observer process."
-            )?;
+            writeln!(s, "No `obs_*` eBPF program statistics could be read from the observer process.")?;
         } else {
             writeln!(
                 s,
@@ -229,9 +198,7 @@ impl Report {
             writeln!(s, "| program | invocations | ns per invocation |")?;
             writeln!(s, "|---|---:|---:|")?;
             for p in &self.progs {
-                let per = self
-                    .ns_per_run(&p.name)
-                    .map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0}"));
+                let per = self.ns_per_run(&p.name).map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0}"));
                 writeln!(s, "| `{}` | {} | {per} |", p.name, p.run_cnt)?;
             }
         }
@@ -247,16 +214,9 @@ pub fn replace_section(doc: &str, heading: &str, section: &str) -> String {
     let start = lines.iter().position(|l| l.trim_end() == heading);
     let Some(start) = start else {
         let body = doc.trim_end_matches('\n');
-        return if body.is_empty() {
-            format!("# Benchmarks\n\n{section}\n")
-        } else {
-            format!("{body}\n\n{section}\n")
-        };
+        return if body.is_empty() { format!("# Benchmarks\n\n{section}\n") } else { format!("{body}\n\n{section}\n") };
     };
-    let end = lines[start + 1..]
-        .iter()
-        .position(|l| l.starts_with("## "))
-        .map_or(lines.len(), |i| start + 1 + i);
+    let end = lines[start + 1..].iter().position(|l| l.starts_with("## ")).map_or(lines.len(), |i| start + 1 + i);
     let mut out: Vec<&str> = lines[..start].to_vec();
     out.push(section);
     if end < lines.len() {
@@ -298,30 +258,18 @@ mod tests {
     }
 
     fn round(on_first: bool, off: f64, on: f64) -> Round {
-        Round {
-            on_first,
-            off: off * 1e9,
-            on: on * 1e9,
-        }
+        Round { on_first, off: off * 1e9, on: on * 1e9 }
     }
 
     fn prog(name: &str, run_time_ns: u64, run_cnt: u64) -> ProgStats {
-        ProgStats {
-            name: name.into(),
-            run_time_ns,
-            run_cnt,
-        }
+        ProgStats { name: name.into(), run_time_ns, run_cnt }
     }
 
     #[test]
     fn summary_math() {
         let report = Report {
             workload: Workload::Bulk,
-            rounds: vec![
-                round(false, 40.0, 39.6),
-                round(true, 50.0, 50.0),
-                round(false, 42.0, 41.16),
-            ],
+            rounds: vec![round(false, 40.0, 39.6), round(true, 50.0, 50.0), round(false, 42.0, 41.16)],
             seconds: 5,
             smoke: false,
             progs: vec![],
@@ -335,14 +283,7 @@ mod tests {
         assert!((s.ratio_of_medians - 0.98).abs() < 1e-12);
         assert!((s.ratio_min - 0.98).abs() < 1e-12);
         assert!((s.ratio_max - 1.0).abs() < 1e-12);
-        assert!(
-            Report {
-                rounds: vec![],
-                ..report
-            }
-            .summary()
-            .is_none()
-        );
+        assert!(Report { rounds: vec![], ..report }.summary().is_none());
     }
 
     #[test]
@@ -352,28 +293,16 @@ mod tests {
             rounds: vec![round(false, 40.0, 39.8), round(true, 41.0, 40.0)],
             seconds: 5,
             smoke: false,
-            progs: vec![
-                prog("obs_state_btf", 12_000, 100),
-                prog("obs_state_kp", 0, 0),
-            ],
+            progs: vec![prog("obs_state_btf", 12_000, 100), prog("obs_state_kp", 0, 0)],
             pinned: true,
             machine: machine(),
         };
         let md = report.markdown();
         assert!(md.starts_with(Workload::Bulk.heading()), "{md}");
-        assert!(
-            md.contains("| 1 | off, on | 40.00 | 39.80 | 0.995 |"),
-            "{md}"
-        );
-        assert!(
-            md.contains("| 2 | on, off | 41.00 | 40.00 | 0.976 |"),
-            "{md}"
-        );
+        assert!(md.contains("| 1 | off, on | 40.00 | 39.80 | 0.995 |"), "{md}");
+        assert!(md.contains("| 2 | on, off | 41.00 | 40.00 | 0.976 |"), "{md}");
         assert!(md.contains("| median off | 40.50 Gbit/s |"), "{md}");
-        assert!(
-            md.contains("| on/off spread over rounds (min–max) | 0.976–0.995 |"),
-            "{md}"
-        );
+        assert!(md.contains("| on/off spread over rounds (min–max) | 0.976–0.995 |"), "{md}");
         assert!(md.contains("| target on/off ≥ 0.99 | NOT met |"), "{md}");
         assert!(md.contains("| `obs_state_btf` | 100 | 120 |"), "{md}");
         assert!(md.contains("| `obs_state_kp` | 0 | – |"), "{md}");
@@ -383,52 +312,32 @@ mod tests {
         ));
         assert!(!md.contains("Smoke"));
         assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -A 0,1`"), "{md}");
-        assert!(
-            md.contains("`cargo xtask bench --workload bulk --rounds 2"),
-            "{md}"
-        );
+        assert!(md.contains("`cargo xtask bench --workload bulk --rounds 2"), "{md}");
         assert!(!md.contains("obs_send"), "{md}");
     }
 
     #[test]
     fn small_message_markdown_judges_hooks() {
-        let msgs = |off: f64, on: f64| Round {
-            on_first: false,
-            off: off * 1e3,
-            on: on * 1e3,
-        };
+        let msgs = |off: f64, on: f64| Round { on_first: false, off: off * 1e3, on: on * 1e3 };
         let mut report = Report {
             workload: Workload::TcpSmall,
             rounds: vec![msgs(400.0, 392.0), msgs(410.0, 402.0)],
             seconds: 5,
             smoke: false,
-            progs: vec![
-                prog("obs_recv", 9_000, 100),
-                prog("obs_send", 5_000, 100),
-                prog("obs_state_btf", 3_000, 10),
-            ],
+            progs: vec![prog("obs_recv", 9_000, 100), prog("obs_send", 5_000, 100), prog("obs_state_btf", 3_000, 10)],
             pinned: false,
             machine: machine(),
         };
         let md = report.markdown();
         assert!(md.starts_with("## TCP small messages"), "{md}");
         assert!(md.contains("| off (k msg/s) | on (k msg/s) |"), "{md}");
-        assert!(
-            md.contains("| 1 | off, on | 400.0 | 392.0 | 0.980 |"),
-            "{md}"
-        );
+        assert!(md.contains("| 1 | off, on | 400.0 | 392.0 | 0.980 |"), "{md}");
         assert!(md.contains("| median off | 405.0 k msg/s |"), "{md}");
         assert!(md.contains("| target on/off ≥ 0.97 | met |"), "{md}");
         assert!(md.contains("| ns per `obs_send` run | 50 |"), "{md}");
         assert!(md.contains("| ns per `obs_recv` run | 90 |"), "{md}");
-        assert!(
-            md.contains("| target ≤ 100 ns per run of `obs_send`, `obs_recv` | met |"),
-            "{md}"
-        );
-        assert!(
-            md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -l 1024 -N`"),
-            "{md}"
-        );
+        assert!(md.contains("| target ≤ 100 ns per run of `obs_send`, `obs_recv` | met |"), "{md}");
+        assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -l 1024 -N`"), "{md}");
         assert!(md.contains("/ 8192"), "{md}");
 
         report.progs[0].run_time_ns = 10_100;
@@ -436,19 +345,13 @@ mod tests {
         assert!(md.contains("`obs_recv` | NOT met |"), "{md}");
         report.progs.remove(0);
         let md = report.markdown();
-        assert!(
-            md.contains("| ns per `obs_recv` run | did not run |"),
-            "{md}"
-        );
+        assert!(md.contains("| ns per `obs_recv` run | did not run |"), "{md}");
         assert!(md.contains("| not judged (not all of them ran) |"), "{md}");
 
         report.workload = Workload::UdpSmall;
         let md = report.markdown();
         assert!(md.starts_with("## UDP small datagrams"), "{md}");
-        assert!(
-            md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -u -b 0 -l 1024`"),
-            "{md}"
-        );
+        assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -u -b 0 -l 1024`"), "{md}");
         assert!(md.contains("`end.sum_received.lost_packets`"), "{md}");
         assert!(!md.contains("ns per `obs_send` run"), "{md}");
         assert!(md.contains("| `obs_send` | 100 | 50 |"), "{md}");
@@ -525,12 +428,7 @@ mod tests {
             doc = replace_section(&doc, w.heading(), &section(w, body));
         }
         let expected = |u: &str, b: &str, t: &str| {
-            format!(
-                "# Benchmarks\n\n{}\n{}\n{}",
-                section(udp, u),
-                section(bulk, b),
-                section(tcp, t)
-            )
+            format!("# Benchmarks\n\n{}\n{}\n{}", section(udp, u), section(bulk, b), section(tcp, t))
         };
         assert_eq!(doc, expected("u1", "b1\n\n| t |", "t1"));
         doc = replace_section(&doc, bulk.heading(), &section(bulk, "b2"));

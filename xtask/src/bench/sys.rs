@@ -42,10 +42,7 @@ impl NetNs {
                 return Err(err).with_context(|| format!("opening {}", path.display()));
             }
         };
-        let ns = NetNs {
-            name: name.to_owned(),
-            file,
-        };
+        let ns = NetNs { name: name.to_owned(), file };
         util::run_checked(
             Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]),
             "bringing lo up in the benchmark's namespace",
@@ -122,10 +119,7 @@ pub fn sweep_stale_netns(prefix: &str) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -170,14 +164,8 @@ impl Proc {
         };
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         eprintln!("+ {} &", util::show(&cmd));
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {what}: `{}`", util::show(&cmd)))?;
-        Ok(Proc {
-            what: what.to_owned(),
-            child: Some(child),
-            log: log.map(Path::to_path_buf),
-        })
+        let child = cmd.spawn().with_context(|| format!("starting {what}: `{}`", util::show(&cmd)))?;
+        Ok(Proc { what: what.to_owned(), child: Some(child), log: log.map(Path::to_path_buf) })
     }
 
     pub fn pid(&self) -> u32 {
@@ -210,10 +198,7 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        eprintln!(
-            "xtask: warning: {} ignored SIGTERM for {grace:?}; killing it",
-            self.what
-        );
+        eprintln!("xtask: warning: {} ignored SIGTERM for {grace:?}; killing it", self.what);
         child.kill()?;
         Ok(child.wait()?)
     }
@@ -256,20 +241,14 @@ impl BpfStats {
         let previous = match fs::read_to_string(stash) {
             Ok(stashed) => stashed.trim().to_owned(),
             Err(_) => {
-                let current = fs::read_to_string(BPF_STATS)
-                    .with_context(|| format!("reading {BPF_STATS}"))?
-                    .trim()
-                    .to_owned();
-                fs::write(stash, &current)
-                    .with_context(|| format!("writing {}", stash.display()))?;
+                let current =
+                    fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_owned();
+                fs::write(stash, &current).with_context(|| format!("writing {}", stash.display()))?;
                 current
             }
         };
         fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
-        Ok(BpfStats {
-            previous,
-            stash: stash.to_path_buf(),
-        })
+        Ok(BpfStats { previous, stash: stash.to_path_buf() })
     }
 }
 
@@ -279,10 +258,7 @@ impl Drop for BpfStats {
             Ok(()) => {
                 let _ = fs::remove_file(&self.stash);
             }
-            Err(err) => eprintln!(
-                "xtask: warning: could not restore {BPF_STATS} to {}: {err}",
-                self.previous
-            ),
+            Err(err) => eprintln!("xtask: warning: could not restore {BPF_STATS} to {}: {err}", self.previous),
         }
     }
 }
@@ -319,9 +295,7 @@ pub fn tcp_table_listens(table: &str, port: u16) -> bool {
         let mut cols = line.split_whitespace();
         let local = cols.nth(1);
         let state = cols.nth(1);
-        let local_port = local
-            .and_then(|l| l.rsplit_once(':'))
-            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        let local_port = local.and_then(|l| l.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
         local_port == Some(port) && state == Some(LISTEN)
     })
 }
@@ -333,22 +307,16 @@ pub fn wait_listening(proc: &mut Proc, port: u16, timeout: Duration) -> Result<(
     let net = Path::new("/proc").join(proc.pid().to_string()).join("net");
     loop {
         if let Some(status) = proc.exited()? {
-            bail!(
-                "{} exited ({status}) before listening on port {port}",
-                proc.what
-            );
+            bail!("{} exited ({status}) before listening on port {port}", proc.what);
         }
-        let listens = ["tcp", "tcp6"].iter().any(|t| {
-            fs::read_to_string(net.join(t)).is_ok_and(|table| tcp_table_listens(&table, port))
-        });
+        let listens = ["tcp", "tcp6"]
+            .iter()
+            .any(|t| fs::read_to_string(net.join(t)).is_ok_and(|table| tcp_table_listens(&table, port)));
         if listens {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!(
-                "{} did not listen on port {port} within {timeout:?}",
-                proc.what
-            );
+            bail!("{} did not listen on port {port} within {timeout:?}", proc.what);
         }
         check_interrupted()?;
         thread::sleep(Duration::from_millis(50));
@@ -395,14 +363,8 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        assert_eq!(
-            parse_status_line("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"),
-            Some(200)
-        );
-        assert_eq!(
-            parse_status_line("HTTP/1.1 503 Service Unavailable\r\n"),
-            Some(503)
-        );
+        assert_eq!(parse_status_line("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"), Some(200));
+        assert_eq!(parse_status_line("HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
         assert_eq!(parse_status_line("SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(parse_status_line(""), None);
     }
@@ -433,12 +395,7 @@ mod tests {
         });
         let status = http_get_status(addr, "/readyz", Duration::from_secs(5)).unwrap();
         assert_eq!(status, 200);
-        assert!(
-            server
-                .join()
-                .unwrap()
-                .starts_with("GET /readyz HTTP/1.0\r\n")
-        );
+        assert!(server.join().unwrap().starts_with("GET /readyz HTTP/1.0\r\n"));
     }
 
     #[test]

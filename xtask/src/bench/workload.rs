@@ -179,10 +179,7 @@ mod tests {
             }
         }
         // BENCHMARKS.md sections written before workloads existed keep their place.
-        assert_eq!(
-            Workload::Bulk.heading(),
-            "## TCP bulk throughput (iperf3, loopback)"
-        );
+        assert_eq!(Workload::Bulk.heading(), "## TCP bulk throughput (iperf3, loopback)");
     }
 
     #[test]

@@ -81,12 +81,7 @@ pub fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
     let p = payload(&image).with_context(|| format!("{} is not a usable bzImage", vmlinuz.display()))?;
     let elf = decompress(p.compression, p.data)?;
     ensure!(elf.starts_with(b"\x7fELF"), "the payload of {} is not an ELF kernel", vmlinuz.display());
-    ensure!(
-        elf.len() == p.size as usize,
-        "decompressed {} bytes, the image says {}",
-        elf.len(),
-        p.size
-    );
+    ensure!(elf.len() == p.size as usize, "decompressed {} bytes, the image says {}", elf.len(), p.size);
     let tmp = out.with_extension("tmp");
     std::fs::write(&tmp, &elf).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, out)?;
@@ -171,11 +166,7 @@ mod tests {
     #[test]
     fn decompress_round_trips_through_the_tool() {
         // gzip is on every machine this runs on (Debian's required set).
-        let compressed = Command::new("sh")
-            .args(["-c", "printf 'vmlinux bytes' | gzip -c"])
-            .output()
-            .unwrap()
-            .stdout;
+        let compressed = Command::new("sh").args(["-c", "printf 'vmlinux bytes' | gzip -c"]).output().unwrap().stdout;
         assert_eq!(decompress(Compression::Gzip, &compressed).unwrap(), b"vmlinux bytes");
         assert!(decompress(Compression::Gzip, b"not gzip").is_err());
     }

@@ -29,9 +29,7 @@ pub fn archive(entries: &[Entry]) -> Vec<u8> {
             Entry::Dir { path } => (path, S_IFDIR | 0o755, 2, &[], (0, 0)),
             Entry::File { path, mode, data } => (path, S_IFREG | (mode & 0o7777), 1, data, (0, 0)),
             Entry::Symlink { path, target } => (path, S_IFLNK | 0o777, 1, target.as_bytes(), (0, 0)),
-            Entry::CharDev { path, mode, major, minor } => {
-                (path, S_IFCHR | (mode & 0o7777), 1, &[], (*major, *minor))
-            }
+            Entry::CharDev { path, mode, major, minor } => (path, S_IFCHR | (mode & 0o7777), 1, &[], (*major, *minor)),
         };
         member(&mut out, ino, mode, nlink, path, data, rdev);
     }
@@ -85,7 +83,8 @@ mod tests {
         let mut out = Vec::new();
         loop {
             assert_eq!(&a[..6], b"070701");
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&a[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap();
+            let field =
+                |i: usize| u32::from_str_radix(std::str::from_utf8(&a[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap();
             let (mode, size, rdev, namesize) = (field(1), field(6) as usize, (field(9), field(10)), field(11) as usize);
             let name = std::str::from_utf8(&a[110..110 + namesize - 1]).unwrap().to_owned();
             assert_eq!(a[110 + namesize - 1], 0, "name is NUL-terminated");
@@ -132,8 +131,8 @@ mod tests {
         let header = std::str::from_utf8(&a[..110]).unwrap();
         // magic, ino 1, mode 100644, uid, gid, nlink 1, mtime, size 2, dev, rdev, namesize 2, check
         let fields = [
-            "00000001", "000081a4", "00000000", "00000000", "00000001", "00000000", "00000002",
-            "00000000", "00000000", "00000000", "00000000", "00000002", "00000000",
+            "00000001", "000081a4", "00000000", "00000000", "00000001", "00000000", "00000002", "00000000", "00000000",
+            "00000000", "00000000", "00000002", "00000000",
         ];
         assert_eq!(header, format!("070701{}", fields.concat()));
         // Name "a\0" at 110..112, padded to 112; data at 112..114, padded to 116.

@@ -62,10 +62,8 @@ pub fn image_dependency(depends: &str) -> Option<String> {
 }
 
 fn apt_show(package: &str) -> Result<String> {
-    let out = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", package])
-        .output()
-        .context("running apt-cache")?;
+    let out =
+        Command::new("apt-cache").args(["show", "--no-all-versions", package]).output().context("running apt-cache")?;
     if !out.status.success() {
         bail!("apt-cache show {package}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -76,9 +74,11 @@ fn apt_show(package: &str) -> Result<String> {
 /// package through apt's package lists.
 pub fn resolve(meta: &str) -> Result<Resolved> {
     let depends = control_field(&apt_show(meta)?, "Depends").with_context(|| format!("{meta} has no Depends"))?;
-    let image = image_dependency(&depends).with_context(|| format!("{meta} depends on no linux-image package: {depends}"))?;
+    let image =
+        image_dependency(&depends).with_context(|| format!("{meta} depends on no linux-image package: {depends}"))?;
     let package = format!("{image}-unsigned");
-    let version = control_field(&apt_show(&package)?, "Version").with_context(|| format!("{package} has no Version"))?;
+    let version =
+        control_field(&apt_show(&package)?, "Version").with_context(|| format!("{package} has no Version"))?;
     Ok(Resolved { package, version })
 }
 
@@ -175,8 +175,10 @@ Depends: linux-image-6.1.0-48-amd64 (= 6.1.176-1)
     #[test]
     fn image_among_other_dependencies() {
         assert_eq!(
-            image_dependency("kmod, linux-base (>= 4.3~), linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1) | foo")
-                .as_deref(),
+            image_dependency(
+                "kmod, linux-base (>= 4.3~), linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1) | foo"
+            )
+            .as_deref(),
             Some("linux-image-6.12.117+deb12-amd64")
         );
         assert_eq!(image_dependency("kmod, initramfs-tools"), None);

@@ -58,20 +58,18 @@ fn installed_version(package: &str) -> Option<String> {
 fn backports_enabled(suite: &str) -> bool {
     let mut files = vec![Path::new("/etc/apt/sources.list").to_path_buf()];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        files.extend(dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| {
-            p.extension().is_some_and(|e| e == "list" || e == "sources")
-        }));
+        files.extend(
+            dir.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources")),
+        );
     }
     files.iter().any(|f| std::fs::read_to_string(f).is_ok_and(|t| sources_enable(&t, suite)))
 }
 
 /// Installs what is missing.
 pub fn ensure_tools() -> Result<()> {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(cmd, _)| util::find_in_path(cmd).is_none())
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let mut missing: Vec<&str> =
+        TOOLS.iter().filter(|(cmd, _)| util::find_in_path(cmd).is_none()).map(|(_, pkg)| *pkg).collect();
     if installed_version(BUSYBOX_STATIC).is_none() {
         missing.push(BUSYBOX_STATIC);
     }
@@ -104,8 +102,7 @@ pub fn ensure_tools() -> Result<()> {
             return Ok(());
         }
         let mut cmd = Command::new("apt-get");
-        cmd.env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "--no-install-recommends"]);
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "--no-install-recommends"]);
         if let Some(r) = release {
             cmd.args(["-t", r]);
         }

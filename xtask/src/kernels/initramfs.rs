@@ -151,16 +151,29 @@ mod tests {
         let paths: Vec<&str> = e
             .iter()
             .map(|e| match e {
-                Entry::Dir { path } | Entry::File { path, .. } | Entry::Symlink { path, .. } | Entry::CharDev { path, .. } => {
-                    path.as_str()
-                }
+                Entry::Dir { path }
+                | Entry::File { path, .. }
+                | Entry::Symlink { path, .. }
+                | Entry::CharDev { path, .. } => path.as_str(),
             })
             .collect();
         assert_eq!(
             paths,
             [
-                "bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules", "dev/console", "dev/null", "bin/busybox",
-                "bin/sh", "lib/modules/netfs.ko", "lib/modules/9p.ko", "init"
+                "bin",
+                "dev",
+                "proc",
+                "sys",
+                "newroot",
+                "lib",
+                "lib/modules",
+                "dev/console",
+                "dev/null",
+                "bin/busybox",
+                "bin/sh",
+                "lib/modules/netfs.ko",
+                "lib/modules/9p.ko",
+                "init"
             ]
         );
         assert!(entries(elf(true), Vec::new(), String::new()).unwrap_err().to_string().contains("busybox-static"));
@@ -177,7 +190,12 @@ mod tests {
         let p9 = s.find("insmod /lib/modules/9pnet.ko").unwrap();
         let root = s.find("hostroot $R ").unwrap();
         assert!(netfs < p9 && p9 < root);
-        for fs in ["tracefs tracefs $R/sys/kernel/tracing", "bpf bpf $R/sys/fs/bpf", "cgroup2 cgroup2 $R/sys/fs/cgroup", "devtmpfs devtmpfs $R/dev"] {
+        for fs in [
+            "tracefs tracefs $R/sys/kernel/tracing",
+            "bpf bpf $R/sys/fs/bpf",
+            "cgroup2 cgroup2 $R/sys/fs/cgroup",
+            "devtmpfs devtmpfs $R/dev",
+        ] {
             assert!(s.contains(&format!("mount -t {fs} ||")), "{fs}");
         }
         assert!(s.contains("work $R'/work/main/target/kernels/runs/6.1' ||"));

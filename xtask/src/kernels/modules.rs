@@ -31,28 +31,17 @@ pub fn normalize(name: &str) -> String {
 
 /// The module name of a file name (`9pnet_virtio.ko.xz` -> `9pnet_virtio`).
 pub fn module_name(file_name: &str) -> Option<String> {
-    [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
-        .iter()
-        .find_map(|ext| file_name.strip_suffix(ext))
-        .map(normalize)
+    [".ko", ".ko.xz", ".ko.zst", ".ko.gz"].iter().find_map(|ext| file_name.strip_suffix(ext)).map(normalize)
 }
 
 /// `modinfo -F depends` output: a comma-separated list, empty for none.
 pub fn parse_depends(out: &str) -> Vec<String> {
-    out.trim()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(normalize)
-        .collect()
+    out.trim().split(',').map(str::trim).filter(|s| !s.is_empty()).map(normalize).collect()
 }
 
 /// `modules.builtin`: one `kernel/.../name.ko` path per built-in module.
 pub fn parse_builtin(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter_map(|l| l.trim().rsplit('/').next())
-        .filter_map(module_name)
-        .collect()
+    text.lines().filter_map(|l| l.trim().rsplit('/').next()).filter_map(module_name).collect()
 }
 
 /// The modules to load, dependencies first, for `roots`. Built-in modules
@@ -103,8 +92,8 @@ pub struct ModuleTree {
 impl ModuleTree {
     pub fn open(dir: &Path) -> Result<Self> {
         let builtin_path = dir.join("modules.builtin");
-        let builtin = std::fs::read_to_string(&builtin_path)
-            .with_context(|| format!("reading {}", builtin_path.display()))?;
+        let builtin =
+            std::fs::read_to_string(&builtin_path).with_context(|| format!("reading {}", builtin_path.display()))?;
         let mut files = BTreeMap::new();
         let mut stack = vec![dir.join("kernel")];
         while let Some(d) = stack.pop() {
@@ -198,8 +187,16 @@ mod tests {
         assert_eq!(
             order,
             [
-                "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio", "virtio_pci",
-                "9pnet", "9pnet_virtio", "netfs", "fscache", "9p"
+                "virtio_ring",
+                "virtio_pci_modern_dev",
+                "virtio_pci_legacy_dev",
+                "virtio",
+                "virtio_pci",
+                "9pnet",
+                "9pnet_virtio",
+                "netfs",
+                "fscache",
+                "9p"
             ]
         );
     }
@@ -208,7 +205,8 @@ mod tests {
     fn builtin_modules_are_skipped() {
         // Debian 6.12: virtio is built in, 9p is not.
         let builtin = parse_builtin("kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/virtio/virtio.ko\n");
-        let deps = graph(&[("9pnet_virtio", &["9pnet"]), ("9pnet", &["netfs"]), ("9p", &["netfs", "9pnet"]), ("netfs", &[])]);
+        let deps =
+            graph(&[("9pnet_virtio", &["9pnet"]), ("9pnet", &["netfs"]), ("9p", &["netfs", "9pnet"]), ("netfs", &[])]);
         assert_eq!(load_order(&NINE_P, &builtin, deps).unwrap(), ["netfs", "9pnet", "9pnet_virtio", "9p"]);
     }
 

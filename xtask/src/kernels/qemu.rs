@@ -113,10 +113,7 @@ pub fn run(vm: &Vm, console: &Path, label: &str) -> Result<Ended> {
     let _ = std::fs::remove_file(vm.pidfile);
     let log = File::create(console).with_context(|| format!("creating {}", console.display()))?;
     let mut cmd = Command::new("timeout");
-    cmd.args(command_line(vm))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.args(command_line(vm)).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     let started = Instant::now();
     let child = cmd.spawn().context("starting qemu-system-x86_64 under timeout")?;
     let mut guard = Guard { child, pidfile: vm.pidfile.to_owned() };
@@ -174,7 +171,12 @@ mod tests {
         };
         let a: Vec<String> = command_line(&vm).iter().map(|s| s.to_string_lossy().into_owned()).collect();
         let joined = a.join(" ");
-        assert!(joined.starts_with("--foreground -k 10 900 qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 2048 -nodefaults"), "{joined}");
+        assert!(
+            joined.starts_with(
+                "--foreground -k 10 900 qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 2048 -nodefaults"
+            ),
+            "{joined}"
+        );
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains("-kernel /k/vmlinux -initrd /k/initramfs.cpio -append console=ttyS0 panic=-1"));
         assert!(a.contains(&"local,id=hostroot,path=/,security_model=none,readonly=on".to_owned()));

@@ -71,8 +71,15 @@ pub fn parse_check(text: &str, exit: Option<i32>) -> Check {
 /// How one test binary run went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Passed { passed: u32 },
-    Failed { passed: u32, failed: Vec<String>, exit: Option<i32>, timed_out: bool },
+    Passed {
+        passed: u32,
+    },
+    Failed {
+        passed: u32,
+        failed: Vec<String>,
+        exit: Option<i32>,
+        timed_out: bool,
+    },
     /// Not run: the tier gives a concern the test needs no hook.
     Skipped(String),
     /// Never ran: the VM stopped before it.
@@ -145,20 +152,27 @@ pub fn vm_end(console: &str, timed_out: bool) -> VmEnd {
 /// The reason `observer check` gives for not being able to run, first line.
 pub fn refusal_reason(check: &str) -> Option<&str> {
     check.lines().find_map(|l| {
-        l.strip_prefix("btf: unavailable: ")
-            .or_else(|| l.strip_prefix("concern tcp_state (required): none: "))
+        l.strip_prefix("btf: unavailable: ").or_else(|| l.strip_prefix("concern tcp_state (required): none: "))
     })
 }
 
 /// A broken-hook scenario passes when check refuses (exit 1) with a reason,
 /// and run exits with the expected status, says the same, and does not panic.
 /// `Ok` carries run's error line.
-pub fn judge_broken(b: &Broken, check: &str, check_rc: Option<i32>, run: &str, run_rc: Option<i32>) -> Result<String, String> {
+pub fn judge_broken(
+    b: &Broken,
+    check: &str,
+    check_rc: Option<i32>,
+    run: &str,
+    run_rc: Option<i32>,
+) -> Result<String, String> {
     if check_rc != Some(1) {
         return Err(format!("observer check {} exited {check_rc:?}, not 1", b.args.join(" ")));
     }
     let Some(reason) = refusal_reason(check) else {
-        return Err("observer check gave no reason (no `btf: unavailable` or `concern tcp_state (required): none` line)".into());
+        return Err(
+            "observer check gave no reason (no `btf: unavailable` or `concern tcp_state (required): none` line)".into(),
+        );
     };
     if run.contains("panicked") {
         return Err("observer run panicked".into());
@@ -228,7 +242,9 @@ pub fn collect(work: &Path, tiers: &[&str], runs: &[Run]) -> Collected {
                     (Some(log), rc @ Some(_)) => parse_test(&log, rc),
                     // Started but no status: the VM stopped during the run.
                     (Some(log), None) => match parse_test(&log, None) {
-                        Outcome::Failed { passed, failed, .. } => Outcome::Failed { passed, failed, exit: None, timed_out: true },
+                        Outcome::Failed { passed, failed, .. } => {
+                            Outcome::Failed { passed, failed, exit: None, timed_out: true }
+                        }
                         other => other,
                     },
                     (None, _) => Outcome::Missing,
@@ -290,8 +306,14 @@ result: run would work
         assert_eq!(c.hook("tcp_owner"), Some(&Ok("kretprobe/inet_csk_accept".to_owned())));
         let none = c.hook("sock_calls").unwrap().clone().unwrap_err();
         assert!(none.ends_with("kernel has no tracepoint sock:sock_send_length"), "{none}");
-        assert_eq!(c.concerns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["tcp_state", "tcp_owner", "sock_calls", "udp_release"]);
-        assert_eq!(c.limits, [("tcp_errors".to_owned(), "resets answering a closed port are not counted as sent".to_owned())]);
+        assert_eq!(
+            c.concerns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["tcp_state", "tcp_owner", "sock_calls", "udp_release"]
+        );
+        assert_eq!(
+            c.limits,
+            [("tcp_errors".to_owned(), "resets answering a closed port are not counted as sent".to_owned())]
+        );
         assert!(!parse_check("result: run cannot work here\n", Some(1)).works);
     }
 
@@ -312,8 +334,17 @@ result: run would work
 
     #[test]
     fn vm_end_from_console() {
-        assert_eq!(vm_end("[ 1.0] boot\r\nobserver-vm: booted 6.1\r\nobserver-vm: exit 0\r\n[ 9.1] reboot: Power down\r\n", false), VmEnd::Exited(0));
-        assert_eq!(vm_end("observer-vm: init: mounting the host root over 9p\nobserver-vm: exit 125\n", false), VmEnd::Exited(125));
+        assert_eq!(
+            vm_end(
+                "[ 1.0] boot\r\nobserver-vm: booted 6.1\r\nobserver-vm: exit 0\r\n[ 9.1] reboot: Power down\r\n",
+                false
+            ),
+            VmEnd::Exited(0)
+        );
+        assert_eq!(
+            vm_end("observer-vm: init: mounting the host root over 9p\nobserver-vm: exit 125\n", false),
+            VmEnd::Exited(125)
+        );
         assert_eq!(vm_end("Kernel panic - not syncing: Attempted to kill init!\n", false), VmEnd::Panicked);
         assert_eq!(vm_end("observer-vm: tier kprobe: burst\n", true), VmEnd::TimedOut);
         assert_eq!(vm_end("qemu-system-x86_64: -fsdev ...: error\n", false), VmEnd::Died);

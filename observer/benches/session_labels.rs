@@ -1,0 +1,161 @@
+//! Userspace cost of session labels (issue 5's figures): how many closed
+//! sessions one core can label and record, and how long a scrape of 10,000
+//! series takes. Real parts throughout: the observer's own `Enricher` (with
+//! this host's cgroup tree), `Metrics` and text encoder; only the sessions
+//! are made up, since the kernel side is not what is measured here.
+//!
+//! `cargo bench -p observer --bench session_labels` (`-- --quick` for a
+//! seconds-long smoke run). Prints one JSON line per figure.
+use std::{
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use observer::{
+    enrich::{
+        EnrichConfig, Enricher, SessionLabel,
+        peers::{parse_peer_group, parse_service_ports},
+    },
+    metrics::Metrics,
+    session::{Owner, Protocol, Session},
+};
+
+/// CPU time of the calling thread: the figure is per core, whatever else
+/// the machine runs.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn enricher(labels: &[SessionLabel]) -> Enricher {
+    Enricher::new(EnrichConfig {
+        labels: labels.to_vec(),
+        peer_groups: vec![
+            parse_peer_group("10.0.0.0/8=cluster").unwrap(),
+            parse_peer_group("10.20.0.0/16=storage").unwrap(),
+        ],
+        service_ports: vec![parse_service_ports("8000-8099").unwrap()],
+        series_ttl: Duration::from_secs(1800),
+        pod_log_dir: "/var/log/pods".into(),
+        cgroup_root: observer::cgroup::cgroup2_root(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The i-th made-up session: 40 processes, peers spread over the groups
+/// and 100 service ports, sizes around the goodput floor.
+fn session(i: u64) -> Session {
+    let peer = IpAddr::V4(Ipv4Addr::new(10, (i % 3 * 10) as u8, (i >> 8) as u8, i as u8));
+    Session {
+        protocol: if i.is_multiple_of(5) { Protocol::Udp } else { Protocol::Tcp },
+        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)), 40_000 + (i % 20_000) as u16),
+        remote: SocketAddr::new(peer, 8000 + (i % 100) as u16),
+        bytes_transmitted: 500_000 + i % 1_000_000,
+        bytes_received: 2_000_000 + i % 3_000_000,
+        lifetime: Some(Duration::from_micros(1000 + i % 100_000)),
+        active_transmit: Some(Duration::from_micros(500 + i % 50_000)),
+        active_receive: Some(Duration::from_micros(600 + i % 50_000)),
+        owner: Some(Owner { pid: 1000 + (i % 40) as u32, comm: format!("worker-{}", i % 40), cgroup_id: 1 }),
+        netns_ino: 1,
+        rx_ifindex: 1,
+        tx_ifindex: 1,
+        retransmits: i.is_multiple_of(7) as u32,
+    }
+}
+
+/// Sessions one core labels and records per second, every label on.
+fn enrich_and_record(n: u64) {
+    let labels = [
+        SessionLabel::Comm,
+        SessionLabel::ContainerId,
+        SessionLabel::PodUid,
+        SessionLabel::Pod,
+        SessionLabel::Namespace,
+        SessionLabel::PeerGroup,
+        SessionLabel::PeerPort,
+    ];
+    let mut e = enricher(&labels);
+    let metrics = Metrics::new(Vec::new(), &e.names()).unwrap();
+    let sessions: Vec<Session> = (0..n).map(session).collect();
+    let (cpu, wall) = (thread_cpu(), Instant::now());
+    for s in &sessions {
+        let now = Instant::now();
+        let values = e.label(s, now, |l| metrics.label_overflow(l));
+        metrics.record(s, &values, 1_000_000);
+    }
+    let (cpu, wall) = (thread_cpu() - cpu, wall.elapsed());
+    black_box(&metrics);
+    println!(
+        "{}",
+        serde_json::json!({
+            "figure": "enrich_and_record",
+            "sessions": n,
+            "labels": e.names(),
+            "cpu_seconds": cpu.as_secs_f64(),
+            "sessions_per_cpu_second": n as f64 / cpu.as_secs_f64(),
+            "ns_per_session": cpu.as_nanos() as f64 / n as f64,
+            "wall_seconds": wall.as_secs_f64(),
+        })
+    );
+}
+
+/// Scrape latency with about `target` series (sample lines), as a
+/// Prometheus server counts them.
+fn scrape(target: usize, rounds: usize) {
+    let mut e = enricher(&[SessionLabel::Comm, SessionLabel::PeerPort]);
+    let metrics = Metrics::new(Vec::new(), &e.names()).unwrap();
+    let mut i = 0;
+    let mut text = metrics.encode().unwrap();
+    while series(&text) < target {
+        // New label sets, 100 at a time, until the exposition is big enough.
+        for _ in 0..100 {
+            let mut s = session(i);
+            s.owner.as_mut().unwrap().comm = format!("job-{}", i / 100);
+            let values = e.label(&s, Instant::now(), |_| {});
+            metrics.record(&s, &values, 1_000_000);
+            i += 1;
+        }
+        text = metrics.encode().unwrap();
+    }
+    // Wall time is what Prometheus waits for; CPU time is the same work
+    // without the waits a busy machine adds, so both are reported.
+    let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
+        .map(|_| {
+            let (t, c) = (Instant::now(), thread_cpu());
+            black_box(metrics.encode().unwrap());
+            (t.elapsed(), thread_cpu() - c)
+        })
+        .unzip();
+    wall.sort();
+    cpu.sort();
+    let pct = |v: &[Duration], p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    println!(
+        "{}",
+        serde_json::json!({
+            "figure": "scrape",
+            "series": series(&text),
+            "bytes": text.len(),
+            "rounds": rounds,
+            "p50_ms": pct(&wall, 0.5),
+            "p99_ms": pct(&wall, 0.99),
+            "max_ms": pct(&wall, 1.0),
+            "cpu_p50_ms": pct(&cpu, 0.5),
+            "cpu_p99_ms": pct(&cpu, 0.99),
+        })
+    );
+}
+
+fn series(text: &str) -> usize {
+    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (sessions, rounds) = if quick { (20_000, 20) } else { (1_000_000, 200) };
+    enrich_and_record(sessions);
+    scrape(10_000, rounds);
+}

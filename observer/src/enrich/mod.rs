@@ -1,0 +1,316 @@
+//! Session labels beyond direction and protocol: who owns a session
+//! (process, container, pod, namespace) and where its peer is (network group,
+//! country, service port). Each is opt-in, computed once per closed session
+//! in userspace, and held to a cardinality budget; label sets not seen for
+//! the series TTL leave the exposition.
+pub mod budget;
+pub mod geoip;
+pub mod peers;
+pub mod series;
+pub mod workload;
+
+use std::{
+    ops::RangeInclusive,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use budget::{Admitted, Budget};
+use geoip::GeoIp;
+use peers::{OTHER, PeerGroup, PeerGroups, ServicePorts};
+use series::SeriesAges;
+use workload::{Workload, Workloads};
+
+use crate::session::Session;
+
+/// A label a session can carry. The order here is the order of the labels
+/// in every series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum SessionLabel {
+    /// The owner process's name (the kernel's comm, at most 15 bytes).
+    #[value(name = "comm")]
+    Comm,
+    /// The runtime's 64-hex container id, from the owner's cgroup.
+    #[value(name = "container_id")]
+    ContainerId,
+    /// The Kubernetes pod UID, from the owner's cgroup.
+    #[value(name = "pod_uid")]
+    PodUid,
+    /// The pod's name, from the kubelet's pod log directory.
+    #[value(name = "pod")]
+    Pod,
+    /// The pod's namespace, from the kubelet's pod log directory.
+    #[value(name = "namespace")]
+    Namespace,
+    /// The --peer-group the peer address is in; `loopback` or `other`.
+    #[value(name = "peer_group")]
+    PeerGroup,
+    /// The peer's ISO 3166 country code from --geoip-db.
+    #[value(name = "peer_country")]
+    PeerCountry,
+    /// The peer's port if a well-known (1-1023) or --service-port, else `other`.
+    #[value(name = "peer_port")]
+    PeerPort,
+}
+
+impl SessionLabel {
+    pub const ALL: [SessionLabel; 8] = [
+        Self::Comm,
+        Self::ContainerId,
+        Self::PodUid,
+        Self::Pod,
+        Self::Namespace,
+        Self::PeerGroup,
+        Self::PeerCountry,
+        Self::PeerPort,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Comm => "comm",
+            Self::ContainerId => "container_id",
+            Self::PodUid => "pod_uid",
+            Self::Pod => "pod",
+            Self::Namespace => "namespace",
+            Self::PeerGroup => "peer_group",
+            Self::PeerCountry => "peer_country",
+            Self::PeerPort => "peer_port",
+        }
+    }
+
+    /// Distinct values admitted before folding into `other` (README's table).
+    /// Sized for one node: a few hundred pods at most, every country, a
+    /// hundred service ports.
+    pub fn default_limit(self) -> usize {
+        match self {
+            Self::Comm => 200,
+            Self::ContainerId | Self::PodUid | Self::Pod => 500,
+            Self::Namespace => 100,
+            Self::PeerGroup => 64,
+            Self::PeerCountry => 250,
+            Self::PeerPort => 100,
+        }
+    }
+
+    fn is_workload(self) -> bool {
+        matches!(self, Self::ContainerId | Self::PodUid | Self::Pod | Self::Namespace)
+    }
+}
+
+/// Parses `--label-limit NAME=N`.
+pub fn parse_label_limit(arg: &str) -> Result<(SessionLabel, usize), String> {
+    let names = SessionLabel::ALL.map(SessionLabel::name).join(", ");
+    let Some((name, n)) = arg.split_once('=') else {
+        return Err(format!("`{arg}` is not NAME=N (for example peer_port=50)"));
+    };
+    let label = SessionLabel::ALL
+        .into_iter()
+        .find(|l| l.name() == name)
+        .ok_or_else(|| format!("`{name}` is not a session label (one of {names})"))?;
+    match n.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok((label, n)),
+        _ => Err(format!("limit `{n}` of {name} is not a whole number of values, at least 1")),
+    }
+}
+
+/// Everything the labels are computed from, from the command line.
+#[derive(Debug, Default)]
+pub struct EnrichConfig {
+    pub labels: Vec<SessionLabel>,
+    pub peer_groups: Vec<PeerGroup>,
+    pub service_ports: Vec<RangeInclusive<u16>>,
+    pub geoip_db: Option<PathBuf>,
+    pub limits: Vec<(SessionLabel, usize)>,
+    pub series_ttl: Duration,
+    pub pod_log_dir: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// Computes the session labels of closed sessions.
+#[derive(Debug)]
+pub struct Enricher {
+    labels: Vec<SessionLabel>,
+    /// One per label, in the same order.
+    budgets: Vec<Budget>,
+    peer_groups: PeerGroups,
+    service_ports: ServicePorts,
+    geoip: Option<GeoIp>,
+    /// Only when a workload label is on: it reads the cgroup tree.
+    workloads: Option<Workloads>,
+    series: SeriesAges,
+    series_ttl: Duration,
+}
+
+impl Enricher {
+    /// Checks the configuration as a whole; errors are usage errors. Giving
+    /// groups, ports or a database turns their label on.
+    pub fn new(config: EnrichConfig) -> Result<Self, String> {
+        let mut labels = config.labels;
+        labels.extend((!config.peer_groups.is_empty()).then_some(SessionLabel::PeerGroup));
+        labels.extend((!config.service_ports.is_empty()).then_some(SessionLabel::PeerPort));
+        labels.extend(config.geoip_db.is_some().then_some(SessionLabel::PeerCountry));
+        labels.sort();
+        labels.dedup();
+        let geoip = match &config.geoip_db {
+            Some(path) => Some(GeoIp::open(path)?),
+            None if labels.contains(&SessionLabel::PeerCountry) => {
+                return Err("session label peer_country needs a MaxMind database: give --geoip-db PATH".into());
+            }
+            None => None,
+        };
+        let mut budgets: Vec<Budget> = labels.iter().map(|l| Budget::new(l.default_limit())).collect();
+        for (label, limit) in &config.limits {
+            let Some(i) = labels.iter().position(|l| l == label) else {
+                return Err(format!(
+                    "--label-limit {}={limit}: {} is not an enabled session label (enable it with --session-label {})",
+                    label.name(),
+                    label.name(),
+                    label.name()
+                ));
+            };
+            budgets[i] = Budget::new(*limit);
+        }
+        let workloads =
+            labels.iter().any(|l| l.is_workload()).then(|| Workloads::new(config.cgroup_root, &config.pod_log_dir));
+        Ok(Enricher {
+            labels,
+            budgets,
+            peer_groups: PeerGroups::new(config.peer_groups),
+            service_ports: ServicePorts::new(config.service_ports),
+            geoip,
+            workloads,
+            series: SeriesAges::default(),
+            series_ttl: config.series_ttl,
+        })
+    }
+
+    /// Label names, in series order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.labels.iter().map(|l| l.name()).collect()
+    }
+
+    /// The session's label values, in [`Enricher::names`] order, each within
+    /// its budget; `overflow` is called with the name of each label whose
+    /// value was folded into `other`.
+    pub fn label(&mut self, s: &Session, now: Instant, mut overflow: impl FnMut(&'static str)) -> Vec<String> {
+        if self.labels.is_empty() {
+            return Vec::new();
+        }
+        let workload = match (&mut self.workloads, &s.owner) {
+            (Some(w), Some(owner)) => w.of_cgroup(owner.cgroup_id),
+            _ => Workload::default(),
+        };
+        let mut values = Vec::with_capacity(self.labels.len());
+        for (i, label) in self.labels.iter().enumerate() {
+            let raw = match label {
+                SessionLabel::Comm => s.owner.as_ref().map(|o| o.comm.clone()).unwrap_or_default(),
+                SessionLabel::ContainerId => workload.container_id.clone(),
+                SessionLabel::PodUid => workload.pod_uid.clone(),
+                SessionLabel::Pod => workload.pod.clone(),
+                SessionLabel::Namespace => workload.namespace.clone(),
+                SessionLabel::PeerGroup => self.peer_groups.group(s.remote.ip()).to_owned(),
+                SessionLabel::PeerCountry => {
+                    self.geoip.as_ref().and_then(|g| g.country(s.remote.ip())).unwrap_or_default()
+                }
+                SessionLabel::PeerPort => self.service_ports.fold(s.remote.port()),
+            };
+            values.push(match self.budgets[i].admit(raw, now) {
+                Admitted::Value(v) => v,
+                Admitted::Folded => {
+                    overflow(label.name());
+                    OTHER.to_owned()
+                }
+            });
+        }
+        self.series.touch(&values, now);
+        values
+    }
+
+    /// Label sets not seen for the series TTL, forgotten here (their budget
+    /// places freed) and to be removed from the exposition by the caller.
+    pub fn expire(&mut self, now: Instant) -> Vec<Vec<String>> {
+        if self.labels.is_empty() {
+            return Vec::new();
+        }
+        for budget in &mut self.budgets {
+            budget.expire(now, self.series_ttl);
+        }
+        self.series.expire(now, self.series_ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{Owner, Protocol};
+
+    fn session(remote: &str, comm: &str) -> Session {
+        Session {
+            protocol: Protocol::Tcp,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            bytes_transmitted: 0,
+            bytes_received: 0,
+            lifetime: None,
+            active_transmit: None,
+            active_receive: None,
+            owner: Some(Owner { pid: 1, comm: comm.into(), cgroup_id: 0 }),
+            netns_ino: 0,
+            rx_ifindex: 0,
+            tx_ifindex: 0,
+            retransmits: 0,
+        }
+    }
+
+    fn config(labels: &[SessionLabel]) -> EnrichConfig {
+        EnrichConfig { labels: labels.to_vec(), series_ttl: Duration::from_secs(60), ..Default::default() }
+    }
+
+    #[test]
+    fn flags_turn_labels_on_in_canonical_order() {
+        let mut c = config(&[SessionLabel::PeerPort, SessionLabel::Comm]);
+        c.peer_groups = vec![peers::parse_peer_group("10.0.0.0/8=cluster").unwrap()];
+        let e = Enricher::new(c).unwrap();
+        assert_eq!(e.names(), ["comm", "peer_group", "peer_port"]);
+        assert!(Enricher::new(config(&[])).unwrap().names().is_empty());
+    }
+
+    #[test]
+    fn inconsistent_configurations_are_refused() {
+        let err = Enricher::new(config(&[SessionLabel::PeerCountry])).unwrap_err();
+        assert!(err.contains("--geoip-db"), "{err}");
+        let mut c = config(&[SessionLabel::Comm]);
+        c.limits = vec![(SessionLabel::Pod, 3)];
+        assert!(Enricher::new(c).unwrap_err().contains("not an enabled session label"));
+        let mut c = config(&[]);
+        c.geoip_db = Some("/nonexistent/GeoLite2-Country.mmdb".into());
+        assert!(Enricher::new(c).unwrap_err().contains("cannot read --geoip-db /nonexistent"));
+    }
+
+    #[test]
+    fn values_and_budget_overflow() {
+        let mut c = config(&[SessionLabel::Comm, SessionLabel::PeerPort]);
+        c.service_ports = vec![peers::parse_service_ports("20000-20099").unwrap()];
+        c.limits = vec![(SessionLabel::PeerPort, 2)];
+        let mut e = Enricher::new(c).unwrap();
+        let now = Instant::now();
+        let mut overflowed = Vec::new();
+        let mut label =
+            |e: &mut Enricher, remote: &str| e.label(&session(remote, "nginx"), now, |l| overflowed.push(l));
+        assert_eq!(label(&mut e, "10.0.0.2:20000"), ["nginx", "20000"]);
+        assert_eq!(label(&mut e, "10.0.0.2:20001"), ["nginx", "20001"]);
+        assert_eq!(label(&mut e, "10.0.0.2:20002"), ["nginx", "other"]);
+        assert_eq!(label(&mut e, "10.0.0.2:45000"), ["nginx", "other"], "ephemeral: other, not an overflow");
+        assert_eq!(overflowed, ["peer_port"]);
+        assert!(e.expire(now).is_empty());
+        assert_eq!(e.expire(now + Duration::from_secs(61)).len(), 3);
+    }
+
+    #[test]
+    fn label_limits_parse() {
+        assert_eq!(parse_label_limit("peer_port=50"), Ok((SessionLabel::PeerPort, 50)));
+        assert!(parse_label_limit("peer_port").unwrap_err().contains("not NAME=N"));
+        assert!(parse_label_limit("port=5").unwrap_err().contains("not a session label"));
+        assert!(parse_label_limit("pod=0").unwrap_err().contains("at least 1"));
+    }
+}
