@@ -45,6 +45,10 @@ const PER_TIER: Rule = Rule { scope: Scope::EveryTier, needs: &[] };
 /// every tier without being listed here.
 const RULES: &[(&str, Rule)] = &[
     ("check", Rule { scope: Scope::OncePerKernel, needs: &[] }),
+    // Cgroup, pod and peer labels are userspace mappings of what the state
+    // hook records at connect, whose owner capture haproxy's test checks in
+    // every tier; once per kernel keeps the matrix under its time budget.
+    ("session_labels", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     ("bad_input", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     // The fake NVML library and a real Prometheus server: nothing in them
     // depends on the kernel, and Prometheus' median over a handful of sessions
