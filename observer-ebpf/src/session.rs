@@ -78,7 +78,7 @@ pub fn on_state_change(sk: *const u8, old: i32, new: i32) {
 #[inline(always)]
 fn adopt(sk: *const u8, start: &mut SessionStart) {
     start.flags |= SESSION_ADOPTED;
-    let (tx, rx) = current_payload(sk, &offsets(), start.flags);
+    let (tx, rx, _) = current_payload(sk, &offsets(), start.flags);
     start.live_base_tx = tx;
     start.live_base_rx = rx;
     start.live_tx = tx;
@@ -126,7 +126,7 @@ pub fn on_tcp_call(sk: *const u8) {
         fill_owner(start);
     }
     advance_active(&mut start.last_call_ns, &mut start.active_ns, now);
-    let (tx, rx) = current_payload(sk, &off, start.flags);
+    let (tx, rx, _) = current_payload(sk, &off, start.flags);
     start.live_tx = tx;
     start.live_rx = rx;
     // Once per session: these are for the --iface filter of live bytes, and
@@ -166,12 +166,16 @@ fn fin_flags(sk: *const u8, off: &KernelOffsets, flags: u32) -> u32 {
     out
 }
 
-/// Payload bytes (transmitted, received) of the socket right now.
+/// Payload bytes (transmitted, received) of the socket right now, and
+/// `flags` with the FINs it has sent and received so far, which those
+/// figures exclude.
 #[inline(always)]
-fn current_payload(sk: *const u8, off: &KernelOffsets, flags: u32) -> (u64, u64) {
+fn current_payload(sk: *const u8, off: &KernelOffsets, flags: u32) -> (u64, u64, u32) {
+    let flags = flags | fin_flags(sk, off, flags);
     let acked = read::<u64>(sk, off.tcp_bytes_acked).unwrap_or(0);
     let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
-    payload_bytes(acked, received, flags | fin_flags(sk, off, flags))
+    let (tx, rx) = payload_bytes(acked, received, flags);
+    (tx, rx, flags)
 }
 
 /// The kernel's TCP chrono total (busy, receive-window limited, send-buffer
@@ -244,10 +248,8 @@ unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<&Sessi
     r.busy_jiffies = busy_jiffies(sk, &off, r.close_jiffies);
     r.live_base_tx = s.live_base_tx;
     r.live_base_rx = s.live_base_rx;
-    r.flags = s.flags | fin_flags(sk, &off, s.flags);
-    let acked = read::<u64>(sk, off.tcp_bytes_acked).unwrap_or(0);
-    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
-    let (tx, rx) = payload_bytes(acked, received, r.flags);
+    let (tx, rx, flags) = current_payload(sk, &off, s.flags);
+    r.flags = flags;
     r.bytes_acked = tx;
     r.bytes_received = rx;
     r.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);

@@ -54,6 +54,11 @@ impl KernelBtf {
         self.btf.resolve_ids_by_name(&format!("btf_trace_{name}")).is_ok_and(|ids| !ids.is_empty())
     }
 
+    /// True when the kernel's BTF defines a type (of any kind) named `name`.
+    pub fn has_type(&self, name: &str) -> bool {
+        self.btf.resolve_ids_by_name(name).is_ok_and(|ids| !ids.is_empty())
+    }
+
     /// True when the kernel has a function `name` in its BTF (fentry/fexit targets).
     pub fn has_function(&self, name: &str) -> bool {
         self.function_params(name).is_ok()

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 use crate::{
     btf::KernelBtf,
     cli::KernelArgs,
-    detect, loader, privileges,
-    probes::{self, KernelFacts, Tier},
+    detect, drops, loader, privileges,
+    probes::{self, Concern, KernelFacts, Tier},
 };
 
 /// The report and whether `run` would work.
@@ -79,6 +79,12 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
                 let _ = writeln!(out, "concern {} ({need}): none: {why}", choice.concern.as_str());
             }
         }
+    }
+    // A hook that attaches but sees less on this kernel than on newer ones.
+    if plan.serves(Concern::TcpErrors)
+        && let Some(limit) = drops::sent_resets_limit(&btf)
+    {
+        let _ = writeln!(out, "limit tcp_errors: {limit}");
     }
     ok &= plan.missing_required().is_empty();
     let _ = writeln!(out, "result: {}", if ok { "run would work" } else { "run cannot work here" });

@@ -26,6 +26,26 @@ pub fn settings(btf: &KernelBtf) -> Settings {
     }
 }
 
+/// Whether this kernel's `tcp:tcp_send_reset` tracepoint also fires for
+/// resets sent without a full socket: answers to a segment no socket matched
+/// (a connection attempt to a closed port) and resets from TIME_WAIT. Until
+/// the tracepoint became an event of its own in 2024 (its BTF record
+/// `trace_event_raw_tcp_send_reset`: Debian's 6.12 has it, 6.1 does not), it belonged to the `tcp_event_sk_skb`
+/// class, which reads the socket, and the kernel called it only when it had a
+/// full one: those resets went out untraced, and no tracepoint sees them.
+pub fn socketless_resets_traced(btf: &KernelBtf) -> bool {
+    btf.has_type("trace_event_raw_tcp_send_reset")
+}
+
+/// What `observer_tcp_resets_total{direction="sent"}` leaves out on this
+/// kernel, for `observer check` and the start-up log; `None` when nothing.
+pub fn sent_resets_limit(btf: &KernelBtf) -> Option<&'static str> {
+    (!socketless_resets_traced(btf)).then_some(
+        "this kernel's tcp:tcp_send_reset fires only for resets sent by a full socket (kernels before 2024): resets \
+         answering a segment no socket matched (a closed port) or sent from TIME_WAIT are not counted as sent",
+    )
+}
+
 /// Label value of a reason enumerator: `SKB_DROP_REASON_NETFILTER_DROP` ->
 /// `netfilter_drop`.
 pub fn reason_label(enumerator: &str) -> String {
@@ -141,5 +161,11 @@ mod tests {
         assert!(s.kfree_skb_args >= 3);
         assert_eq!(s.drop_reason_not_dropped, 0);
         assert_ne!(s.drop_reason_consumed, u32::MAX);
+        // The reason argument came with or after the change that made the
+        // tracepoint trace resets without a socket.
+        if btf.tracepoint_params("tcp_send_reset").is_ok_and(|n| n >= 3) {
+            assert!(socketless_resets_traced(&btf));
+            assert_eq!(sent_resets_limit(&btf), None);
+        }
     }
 }

@@ -298,6 +298,11 @@ impl Plan {
         self.choices.iter().filter_map(|c| c.hook.as_ref().ok().copied())
     }
 
+    /// Whether `concern` has a hook.
+    pub fn serves(&self, concern: Concern) -> bool {
+        self.choices.iter().any(|c| c.concern == concern && c.hook.is_ok())
+    }
+
     /// Required concerns left without a hook, with the reasons.
     pub fn missing_required(&self) -> Vec<&Choice> {
         self.choices.iter().filter(|c| c.concern.required() && c.hook.is_err()).collect()
@@ -387,6 +392,9 @@ mod tests {
         assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseCgroup));
         assert_eq!(chosen(&plan, Concern::Drops), Ok(Hook::DropsTpBtf));
         assert_eq!(chosen(&plan, Concern::TcpErrors), Ok(Hook::TcpErrorsTpBtf));
+        assert!(plan.serves(Concern::TcpErrors));
+        let forced = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
+        assert!(!forced.serves(Concern::TcpErrors) && !forced.serves(Concern::TcpState));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     pipeline::{KernelMaps, Pipeline, PipelineConfig, Stop},
     privileges,
-    probes::{self, ProbeMode},
+    probes::{self, Concern, ProbeMode},
     server::{AppState, router, serve, web_config},
     session_log::SessionLog,
     telemetry,
@@ -143,6 +143,11 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             }
             Err(why) => tracing::warn!(concern, hook = hook.describe(), error = %why, "not attached"),
         }
+    }
+    if plan.serves(Concern::TcpErrors)
+        && let Some(limit) = drops::sent_resets_limit(&btf)
+    {
+        tracing::warn!(concern = "tcp_errors", "{limit}");
     }
     for choice in &plan.choices {
         if let Err(why) = &choice.hook {

@@ -14,7 +14,9 @@
 //! `target/release/observer`); `OBSERVER_TEST_PROBES=auto|fentry|kprobe|tracepoint`
 //! appends `--probes <tier>` to every `observer run` an [`ObserverProcess`]
 //! starts (unless the test passes `--probes` itself), which is how
-//! `cargo xtask kernels` runs the same tests once per hook tier in qemu.
+//! `cargo xtask kernels` runs the same tests once per hook tier in qemu;
+//! `OBSERVER_TEST_TIME_SCALE=N` stretches the tests' timing bounds N times
+//! ([`scaled`]), which those software-emulated VMs need.
 
 pub mod bpf;
 pub mod cgroup;
@@ -44,4 +46,4 @@ pub use prometheus_server::{PrometheusServer, prometheus_bin, promtool_bin};
 pub use scrape::{Response, Scraper};
 pub use session_log::{ObservedSession, by_local, read_session_log, wait_sessions};
 pub use traffic::{HEADER_LEN, ServerConn, TcpServer, TransferStats, transfer, transfer_in};
-pub use util::{TempDir, is_root, run_with_timeout, wait_until, workspace_root};
+pub use util::{TempDir, is_root, run_with_timeout, scaled, time_scale, wait_until, workspace_root};

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use crate::netns::NetNs;
 use crate::prom::Metrics;
 use crate::scrape::{Response, Scraper};
-use crate::util::{TempDir, run_with_timeout, signal, terminate, wait_child};
+use crate::util::{TempDir, run_with_timeout, scaled, signal, terminate, wait_child};
 
 /// Bound on attaching programs; generous because BTF parsing and
 /// verification can take seconds on a small, busy CI machine.
@@ -196,7 +196,8 @@ impl ObserverProcess {
         }
     }
 
-    /// SIGTERM, then wait up to [`STOP_TIMEOUT`]. The scrape connection is
+    /// SIGTERM, then wait up to [`STOP_TIMEOUT`] ([`scaled`] under emulation,
+    /// where a `--shutdown-timeout` given by the test is scaled too). The scrape connection is
     /// deliberately left open: Prometheus keeps its connections open too, and
     /// shutdown must not wait on them.
     pub fn stop(&mut self) -> Result<Stopped> {
@@ -211,11 +212,12 @@ impl ObserverProcess {
         }
         let t0 = Instant::now();
         signal(self.pid, sig).context("signalling observer")?;
-        match wait_child(child, STOP_TIMEOUT)? {
+        let limit = scaled(STOP_TIMEOUT);
+        match wait_child(child, limit)? {
             Some(status) => Ok(Stopped { status, elapsed: t0.elapsed() }),
             None => {
                 let _ = terminate(child, Duration::ZERO);
-                bail!("observer did not exit within {STOP_TIMEOUT:?} of signal {sig}; killed.\n{}", self.log_banner())
+                bail!("observer did not exit within {limit:?} of signal {sig}; killed.\n{}", self.log_banner())
             }
         }
     }

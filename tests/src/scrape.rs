@@ -109,6 +109,19 @@ impl Scraper {
         self.conn.as_ref().and_then(|c| c.get_ref().local_addr().ok())
     }
 
+    /// Payload bytes the open connection has moved so far, both directions
+    /// (TCP_INFO: sent and acknowledged, plus received). The scrape
+    /// connection is itself an observed session on the observer's `lo`, so
+    /// a test bounding the observer's byte counters from above allows for it.
+    pub fn bytes_moved(&self) -> Option<u64> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.conn.as_ref()?.get_ref());
+        // SAFETY: a zeroed tcp_info is a valid value; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+        (rc == 0).then_some(info.tcpi_bytes_acked + info.tcpi_bytes_received)
+    }
+
     /// Opens the connection now if none is open (no request is sent).
     pub fn ensure_connected(&mut self) -> Result<()> {
         if self.conn.is_none() {

@@ -38,6 +38,19 @@ pub fn wait_until<T>(
     }
 }
 
+/// How many times slower than real hardware this machine runs the tests:
+/// `OBSERVER_TEST_TIME_SCALE`, which `cargo xtask kernels` sets in its VMs
+/// (software emulation runs code 5 to 20 times slower); 1 when unset.
+pub fn time_scale() -> u32 {
+    std::env::var("OBSERVER_TEST_TIME_SCALE").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(1)
+}
+
+/// A timing bound of a test, `d` on real hardware, stretched by [`time_scale`].
+/// Exact assertions (bytes, counts) are never scaled.
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 /// Waits for `child` to exit, at most `timeout`; `Ok(None)` if still running.
 ///
 /// std offers no timed wait, and a blocking `wait()` on a stuck process would

@@ -9,7 +9,8 @@ use std::{
 };
 
 use observer_tests::{
-    Metrics, NetNs, ObserverProcess, TcpServer, TempDir, forced_probes, run_with_timeout, transfer_in, wait_until,
+    Metrics, NetNs, ObserverProcess, TcpServer, TempDir, forced_probes, run_observer_cli, run_with_timeout, time_scale,
+    transfer_in, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -209,8 +210,24 @@ fn udp_receive_buffer_overflow_matches_kernel_statistics() {
     }
 }
 
+/// Whether `observer check` says this kernel leaves resets sent without a
+/// full socket (to a closed port) out of the sent count (kernels before 2024:
+/// their tracepoint does not fire for them).
+fn socketless_resets_uncounted() -> bool {
+    let out = run_observer_cli(&["check"]).unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let limited = report.lines().any(|l| l.starts_with("limit tcp_errors: ") && l.contains("closed port"));
+    if limited {
+        eprintln!("observer check: resets sent without a socket are not counted on this kernel");
+    }
+    limited
+}
+
 /// A connection attempt to a closed port: the kernel answers with a reset
-/// (sent), the client gets it (received), and the SYN itself is a drop.
+/// (sent, where the kernel traces it), the client gets it (received), and the
+/// SYN itself is a drop. Then an abortive close (SO_LINGER 0) of an open
+/// connection: a reset sent by a full socket, counted on every kernel, and
+/// received by its peer.
 #[test]
 fn connection_to_a_closed_port_counts_resets() {
     if drop_hooks_forced_off() {
@@ -226,12 +243,37 @@ fn connection_to_a_closed_port_counts_resets() {
     let port = ns.free_port("127.0.0.1".parse().unwrap()).unwrap();
     let err = ns.connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap_err();
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
-    let m = scrape_until(&mut observer, "one reset each way", |m| {
+    let sent_to_closed_port = if socketless_resets_uncounted() { 0.0 } else { 1.0 };
+    let m = scrape_until(&mut observer, "the closed port's reset", |m| {
+        resets(m, "sent") >= sent + sent_to_closed_port && resets(m, "received") >= received + 1.0
+    });
+    assert_eq!(resets(&m, "sent"), sent + sent_to_closed_port, "{}", m.raw());
+    assert_eq!(resets(&m, "received"), received + 1.0, "{}", m.raw());
+    assert_eq!(drops(&m, "no_socket", "lo"), no_socket + 1.0, "{}", m.raw());
+
+    let (sent, received) = (resets(&m, "sent"), resets(&m, "received"));
+    let listener = ns.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client = ns.connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let abort = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and a linger struct of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&abort as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(client);
+    let m = scrape_until(&mut observer, "the abortive close's reset", |m| {
         resets(m, "sent") >= sent + 1.0 && resets(m, "received") >= received + 1.0
     });
     assert_eq!(resets(&m, "sent"), sent + 1.0, "{}", m.raw());
     assert_eq!(resets(&m, "received"), received + 1.0, "{}", m.raw());
-    assert_eq!(drops(&m, "no_socket", "lo"), no_socket + 1.0, "{}", m.raw());
+    drop(server);
 }
 
 /// Two namespaces joined by a veth pair; the observer watches the client's
@@ -257,10 +299,24 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
     let retransmits =
         |m: &Metrics| m.value_exact("observer_tcp_retransmits_total", &[("iface", "obsimp0")]).unwrap_or(0.0);
 
+    // The session's own count is read at close in every tier; the counter
+    // needs the tracepoint tier.
+    let counted = forced_probes().is_none_or(|t| t == "auto" || t == "tracepoint");
+
     let clean = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
     let m = scrape_until(&mut observer, "the clean session", |m| count(m, "false") + count(m, "true") >= 1.0);
-    assert_eq!((count(&m, "false"), count(&m, "true")), (1.0, 0.0), "{clean:?}\n{}", m.raw());
-    assert_eq!(retransmits(&m), 0.0, "{}", m.raw());
+    // A clean path does not retransmit on real hardware. Under emulation a
+    // loss-probe or retransmit timer can fire before a delayed ACK is
+    // processed: then the session is impaired, and counted where the tier
+    // has the counter.
+    let clean_impaired = count(&m, "true");
+    if time_scale() == 1 {
+        assert_eq!(clean_impaired, 0.0, "{clean:?}\n{}", m.raw());
+    }
+    assert_eq!(count(&m, "false") + clean_impaired, 1.0, "{clean:?}\n{}", m.raw());
+    if counted {
+        assert_eq!(retransmits(&m) > 0.0, clean_impaired == 1.0, "{}", m.raw());
+    }
 
     // Drop one packet in ten arriving at the server: the client retransmits.
     nft(
@@ -271,11 +327,10 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
         ),
     );
     let lossy = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = scrape_until(&mut observer, "the impaired session", |m| count(m, "true") >= 1.0);
-    assert_eq!((count(&m, "false"), count(&m, "true")), (1.0, 1.0), "{lossy:?}\n{}", m.raw());
-    // The session's own count is read at close in every tier; the counter
-    // needs the tracepoint tier.
-    if forced_probes().is_none_or(|t| t == "auto" || t == "tracepoint") {
+    let m = scrape_until(&mut observer, "the impaired session", |m| count(m, "true") >= clean_impaired + 1.0);
+    let want = (1.0 - clean_impaired, clean_impaired + 1.0);
+    assert_eq!((count(&m, "false"), count(&m, "true")), want, "{lossy:?}\n{}", m.raw());
+    if counted {
         assert!(retransmits(&m) > 0.0, "{}", m.raw());
     }
     // The drops happened in the server's namespace, which is not selected.
@@ -285,7 +340,7 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
 }
 
 /// The selected interface's own counters: exact packets and bytes sent, and
-/// the device's transmit drops while its veth peer is down.
+/// the device's transmit drops of datagrams its veth peer cannot take.
 #[test]
 fn interface_counters_of_a_selected_interface() {
     const N: u64 = 40;
@@ -312,30 +367,33 @@ fn interface_counters_of_a_selected_interface() {
     let m = observer.metrics().unwrap();
     let (p0, b0, d0) =
         (value(&m, "packets", "transmit"), value(&m, "bytes", "transmit"), value(&m, "drops", "transmit"));
-    let send = |n: u64| {
+    let send = |n: u64, payload: usize| {
         a.run(|| {
             let s = UdpSocket::bind("10.125.0.1:0").unwrap();
             for _ in 0..n {
-                s.send_to(&[1u8; PAYLOAD], "10.125.0.2:9").unwrap();
+                s.send_to(&vec![1u8; payload], "10.125.0.2:9").unwrap();
             }
         })
     };
-    send(N);
+    send(N, PAYLOAD);
     let m = scrape_until(&mut observer, "N packets sent", |m| value(m, "packets", "transmit") >= p0 + N as f64);
     assert_eq!(value(&m, "packets", "transmit"), p0 + N as f64, "{}", m.raw());
     // Ethernet 14 + IPv4 20 + UDP 8 + payload.
     assert_eq!(value(&m, "bytes", "transmit"), b0 + (N * (42 + PAYLOAD as u64)) as f64, "{}", m.raw());
     assert_eq!(value(&m, "drops", "transmit"), d0, "{}", m.raw());
 
-    // With the peer down, veth drops what it is given to send.
-    ip(&b, &["link", "set", "obsif1", "down"]);
-    send(K);
+    // A datagram larger than the peer's MTU (but within obsif0's): veth's
+    // transmit refuses to forward it and counts a transmit drop. (Taking the
+    // peer down instead drops on every kernel too, but through the no-carrier
+    // qdisc, which counted it on the device only from 2024 on.)
+    ip(&b, &["link", "set", "obsif1", "mtu", "500"]);
+    send(K, 1000);
     let m = scrape_until(&mut observer, "K transmit drops", |m| value(m, "drops", "transmit") >= d0 + K as f64);
     assert_eq!(value(&m, "drops", "transmit"), d0 + K as f64, "{}", m.raw());
+    assert_eq!(value(&m, "packets", "transmit"), p0 + N as f64, "dropped datagrams were not sent: {}", m.raw());
 
     // Queueing-discipline drops: a token bucket far slower than the burst
     // drops most of it; the count must equal what `tc -s qdisc` reports.
-    ip(&b, &["link", "set", "obsif1", "up"]);
     let tc = |args: &[&str]| {
         let out = run_with_timeout(a.command("tc").args(args), TIMEOUT).unwrap();
         assert!(out.status.success(), "tc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -343,7 +401,7 @@ fn interface_counters_of_a_selected_interface() {
     };
     tc(&["qdisc", "add", "dev", "obsif0", "root", "tbf", "rate", "8kbit", "burst", "1600", "limit", "1600"]);
     let d1 = observer.metrics().map(|m| value(&m, "drops", "transmit")).unwrap();
-    send(200);
+    send(200, PAYLOAD);
     let stats = tc(&["-s", "qdisc", "show", "dev", "obsif0"]);
     let dropped: f64 = stats
         .split("dropped ")

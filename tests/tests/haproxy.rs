@@ -3,7 +3,7 @@
 //! and duration must agree with what the observer measured on both legs.
 use std::{net::SocketAddr, time::Duration};
 
-use observer_tests::{Haproxy, NetNs, ObserverProcess, TcpServer, TempDir, by_local, transfer, wait_sessions};
+use observer_tests::{Haproxy, NetNs, ObserverProcess, TcpServer, TempDir, by_local, scaled, transfer, wait_sessions};
 
 const TRANSFERS: [(u64, u64); 3] = [(2 << 20, 3 << 20), (5 << 20, 64 << 10), (300_000, 6 << 20)];
 
@@ -70,7 +70,7 @@ fn observer_bytes_and_durations_match_haproxys_log_on_both_legs() {
         for (leg, session) in [("frontend", f), ("backend", b)] {
             let lifetime = session.lifetime.unwrap();
             let diff = lifetime.abs_diff(total);
-            assert!(diff <= Duration::from_millis(50), "{leg}: observer {lifetime:?} vs haproxy {total:?}");
+            assert!(diff <= scaled(Duration::from_millis(50)), "{leg}: observer {lifetime:?} vs haproxy {total:?}");
         }
     }
 }

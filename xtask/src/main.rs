@@ -37,6 +37,9 @@ enum Command {
         /// Leave out the benchmark smoke run (the last step).
         #[arg(long)]
         skip_bench: bool,
+        /// Leave out the kernel matrix in qemu (`cargo xtask kernels`, several minutes).
+        #[arg(long)]
+        skip_kernels: bool,
         /// Passed to the end-to-end test binary after `--test-threads=1` (a test-name filter).
         #[arg(last = true)]
         filter: Vec<String>,
@@ -50,6 +53,9 @@ enum Command {
         /// Only this kernel (6.1, 6.12); repeatable. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
+        /// Only this end-to-end test binary (tests/tests/<NAME>.rs); repeatable. Default: all.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
         /// Bound on one VM's whole run, in seconds.
         #[arg(long, default_value_t = kernels::DEFAULT_VM_TIMEOUT_S)]
         vm_timeout: u64,
@@ -96,10 +102,13 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Setup => setup::run(),
         Command::Run { args } => run::run(args),
-        Command::Test { skip_bench, filter } => test::run(&test::TestArgs { skip_bench, filter }),
-        Command::Kernels { write_readme, kernels: names, vm_timeout } => kernels::run(&kernels::Options {
+        Command::Test { skip_bench, skip_kernels, filter } => {
+            test::run(&test::TestArgs { skip_bench, skip_kernels, filter })
+        }
+        Command::Kernels { write_readme, kernels: names, tests, vm_timeout } => kernels::run(&kernels::Options {
             write_readme,
             kernels: names,
+            tests,
             vm_timeout: std::time::Duration::from_secs(vm_timeout),
         }),
         Command::Bench { smoke, workload, rounds, seconds, out } => {
@@ -147,20 +156,22 @@ mod tests {
     #[test]
     fn test_takes_flag_and_filter() {
         match parse(&["test", "--skip-bench", "--", "tcp_state", "--nocapture"]) {
-            Command::Test { skip_bench, filter } => {
-                assert!(skip_bench);
+            Command::Test { skip_bench, skip_kernels, filter } => {
+                assert!(skip_bench && !skip_kernels);
                 assert_eq!(filter, ["tcp_state", "--nocapture"]);
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(parse(&["test", "--skip-kernels"]), Command::Test { skip_kernels: true, .. }));
     }
 
     #[test]
     fn kernels_flags() {
-        match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12"]) {
-            Command::Kernels { write_readme, kernels, vm_timeout } => {
+        match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12", "--test", "drops"]) {
+            Command::Kernels { write_readme, kernels, tests, vm_timeout } => {
                 assert!(write_readme);
                 assert_eq!(kernels, ["6.1", "6.12"]);
+                assert_eq!(tests, ["drops"]);
                 assert_eq!(vm_timeout, kernels::DEFAULT_VM_TIMEOUT_S);
             }
             other => panic!("{other:?}"),

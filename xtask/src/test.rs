@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{bench, build, setup, util};
+use crate::{bench, build, kernels, setup, util};
 
 pub struct TestArgs {
     pub skip_bench: bool,
+    pub skip_kernels: bool,
     /// Extra arguments for the end-to-end test binary (a name filter, --nocapture, ...).
     pub filter: Vec<String>,
 }
@@ -33,6 +34,21 @@ pub fn run(args: &TestArgs) -> Result<()> {
         ("unit tests", Box::new(unit_tests)),
         ("end-to-end tests", Box::new(|| end_to_end(&args.filter))),
     ];
+    if !args.skip_kernels {
+        // The same end-to-end tests on Debian's 6.1 and 6.12 in qemu, every
+        // hook tier: the fentry and kprobe tiers run nowhere else.
+        steps.push((
+            "kernel matrix (qemu)",
+            Box::new(|| {
+                kernels::run(&kernels::Options {
+                    write_readme: false,
+                    kernels: Vec::new(),
+                    tests: Vec::new(),
+                    vm_timeout: Duration::from_secs(kernels::DEFAULT_VM_TIMEOUT_S),
+                })
+            }),
+        ));
+    }
     if !args.skip_bench {
         steps
             .push(("benchmark smoke", Box::new(|| bench::run(&bench::Options::smoke(), bench::Prepare::AlreadyBuilt))));
@@ -56,7 +72,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
         passed.push((name, t.elapsed()));
     }
-    let skipped = if args.skip_bench { "; benchmark smoke skipped (--skip-bench)" } else { "" };
+    let skipped: String =
+        [(args.skip_kernels, "kernel matrix", "--skip-kernels"), (args.skip_bench, "benchmark smoke", "--skip-bench")]
+            .iter()
+            .filter(|(skip, ..)| *skip)
+            .map(|(_, what, flag)| format!("; {what} skipped ({flag})"))
+            .collect();
     eprintln!();
     println!("xtask test: all {total} steps passed in {}: {}{skipped}", secs(started.elapsed()), list(&passed));
     Ok(())

@@ -63,6 +63,9 @@ pub struct Options {
     pub write_readme: bool,
     /// Names from `KERNELS`; empty for all.
     pub kernels: Vec<String>,
+    /// End-to-end test binaries (tests/tests/<name>.rs) to run; empty for
+    /// all. For iterating on one test: a partial run cannot write README.
+    pub tests: Vec<String>,
     /// Bound on one VM's whole run.
     pub vm_timeout: Duration,
 }
@@ -74,11 +77,12 @@ pub fn run(opts: &Options) -> Result<()> {
         util::is_root(),
         "cargo xtask kernels installs packages and shares the host's root with the VMs: run it as root"
     );
+    ensure!(!opts.write_readme || opts.tests.is_empty(), "--write-readme needs every test: leave out --test");
     let specs = select(&opts.kernels)?;
     let started = Instant::now();
     host::ensure_tools()?;
     let observer = build::observer_release()?;
-    let tests = test_binaries()?;
+    let tests = only(test_binaries()?, &opts.tests)?;
     let base = target_dir()?.join("kernels");
     for d in ["logs", "runs"] {
         std::fs::create_dir_all(base.join(d))?;
@@ -110,12 +114,7 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     eprintln!("xtask kernels: {vm_timing}");
 
-    let summary = format!(
-        "{}
-{vm_timing}
-",
-        report::summary(&reports, host_check.as_ref())
-    );
+    let summary = format!("{}\n{vm_timing}\n", report::summary(&reports, host_check.as_ref()));
     std::fs::write(base.join("report.md"), &summary)?;
     println!("\n{summary}");
     show_failure_details(&reports);
@@ -165,6 +164,15 @@ fn select(names: &[String]) -> Result<Vec<Spec>> {
             })
         })
         .collect()
+}
+
+/// The test binaries named in `names` (all when empty).
+fn only(tests: Vec<TestBin>, names: &[String]) -> Result<Vec<TestBin>> {
+    if let Some(unknown) = names.iter().find(|n| !tests.iter().any(|t| &&t.name == n)) {
+        let known: Vec<&str> = tests.iter().map(|t| t.name.as_str()).collect();
+        bail!("no end-to-end test binary {unknown:?}; known: {}", known.join(", "));
+    }
+    Ok(tests.into_iter().filter(|t| names.is_empty() || names.contains(&t.name)).collect())
 }
 
 /// Cargo's target directory as cargo itself resolves it (CARGO_TARGET_DIR,
@@ -362,6 +370,14 @@ not json
             parse_test_executables(json),
             [TestBin { name: "tcp_sessions".into(), path: "/t/debug/deps/tcp_sessions-0a1b".into() }]
         );
+    }
+
+    #[test]
+    fn tests_are_selected_by_name() {
+        let bins = || ["drops", "tcp_sessions"].map(|n| TestBin { name: n.into(), path: n.into() }).to_vec();
+        assert_eq!(only(bins(), &[]).unwrap().len(), 2);
+        assert_eq!(only(bins(), &["drops".into()]).unwrap(), [bins()[0].clone()]);
+        assert!(only(bins(), &["nope".into()]).unwrap_err().to_string().contains("known: drops, tcp_sessions"));
     }
 
     #[test]

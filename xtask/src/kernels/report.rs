@@ -202,6 +202,14 @@ pub fn readme_section(kernels: &[KernelReport], host: Option<&Check>) -> String 
             cells.join(" | ")
         );
     }
+    // What a chosen hook misses on a kernel, as its `observer check` says.
+    let limited = kernels.iter().filter_map(|k| Some((k.label.as_str(), k.check(AUTO)?)));
+    let limited = limited.chain(host.map(|h| ("the build host", h)));
+    for (label, check) in limited {
+        for (concern, what) in &check.limits {
+            let _ = writeln!(s, "\n{label}, `{concern}`: {what}.");
+        }
+    }
     let _ = writeln!(
         s,
         "\nEnd-to-end tests in qemu, per tier (`--probes` forced on every observer a test starts; \
@@ -367,6 +375,7 @@ result: run would work
             Some(0),
         );
         let s = readme_section(&[k], Some(&host));
+        assert!(!s.contains("`tcp_errors`"), "no limit line: {s}");
         assert!(
             s.contains(
                 "| kernel | tcp_state | tcp_owner | sock_calls | how known |\n| --- | --- | --- | --- | --- |\n"
@@ -428,6 +437,14 @@ result: run would work
             summary(&[k], None)
                 .contains("| fentry | haproxy | passed (1); first run failed (relay; exit Some(101)) | 3 |")
         );
+    }
+
+    #[test]
+    fn limits_follow_the_hooks_table() {
+        let mut k = kernel(vec![], true);
+        k.collected.checks[0].1.limits.push(("tcp_errors".into(), "closed-port resets are not counted as sent".into()));
+        let s = readme_section(&[k], None);
+        assert!(s.contains("\n\nDebian 6.12, `tcp_errors`: closed-port resets are not counted as sent.\n"), "{s}");
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct Check {
     pub tiers: Vec<(String, Result<(), String>)>,
     /// Per concern, in the observer's order: the chosen hook, or why none.
     pub concerns: Vec<(String, Result<String, String>)>,
+    /// (concern, what its hook misses on this kernel): `limit` lines.
+    pub limits: Vec<(String, String)>,
     /// `result: run would work`.
     pub works: bool,
     pub exit: Option<i32>,
@@ -57,6 +59,8 @@ pub fn parse_check(text: &str, exit: Option<i32>) -> Check {
                 None => Err(choice.strip_prefix("none: ").unwrap_or(choice).to_owned()),
             };
             c.concerns.push((concern.to_owned(), r));
+        } else if let Some((concern, what)) = line.strip_prefix("limit ").and_then(|l| l.split_once(": ")) {
+            c.limits.push((concern.to_owned(), what.to_owned()));
         } else if let Some(r) = line.strip_prefix("result: ") {
             c.works = r.starts_with("run would work");
         }
@@ -286,6 +290,7 @@ concern tcp_state (required): tp_btf/inet_sock_set_state (chosen)
 concern tcp_owner (optional): kretprobe/inet_csk_accept (chosen)
 concern sock_calls (optional): none: tp_btf/sock_send_length+sock_recv_length+cgroup/sendmsg+recvmsg: kernel has no tracepoint sock:sock_send_length
 concern udp_release (optional): cgroup/sock_release (chosen)
+limit tcp_errors: resets answering a closed port are not counted as sent
 result: run would work
 ";
 
@@ -304,6 +309,10 @@ result: run would work
         assert_eq!(
             c.concerns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             ["tcp_state", "tcp_owner", "sock_calls", "udp_release"]
+        );
+        assert_eq!(
+            c.limits,
+            [("tcp_errors".to_owned(), "resets answering a closed port are not counted as sent".to_owned())]
         );
         assert!(!parse_check("result: run cannot work here\n", Some(1)).works);
     }
