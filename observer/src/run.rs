@@ -61,7 +61,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // Held until the process exits: BPF run-time statistics stay on while
     // the observer runs, and the kernel restores the previous state then.
     let _bpf_stats = telemetry::enable_bpf_stats();
-    let mut kernel = loader::load(&btf, settings)?;
+    let mut kernel = loader::load(&btf, settings, args.max_sessions)?;
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
     let plan = probes::select(&facts, args.kernel.probes);
