@@ -52,7 +52,7 @@ pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32) -> Result<Ke
         .override_global("OFFSETS", &offsets, true)
         .override_global("ACCEPT_RET_ARG", &accept_params, true)
         .override_global("SETTINGS", &settings, true)
-        .set_max_entries("OPEN_SESSIONS", max_sessions)
+        .map_max_entries("OPEN_SESSIONS", max_sessions)
         .load(KERNEL_OBJECT)
         .map_err(Error::Load)?;
     Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new(), attached: Vec::new() })

@@ -1,12 +1,16 @@
-//! `cargo xtask bench`: iperf3 over loopback with the observer on vs off, in three
-//! workloads (workload.rs): TCP bulk, TCP small messages, UDP small datagrams.
+//! `cargo xtask bench`: loopback workloads with the observer on vs off (workload.rs):
+//! TCP bulk, TCP small messages, UDP small datagrams (iperf3), short TCP connections
+//! (xtask's own load generator, connload.rs, with figures of its own in shortconn.rs).
 //!
 //! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
 //! always says how its numbers were made.
 
+mod connload;
 mod iperf;
 mod progs;
 mod report;
+mod scrape;
+mod shortconn;
 mod stats;
 mod sys;
 mod workload;
@@ -20,8 +24,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::{build, setup, util};
+pub use connload::hold_connections;
 use progs::ProgStats;
 use report::{Machine, Report, Round};
+use shortconn::Findings;
+pub use shortconn::HOLD_CONNECTIONS;
 use sys::{BpfStats, NetNs, Proc};
 pub use workload::Selection;
 use workload::Workload;
@@ -41,6 +48,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     pub smoke: bool,
     pub workload: Selection,
+    /// Connections held open while the observer's memory is measured.
+    pub hold: usize,
 }
 
 impl Options {
@@ -51,6 +60,7 @@ impl Options {
             out: None,
             smoke: true,
             workload: Selection::All,
+            hold: 1_000,
         }
     }
 }
@@ -95,6 +105,13 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         Proc::spawn(cmd, "iperf3 server", Some(&logs.join("iperf3-server.log")))?
     };
     sys::wait_listening(&mut server, IPERF_PORT, Duration::from_secs(10))?;
+    let workloads = opts.workload.workloads();
+    let _conn_server = if workloads.contains(&Workload::ShortConn) {
+        connload::widen_port_range(&ns)?;
+        Some(connload::Server::start(&ns)?)
+    } else {
+        None
+    };
 
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let bench = Bench {
@@ -107,7 +124,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         pin: cpus >= 2,
     };
     let mut reports = Vec::new();
-    for workload in opts.workload.workloads() {
+    for workload in workloads {
         eprintln!("xtask bench: workload {}", workload.name());
         let machine = machine();
         if let Ok(load) = machine.load.parse::<f64>()
@@ -175,6 +192,10 @@ impl Bench<'_> {
     fn workload(&self, workload: Workload, opts: &Options, machine: &Machine) -> Result<Report> {
         let mut rounds = Vec::new();
         let mut progs: Vec<ProgStats> = Vec::new();
+        let mut short = (workload == Workload::ShortConn).then(|| Findings {
+            hold: opts.hold,
+            ..Findings::default()
+        });
         let unit = workload.display_unit();
         for i in 0..opts.rounds {
             let on_first = i % 2 == 1;
@@ -182,9 +203,12 @@ impl Bench<'_> {
             for observer_on in [on_first, !on_first] {
                 sys::check_interrupted()?;
                 if observer_on {
-                    let (figure, counted) = self.measure_on(workload)?;
+                    let (figure, counted, on_run) = self.measure_on(workload)?;
                     on = figure;
                     progs::accumulate(&mut progs, &counted);
+                    if let (Some(short), Some(on_run)) = (short.as_mut(), on_run) {
+                        short.on_runs.push(on_run);
+                    }
                 } else {
                     off = self.measure(workload)?;
                 }
@@ -201,6 +225,10 @@ impl Bench<'_> {
             );
             rounds.push(round);
         }
+        if let Some(short) = short.as_mut() {
+            sys::check_interrupted()?;
+            short.held = Some(self.measure_held(opts.hold)?);
+        }
         Ok(Report {
             workload,
             rounds,
@@ -209,11 +237,21 @@ impl Bench<'_> {
             progs,
             pinned: self.pin,
             machine: machine.clone(),
+            short,
         })
     }
 
-    /// One iperf3 client run in the namespace; the workload's figure.
+    /// One run of the workload in the namespace; its figure.
     fn measure(&self, workload: Workload) -> Result<f64> {
+        if workload == Workload::ShortConn {
+            let secs = Duration::from_secs(self.seconds.into());
+            return Ok(connload::run(self.ns, secs, None)?.rate());
+        }
+        self.measure_iperf(workload)
+    }
+
+    /// One iperf3 client run in the namespace; the workload's figure.
+    fn measure_iperf(&self, workload: Workload) -> Result<f64> {
         // The JSON goes to a file: a pipe read only after exit could fill up and stall
         // iperf3 on long runs.
         let json_file = fs::File::create(&self.client_json)
@@ -261,13 +299,48 @@ impl Bench<'_> {
 
     /// A measurement with the observer running: start it, wait for /readyz, measure,
     /// read its programs' counters, stop it.
-    fn measure_on(&self, workload: Workload) -> Result<(f64, Vec<ProgStats>)> {
+    fn measure_on(
+        &self,
+        workload: Workload,
+    ) -> Result<(f64, Vec<ProgStats>, Option<shortconn::OnRun>)> {
+        let observer = self.start_observer(&[])?;
+        let (figure, on_run) = if workload == Workload::ShortConn {
+            let on_run = shortconn::measure_on(self.ns, &observer, listen_addr(), self.seconds)?;
+            (on_run.run.rate(), Some(on_run))
+        } else {
+            (self.measure(workload)?, None)
+        };
+        let counted = progs::read_for_pid(observer.pid())?;
+        self.stop_observer(observer)?;
+        Ok((figure, counted, on_run))
+    }
+
+    /// The observer's memory with `n` connections open.
+    fn measure_held(&self, n: usize) -> Result<shortconn::Held> {
+        let max = shortconn::HOLD_MAX_SESSIONS.to_string();
+        let observer = self.start_observer(&["--max-sessions", &max])?;
+        let held = shortconn::measure_held(self.ns, &observer, listen_addr(), n)?;
+        eprintln!(
+            "xtask bench: {n} connections open (in {:.1} s): observer RSS {:.1} MiB, {} open sessions",
+            held.open_seconds,
+            held.rss as f64 / f64::from(1 << 20),
+            held.open_sessions
+        );
+        self.stop_observer(observer)?;
+        Ok(held)
+    }
+
+    /// `observer run --iface lo` in the namespace, ready on /readyz.
+    fn start_observer(&self, extra: &[&str]) -> Result<Proc> {
         let mut cmd = self.ns.command(self.observer);
-        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
+        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN])
+            .args(extra);
         let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
         self.wait_ready(&mut observer)?;
-        let figure = self.measure(workload)?;
-        let counted = progs::read_for_pid(observer.pid())?;
+        Ok(observer)
+    }
+
+    fn stop_observer(&self, mut observer: Proc) -> Result<()> {
         if let Some(status) = observer.exited()? {
             bail!(
                 "the observer exited ({status}) during the measurement\n{}",
@@ -278,11 +351,11 @@ impl Bench<'_> {
         if !status.success() {
             eprintln!("xtask: warning: the observer exited with {status} after SIGTERM");
         }
-        Ok((figure, counted))
+        Ok(())
     }
 
     fn wait_ready(&self, observer: &mut Proc) -> Result<()> {
-        let addr: SocketAddr = OBSERVER_LISTEN.parse().expect("a valid socket address");
+        let addr = listen_addr();
         let started = Instant::now();
         loop {
             if let Some(status) = observer.exited()? {
@@ -315,6 +388,10 @@ impl Bench<'_> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+fn listen_addr() -> SocketAddr {
+    OBSERVER_LISTEN.parse().expect("a valid socket address")
 }
 
 fn machine() -> Machine {

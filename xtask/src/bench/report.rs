@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::progs::ProgStats;
+use super::shortconn::{self, Findings};
 use super::stats::{median, spread};
 use super::workload::{PER_CALL_HOOKS, Workload};
 
@@ -45,6 +46,8 @@ pub struct Report {
     /// Whether iperf3 ran with `-A 0,1`.
     pub pinned: bool,
     pub machine: Machine,
+    /// The short-connection workload's own figures.
+    pub short: Option<Findings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,13 +121,19 @@ impl Report {
             )?;
         }
         writeln!(s)?;
+        let setup = match &self.short {
+            Some(short) => shortconn::method(secs, short.hold),
+            None => format!(
+                "one `iperf3 -s` on 127.0.0.1 in it; each measurement is `iperf3 -c 127.0.0.1 \
+                 -t {secs} -J{args}{pin}` in that namespace; {}{pin_why}",
+                w.figure_method()
+            ),
+        };
         writeln!(
             s,
             "Method (`cargo xtask bench --workload {} --rounds {n} --seconds {secs}`): a \
-             network namespace of its own with only `lo` up; one `iperf3 -s` on 127.0.0.1 in \
-             it; each measurement is `iperf3 -c 127.0.0.1 -t {secs} -J{args}{pin}` in that \
-             namespace; {}{pin_why} \"On\" measurements run while \
-             `observer run --iface lo` (release build) runs in the same namespace: started \
+             network namespace of its own with only `lo` up; {setup} \"On\" measurements run \
+             while `observer run --iface lo` (release build) runs in the same namespace: started \
              before the measurement, ready on `/readyz`, stopped with SIGTERM after it. \
              \"Off\" measurements run without it. Each round has one of each, back to back, \
              and rounds alternate which goes first, so drift hits both alike. Kernel BPF \
@@ -132,7 +141,6 @@ impl Report {
              observer's program runs; their clock reads are charged to \"on\", so the ratio \
              is slightly pessimistic.",
             w.name(),
-            w.figure_method()
         )?;
         writeln!(s)?;
         let m = &self.machine;
@@ -211,6 +219,9 @@ impl Report {
                 };
                 let names = PER_CALL_HOOKS.map(|h| format!("`{h}`")).join(", ");
                 writeln!(s, "| target ≤ {bar} ns per run of {names} | {judged} |")?;
+            }
+            if let Some(short) = &self.short {
+                short.write_markdown(s, verdict)?;
             }
         }
 
@@ -327,6 +338,7 @@ mod tests {
             progs: vec![],
             pinned: false,
             machine: machine(),
+            short: None,
         };
         let s = report.summary().unwrap();
         assert_eq!(s.median_off, 42e9);
@@ -358,6 +370,7 @@ mod tests {
             ],
             pinned: true,
             machine: machine(),
+            short: None,
         };
         let md = report.markdown();
         assert!(md.starts_with(Workload::Bulk.heading()), "{md}");
@@ -409,6 +422,7 @@ mod tests {
             ],
             pinned: false,
             machine: machine(),
+            short: None,
         };
         let md = report.markdown();
         assert!(md.starts_with("## TCP small messages"), "{md}");
@@ -464,6 +478,7 @@ mod tests {
             progs: vec![],
             pinned: false,
             machine: machine(),
+            short: None,
         };
         let md = report.markdown();
         assert!(md.contains("**Smoke run**"), "{md}");
@@ -519,7 +534,7 @@ mod tests {
     #[test]
     fn workload_sections_replace_only_their_own() {
         let section = |w: Workload, body: &str| format!("{}\n\n{body}\n", w.heading());
-        let [bulk, tcp, udp] = Workload::ALL;
+        let [bulk, tcp, udp, _] = Workload::ALL;
         let mut doc = String::new();
         for (w, body) in [(udp, "u1"), (bulk, "b1\n\n| t |"), (tcp, "t1")] {
             doc = replace_section(&doc, w.heading(), &section(w, body));
