@@ -5,6 +5,7 @@
 //! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
 //! always says how its numbers were made.
 
+mod baseline;
 mod connload;
 mod iperf;
 mod progs;
@@ -229,6 +230,12 @@ impl Bench<'_> {
             sys::check_interrupted()?;
             short.held = Some(self.measure_held(opts.hold)?);
         }
+        let reference = if workload.target_hook_ns().is_some() {
+            sys::check_interrupted()?;
+            self.measure_reference(workload)?
+        } else {
+            Vec::new()
+        };
         Ok(Report {
             workload,
             rounds,
@@ -238,6 +245,7 @@ impl Bench<'_> {
             pinned: self.pin,
             machine: machine.clone(),
             short,
+            reference,
         })
     }
 
@@ -328,6 +336,29 @@ impl Bench<'_> {
         );
         self.stop_observer(observer)?;
         Ok(held)
+    }
+
+    /// One run of the workload with the observer off and empty programs on the per-call
+    /// hooks' tracepoints: what a tp_btf program costs here before it does anything.
+    fn measure_reference(&self, workload: Workload) -> Result<Vec<ProgStats>> {
+        let empty = [
+            baseline::EmptyProg::attach("sock_send_length", "empty_send")?,
+            baseline::EmptyProg::attach("sock_recv_length", "empty_recv")?,
+        ];
+        self.measure(workload)?;
+        let stats = empty
+            .iter()
+            .map(baseline::EmptyProg::stats)
+            .collect::<Result<Vec<_>>>()?;
+        for p in &stats {
+            eprintln!(
+                "xtask bench: reference {}: {} runs, {:.0} ns per run",
+                p.name,
+                p.run_cnt,
+                p.run_time_ns as f64 / p.run_cnt.max(1) as f64
+            );
+        }
+        Ok(stats)
     }
 
     /// `observer run --iface lo` in the namespace, ready on /readyz.

@@ -32,6 +32,9 @@ pub struct ProgStats {
     pub name: String,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    /// Its size after the verifier's rewriting (bpf_prog_info's xlated_prog_len / 8),
+    /// when bpf(2) told: a measure of the work it can do per run.
+    pub xlated_insns: Option<u32>,
 }
 
 /// Parses /proc/PID/fdinfo/FD of a bpf-prog fd; None for any other kind of fd.
@@ -94,14 +97,15 @@ pub fn resolve_name(short: Option<&str>, by_tag: &[String], prog_id: u32) -> Str
 
 /// Keeps the programs named `obs_*` (and unnamed ones: they belong to the observer
 /// process, so they are ours), in name order.
-pub fn select(named: Vec<(String, ProgFdInfo)>) -> Vec<ProgStats> {
+pub fn select(named: Vec<(String, ProgFdInfo, Option<u32>)>) -> Vec<ProgStats> {
     let mut out: Vec<ProgStats> = named
         .into_iter()
-        .filter(|(name, _)| name.starts_with("obs_") || name.starts_with("prog "))
-        .map(|(name, info)| ProgStats {
+        .filter(|(name, _, _)| name.starts_with("obs_") || name.starts_with("prog "))
+        .map(|(name, info, xlated_insns)| ProgStats {
             name,
             run_time_ns: info.run_time_ns,
             run_cnt: info.run_cnt,
+            xlated_insns,
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -150,9 +154,11 @@ pub fn read_for_pid(pid: u32) -> Result<Vec<ProgStats>> {
     let named = infos
         .into_iter()
         .map(|info| {
-            let short = bpf_prog_name(info.prog_id).ok();
+            let bpf_info = bpf_prog_info(info.prog_id).ok();
+            let short = bpf_info.as_ref().map(|(name, _)| name.as_str());
             let by_tag = kallsyms.get(&info.tag).map_or(&[][..], Vec::as_slice);
-            (resolve_name(short.as_deref(), by_tag, info.prog_id), info)
+            let insns = bpf_info.as_ref().map(|(_, insns)| *insns);
+            (resolve_name(short, by_tag, info.prog_id), info, insns)
         })
         .collect();
     Ok(select(named))
@@ -160,9 +166,10 @@ pub fn read_for_pid(pid: u32) -> Result<Vec<ProgStats>> {
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-/// `name` is bytes 64..80 of struct bpf_prog_info; the kernel fills only the prefix
-/// asked for.
+/// `name` is bytes 64..80 of struct bpf_prog_info, `xlated_prog_len` bytes 20..24;
+/// the kernel fills only the prefix asked for.
 const INFO_NAME: std::ops::Range<usize> = 64..80;
+const INFO_XLATED_LEN: std::ops::Range<usize> = 20..24;
 
 /// The `prog_id` member of union bpf_attr for BPF_PROG_GET_FD_BY_ID.
 #[repr(C)]
@@ -180,8 +187,9 @@ struct GetInfoAttr {
     info: u64,
 }
 
-/// A program's name as bpf(2) reports it (at most 15 bytes).
-fn bpf_prog_name(prog_id: u32) -> io::Result<String> {
+/// A program's name as bpf(2) reports it (at most 15 bytes), and its instructions
+/// after verification.
+fn bpf_prog_info(prog_id: u32) -> io::Result<(String, u32)> {
     let attr = GetFdByIdAttr {
         prog_id,
         next_id: 0,
@@ -221,7 +229,8 @@ fn bpf_prog_name(prog_id: u32) -> io::Result<String> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(name_from_info(&info))
+    let xlated_len = u32::from_ne_bytes(info[INFO_XLATED_LEN].try_into().expect("4 bytes"));
+    Ok((name_from_info(&info), xlated_len / 8))
 }
 
 /// The NUL-terminated name in a bpf_prog_info prefix.
@@ -316,10 +325,10 @@ mod tests {
             run_cnt,
         };
         let got = select(vec![
-            ("obs_owner_send".into(), info(2, 10, 1)),
-            ("obs_state_fe".into(), info(1, 500, 5)),
-            ("other".into(), info(3, 7, 7)),
-            ("prog 4".into(), info(4, 0, 0)),
+            ("obs_owner_send".into(), info(2, 10, 1), None),
+            ("obs_state_fe".into(), info(1, 500, 5), None),
+            ("other".into(), info(3, 7, 7), None),
+            ("prog 4".into(), info(4, 0, 0), None),
         ]);
         let got: Vec<(&str, u64, u64)> = got
             .iter()
@@ -341,6 +350,7 @@ mod tests {
             name: name.into(),
             run_time_ns: t,
             run_cnt: c,
+            xlated_insns: None,
         };
         let mut totals = Vec::new();
         accumulate(&mut totals, &[p("obs_b", 10, 1), p("obs_a", 20, 2)]);

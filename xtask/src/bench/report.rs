@@ -48,6 +48,9 @@ pub struct Report {
     pub machine: Machine,
     /// The short-connection workload's own figures.
     pub short: Option<Findings>,
+    /// Empty tp_btf programs on the per-call hooks' tracepoints, run through the
+    /// workload once with the observer off (baseline.rs).
+    pub reference: Vec<ProgStats>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -212,6 +215,16 @@ impl Report {
                         .map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
                     writeln!(s, "| ns per `{h}` run | {ns} |")?;
                 }
+                for r in &self.reference {
+                    let ns = (r.run_cnt > 0)
+                        .then(|| format!("{:.0}", r.run_time_ns as f64 / r.run_cnt as f64))
+                        .unwrap_or_else(|| "did not run".to_owned());
+                    writeln!(
+                        s,
+                        "| reference: ns per run of an empty tp_btf program (`{}`, 2 instructions) on the same tracepoint, same workload, observer off | {ns} |",
+                        r.name
+                    )?;
+                }
                 let judged = if per.len() < PER_CALL_HOOKS.len() {
                     "not judged (not all of them ran)"
                 } else {
@@ -237,13 +250,19 @@ impl Report {
                 "eBPF programs, kernel statistics summed over the \"on\" measurements \
                  (machine-wide: they count every event on the host, not only iperf3's):\n"
             )?;
-            writeln!(s, "| program | invocations | ns per invocation |")?;
-            writeln!(s, "|---|---:|---:|")?;
+            writeln!(
+                s,
+                "| program | invocations | ns per invocation | instructions (after verification) |"
+            )?;
+            writeln!(s, "|---|---:|---:|---:|")?;
             for p in &self.progs {
                 let per = self
                     .ns_per_run(&p.name)
                     .map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0}"));
-                writeln!(s, "| `{}` | {} | {per} |", p.name, p.run_cnt)?;
+                let insns = p
+                    .xlated_insns
+                    .map_or_else(|| "–".to_owned(), |n| n.to_string());
+                writeln!(s, "| `{}` | {} | {per} | {insns} |", p.name, p.run_cnt)?;
             }
         }
         Ok(())
@@ -321,6 +340,7 @@ mod tests {
             name: name.into(),
             run_time_ns,
             run_cnt,
+            xlated_insns: None,
         }
     }
 
@@ -339,6 +359,7 @@ mod tests {
             pinned: false,
             machine: machine(),
             short: None,
+            reference: vec![],
         };
         let s = report.summary().unwrap();
         assert_eq!(s.median_off, 42e9);
@@ -371,6 +392,7 @@ mod tests {
             pinned: true,
             machine: machine(),
             short: None,
+            reference: vec![],
         };
         let md = report.markdown();
         assert!(md.starts_with(Workload::Bulk.heading()), "{md}");
@@ -388,8 +410,8 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| target on/off ≥ 0.99 | NOT met |"), "{md}");
-        assert!(md.contains("| `obs_state_btf` | 100 | 120 |"), "{md}");
-        assert!(md.contains("| `obs_state_kp` | 0 | – |"), "{md}");
+        assert!(md.contains("| `obs_state_btf` | 100 | 120 | – |"), "{md}");
+        assert!(md.contains("| `obs_state_kp` | 0 | – | – |"), "{md}");
         assert!(md.contains(
             "Machine: 2 CPUs, Linux 6.18.0 (x86_64), 1-minute load average 0.05 at the \
              start and 0.10 at the end. Date: 2025-01-02."
@@ -423,6 +445,7 @@ mod tests {
             pinned: false,
             machine: machine(),
             short: None,
+            reference: vec![],
         };
         let md = report.markdown();
         assert!(md.starts_with("## TCP small messages"), "{md}");
@@ -465,7 +488,7 @@ mod tests {
         );
         assert!(md.contains("`end.sum_received.lost_packets`"), "{md}");
         assert!(!md.contains("ns per `obs_send` run"), "{md}");
-        assert!(md.contains("| `obs_send` | 100 | 50 |"), "{md}");
+        assert!(md.contains("| `obs_send` | 100 | 50 | – |"), "{md}");
     }
 
     #[test]
@@ -479,6 +502,7 @@ mod tests {
             pinned: false,
             machine: machine(),
             short: None,
+            reference: vec![],
         };
         let md = report.markdown();
         assert!(md.contains("**Smoke run**"), "{md}");
