@@ -216,9 +216,11 @@ impl Report {
                     writeln!(s, "| ns per `{h}` run | {ns} |")?;
                 }
                 for r in &self.reference {
-                    let ns = (r.run_cnt > 0)
-                        .then(|| format!("{:.0}", r.run_time_ns as f64 / r.run_cnt as f64))
-                        .unwrap_or_else(|| "did not run".to_owned());
+                    let ns = if r.run_cnt > 0 {
+                        format!("{:.0}", r.run_time_ns as f64 / r.run_cnt as f64)
+                    } else {
+                        "did not run".to_owned()
+                    };
                     writeln!(
                         s,
                         "| reference: ns per run of an empty tp_btf program (`{}`, 2 instructions) on the same tracepoint, same workload, observer off | {ns} |",
