@@ -103,6 +103,12 @@ impl Kernel {
         Ok(attached)
     }
 
+    /// Frees the parsed kernel BTF once every program is attached: loading a
+    /// program needs it, running does not.
+    pub fn release_btf(&mut self) {
+        self.btf = AyaBtf::new();
+    }
+
     fn load_program(&mut self, name: &'static str, how: Attach) -> Result<(), ProgramError> {
         let btf = &self.btf;
         let program = self.ebpf.program_mut(name).ok_or(ProgramError::UnexpectedProgramType)?;

@@ -127,6 +127,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     telemetry::BpfPrograms::new(telemetry::program_entries(&kernel.ebpf, &attached_programs))
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("BPF program metrics: {e}")))?;
+    // The parsed kernel BTF (tens of MB with both parsers) is needed only to
+    // load and attach: free it, and hand the freed heap back to the system, so
+    // the agent's resident memory is what it uses while running.
+    drop(btf);
+    kernel.release_btf();
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on http://{local}/metrics");
     tracing::info!(listen = %local, "ready");
