@@ -11,6 +11,7 @@ mod iperf;
 mod progs;
 mod report;
 mod scrape;
+mod scrape_latency;
 mod shortconn;
 mod stats;
 mod sys;
@@ -152,6 +153,20 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         reports.push(report);
     }
     server.stop(Duration::from_secs(5))?;
+    let scrape = if opts.workload.scrape() {
+        eprintln!("xtask bench: scrape latency");
+        let mut machine = machine();
+        let scrape = scrape_latency::measure(if opts.smoke { 20 } else { 500 })?;
+        machine.load_end = load_average();
+        let section = scrape.markdown(&machine, opts.smoke);
+        println!("\n{section}");
+        if let Some(out) = &opts.out {
+            write_section(out, scrape_latency::HEADING, &section)?;
+        }
+        Some(scrape)
+    } else {
+        None
+    };
 
     if opts.smoke {
         for report in &reports {
@@ -166,8 +181,15 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
                 );
             }
         }
+        if let Some(scrape) = &scrape {
+            ensure!(
+                scrape.series > 0 && scrape.p50_ms > 0.0,
+                "benchmark smoke: the scrape measurement produced nothing ({scrape:?})"
+            );
+        }
         println!(
-            "xtask bench: smoke run ok: {} measured with the observer off and on",
+            "xtask bench: smoke run ok: {} measured with the observer off and on; scrape latency \
+             measured",
             reports
                 .iter()
                 .map(|r| r.workload.name())
@@ -338,17 +360,23 @@ impl Bench<'_> {
         Ok(held)
     }
 
-    /// One run of the workload with the observer off and empty programs on the per-call
-    /// hooks' tracepoints: what a tp_btf program costs here before it does anything.
+    /// One run of the workload with the observer off and the reference programs
+    /// (baseline.rs) on the per-call hooks' tracepoints: what a tp_btf program costs
+    /// here before it does anything, and what each kind of step of a hook adds.
     fn measure_reference(&self, workload: Workload) -> Result<Vec<ProgStats>> {
-        let empty = [
-            baseline::EmptyProg::attach("sock_send_length", "empty_send")?,
-            baseline::EmptyProg::attach("sock_recv_length", "empty_recv")?,
-        ];
+        // Each reference on the send tracepoint; the empty one on receive too.
+        let mut refs = Vec::new();
+        for r in baseline::REFERENCES {
+            let name = format!("{}_send", r.describe().0);
+            refs.push(baseline::RefProg::attach(r, "sock_send_length", &name)?);
+        }
+        let empty = baseline::Reference::Empty;
+        let name = format!("{}_recv", empty.describe().0);
+        refs.push(baseline::RefProg::attach(empty, "sock_recv_length", &name)?);
         self.measure(workload)?;
-        let stats = empty
+        let stats = refs
             .iter()
-            .map(baseline::EmptyProg::stats)
+            .map(baseline::RefProg::stats)
             .collect::<Result<Vec<_>>>()?;
         for p in &stats {
             eprintln!(

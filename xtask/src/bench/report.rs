@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::baseline;
 use super::progs::ProgStats;
 use super::shortconn::{self, Findings};
 use super::stats::{median, spread};
@@ -221,9 +222,14 @@ impl Report {
                     } else {
                         "did not run".to_owned()
                     };
+                    let what = baseline::REFERENCES
+                        .iter()
+                        .map(|r| r.describe())
+                        .find(|(prefix, _)| r.name.starts_with(prefix))
+                        .map_or("", |(_, what)| what);
                     writeln!(
                         s,
-                        "| reference: ns per run of an empty tp_btf program (`{}`, 2 instructions) on the same tracepoint, same workload, observer off | {ns} |",
+                        "| reference, observer off, same workload and tracepoint: ns per run of `{}`, a tp_btf program doing {what} | {ns} |",
                         r.name
                     )?;
                 }

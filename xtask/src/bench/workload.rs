@@ -12,6 +12,8 @@ pub enum Selection {
     TcpSmall,
     UdpSmall,
     ShortConn,
+    /// /metrics latency with 10,000 series (scrape_latency.rs); not an on/off workload.
+    Scrape,
     All,
 }
 
@@ -22,8 +24,14 @@ impl Selection {
             Selection::TcpSmall => vec![Workload::TcpSmall],
             Selection::UdpSmall => vec![Workload::UdpSmall],
             Selection::ShortConn => vec![Workload::ShortConn],
+            Selection::Scrape => vec![],
             Selection::All => Workload::ALL.to_vec(),
         }
+    }
+
+    /// Whether the scrape-latency measurement runs.
+    pub fn scrape(self) -> bool {
+        matches!(self, Selection::Scrape | Selection::All)
     }
 }
 
