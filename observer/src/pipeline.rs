@@ -256,11 +256,17 @@ async fn drain_forever(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8])) ->
         .map_err(|e| Error::Ring(e.into_parts().1))?;
     loop {
         let mut guard = fd.readable_mut().await.map_err(Error::Ring)?;
+        // Readiness is cleared before draining, not after: a record committed
+        // after the drain's last read wakes the fd (the kernel notifies once the
+        // reader has caught up), and that wake must not be cleared away, or the
+        // record waits for the next one, and with the ring's adaptive wake-ups
+        // no later record wakes the reader either. Found by the benchmark: a
+        // few sessions of each burst of short connections went uncounted.
+        guard.clear_ready();
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             handle(&item);
         }
-        guard.clear_ready();
     }
 }
 

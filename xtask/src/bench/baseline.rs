@@ -236,6 +236,7 @@ impl RefProg {
             name: self.name.clone(),
             run_time_ns: info.run_time_ns,
             run_cnt: info.run_cnt,
+            recursion_misses: info.recursion_misses,
             xlated_insns: Some(self.insns),
         })
     }

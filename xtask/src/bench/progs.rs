@@ -24,6 +24,10 @@ pub struct ProgFdInfo {
     pub tag: String,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU
+    /// (a tracepoint hit again from an interrupt while the program ran); 0 where the
+    /// kernel does not count them (before 5.12).
+    pub recursion_misses: u64,
 }
 
 /// One program's counters, named.
@@ -32,6 +36,7 @@ pub struct ProgStats {
     pub name: String,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    pub recursion_misses: u64,
     /// Its size after the verifier's rewriting (bpf_prog_info's xlated_prog_len / 8),
     /// when bpf(2) told: a measure of the work it can do per run.
     pub xlated_insns: Option<u32>,
@@ -50,6 +55,10 @@ pub fn parse_fdinfo(text: &str) -> Option<ProgFdInfo> {
         tag: fields.get("prog_tag")?.to_ascii_lowercase(),
         run_time_ns: fields.get("run_time_ns")?.parse().ok()?,
         run_cnt: fields.get("run_cnt")?.parse().ok()?,
+        recursion_misses: fields
+            .get("recursion_misses")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     })
 }
 
@@ -105,6 +114,7 @@ pub fn select(named: Vec<(String, ProgFdInfo, Option<u32>)>) -> Vec<ProgStats> {
             name,
             run_time_ns: info.run_time_ns,
             run_cnt: info.run_cnt,
+            recursion_misses: info.recursion_misses,
             xlated_insns,
         })
         .collect();
@@ -119,6 +129,7 @@ pub fn accumulate(totals: &mut Vec<ProgStats>, more: &[ProgStats]) {
             Some(t) => {
                 t.run_time_ns += p.run_time_ns;
                 t.run_cnt += p.run_cnt;
+                t.recursion_misses += p.recursion_misses;
             }
             None => totals.push(p.clone()),
         }
@@ -258,6 +269,7 @@ mod tests {
                 tag: "6deef7357e7b4530".into(),
                 run_time_ns: 123456,
                 run_cnt: 789,
+                recursion_misses: 0,
             })
         );
     }
@@ -323,6 +335,7 @@ mod tests {
             tag: String::new(),
             run_time_ns,
             run_cnt,
+            recursion_misses: 0,
         };
         let got = select(vec![
             ("obs_owner_send".into(), info(2, 10, 1), None),
@@ -350,6 +363,7 @@ mod tests {
             name: name.into(),
             run_time_ns: t,
             run_cnt: c,
+            recursion_misses: 0,
             xlated_insns: None,
         };
         let mut totals = Vec::new();

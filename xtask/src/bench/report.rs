@@ -256,13 +256,16 @@ impl Report {
             writeln!(
                 s,
                 "eBPF programs, kernel statistics summed over the \"on\" measurements \
-                 (machine-wide: they count every event on the host, not only iperf3's):\n"
+                 (machine-wide: they count every event on the host, not only the workload's). \
+                 Runs skipped (recursion): the kernel did not run the program because it was \
+                 already running on that CPU (the hook hit again from an interrupt); each is \
+                 an event the observer did not see:\n"
             )?;
             writeln!(
                 s,
-                "| program | invocations | ns per invocation | instructions (after verification) |"
+                "| program | invocations | ns per invocation | instructions (after verification) | runs skipped (recursion) |"
             )?;
-            writeln!(s, "|---|---:|---:|---:|")?;
+            writeln!(s, "|---|---:|---:|---:|---:|")?;
             for p in &self.progs {
                 let per = self
                     .ns_per_run(&p.name)
@@ -270,7 +273,11 @@ impl Report {
                 let insns = p
                     .xlated_insns
                     .map_or_else(|| "–".to_owned(), |n| n.to_string());
-                writeln!(s, "| `{}` | {} | {per} | {insns} |", p.name, p.run_cnt)?;
+                writeln!(
+                    s,
+                    "| `{}` | {} | {per} | {insns} | {} |",
+                    p.name, p.run_cnt, p.recursion_misses
+                )?;
             }
         }
         Ok(())
@@ -348,6 +355,7 @@ mod tests {
             name: name.into(),
             run_time_ns,
             run_cnt,
+            recursion_misses: 0,
             xlated_insns: None,
         }
     }
@@ -418,8 +426,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| target on/off ≥ 0.99 | NOT met |"), "{md}");
-        assert!(md.contains("| `obs_state_btf` | 100 | 120 | – |"), "{md}");
-        assert!(md.contains("| `obs_state_kp` | 0 | – | – |"), "{md}");
+        assert!(
+            md.contains("| `obs_state_btf` | 100 | 120 | – | 0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| `obs_state_kp` | 0 | – | – | 0 |"), "{md}");
         assert!(md.contains(
             "Machine: 2 CPUs, Linux 6.18.0 (x86_64), 1-minute load average 0.05 at the \
              start and 0.10 at the end. Date: 2025-01-02."
@@ -496,7 +507,7 @@ mod tests {
         );
         assert!(md.contains("`end.sum_received.lost_packets`"), "{md}");
         assert!(!md.contains("ns per `obs_send` run"), "{md}");
-        assert!(md.contains("| `obs_send` | 100 | 50 | – |"), "{md}");
+        assert!(md.contains("| `obs_send` | 100 | 50 | – | 0 |"), "{md}");
     }
 
     #[test]
