@@ -1,8 +1,8 @@
-//! Userspace cost of session labels (issue 5's figures): how many closed
-//! sessions one core can label and record, and how long a scrape of 10,000
-//! series takes. Real parts throughout: the observer's own `Enricher` (with
-//! this host's cgroup tree), `Metrics` and text encoder; only the sessions
-//! are made up, since the kernel side is not what is measured here.
+//! Userspace cost of session labels: how many closed sessions one core can
+//! label and record. Real parts throughout: the observer's own `Enricher`
+//! (with this host's cgroup tree) and `Metrics`; only the sessions are made
+//! up, since the kernel side is not what is measured here. Scrape latency
+//! with 10,000 series is `cargo xtask bench --workload scrape`.
 //!
 //! `cargo bench -p observer --bench session_labels` (`-- --quick` for a
 //! seconds-long smoke run). Prints one JSON line per figure.
@@ -103,59 +103,7 @@ fn enrich_and_record(n: u64) {
     );
 }
 
-/// Scrape latency with about `target` series (sample lines), as a
-/// Prometheus server counts them.
-fn scrape(target: usize, rounds: usize) {
-    let mut e = enricher(&[SessionLabel::Comm, SessionLabel::PeerPort]);
-    let metrics = Metrics::new(Vec::new(), &e.names()).unwrap();
-    let mut i = 0;
-    let mut text = metrics.encode().unwrap();
-    while series(&text) < target {
-        // New label sets, 100 at a time, until the exposition is big enough.
-        for _ in 0..100 {
-            let mut s = session(i);
-            s.owner.as_mut().unwrap().comm = format!("job-{}", i / 100);
-            let values = e.label(&s, Instant::now(), |_| {});
-            metrics.record(&s, &values, 1_000_000);
-            i += 1;
-        }
-        text = metrics.encode().unwrap();
-    }
-    // Wall time is what Prometheus waits for; CPU time is the same work
-    // without the waits a busy machine adds, so both are reported.
-    let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..rounds)
-        .map(|_| {
-            let (t, c) = (Instant::now(), thread_cpu());
-            black_box(metrics.encode().unwrap());
-            (t.elapsed(), thread_cpu() - c)
-        })
-        .unzip();
-    wall.sort();
-    cpu.sort();
-    let pct = |v: &[Duration], p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
-    println!(
-        "{}",
-        serde_json::json!({
-            "figure": "scrape",
-            "series": series(&text),
-            "bytes": text.len(),
-            "rounds": rounds,
-            "p50_ms": pct(&wall, 0.5),
-            "p99_ms": pct(&wall, 0.99),
-            "max_ms": pct(&wall, 1.0),
-            "cpu_p50_ms": pct(&cpu, 0.5),
-            "cpu_p99_ms": pct(&cpu, 0.99),
-        })
-    );
-}
-
-fn series(text: &str) -> usize {
-    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (sessions, rounds) = if quick { (20_000, 20) } else { (1_000_000, 200) };
-    enrich_and_record(sessions);
-    scrape(10_000, rounds);
+    enrich_and_record(if quick { 20_000 } else { 1_000_000 });
 }

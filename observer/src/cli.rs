@@ -41,6 +41,13 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "5s";
 /// sessions that moved at least 1 MB in a direction.
 pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
 
+/// Default size of the kernel's open-session table (`OPEN_SESSIONS`): each
+/// loopback connection takes two entries (one per end), other connections one.
+pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
+/// Largest `--max-sessions`: the table is preallocated kernel memory, about
+/// 200 bytes an entry (112-byte value, key, hash bucket), so this is ~0.8 GiB.
+pub const MAX_MAX_SESSIONS: u32 = 4_194_304;
+
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about = "Per-session network goodput from eBPF, as Prometheus metrics")]
 pub struct Cli {
@@ -108,6 +115,11 @@ pub struct RunArgs {
     // wrong, instead of clap calling it an unknown flag.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MIN_SESSION_BYTES, value_parser = parse_min_bytes, allow_hyphen_values = true)]
     pub min_session_bytes: u64,
+    /// Open TCP sessions the kernel table holds; a session opened when it is
+    /// full is reported at close as adopted (counted in
+    /// observer_events_lost_total{source="session_table_full"}).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SESSIONS, value_parser = parse_max_sessions, allow_hyphen_values = true)]
+    pub max_sessions: u32,
     /// Static label added to every session metric (e.g. track, region). Repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<StaticLabel>,
@@ -209,6 +221,17 @@ fn parse_min_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_max_sessions(s: &str) -> Result<u32, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1 (the table of open sessions cannot be empty)".into()),
+        Ok(n) if n > u64::from(MAX_MAX_SESSIONS) => Err(format!(
+            "{n} is more than {MAX_MAX_SESSIONS}: the table is preallocated kernel memory, about 200 bytes an entry"
+        )),
+        Ok(n) => Ok(n as u32),
+        Err(_) => Err(format!("`{s}` is not a whole number of sessions (for example 262144)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::{CommandFactory, error::ErrorKind};
@@ -236,12 +259,19 @@ mod tests {
         assert!(r.session_labels.is_empty() && r.peer_groups.is_empty() && r.service_ports.is_empty());
         assert_eq!(r.series_ttl, Duration::from_secs(1800));
         assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(r.max_sessions, 65_536);
     }
 
     #[test]
     fn session_labels_comma_separated_or_repeated() {
         let r = run_args(&["--session-label", "comm,pod", "--session-label", "peer_port"]).unwrap();
         assert_eq!(r.session_labels, [SessionLabel::Comm, SessionLabel::Pod, SessionLabel::PeerPort]);
+    }
+
+    #[test]
+    fn max_sessions() {
+        assert_eq!(run_args(&["--max-sessions", "262144"]).unwrap().max_sessions, 262_144);
+        assert_eq!(run_args(&["--max-sessions", "4194304"]).unwrap().max_sessions, MAX_MAX_SESSIONS);
     }
 
     #[test]
@@ -279,6 +309,10 @@ mod tests {
             (&["--service-port", "0"][..], "not a port"),
             (&["--label-limit", "peer_port=none"][..], "at least 1"),
             (&["--series-ttl", "1h"][..], "unknown unit"),
+            (&["--max-sessions", "0"][..], "at least 1"),
+            (&["--max-sessions", "-1"][..], "not a whole number"),
+            (&["--max-sessions", "4194305"][..], "preallocated kernel memory"),
+            (&["--max-sessions", "99999999999999"][..], "preallocated kernel memory"),
         ] {
             let err = run_args(args).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");

@@ -35,8 +35,9 @@ pub struct Kernel {
 }
 
 /// Loads the object with the running kernel's field offsets written into it.
-/// Maps are created; programs are loaded only when attached or probed.
-pub fn load(btf: &KernelBtf, settings: Settings) -> Result<Kernel, Error> {
+/// Maps are created, `OPEN_SESSIONS` with `max_sessions` entries; programs are
+/// loaded only when attached or probed.
+pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32) -> Result<Kernel, Error> {
     if KERNEL_OBJECT.is_empty() {
         return Err(Error::NoKernelObject);
     }
@@ -51,6 +52,7 @@ pub fn load(btf: &KernelBtf, settings: Settings) -> Result<Kernel, Error> {
         .override_global("OFFSETS", &offsets, true)
         .override_global("ACCEPT_RET_ARG", &accept_params, true)
         .override_global("SETTINGS", &settings, true)
+        .map_max_entries("OPEN_SESSIONS", max_sessions)
         .load(KERNEL_OBJECT)
         .map_err(Error::Load)?;
     Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new(), attached: Vec::new() })
@@ -99,6 +101,12 @@ impl Kernel {
             }
         }
         Ok(attached)
+    }
+
+    /// Frees the parsed kernel BTF once every program is attached: loading a
+    /// program needs it, running does not.
+    pub fn release_btf(&mut self) {
+        self.btf = AyaBtf::new();
     }
 
     fn load_program(&mut self, name: &'static str, how: Attach) -> Result<(), ProgramError> {

@@ -296,11 +296,18 @@ async fn drain_until_stopped(
         let stopping = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(Error::Ring)?;
+                // Readiness is cleared before draining, not after: a record
+                // committed after the drain's last read wakes the fd (the
+                // kernel notifies once the reader has caught up), and that wake
+                // must not be cleared away, or the record waits for the next
+                // one, and with the ring's adaptive wake-ups no later record
+                // wakes the reader either. Found by the benchmark: a few
+                // sessions of each burst of short connections went uncounted.
+                guard.clear_ready();
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     handle(&item);
                 }
-                guard.clear_ready();
                 false
             }
             _ = stop.stopped() => true,

@@ -89,7 +89,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // Held until the process exits: BPF run-time statistics stay on while
     // the observer runs, and the kernel restores the previous state then.
     let _bpf_stats = telemetry::enable_bpf_stats();
-    let mut kernel = loader::load(&btf, settings)?;
+    let mut kernel = loader::load(&btf, settings, args.max_sessions)?;
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
     let plan = probes::select(&facts, args.kernel.probes);
@@ -162,9 +162,11 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     telemetry::BpfPrograms::new(telemetry::program_entries(&kernel.ebpf, &attached_programs))
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("BPF program metrics: {e}")))?;
-    // The parsed kernel BTF (tens of MiB) is needed only to start; give it
-    // and the loader's scratch memory back to the system.
+    // The parsed kernel BTF (tens of MiB with both parsers) is needed only to
+    // load and attach: free it, and hand the freed heap back to the system, so
+    // the agent's resident memory is what it uses while running.
     drop(btf);
+    kernel.release_btf();
     release_free_memory();
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on {scheme}://{local}/metrics");

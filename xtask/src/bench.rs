@@ -1,14 +1,21 @@
-//! `cargo xtask bench`: iperf3 over loopback with the observer on vs off, in three
-//! workloads (workload.rs): TCP bulk, TCP small messages, UDP small datagrams; then
-//! the observer's own footprint, idle and under a churn of sessions (footprint.rs).
+//! `cargo xtask bench`: loopback workloads with the observer on vs off (workload.rs):
+//! TCP bulk, TCP small messages, UDP small datagrams (iperf3), short TCP connections
+//! (xtask's own load generator, connload.rs, with figures of its own in shortconn.rs);
+//! then the scrape latency with 10,000 series (scrape_latency.rs) and the observer's
+//! own footprint, idle and under a churn of sessions (footprint.rs).
 //!
 //! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
 //! always says how its numbers were made.
 
+mod baseline;
+mod connload;
 mod footprint;
 mod iperf;
 mod progs;
 mod report;
+mod scrape;
+mod scrape_latency;
+mod shortconn;
 mod stats;
 mod sys;
 mod workload;
@@ -22,8 +29,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::{build, setup, util};
+pub use connload::hold_connections;
 use progs::ProgStats;
 use report::{Machine, Report, Round};
+use shortconn::Findings;
+pub use shortconn::HOLD_CONNECTIONS;
 use sys::{BpfStats, NetNs, Proc};
 pub use workload::Selection;
 use workload::Workload;
@@ -43,11 +53,13 @@ pub struct Options {
     pub out: Option<PathBuf>,
     pub smoke: bool,
     pub workload: Selection,
+    /// Connections held open while the observer's memory is measured.
+    pub hold: usize,
 }
 
 impl Options {
     pub fn smoke() -> Self {
-        Options { rounds: 1, seconds: 1, out: None, smoke: true, workload: Selection::All }
+        Options { rounds: 1, seconds: 1, out: None, smoke: true, workload: Selection::All, hold: 1_000 }
     }
 }
 
@@ -90,6 +102,13 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         Proc::spawn(cmd, "iperf3 server", Some(&logs.join("iperf3-server.log")))?
     };
     sys::wait_listening(&mut server, IPERF_PORT, Duration::from_secs(10))?;
+    let workloads = opts.workload.workloads();
+    let _conn_server = if workloads.contains(&Workload::ShortConn) {
+        connload::widen_port_range(&ns)?;
+        Some(connload::Server::start(&ns)?)
+    } else {
+        None
+    };
 
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let bench = Bench {
@@ -102,7 +121,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         pin: cpus >= 2,
     };
     let mut reports = Vec::new();
-    for workload in opts.workload.workloads() {
+    for workload in workloads {
         eprintln!("xtask bench: workload {}", workload.name());
         let machine = machine();
         if let Ok(load) = machine.load.parse::<f64>()
@@ -125,6 +144,20 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         reports.push(report);
     }
     server.stop(Duration::from_secs(5))?;
+    let scrape = if opts.workload.scrape() {
+        eprintln!("xtask bench: scrape latency");
+        let mut machine = machine();
+        let scrape = scrape_latency::measure(if opts.smoke { 20 } else { 500 })?;
+        machine.load_end = load_average();
+        let section = scrape.markdown(&machine, opts.smoke);
+        println!("\n{section}");
+        if let Some(out) = &opts.out {
+            write_section(out, scrape_latency::HEADING, &section)?;
+        }
+        Some(scrape)
+    } else {
+        None
+    };
     if matches!(opts.workload, Selection::All | Selection::Footprint) {
         bench.footprint(opts)?;
     }
@@ -142,8 +175,15 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
                 );
             }
         }
+        if let Some(scrape) = &scrape {
+            ensure!(
+                scrape.series > 0 && scrape.p50_ms > 0.0,
+                "benchmark smoke: the scrape measurement produced nothing ({scrape:?})"
+            );
+        }
         println!(
-            "xtask bench: smoke run ok: {} measured with the observer off and on",
+            "xtask bench: smoke run ok: {} measured with the observer off and on; scrape latency \
+             measured",
             reports.iter().map(|r| r.workload.name()).collect::<Vec<_>>().join(", ")
         );
     }
@@ -165,6 +205,7 @@ impl Bench<'_> {
     fn workload(&self, workload: Workload, opts: &Options, machine: &Machine) -> Result<Report> {
         let mut rounds = Vec::new();
         let mut progs: Vec<ProgStats> = Vec::new();
+        let mut short = (workload == Workload::ShortConn).then(|| Findings { hold: opts.hold, ..Findings::default() });
         let unit = workload.display_unit();
         for i in 0..opts.rounds {
             let on_first = i % 2 == 1;
@@ -172,9 +213,12 @@ impl Bench<'_> {
             for observer_on in [on_first, !on_first] {
                 sys::check_interrupted()?;
                 if observer_on {
-                    let (figure, counted) = self.measure_on(workload)?;
+                    let (figure, counted, on_run) = self.measure_on(workload)?;
                     on = figure;
                     progs::accumulate(&mut progs, &counted);
+                    if let (Some(short), Some(on_run)) = (short.as_mut(), on_run) {
+                        short.on_runs.push(on_run);
+                    }
                 } else {
                     off = self.measure(workload)?;
                 }
@@ -191,6 +235,16 @@ impl Bench<'_> {
             );
             rounds.push(round);
         }
+        if let Some(short) = short.as_mut() {
+            sys::check_interrupted()?;
+            short.held = Some(self.measure_held(opts.hold)?);
+        }
+        let reference = if workload.target_hook_ns().is_some() {
+            sys::check_interrupted()?;
+            self.measure_reference(workload)?
+        } else {
+            Vec::new()
+        };
         Ok(Report {
             workload,
             rounds,
@@ -199,11 +253,22 @@ impl Bench<'_> {
             progs,
             pinned: self.pin,
             machine: machine.clone(),
+            short,
+            reference,
         })
     }
 
-    /// One iperf3 client run in the namespace; the workload's figure.
+    /// One run of the workload in the namespace; its figure.
     fn measure(&self, workload: Workload) -> Result<f64> {
+        if workload == Workload::ShortConn {
+            let secs = Duration::from_secs(self.seconds.into());
+            return Ok(connload::run(self.ns, secs, None)?.rate());
+        }
+        self.measure_iperf(workload)
+    }
+
+    /// One iperf3 client run in the namespace; the workload's figure.
+    fn measure_iperf(&self, workload: Workload) -> Result<f64> {
         // The JSON goes to a file: a pipe read only after exit could fill up and stall
         // iperf3 on long runs.
         let json_file =
@@ -246,10 +311,70 @@ impl Bench<'_> {
 
     /// A measurement with the observer running: start it, wait for /readyz, measure,
     /// read its programs' counters, stop it.
-    fn measure_on(&self, workload: Workload) -> Result<(f64, Vec<ProgStats>)> {
-        let mut observer = self.start_observer()?;
-        let figure = self.measure(workload)?;
+    fn measure_on(&self, workload: Workload) -> Result<(f64, Vec<ProgStats>, Option<shortconn::OnRun>)> {
+        let observer = self.start_observer(&[])?;
+        let (figure, on_run) = if workload == Workload::ShortConn {
+            let on_run = shortconn::measure_on(self.ns, &observer, listen_addr(), self.seconds)?;
+            (on_run.run.rate(), Some(on_run))
+        } else {
+            (self.measure(workload)?, None)
+        };
         let counted = progs::read_for_pid(observer.pid())?;
+        self.stop_observer(observer)?;
+        Ok((figure, counted, on_run))
+    }
+
+    /// The observer's memory with `n` connections open.
+    fn measure_held(&self, n: usize) -> Result<shortconn::Held> {
+        let max = shortconn::HOLD_MAX_SESSIONS.to_string();
+        let observer = self.start_observer(&["--max-sessions", &max])?;
+        let held = shortconn::measure_held(self.ns, &observer, listen_addr(), n)?;
+        eprintln!(
+            "xtask bench: {n} connections open (in {:.1} s): observer RSS {:.1} MiB, {} open sessions",
+            held.open_seconds,
+            held.rss as f64 / f64::from(1 << 20),
+            held.open_sessions
+        );
+        self.stop_observer(observer)?;
+        Ok(held)
+    }
+
+    /// One run of the workload with the observer off and the reference programs
+    /// (baseline.rs) on the per-call hooks' tracepoints: what a tp_btf program costs
+    /// here before it does anything, and what each kind of step of a hook adds.
+    fn measure_reference(&self, workload: Workload) -> Result<Vec<ProgStats>> {
+        // Each reference on the send tracepoint; the empty one on receive too.
+        let mut refs = Vec::new();
+        for r in baseline::REFERENCES {
+            let name = format!("{}_send", r.describe().0);
+            refs.push(baseline::RefProg::attach(r, "sock_send_length", &name)?);
+        }
+        let empty = baseline::Reference::Empty;
+        let name = format!("{}_recv", empty.describe().0);
+        refs.push(baseline::RefProg::attach(empty, "sock_recv_length", &name)?);
+        self.measure(workload)?;
+        let stats = refs.iter().map(baseline::RefProg::stats).collect::<Result<Vec<_>>>()?;
+        for p in &stats {
+            eprintln!(
+                "xtask bench: reference {}: {} runs, {:.0} ns per run",
+                p.name,
+                p.run_cnt,
+                p.run_time_ns as f64 / p.run_cnt.max(1) as f64
+            );
+        }
+        Ok(stats)
+    }
+
+    /// `observer run --iface lo` in the namespace, ready on /readyz.
+    fn start_observer(&self, extra: &[&str]) -> Result<Proc> {
+        let mut cmd = self.ns.command(self.observer);
+        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]).args(extra);
+        let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
+        self.wait_ready(&mut observer)?;
+        Ok(observer)
+    }
+
+    fn stop_observer(&self, mut observer: Proc) -> Result<()> {
         if let Some(status) = observer.exited()? {
             bail!("the observer exited ({status}) during the measurement\n{}", observer.log_tail(20));
         }
@@ -257,7 +382,7 @@ impl Bench<'_> {
         if !status.success() {
             eprintln!("xtask: warning: the observer exited with {status} after SIGTERM");
         }
-        Ok((figure, counted))
+        Ok(())
     }
 
     /// The observer's footprint section (footprint.rs), printed and written like a
@@ -281,17 +406,8 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// `observer run --iface lo` in the namespace, once /readyz answers 200.
-    fn start_observer(&self) -> Result<Proc> {
-        let mut cmd = self.ns.command(self.observer);
-        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]);
-        let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
-        self.wait_ready(&mut observer)?;
-        Ok(observer)
-    }
-
     fn wait_ready(&self, observer: &mut Proc) -> Result<()> {
-        let addr: SocketAddr = OBSERVER_LISTEN.parse().expect("a valid socket address");
+        let addr = listen_addr();
         let started = Instant::now();
         loop {
             if let Some(status) = observer.exited()? {
@@ -312,6 +428,10 @@ impl Bench<'_> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+fn listen_addr() -> SocketAddr {
+    OBSERVER_LISTEN.parse().expect("a valid socket address")
 }
 
 fn machine() -> Machine {

@@ -81,6 +81,18 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Internal, for `bench`: open COUNT connections to 127.0.0.1:PORT, print "ready", and
+    /// keep them open until stdin closes.
+    #[command(hide = true)]
+    HoldConnections {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: usize,
+        /// Index of the first connection (picks the source addresses).
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,10 +133,12 @@ fn dispatch(command: Command) -> Result<()> {
                     out: Some(out.unwrap_or_else(|| util::root().join("BENCHMARKS.md"))),
                     smoke: false,
                     workload,
+                    hold: bench::HOLD_CONNECTIONS,
                 }
             };
             bench::run(&opts, bench::Prepare::SetupAndBuild)
         }
+        Command::HoldConnections { port, count, first } => bench::hold_connections(port, count, first),
     }
 }
 

@@ -67,7 +67,7 @@ pub struct Window {
 
 /// Starts the observer in the benchmark's namespace and measures both windows.
 pub fn measure(bench: &Bench, durations: &Durations) -> Result<Footprint> {
-    let mut observer = bench.start_observer()?;
+    let mut observer = bench.start_observer(&[])?;
     let pid = observer.pid();
     thread::sleep(SETTLE);
 

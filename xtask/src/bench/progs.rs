@@ -24,6 +24,10 @@ pub struct ProgFdInfo {
     pub tag: String,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU
+    /// (a tracepoint hit again from an interrupt while the program ran); 0 where the
+    /// kernel does not count them (before 5.12).
+    pub recursion_misses: u64,
 }
 
 /// One program's counters, named.
@@ -32,6 +36,10 @@ pub struct ProgStats {
     pub name: String,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    pub recursion_misses: u64,
+    /// Its size after the verifier's rewriting (bpf_prog_info's xlated_prog_len / 8),
+    /// when bpf(2) told: a measure of the work it can do per run.
+    pub xlated_insns: Option<u32>,
 }
 
 /// Parses /proc/PID/fdinfo/FD of a bpf-prog fd; None for any other kind of fd.
@@ -47,6 +55,7 @@ pub fn parse_fdinfo(text: &str) -> Option<ProgFdInfo> {
         tag: fields.get("prog_tag")?.to_ascii_lowercase(),
         run_time_ns: fields.get("run_time_ns")?.parse().ok()?,
         run_cnt: fields.get("run_cnt")?.parse().ok()?,
+        recursion_misses: fields.get("recursion_misses").and_then(|v| v.parse().ok()).unwrap_or(0),
     })
 }
 
@@ -94,11 +103,17 @@ pub fn resolve_name(short: Option<&str>, by_tag: &[String], prog_id: u32) -> Str
 
 /// Keeps the programs named `obs_*` (and unnamed ones: they belong to the observer
 /// process, so they are ours), in name order.
-pub fn select(named: Vec<(String, ProgFdInfo)>) -> Vec<ProgStats> {
+pub fn select(named: Vec<(String, ProgFdInfo, Option<u32>)>) -> Vec<ProgStats> {
     let mut out: Vec<ProgStats> = named
         .into_iter()
-        .filter(|(name, _)| name.starts_with("obs_") || name.starts_with("prog "))
-        .map(|(name, info)| ProgStats { name, run_time_ns: info.run_time_ns, run_cnt: info.run_cnt })
+        .filter(|(name, _, _)| name.starts_with("obs_") || name.starts_with("prog "))
+        .map(|(name, info, xlated_insns)| ProgStats {
+            name,
+            run_time_ns: info.run_time_ns,
+            run_cnt: info.run_cnt,
+            recursion_misses: info.recursion_misses,
+            xlated_insns,
+        })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -111,6 +126,7 @@ pub fn accumulate(totals: &mut Vec<ProgStats>, more: &[ProgStats]) {
             Some(t) => {
                 t.run_time_ns += p.run_time_ns;
                 t.run_cnt += p.run_cnt;
+                t.recursion_misses += p.recursion_misses;
             }
             None => totals.push(p.clone()),
         }
@@ -146,9 +162,11 @@ pub fn read_for_pid(pid: u32) -> Result<Vec<ProgStats>> {
     let named = infos
         .into_iter()
         .map(|info| {
-            let short = bpf_prog_name(info.prog_id).ok();
+            let bpf_info = bpf_prog_info(info.prog_id).ok();
+            let short = bpf_info.as_ref().map(|(name, _)| name.as_str());
             let by_tag = kallsyms.get(&info.tag).map_or(&[][..], Vec::as_slice);
-            (resolve_name(short.as_deref(), by_tag, info.prog_id), info)
+            let insns = bpf_info.as_ref().map(|(_, insns)| *insns);
+            (resolve_name(short, by_tag, info.prog_id), info, insns)
         })
         .collect();
     Ok(select(named))
@@ -156,9 +174,10 @@ pub fn read_for_pid(pid: u32) -> Result<Vec<ProgStats>> {
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-/// `name` is bytes 64..80 of struct bpf_prog_info; the kernel fills only the prefix
-/// asked for.
+/// `name` is bytes 64..80 of struct bpf_prog_info, `xlated_prog_len` bytes 20..24;
+/// the kernel fills only the prefix asked for.
 const INFO_NAME: std::ops::Range<usize> = 64..80;
+const INFO_XLATED_LEN: std::ops::Range<usize> = 20..24;
 
 /// The `prog_id` member of union bpf_attr for BPF_PROG_GET_FD_BY_ID.
 #[repr(C)]
@@ -176,8 +195,9 @@ struct GetInfoAttr {
     info: u64,
 }
 
-/// A program's name as bpf(2) reports it (at most 15 bytes).
-fn bpf_prog_name(prog_id: u32) -> io::Result<String> {
+/// A program's name as bpf(2) reports it (at most 15 bytes), and its instructions
+/// after verification.
+fn bpf_prog_info(prog_id: u32) -> io::Result<(String, u32)> {
     let attr = GetFdByIdAttr { prog_id, next_id: 0, open_flags: 0 };
     // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr for this
     // command, and the size passed is its size.
@@ -200,7 +220,8 @@ fn bpf_prog_name(prog_id: u32) -> io::Result<String> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(name_from_info(&info))
+    let xlated_len = u32::from_ne_bytes(info[INFO_XLATED_LEN].try_into().expect("4 bytes"));
+    Ok((name_from_info(&info), xlated_len / 8))
 }
 
 /// The NUL-terminated name in a bpf_prog_info prefix.
@@ -223,7 +244,13 @@ mod tests {
     fn parses_prog_fdinfo() {
         assert_eq!(
             parse_fdinfo(FDINFO),
-            Some(ProgFdInfo { prog_id: 40, tag: "6deef7357e7b4530".into(), run_time_ns: 123456, run_cnt: 789 })
+            Some(ProgFdInfo {
+                prog_id: 40,
+                tag: "6deef7357e7b4530".into(),
+                run_time_ns: 123456,
+                run_cnt: 789,
+                recursion_misses: 0,
+            })
         );
     }
 
@@ -274,12 +301,18 @@ mod tests {
 
     #[test]
     fn selects_observer_programs() {
-        let info = |prog_id, run_time_ns, run_cnt| ProgFdInfo { prog_id, tag: String::new(), run_time_ns, run_cnt };
+        let info = |prog_id, run_time_ns, run_cnt| ProgFdInfo {
+            prog_id,
+            tag: String::new(),
+            run_time_ns,
+            run_cnt,
+            recursion_misses: 0,
+        };
         let got = select(vec![
-            ("obs_owner_send".into(), info(2, 10, 1)),
-            ("obs_state_fe".into(), info(1, 500, 5)),
-            ("other".into(), info(3, 7, 7)),
-            ("prog 4".into(), info(4, 0, 0)),
+            ("obs_owner_send".into(), info(2, 10, 1), None),
+            ("obs_state_fe".into(), info(1, 500, 5), None),
+            ("other".into(), info(3, 7, 7), None),
+            ("prog 4".into(), info(4, 0, 0), None),
         ]);
         let got: Vec<(&str, u64, u64)> = got.iter().map(|p| (p.name.as_str(), p.run_cnt, p.run_time_ns)).collect();
         assert_eq!(got, [("obs_owner_send", 1, 10), ("obs_state_fe", 5, 500), ("prog 4", 0, 0)]);
@@ -287,7 +320,13 @@ mod tests {
 
     #[test]
     fn accumulates_by_name() {
-        let p = |name: &str, t, c| ProgStats { name: name.into(), run_time_ns: t, run_cnt: c };
+        let p = |name: &str, t, c| ProgStats {
+            name: name.into(),
+            run_time_ns: t,
+            run_cnt: c,
+            recursion_misses: 0,
+            xlated_insns: None,
+        };
         let mut totals = Vec::new();
         accumulate(&mut totals, &[p("obs_b", 10, 1), p("obs_a", 20, 2)]);
         accumulate(&mut totals, &[p("obs_a", 5, 1), p("obs_c", 1, 1)]);

@@ -2,7 +2,9 @@
 
 use std::fmt::Write as _;
 
+use super::baseline;
 use super::progs::ProgStats;
+use super::shortconn::{self, Findings};
 use super::stats::{median, spread};
 use super::workload::{PER_CALL_HOOKS, Workload};
 
@@ -45,6 +47,11 @@ pub struct Report {
     /// Whether iperf3 ran with `-A 0,1`.
     pub pinned: bool,
     pub machine: Machine,
+    /// The short-connection workload's own figures.
+    pub short: Option<Findings>,
+    /// Empty tp_btf programs on the per-call hooks' tracepoints, run through the
+    /// workload once with the observer off (baseline.rs).
+    pub reference: Vec<ProgStats>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,13 +125,19 @@ impl Report {
             )?;
         }
         writeln!(s)?;
+        let setup = match &self.short {
+            Some(short) => shortconn::method(secs, short.hold),
+            None => format!(
+                "one `iperf3 -s` on 127.0.0.1 in it; each measurement is `iperf3 -c 127.0.0.1 \
+                 -t {secs} -J{args}{pin}` in that namespace; {}{pin_why}",
+                w.figure_method()
+            ),
+        };
         writeln!(
             s,
             "Method (`cargo xtask bench --workload {} --rounds {n} --seconds {secs}`): a \
-             network namespace of its own with only `lo` up; one `iperf3 -s` on 127.0.0.1 in \
-             it; each measurement is `iperf3 -c 127.0.0.1 -t {secs} -J{args}{pin}` in that \
-             namespace; {}{pin_why} \"On\" measurements run while \
-             `observer run --iface lo` (release build) runs in the same namespace: started \
+             network namespace of its own with only `lo` up; {setup} \"On\" measurements run \
+             while `observer run --iface lo` (release build) runs in the same namespace: started \
              before the measurement, ready on `/readyz`, stopped with SIGTERM after it. \
              \"Off\" measurements run without it. Each round has one of each, back to back, \
              and rounds alternate which goes first, so drift hits both alike. Kernel BPF \
@@ -132,7 +145,6 @@ impl Report {
              observer's program runs; their clock reads are charged to \"on\", so the ratio \
              is slightly pessimistic.",
             w.name(),
-            w.figure_method()
         )?;
         writeln!(s)?;
         let m = &self.machine;
@@ -176,6 +188,23 @@ impl Report {
                     let ns = self.ns_per_run(h).map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
                     writeln!(s, "| ns per `{h}` run | {ns} |")?;
                 }
+                for r in &self.reference {
+                    let ns = if r.run_cnt > 0 {
+                        format!("{:.0}", r.run_time_ns as f64 / r.run_cnt as f64)
+                    } else {
+                        "did not run".to_owned()
+                    };
+                    let what = baseline::REFERENCES
+                        .iter()
+                        .map(|r| r.describe())
+                        .find(|(prefix, _)| r.name.starts_with(prefix))
+                        .map_or("", |(_, what)| what);
+                    writeln!(
+                        s,
+                        "| reference, observer off, same workload and tracepoint: ns per run of `{}`, a tp_btf program doing {what} | {ns} |",
+                        r.name
+                    )?;
+                }
                 let judged = if per.len() < PER_CALL_HOOKS.len() {
                     "not judged (not all of them ran)"
                 } else {
@@ -183,6 +212,9 @@ impl Report {
                 };
                 let names = PER_CALL_HOOKS.map(|h| format!("`{h}`")).join(", ");
                 writeln!(s, "| target ≤ {bar} ns per run of {names} | {judged} |")?;
+            }
+            if let Some(short) = &self.short {
+                short.write_markdown(s, verdict)?;
             }
         }
 
@@ -193,13 +225,20 @@ impl Report {
             writeln!(
                 s,
                 "eBPF programs, kernel statistics summed over the \"on\" measurements \
-                 (machine-wide: they count every event on the host, not only iperf3's):\n"
+                 (machine-wide: they count every event on the host, not only the workload's). \
+                 Runs skipped (recursion): the kernel did not run the program because it was \
+                 already running on that CPU (the hook hit again from an interrupt); each is \
+                 an event the observer did not see:\n"
             )?;
-            writeln!(s, "| program | invocations | ns per invocation |")?;
-            writeln!(s, "|---|---:|---:|")?;
+            writeln!(
+                s,
+                "| program | invocations | ns per invocation | instructions (after verification) | runs skipped (recursion) |"
+            )?;
+            writeln!(s, "|---|---:|---:|---:|---:|")?;
             for p in &self.progs {
                 let per = self.ns_per_run(&p.name).map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0}"));
-                writeln!(s, "| `{}` | {} | {per} |", p.name, p.run_cnt)?;
+                let insns = p.xlated_insns.map_or_else(|| "–".to_owned(), |n| n.to_string());
+                writeln!(s, "| `{}` | {} | {per} | {insns} | {} |", p.name, p.run_cnt, p.recursion_misses)?;
             }
         }
         Ok(())
@@ -262,7 +301,7 @@ mod tests {
     }
 
     fn prog(name: &str, run_time_ns: u64, run_cnt: u64) -> ProgStats {
-        ProgStats { name: name.into(), run_time_ns, run_cnt }
+        ProgStats { name: name.into(), run_time_ns, run_cnt, recursion_misses: 0, xlated_insns: None }
     }
 
     #[test]
@@ -275,6 +314,8 @@ mod tests {
             progs: vec![],
             pinned: false,
             machine: machine(),
+            short: None,
+            reference: vec![],
         };
         let s = report.summary().unwrap();
         assert_eq!(s.median_off, 42e9);
@@ -296,6 +337,8 @@ mod tests {
             progs: vec![prog("obs_state_btf", 12_000, 100), prog("obs_state_kp", 0, 0)],
             pinned: true,
             machine: machine(),
+            short: None,
+            reference: vec![],
         };
         let md = report.markdown();
         assert!(md.starts_with(Workload::Bulk.heading()), "{md}");
@@ -304,8 +347,8 @@ mod tests {
         assert!(md.contains("| median off | 40.50 Gbit/s |"), "{md}");
         assert!(md.contains("| on/off spread over rounds (min–max) | 0.976–0.995 |"), "{md}");
         assert!(md.contains("| target on/off ≥ 0.99 | NOT met |"), "{md}");
-        assert!(md.contains("| `obs_state_btf` | 100 | 120 |"), "{md}");
-        assert!(md.contains("| `obs_state_kp` | 0 | – |"), "{md}");
+        assert!(md.contains("| `obs_state_btf` | 100 | 120 | – | 0 |"), "{md}");
+        assert!(md.contains("| `obs_state_kp` | 0 | – | – | 0 |"), "{md}");
         assert!(md.contains(
             "Machine: 2 CPUs, Linux 6.18.0 (x86_64), 1-minute load average 0.05 at the \
              start and 0.10 at the end. Date: 2025-01-02."
@@ -327,6 +370,8 @@ mod tests {
             progs: vec![prog("obs_recv", 9_000, 100), prog("obs_send", 5_000, 100), prog("obs_state_btf", 3_000, 10)],
             pinned: false,
             machine: machine(),
+            short: None,
+            reference: vec![],
         };
         let md = report.markdown();
         assert!(md.starts_with("## TCP small messages"), "{md}");
@@ -354,7 +399,7 @@ mod tests {
         assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -u -b 0 -l 1024`"), "{md}");
         assert!(md.contains("`end.sum_received.lost_packets`"), "{md}");
         assert!(!md.contains("ns per `obs_send` run"), "{md}");
-        assert!(md.contains("| `obs_send` | 100 | 50 |"), "{md}");
+        assert!(md.contains("| `obs_send` | 100 | 50 | – | 0 |"), "{md}");
     }
 
     #[test]
@@ -367,6 +412,8 @@ mod tests {
             progs: vec![],
             pinned: false,
             machine: machine(),
+            short: None,
+            reference: vec![],
         };
         let md = report.markdown();
         assert!(md.contains("**Smoke run**"), "{md}");
@@ -422,7 +469,7 @@ mod tests {
     #[test]
     fn workload_sections_replace_only_their_own() {
         let section = |w: Workload, body: &str| format!("{}\n\n{body}\n", w.heading());
-        let [bulk, tcp, udp] = Workload::ALL;
+        let [bulk, tcp, udp, _] = Workload::ALL;
         let mut doc = String::new();
         for (w, body) in [(udp, "u1"), (bulk, "b1\n\n| t |"), (tcp, "t1")] {
             doc = replace_section(&doc, w.heading(), &section(w, body));

@@ -79,21 +79,26 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace, so sockets it opens live
     /// there; the calling thread stays where it was.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let fd = self.file.as_raw_fd();
         thread::scope(|scope| {
             scope
                 .spawn(move || {
-                    // SAFETY: plain system call on an fd this struct keeps open; it only
-                    // changes this short-lived thread's namespace.
-                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error())
-                            .context("entering the benchmark's network namespace");
-                    }
+                    self.enter_this_thread()?;
                     Ok(f())
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("a thread inside the benchmark namespace panicked"))?
         })
+    }
+
+    /// Moves the calling thread (only it) into this namespace: for threads that live
+    /// there for a whole measurement, such as the load generator's.
+    pub fn enter_this_thread(&self) -> Result<()> {
+        // SAFETY: plain system call on an fd this struct keeps open; it only changes
+        // the calling thread's namespace.
+        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("entering the benchmark's network namespace");
+        }
+        Ok(())
     }
 }
 

@@ -1,9 +1,9 @@
 //! The benchmark's workloads: what iperf3 runs, what figure is taken from it, and the
 //! target that figure is judged against. Each has its own section in BENCHMARKS.md.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
-use super::iperf;
+use super::{iperf, shortconn};
 
 /// `--workload`: one workload, or all of them in turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -11,6 +11,9 @@ pub enum Selection {
     Bulk,
     TcpSmall,
     UdpSmall,
+    ShortConn,
+    /// /metrics latency with 10,000 series (scrape_latency.rs); not an on/off workload.
+    Scrape,
     /// Only the observer's own footprint (footprint.rs), which `all` also measures.
     Footprint,
     All,
@@ -22,9 +25,16 @@ impl Selection {
             Selection::Bulk => vec![Workload::Bulk],
             Selection::TcpSmall => vec![Workload::TcpSmall],
             Selection::UdpSmall => vec![Workload::UdpSmall],
+            Selection::ShortConn => vec![Workload::ShortConn],
+            Selection::Scrape => vec![],
             Selection::Footprint => Vec::new(),
             Selection::All => Workload::ALL.to_vec(),
         }
+    }
+
+    /// Whether the scrape-latency measurement runs.
+    pub fn scrape(self) -> bool {
+        matches!(self, Selection::Scrape | Selection::All)
     }
 }
 
@@ -36,6 +46,9 @@ pub enum Workload {
     TcpSmall,
     /// UDP with 1 KiB datagrams, no rate limit.
     UdpSmall,
+    /// Short TCP connections (connect, send 64 bytes, close) from xtask's own load
+    /// generator, as many as it makes.
+    ShortConn,
 }
 
 /// Message size of the small-message workloads (`iperf3 -l`).
@@ -44,13 +57,14 @@ pub const SMALL_MSG_BYTES: u32 = 1024;
 pub const PER_CALL_HOOKS: [&str; 2] = ["obs_send", "obs_recv"];
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [Workload::Bulk, Workload::TcpSmall, Workload::UdpSmall];
+    pub const ALL: [Workload; 4] = [Workload::Bulk, Workload::TcpSmall, Workload::UdpSmall, Workload::ShortConn];
 
     pub fn name(self) -> &'static str {
         match self {
             Workload::Bulk => "bulk",
             Workload::TcpSmall => "tcp-small",
             Workload::UdpSmall => "udp-small",
+            Workload::ShortConn => "short-conn",
         }
     }
 
@@ -60,13 +74,14 @@ impl Workload {
             Workload::Bulk => "## TCP bulk throughput (iperf3, loopback)",
             Workload::TcpSmall => "## TCP small messages (iperf3 -l 1024 -N, loopback)",
             Workload::UdpSmall => "## UDP small datagrams (iperf3 -u -b 0 -l 1024, loopback)",
+            Workload::ShortConn => "## Short TCP connections (connect, send 64 B, close; loopback)",
         }
     }
 
     /// iperf3 client arguments beyond `-c`, `-p`, `-t`, `-J` and `-A`.
     pub fn client_args(self) -> &'static [&'static str] {
         match self {
-            Workload::Bulk => &[],
+            Workload::Bulk | Workload::ShortConn => &[],
             Workload::TcpSmall => &["-l", "1024", "-N"],
             Workload::UdpSmall => &["-u", "-b", "0", "-l", "1024"],
         }
@@ -78,6 +93,7 @@ impl Workload {
             Workload::Bulk => iperf::received_bps(json),
             Workload::TcpSmall => Ok(iperf::received_bps(json)? / f64::from(SMALL_MSG_BYTES * 8)),
             Workload::UdpSmall => iperf::received_datagrams_per_sec(json),
+            Workload::ShortConn => bail!("the short-connection workload does not run iperf3"),
         }
     }
 
@@ -85,7 +101,9 @@ impl Workload {
     pub fn show(self, figure: f64) -> String {
         match self {
             Workload::Bulk => format!("{:.2}", figure / 1e9),
-            Workload::TcpSmall | Workload::UdpSmall => format!("{:.1}", figure / 1e3),
+            Workload::TcpSmall | Workload::UdpSmall | Workload::ShortConn => {
+                format!("{:.1}", figure / 1e3)
+            }
         }
     }
 
@@ -93,6 +111,7 @@ impl Workload {
         match self {
             Workload::Bulk => "Gbit/s",
             Workload::TcpSmall | Workload::UdpSmall => "k msg/s",
+            Workload::ShortConn => "k conn/s",
         }
     }
 
@@ -100,7 +119,7 @@ impl Workload {
     pub fn target_ratio(self) -> f64 {
         match self {
             Workload::Bulk => 0.99,
-            Workload::TcpSmall | Workload::UdpSmall => 0.97,
+            Workload::TcpSmall | Workload::UdpSmall | Workload::ShortConn => 0.97,
         }
     }
 
@@ -108,7 +127,7 @@ impl Workload {
     pub fn target_hook_ns(self) -> Option<f64> {
         match self {
             Workload::TcpSmall => Some(100.0),
-            Workload::Bulk | Workload::UdpSmall => None,
+            Workload::Bulk | Workload::UdpSmall | Workload::ShortConn => None,
         }
     }
 
@@ -136,6 +155,20 @@ impl Workload {
                  observer on are at least {ratio} of off (median of the per-round on/off \
                  ratios)."
             ),
+            Workload::ShortConn => format!(
+                "What a running observer costs a host that opens and closes many short TCP \
+                 connections, and whether it keeps up: every connection is two sessions \
+                 (both ends on loopback), each born, closed and sent to userspace as one \
+                 ring-buffer record. Targets: connections per second with the observer on are \
+                 at least {ratio} of off (median of the per-round on/off ratios) at {} or more \
+                 connections per second, with no session lost; the observer process uses less \
+                 than {}% of a core at 10,000 closed sessions per second and less than {} MiB \
+                 of resident memory with {} connections open.",
+                shortconn::TARGET_RATE,
+                shortconn::TARGET_CORE_SHARE * 100.0,
+                shortconn::TARGET_RSS_BYTES >> 20,
+                shortconn::HOLD_CONNECTIONS
+            ),
         }
     }
 
@@ -151,6 +184,7 @@ impl Workload {
                  change what is measured). Its figure is messages per second, \
                  `end.sum_received.bits_per_second` / 8192."
             }
+            Workload::ShortConn => "its figure is connections per second.",
             Workload::UdpSmall => {
                 "`-u -b 0 -l 1024` sends 1 KiB datagrams with no rate limit; the sender \
                  outruns the receiver, so datagrams are dropped at the receiving socket and \

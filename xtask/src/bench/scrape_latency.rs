@@ -1,0 +1,148 @@
+//! `/metrics` latency with many series: runs observer's `scrape_latency` example (the
+//! real metrics server and registry, filled through their public API) and reports
+//! its percentiles. No on/off pair: there is nothing to compare a scrape with.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+
+use super::report::Machine;
+use crate::util;
+
+pub const HEADING: &str = "## Scrape latency (/metrics with 10,000 series)";
+pub const SERIES: usize = 10_000;
+/// Target: 99th percentile of scrape latency.
+const TARGET_P99_MS: f64 = 20.0;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scrape {
+    pub series: u64,
+    pub bytes: u64,
+    pub scrapes: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Builds and runs the example (release build); `scrapes` timed scrapes.
+pub fn measure(scrapes: u32) -> Result<Scrape> {
+    let mut cmd = util::cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "observer", "--example", "scrape_latency"]).args([
+        "--",
+        "--series",
+        &SERIES.to_string(),
+        "--scrapes",
+        &scrapes.to_string(),
+    ]);
+    eprintln!("+ {}", util::show(&cmd));
+    let out = cmd.output().with_context(|| format!("running `{}`", util::show(&cmd)))?;
+    ensure!(
+        out.status.success(),
+        "the scrape_latency example failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse(json: &str) -> Result<Scrape> {
+    let v: Value = serde_json::from_str(json.trim()).context("scrape_latency output is not JSON")?;
+    let f = |k: &str| v.get(k).and_then(Value::as_f64).with_context(|| format!("no {k} in {json}"));
+    Ok(Scrape {
+        series: f("series")? as u64,
+        bytes: f("bytes")? as u64,
+        scrapes: f("scrapes")? as u64,
+        p50_ms: f("p50_ms")?,
+        p99_ms: f("p99_ms")?,
+        max_ms: f("max_ms")?,
+    })
+}
+
+impl Scrape {
+    pub fn markdown(&self, machine: &Machine, smoke: bool) -> String {
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_markdown(&mut s, machine, smoke);
+        s
+    }
+
+    fn write_markdown(&self, s: &mut String, m: &Machine, smoke: bool) -> std::fmt::Result {
+        writeln!(s, "{HEADING}\n")?;
+        writeln!(
+            s,
+            "How long a Prometheus scrape of a busy node's observer takes. Target: 99th \
+             percentile under {TARGET_P99_MS} ms with {SERIES} series.\n"
+        )?;
+        if smoke {
+            writeln!(s, "**Smoke run**: its numbers are not a measurement.\n")?;
+        }
+        writeln!(
+            s,
+            "Method (`cargo xtask bench --workload scrape`): `cargo run --release -p observer \
+             --example scrape_latency -- --series {SERIES} --scrapes {}` \
+             (`observer/examples/scrape_latency.rs`) fills the observer's own registry \
+             (`observer::metrics::Metrics`, two `--label`s) through the calls the running \
+             observer makes: drops for 30 real drop reasons on each of a few hundred interfaces \
+             (a node with one veth per pod), each interface's retransmit, reset and device \
+             counters, and closed sessions in every goodput histogram. It serves them with the \
+             observer's own HTTP server (`observer::server`, 2 runtime threads) on loopback, \
+             and times {} scrapes over one kept-alive connection, as Prometheus scrapes, from \
+             request to the last byte of the answer. A live observer also walks its kernel \
+             tables at each scrape (`observer_bytes_total`, table usage); that cost grows with \
+             open sessions, not series, and is not in this figure. Series counted are the \
+             sample lines of the answer.\n",
+            self.scrapes, self.scrapes
+        )?;
+        writeln!(
+            s,
+            "Machine: {} CPUs, Linux {} ({}), 1-minute load average {} at the start and {} at \
+             the end. Date: {}.\n",
+            m.cpus, m.kernel, m.arch, m.load, m.load_end, m.date
+        )?;
+        let verdict = if smoke {
+            "not judged (smoke run)"
+        } else if self.p99_ms < TARGET_P99_MS {
+            "met"
+        } else {
+            "NOT met"
+        };
+        writeln!(s, "| figure | value |")?;
+        writeln!(s, "|---|---:|")?;
+        writeln!(s, "| series in the answer | {} |", self.series)?;
+        writeln!(s, "| answer size | {:.0} KiB |", self.bytes as f64 / 1024.0)?;
+        writeln!(s, "| scrapes timed | {} |", self.scrapes)?;
+        writeln!(s, "| p50 | {:.2} ms |", self.p50_ms)?;
+        writeln!(s, "| p99 | {:.2} ms |", self.p99_ms)?;
+        writeln!(s, "| max | {:.2} ms |", self.max_ms)?;
+        writeln!(s, "| target p99 < {TARGET_P99_MS} ms | {verdict} |")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_judges() {
+        let json =
+            r#"{"series": 10123, "bytes": 1500000, "scrapes": 200, "p50_ms": 6.5, "p99_ms": 9.25, "max_ms": 12.0}"#;
+        let s = parse(json).unwrap();
+        assert_eq!(s.series, 10_123);
+        let m = Machine {
+            cpus: 2,
+            kernel: "6.18".into(),
+            arch: "x86_64".into(),
+            date: "2026-01-01".into(),
+            load: "0.5".into(),
+            load_end: "0.6".into(),
+        };
+        let md = s.markdown(&m, false);
+        assert!(md.starts_with(HEADING), "{md}");
+        assert!(md.contains("| p99 | 9.25 ms |"), "{md}");
+        assert!(md.contains("| target p99 < 20 ms | met |"), "{md}");
+        assert!(s.markdown(&m, true).contains("not judged"));
+        assert!(parse("{}").is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The short-connection workload's own figures, beyond its on/off rate: sessions lost
+//! at the highest rate, the ring buffer's zero-loss rate, the observer's CPU per
+//! closed session and its memory at rest and with many connections open.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::connload::{self, CLIENT_THREADS, PAYLOAD_BYTES};
+use super::scrape::{self, Scraper};
+use super::stats::median;
+use super::sys::{NetNs, Proc};
+
+/// The observer counts both ends of a loopback connection.
+pub const SESSIONS_PER_CONNECTION: f64 = 2.0;
+/// Target: at least this many connections per second with the observer on.
+pub const TARGET_RATE: f64 = 20_000.0;
+/// Targets of the observer process: share of one core at 10,000 closed sessions per
+/// second, and resident memory with `HOLD_CONNECTIONS` open.
+pub const TARGET_CORE_SHARE: f64 = 0.02;
+pub const TARGET_RSS_BYTES: u64 = 64 << 20;
+pub const HOLD_CONNECTIONS: usize = 100_000;
+/// `--max-sessions` of the run with connections held open: both ends of each, and room.
+pub const HOLD_MAX_SESSIONS: u32 = 262_144;
+/// How long after the generator stops the observer may take to report the last
+/// sessions (records in the ring buffer, events being processed).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one "on" measurement showed beyond its rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnRun {
+    pub run: connload::Run,
+    /// Increase of `observer_sessions_total{protocol="tcp"}` over the run.
+    pub sessions: f64,
+    /// Increase of `observer_sessions_ignored_total` (closed sessions the `--iface lo`
+    /// filter did not attribute to `lo`): seen, but not reported.
+    pub ignored: f64,
+    /// Increase of `observer_events_lost_total` (all sources), and of its
+    /// `session_ring_full` source alone.
+    pub events_lost: f64,
+    pub ring_lost: f64,
+    /// Observer process CPU seconds (user + system) from just before the run until
+    /// its sessions were counted.
+    pub cpu_seconds: f64,
+    /// Observer resident memory once ready, before the run.
+    pub rss_rest: u64,
+}
+
+impl OnRun {
+    /// Sessions the observer should have counted and did not.
+    pub fn sessions_lost(&self) -> f64 {
+        (self.run.connections as f64 * SESSIONS_PER_CONNECTION - self.sessions - self.ignored).max(0.0)
+    }
+}
+
+/// Runs the generator flat out with the observer running and reads what the observer
+/// counted of it.
+pub fn measure_on(ns: &NetNs, observer: &Proc, listen: SocketAddr, seconds: u32) -> Result<OnRun> {
+    let pid = observer.pid();
+    let mut scraper = Scraper::connect(ns, listen)?;
+    let rss_rest = scrape::rss_bytes(pid)?;
+    let before = Counts::read(&mut scraper)?;
+    let cpu_before = scrape::cpu_seconds(pid)?;
+    let run = connload::run(ns, Duration::from_secs(seconds.into()), None)?;
+    let expected = run.connections as f64 * SESSIONS_PER_CONNECTION;
+    // Wait until every session is counted, or the count stops moving.
+    let started = Instant::now();
+    let mut last = before.clone();
+    let mut still_since = Instant::now();
+    let after = loop {
+        thread::sleep(Duration::from_millis(100));
+        let now = Counts::read(&mut scraper)?;
+        let seen = now.sessions + now.ignored - before.sessions - before.ignored;
+        if seen >= expected || started.elapsed() > SETTLE_TIMEOUT {
+            break now;
+        }
+        if now != last {
+            still_since = Instant::now();
+            last = now;
+        } else if still_since.elapsed() > Duration::from_secs(1) {
+            break now;
+        }
+    };
+    let cpu_seconds = scrape::cpu_seconds(pid)? - cpu_before;
+    Ok(OnRun {
+        run,
+        sessions: after.sessions - before.sessions,
+        ignored: after.ignored - before.ignored,
+        events_lost: after.lost - before.lost,
+        ring_lost: after.ring_lost - before.ring_lost,
+        cpu_seconds,
+        rss_rest,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Counts {
+    sessions: f64,
+    ignored: f64,
+    lost: f64,
+    ring_lost: f64,
+}
+
+impl Counts {
+    fn read(scraper: &mut Scraper) -> Result<Self> {
+        let text = scraper.metrics()?;
+        let lost = "observer_events_lost_total";
+        Ok(Counts {
+            sessions: scrape::sample(&text, "observer_sessions_total", &[("protocol", "tcp")]),
+            ignored: scrape::sample(&text, "observer_sessions_ignored_total", &[]),
+            lost: scrape::sample(&text, lost, &[]),
+            ring_lost: scrape::sample(&text, lost, &[("source", "session_ring_full")]),
+        })
+    }
+}
+
+/// The observer with many connections open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub connections: usize,
+    /// `observer_bpf_map_entries{map="open_sessions"}` while they were open.
+    pub open_sessions: f64,
+    pub table_lost: f64,
+    pub rss: u64,
+    pub open_seconds: f64,
+}
+
+/// Opens `n` connections with the observer running (`--max-sessions
+/// HOLD_MAX_SESSIONS`), scrapes once so that it walks its table of open sessions,
+/// and reads its resident memory.
+pub fn measure_held(ns: &NetNs, observer: &Proc, listen: SocketAddr, n: usize) -> Result<Held> {
+    let mut scraper = Scraper::connect(ns, listen)?;
+    let started = Instant::now();
+    let xtask = std::env::current_exe().context("finding xtask's own executable")?;
+    let held = connload::open_and_hold(ns, n, &xtask)?;
+    let open_seconds = started.elapsed().as_secs_f64();
+    // Twice: the first scrape may be the one that first sees them all.
+    scraper.metrics()?;
+    let text = scraper.metrics()?;
+    let rss = scrape::rss_bytes(observer.pid())?;
+    drop(held);
+    Ok(Held {
+        connections: n,
+        open_sessions: scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]),
+        table_lost: scrape::sample(&text, "observer_events_lost_total", &[("source", "session_table_full")]),
+        rss,
+        open_seconds,
+    })
+}
+
+/// The short-connection workload's findings, for its section of the report.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Findings {
+    /// Connections held open in the memory measurement.
+    pub hold: usize,
+    pub on_runs: Vec<OnRun>,
+    pub held: Option<Held>,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+impl Findings {
+    /// Observer CPU seconds per 100,000 closed sessions, over all "on" runs.
+    pub fn cpu_per_100k_sessions(&self) -> Option<f64> {
+        let cpu: f64 = self.on_runs.iter().map(|r| r.cpu_seconds).sum();
+        let sessions: f64 = self.on_runs.iter().map(|r| r.sessions).sum();
+        (sessions > 0.0).then(|| cpu / sessions * 100_000.0)
+    }
+
+    /// Highest rate of an "on" run whose ring buffer lost no record (sessions missed
+    /// for other reasons are in `sessions_lost`).
+    pub fn zero_loss_rate(&self) -> Option<f64> {
+        self.on_runs.iter().filter(|r| r.ring_lost == 0.0).map(|r| r.run.rate()).max_by(f64::total_cmp)
+    }
+
+    /// Markdown: the method of these figures, per-run table, summary with targets.
+    pub fn write_markdown(&self, s: &mut String, verdict: impl Fn(bool) -> &'static str) -> std::fmt::Result {
+        writeln!(
+            s,
+            "\nSessions counted by the observer in each \"on\" measurement: the increase of \
+             `observer_sessions_total{{protocol=\"tcp\"}}`, read over one kept-alive \
+             `/metrics` connection before the generator starts and again after it stops, \
+             until all sessions are counted (or the count stands still for 1 s); a loopback \
+             connection is two sessions (one per end). Ignored: the increase of \
+             `observer_sessions_ignored_total` (closed, but not attributed to `lo` by the \
+             `--iface` filter). Lost = 2 × connections − counted − ignored. \
+             Observer CPU is user + system time of its process (/proc/PID/stat) over the same \
+             span; its resident memory at rest is VmRSS once `/readyz` answers, before the \
+             generator starts.\n"
+        )?;
+        writeln!(
+            s,
+            "| \"on\" run | connections | failed | conn/s | sessions counted | ignored (iface) | sessions lost | \
+             `events_lost_total` (ring full) | observer CPU (s) | RSS at rest (MiB) |"
+        )?;
+        writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        for (i, r) in self.on_runs.iter().enumerate() {
+            writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.2} | {:.1} |",
+                i + 1,
+                r.run.connections,
+                r.run.failed,
+                r.run.rate(),
+                r.sessions,
+                r.ignored,
+                r.sessions_lost(),
+                r.events_lost,
+                r.ring_lost,
+                r.cpu_seconds,
+                r.rss_rest as f64 / MIB
+            )?;
+        }
+        let lost: f64 = self.on_runs.iter().map(OnRun::sessions_lost).sum();
+        let events_lost: f64 = self.on_runs.iter().map(|r| r.events_lost).sum();
+        let rates: Vec<f64> = self.on_runs.iter().map(|r| r.run.rate()).collect();
+        let top = rates.iter().copied().fold(0.0, f64::max);
+        writeln!(s)?;
+        writeln!(s, "| figure | value | target | |")?;
+        writeln!(s, "|---|---:|---|---|")?;
+        writeln!(
+            s,
+            "| sessions lost (not counted; events lost), all \"on\" runs, highest rate {top:.0} conn/s | {lost:.0}; {events_lost:.0} | 0 at ≥ {TARGET_RATE:.0} conn/s | {} |",
+            verdict(lost == 0.0 && events_lost == 0.0 && top >= TARGET_RATE)
+        )?;
+        match self.zero_loss_rate() {
+            Some(rate) => writeln!(
+                s,
+                "| ring buffer: highest closed-session rate with zero loss | {:.0} sessions/s ({rate:.0} conn/s) | | the generator was the limit: no run lost a ring-buffer record |",
+                rate * SESSIONS_PER_CONNECTION
+            )?,
+            None => writeln!(
+                s,
+                "| ring buffer: highest closed-session rate with zero loss | below {:.0} sessions/s | | every run lost ring-buffer records |",
+                rates.iter().copied().fold(f64::INFINITY, f64::min) * SESSIONS_PER_CONNECTION
+            )?,
+        }
+        if let Some(cpu) = self.cpu_per_100k_sessions() {
+            let share = cpu / 100_000.0 * 10_000.0;
+            writeln!(s, "| observer CPU per 100,000 closed sessions | {cpu:.3} s | | |")?;
+            writeln!(
+                s,
+                "| observer CPU at 10,000 sessions/s (from the line above) | {:.2}% of a core | < {:.0}% | {} |",
+                share * 100.0,
+                TARGET_CORE_SHARE * 100.0,
+                verdict(share < TARGET_CORE_SHARE)
+            )?;
+        }
+        let rest: Vec<f64> = self.on_runs.iter().map(|r| r.rss_rest as f64).collect();
+        if let Some(rest) = median(&rest) {
+            writeln!(s, "| observer RSS at rest (median of runs) | {:.1} MiB | | |", rest / MIB)?;
+        }
+        if let Some(h) = &self.held {
+            writeln!(
+                s,
+                "| observer RSS with {} connections open ({:.0} sessions in its table, {:.0} lost to a full table) | {:.1} MiB | < {:.0} MiB | {} |",
+                h.connections,
+                h.open_sessions,
+                h.table_lost,
+                h.rss as f64 / MIB,
+                TARGET_RSS_BYTES / (1 << 20),
+                verdict(h.rss < TARGET_RSS_BYTES)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// How the workload's figure is made; part of the method text.
+pub fn method(seconds: u32, hold: usize) -> String {
+    format!(
+        "a load generator in xtask (`xtask/src/bench/connload.rs`) runs {CLIENT_THREADS} client \
+         threads for {seconds} s; each connection binds one of 127.0.0.2–127.0.0.9 (without a \
+         port, `IP_BIND_ADDRESS_NO_PORT`, so each source address has its own ephemeral ports; \
+         the namespace's `ip_local_port_range` is 1024–65535), connects to a server in the same \
+         xtask on 127.0.0.1, sends {PAYLOAD_BYTES} bytes, waits for the server to close (2 \
+         server threads accept, read the {PAYLOAD_BYTES} bytes and close first, so TIME_WAIT \
+         sockets are the server's and do not slow the clients' search for free ports) and \
+         closes, as fast as it goes. Its figure is connections \
+         completed per second. After the rounds, the observer is started once more with \
+         `--max-sessions {HOLD_MAX_SESSIONS}` and {hold} connections are opened and held \
+         (client ends in helper processes of up to 15,000 each, under the open-file limit; \
+         server ends established in a listener's accept queue, not accepted, so they need no \
+         file descriptor), `/metrics` is scraped twice and the observer's VmRSS read."
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_run(connections: u64, sessions: f64, ring_lost: f64, cpu: f64) -> OnRun {
+        OnRun {
+            run: connload::Run { connections, failed: 0, seconds: 1.0 },
+            sessions,
+            ignored: 0.0,
+            events_lost: ring_lost,
+            ring_lost,
+            cpu_seconds: cpu,
+            rss_rest: 10 << 20,
+        }
+    }
+
+    #[test]
+    fn lost_sessions_cpu_and_zero_loss_rate() {
+        let f = Findings {
+            hold: 1000,
+            on_runs: vec![
+                on_run(20_000, 40_000.0, 0.0, 0.1),
+                on_run(25_000, 49_990.0, 10.0, 0.2),
+                on_run(22_000, 44_000.0, 0.0, 0.0),
+            ],
+            held: None,
+        };
+        assert_eq!(f.on_runs[0].sessions_lost(), 0.0);
+        assert_eq!(f.on_runs[1].sessions_lost(), 10.0);
+        let cpu = f.cpu_per_100k_sessions().unwrap();
+        assert!((cpu - 0.3 / 133_990.0 * 1e5).abs() < 1e-9, "{cpu}");
+        assert_eq!(f.zero_loss_rate(), Some(22_000.0));
+        let mut md = String::new();
+        f.write_markdown(&mut md, |met| if met { "met" } else { "NOT met" }).unwrap();
+        assert!(md.contains("| 2 | 25000 | 0 | 25000 | 49990 | 0 | 10 | 10 (10) | 0.20 | 10.0 |"), "{md}");
+        assert!(md.contains("| 10; 10 | 0 at ≥ 20000 conn/s | NOT met |"), "{md}");
+        assert!(md.contains("| 44000 sessions/s (22000 conn/s) |"), "{md}");
+        assert!(Findings::default().cpu_per_100k_sessions().is_none());
+    }
+}
