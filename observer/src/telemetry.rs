@@ -5,7 +5,7 @@
 //! node, and to see a table filling up before it drops data.
 use std::{
     collections::{HashMap, HashSet},
-    os::fd::OwnedFd,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Mutex,
     time::Duration,
 };
@@ -94,16 +94,17 @@ pub struct ProgramEntry {
     pub attached: bool,
 }
 
-/// Per program: attached state, run count and run time, read from the kernel
-/// at every scrape.
+/// Per program: attached state, run count, run time and skipped runs, read
+/// from the kernel at every scrape.
 pub struct BpfPrograms {
     programs: Vec<ProgramEntry>,
     run_seconds: CounterVec,
     runs: IntCounterVec,
+    recursion_misses: IntCounterVec,
     attached: IntGaugeVec,
-    /// Last (run time, run count) seen per kernel id: the counters advance by
-    /// the difference.
-    last: Mutex<HashMap<u32, (Duration, u64)>>,
+    /// Last (run time, run count, recursion misses) seen per kernel id: the
+    /// counters advance by the difference.
+    last: Mutex<HashMap<u32, (Duration, u64, u64)>>,
 }
 
 impl BpfPrograms {
@@ -122,6 +123,13 @@ impl BpfPrograms {
             ),
             &["program"],
         )?;
+        let recursion_misses = IntCounterVec::new(
+            Opts::new(
+                "observer_bpf_program_recursion_misses_total",
+                "Times the kernel skipped this program because it was already running on that CPU (the hook was hit again from an interrupt; the kernel's recursion_misses, 5.12+). Each is an event the observer did not see: for obs_state_* a session's birth or close (a missed close leaves its session unreported), for obs_send/obs_recv a call's bytes and active time, for obs_kfree_skb a drop. Data loss inside the observer itself is in observer_events_lost_total.",
+            ),
+            &["program"],
+        )?;
         let attached = IntGaugeVec::new(
             Opts::new(
                 "observer_bpf_program_attached",
@@ -134,9 +142,10 @@ impl BpfPrograms {
             if p.id.is_some() {
                 run_seconds.with_label_values(&[&p.name]);
                 runs.with_label_values(&[&p.name]);
+                recursion_misses.with_label_values(&[&p.name]);
             }
         }
-        Ok(BpfPrograms { programs, run_seconds, runs, attached, last: Mutex::new(HashMap::new()) })
+        Ok(BpfPrograms { programs, run_seconds, runs, recursion_misses, attached, last: Mutex::new(HashMap::new()) })
     }
 
     /// Reads our programs' statistics from the kernel's list of programs.
@@ -154,9 +163,14 @@ impl BpfPrograms {
             }
             let Some(entry) = self.programs.iter().find(|p| p.id == Some(info.id())) else { continue };
             let (time, count) = (info.run_time(), info.run_count());
-            let (prev_time, prev_count) = last.insert(info.id(), (time, count)).unwrap_or_default();
+            // Not in the info struct aya decodes: the kernel prints it in the
+            // program descriptor's fdinfo.
+            let misses = info.fd().ok().and_then(|fd| recursion_misses(fd.as_fd().as_raw_fd())).unwrap_or(0);
+            let (prev_time, prev_count, prev_misses) =
+                last.insert(info.id(), (time, count, misses)).unwrap_or_default();
             self.run_seconds.with_label_values(&[&entry.name]).inc_by(time.saturating_sub(prev_time).as_secs_f64());
             self.runs.with_label_values(&[&entry.name]).inc_by(count.saturating_sub(prev_count));
+            self.recursion_misses.with_label_values(&[&entry.name]).inc_by(misses.saturating_sub(prev_misses));
             found += 1;
             if found == ids.len() {
                 break;
@@ -167,13 +181,23 @@ impl BpfPrograms {
 
 impl Collector for BpfPrograms {
     fn desc(&self) -> Vec<&Desc> {
-        [self.run_seconds.desc(), self.runs.desc(), self.attached.desc()].concat()
+        [self.run_seconds.desc(), self.runs.desc(), self.recursion_misses.desc(), self.attached.desc()].concat()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         self.refresh();
-        [self.run_seconds.collect(), self.runs.collect(), self.attached.collect()].concat()
+        [self.run_seconds.collect(), self.runs.collect(), self.recursion_misses.collect(), self.attached.collect()]
+            .concat()
     }
+}
+
+/// `recursion_misses` of a program descriptor, from `/proc/self/fdinfo`.
+fn recursion_misses(fd: i32) -> Option<u64> {
+    parse_recursion_misses(&std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?)
+}
+
+fn parse_recursion_misses(fdinfo: &str) -> Option<u64> {
+    fdinfo.lines().find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok())
 }
 
 /// Our programs as loaded in `ebpf`, with the names of those attached.
@@ -218,5 +242,12 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn recursion_misses_from_fdinfo() {
+        let fdinfo = "pos:\t0\nflags:\t02000000\nprog_type:\t26\nrun_time_ns:\t5\nrun_cnt:\t1\nrecursion_misses:\t226\nverified_insns:\t1459\n";
+        assert_eq!(parse_recursion_misses(fdinfo), Some(226));
+        assert_eq!(parse_recursion_misses("pos:\t0\n"), None, "kernels before 5.12");
     }
 }

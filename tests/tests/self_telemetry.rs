@@ -37,6 +37,12 @@ fn self_telemetry_from_the_kernel_and_the_process() {
     for s in attached {
         let program = s.labels["program"].as_str();
         assert!(m.value("observer_bpf_program_runs_total", &[("program", program)]).is_some(), "{program}: {m:?}");
+        // Skipped runs are events the observer did not see: exported for
+        // every attached program (zero on this quiet path).
+        assert!(
+            m.value("observer_bpf_program_recursion_misses_total", &[("program", program)]).is_some(),
+            "{program}: {m:?}"
+        );
     }
     for map in ["open_sessions", "udp_flows"] {
         assert!(m.value("observer_bpf_map_capacity", &[("map", map)]).unwrap() > 0.0, "{map}");
