@@ -11,8 +11,18 @@ use observer_common::{
 
 use crate::{
     kernel::{addresses, advance_active, deref, netns_ino, offsets, read},
-    maps::{OPEN_SESSIONS, SESSIONS, count_lost},
+    maps::{OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost},
 };
+
+/// `bpf_ringbuf_submit` flags and `bpf_ringbuf_query` selector (uapi bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Unread bytes in the session ring above which a close wakes the reader:
+/// a quarter of the ring. Below it records wait for the reader's own timer
+/// (`observer::pipeline::RING_POLL`, up to `RING_POLL_IDLE` when quiet), so a burst of closes costs userspace one
+/// wake-up per batch instead of one per record.
+const WAKEUP_BYTES: u64 = SESSIONS_RING_BYTES as u64 / 4;
 
 const EMPTY: SessionStart = SessionStart {
     birth_ns: 0,
@@ -223,7 +233,8 @@ fn on_close(sk: *const u8, key: u64, old: i32) {
     // SAFETY: `record` points at a reserved, exclusively owned ring-buffer slot
     // of the right size; every field is written before submit.
     unsafe { fill_record(&mut *record, sk, start) };
-    entry.submit(0);
+    let wake = if SESSIONS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(wake);
     if start.is_some() {
         let _ = OPEN_SESSIONS.remove(&key);
     }

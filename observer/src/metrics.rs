@@ -4,7 +4,14 @@
 //! observer's own (`direction`, `protocol`, ...), then on session families the
 //! session labels the operator turned on (`crate::enrich`), then the
 //! operator's static labels.
-use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use std::{
+    collections::HashMap,
+    sync::{Mutex, OnceLock},
+};
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 use crate::{
     labels::StaticLabel,
@@ -75,6 +82,26 @@ pub struct Metrics {
     interface: [IntCounterVec; 3],
     /// The observer's own health: table usage, scrape duration, process_*.
     pub telemetry: crate::telemetry::SelfMetrics,
+    /// Handles of the session families' series by session label values, so
+    /// a closed session costs one lookup instead of hashing its label values
+    /// once per family and direction.
+    series: Mutex<HashMap<Vec<String>, LabelSetSeries>>,
+}
+
+/// The series of one set of session label values, per protocol and
+/// impaired value (index `protocol * 2 + impaired`), created at first use.
+type LabelSetSeries = [Option<SessionSeries>; 4];
+
+/// What one closed session updates.
+struct SessionSeries {
+    sessions: IntCounter,
+    duration: Histogram,
+    /// By `Direction::ALL` index, as the goodput pairs.
+    bytes: [IntCounter; 2],
+    /// Created at the first observation, so sessions under the floor add no
+    /// goodput series.
+    goodput: [OnceLock<Histogram>; 2],
+    active_goodput: [OnceLock<Histogram>; 2],
 }
 
 impl Metrics {
@@ -244,6 +271,7 @@ impl Metrics {
             tcp_resets,
             interface,
             telemetry,
+            series: Mutex::new(HashMap::new()),
         };
         // Series exist from the start, so rate() and dashboards see zeros
         // instead of absent series before the first session closes. With
@@ -294,6 +322,7 @@ impl Metrics {
     /// Removes every series of one set of session label values (expired by
     /// the series TTL).
     pub fn remove_session_series(&self, session: &[String]) {
+        self.series.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
         // Not every combination was ever created: a missing one is no error.
         self.each_session_series(session, |family, values| family.remove(values));
     }
@@ -318,23 +347,49 @@ impl Metrics {
     /// Accounts one closed session, with its session label values (in the
     /// order given to [`Metrics::new`]).
     pub fn record(&self, s: &Session, session_labels: &[String], min_session_bytes: u64) {
-        let protocol = s.protocol.as_str();
-        let proto_labels = self.session_values(&[protocol], session_labels);
-        self.sessions.with_label_values(&proto_labels).inc();
-        if let Some(lifetime) = s.lifetime {
-            self.duration.with_label_values(&proto_labels).observe(lifetime.as_secs_f64());
+        let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.contains_key(session_labels) {
+            cache.insert(session_labels.to_vec(), Default::default());
         }
-        for d in Direction::ALL {
-            let labels = self.session_values(&[d.as_str(), protocol], session_labels);
-            self.session_bytes.with_label_values(&labels).inc_by(s.bytes(d));
-            let impaired = if s.impaired() { "true" } else { "false" };
-            let goodput_labels = self.session_values(&[d.as_str(), protocol, impaired], session_labels);
+        let slot = match s.protocol {
+            Protocol::Tcp => 0,
+            Protocol::Udp => 2,
+        } + usize::from(s.impaired());
+        let Some(by_kind) = cache.get_mut(session_labels) else { return };
+        let series = by_kind[slot].get_or_insert_with(|| self.session_series(s, session_labels));
+        series.sessions.inc();
+        if let Some(lifetime) = s.lifetime {
+            series.duration.observe(lifetime.as_secs_f64());
+        }
+        for (i, d) in Direction::ALL.into_iter().enumerate() {
+            series.bytes[i].inc_by(s.bytes(d));
+            let goodput_labels = || {
+                let impaired = if s.impaired() { "true" } else { "false" };
+                self.session_values(&[d.as_str(), s.protocol.as_str(), impaired], session_labels)
+            };
             if let Some(g) = s.goodput(d, min_session_bytes) {
-                self.goodput.with_label_values(&goodput_labels).observe(g);
+                series.goodput[i].get_or_init(|| self.goodput.with_label_values(&goodput_labels())).observe(g);
             }
             if let Some(g) = s.active_goodput(d, min_session_bytes) {
-                self.active_goodput.with_label_values(&goodput_labels).observe(g);
+                series.active_goodput[i]
+                    .get_or_init(|| self.active_goodput.with_label_values(&goodput_labels()))
+                    .observe(g);
             }
+        }
+    }
+
+    fn session_series(&self, s: &Session, session_labels: &[String]) -> SessionSeries {
+        let protocol = s.protocol.as_str();
+        let proto_labels = self.session_values(&[protocol], session_labels);
+        let bytes = Direction::ALL.map(|d| {
+            self.session_bytes.with_label_values(&self.session_values(&[d.as_str(), protocol], session_labels))
+        });
+        SessionSeries {
+            sessions: self.sessions.with_label_values(&proto_labels),
+            duration: self.duration.with_label_values(&proto_labels),
+            bytes,
+            goodput: Default::default(),
+            active_goodput: Default::default(),
         }
     }
 

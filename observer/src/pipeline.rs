@@ -281,8 +281,20 @@ impl Stop {
     }
 }
 
-/// Waits on a ring buffer and hands each record to `handle`; once `stop` is
-/// raised, reads the records still in the ring and returns.
+/// How often the ring readers drain without a wake-up while records keep
+/// coming. The kernel wakes the session reader only when its ring is a
+/// quarter full (observer-ebpf's `on_close`), so in steady state records are
+/// read in batches at this period: a burst of short connections costs one
+/// wake-up per batch instead of one per session.
+pub const RING_POLL: Duration = Duration::from_millis(25);
+/// The longest period between drains: after drains that found nothing the
+/// period doubles up to this, so an idle observer wakes a few times a second,
+/// and the first session after a quiet spell is reported within it.
+pub const RING_POLL_IDLE: Duration = Duration::from_millis(250);
+
+/// Reads a ring buffer and hands each record to `handle`, on wake-ups and
+/// every [`RING_POLL`] to [`RING_POLL_IDLE`], until `stop`; then reads what
+/// is left and returns.
 async fn drain_until_stopped(
     ring: RingBuf<MapData>,
     mut stop: Stop,
@@ -292,34 +304,39 @@ async fn drain_until_stopped(
     // for as long as it is registered.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| Error::Ring(e.into_parts().1))?;
+    let mut period = RING_POLL;
     loop {
-        let stopping = tokio::select! {
+        tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(Error::Ring)?;
                 // Readiness is cleared before draining, not after: a record
-                // committed after the drain's last read wakes the fd (the
-                // kernel notifies once the reader has caught up), and that wake
-                // must not be cleared away, or the record waits for the next
-                // one, and with the ring's adaptive wake-ups no later record
-                // wakes the reader either. Found by the benchmark: a few
-                // sessions of each burst of short connections went uncounted.
+                // committed after the drain's last read wakes the fd, and
+                // that wake must not be cleared away. Found by the benchmark:
+                // a few sessions of each burst went uncounted.
                 guard.clear_ready();
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    handle(&item);
-                }
-                false
+                drain(guard.get_inner_mut(), &mut handle);
+                period = RING_POLL;
             }
-            _ = stop.stopped() => true,
-        };
-        if stopping {
-            let ring = fd.get_mut();
-            while let Some(item) = ring.next() {
-                handle(&item);
+            _ = tokio::time::sleep(period) => {
+                let read = drain(fd.get_mut(), &mut handle);
+                period = if read > 0 { RING_POLL } else { (period * 2).min(RING_POLL_IDLE) };
             }
-            return Ok(());
+            _ = stop.stopped() => {
+                let _ = drain(fd.get_mut(), &mut handle);
+                return Ok(());
+            }
         }
     }
+}
+
+/// Hands every record in the ring to `handle`; returns how many there were.
+fn drain(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(&[u8])) -> usize {
+    let mut read = 0;
+    while let Some(item) = ring.next() {
+        handle(&item);
+        read += 1;
+    }
+    read
 }
 
 fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
