@@ -10,7 +10,7 @@ use std::{
 
 use observer_tests::{
     Metrics, NetNs, ObserverProcess, TcpServer, TempDir, forced_probes, run_observer_cli, run_with_timeout, time_scale,
-    transfer_in, wait_until,
+    transfer_in,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,16 +43,6 @@ fn drops(m: &Metrics, reason: &str, iface: &str) -> f64 {
     m.value_exact("observer_drops_total", &[("reason", reason), ("iface", iface)]).unwrap_or(0.0)
 }
 
-/// Scrapes until `f` holds (the counters are read at scrape time, so the
-/// kernel's last increments may need one more scrape), then returns the scrape.
-fn scrape_until(observer: &mut ObserverProcess, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    wait_until(what, TIMEOUT, Duration::from_millis(50), || {
-        let m = observer.metrics()?;
-        Ok(f(&m).then_some(m))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", observer.metrics().map(|m| m.raw().to_string()).unwrap_or_default()))
-}
-
 /// Sends `n` datagrams to `to` from inside the namespace; send errors (an
 /// output rule answers EPERM) are expected and ignored.
 fn send_udp(ns: &NetNs, to: SocketAddr, n: usize) {
@@ -83,9 +73,8 @@ fn netfilter_drops_on_loopback_counted_exactly() {
     let before = drops(&m, "netfilter_drop", "lo");
 
     send_udp(&ns, SocketAddr::from(([127, 0, 0, 1], port)), N);
-    let m = scrape_until(&mut observer, "N netfilter drops on lo", |m| {
-        drops(m, "netfilter_drop", "lo") >= before + N as f64
-    });
+    let m = observer
+        .scrape_until("N netfilter drops on lo", TIMEOUT, |m| drops(m, "netfilter_drop", "lo") >= before + N as f64);
     // Settle: one more scrape must not grow further.
     std::thread::sleep(Duration::from_millis(200));
     let again = observer.metrics().unwrap();
@@ -133,7 +122,7 @@ fn drops_follow_the_interface_selection() {
 
     let mut both = ObserverProcess::start(&ns, &["--iface", "lo", "--iface", "obsdum0"]).unwrap();
     send_udp(&ns, target, N);
-    let m = scrape_until(&mut both, "N drops on obsdum0", |m| drops(m, "netfilter_drop", "obsdum0") >= N as f64);
+    let m = both.scrape_until("N drops on obsdum0", TIMEOUT, |m| drops(m, "netfilter_drop", "obsdum0") >= N as f64);
     std::thread::sleep(Duration::from_millis(200));
     let again = both.metrics().unwrap();
     assert_eq!(drops(&m, "netfilter_drop", "obsdum0"), N as f64, "{}", m.raw());
@@ -192,7 +181,7 @@ fn udp_receive_buffer_overflow_matches_kernel_statistics() {
     });
     assert!(refused > 0 && kept > 0, "the buffer overflowed: refused {refused}, kept {kept}");
     let want = before + refused as f64;
-    let m = scrape_until(&mut observer, "receive-buffer drops", |m| drops(m, "socket_rcvbuff", "lo") >= want);
+    let m = observer.scrape_until("receive-buffer drops", TIMEOUT, |m| drops(m, "socket_rcvbuff", "lo") >= want);
     std::thread::sleep(Duration::from_millis(200));
     let again = observer.metrics().unwrap();
     assert_eq!(drops(&m, "socket_rcvbuff", "lo"), want, "{}", m.raw());
@@ -244,7 +233,7 @@ fn connection_to_a_closed_port_counts_resets() {
     let err = ns.connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap_err();
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
     let sent_to_closed_port = if socketless_resets_uncounted() { 0.0 } else { 1.0 };
-    let m = scrape_until(&mut observer, "the closed port's reset", |m| {
+    let m = observer.scrape_until("the closed port's reset", TIMEOUT, |m| {
         resets(m, "sent") >= sent + sent_to_closed_port && resets(m, "received") >= received + 1.0
     });
     assert_eq!(resets(&m, "sent"), sent + sent_to_closed_port, "{}", m.raw());
@@ -268,7 +257,7 @@ fn connection_to_a_closed_port_counts_resets() {
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
     drop(client);
-    let m = scrape_until(&mut observer, "the abortive close's reset", |m| {
+    let m = observer.scrape_until("the abortive close's reset", TIMEOUT, |m| {
         resets(m, "sent") >= sent + 1.0 && resets(m, "received") >= received + 1.0
     });
     assert_eq!(resets(&m, "sent"), sent + 1.0, "{}", m.raw());
@@ -304,7 +293,7 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
     let counted = forced_probes().is_none_or(|t| t == "auto" || t == "tracepoint");
 
     let clean = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = scrape_until(&mut observer, "the clean session", |m| count(m, "false") + count(m, "true") >= 1.0);
+    let m = observer.scrape_until("the clean session", TIMEOUT, |m| count(m, "false") + count(m, "true") >= 1.0);
     // A clean path does not retransmit on real hardware. Under emulation a
     // loss-probe or retransmit timer can fire before a delayed ACK is
     // processed: then the session is impaired, and counted where the tier
@@ -327,7 +316,7 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
         ),
     );
     let lossy = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = scrape_until(&mut observer, "the impaired session", |m| count(m, "true") >= clean_impaired + 1.0);
+    let m = observer.scrape_until("the impaired session", TIMEOUT, |m| count(m, "true") >= clean_impaired + 1.0);
     let want = (1.0 - clean_impaired, clean_impaired + 1.0);
     assert_eq!((count(&m, "false"), count(&m, "true")), want, "{lossy:?}\n{}", m.raw());
     if counted {
@@ -376,7 +365,7 @@ fn interface_counters_of_a_selected_interface() {
         })
     };
     send(N, PAYLOAD);
-    let m = scrape_until(&mut observer, "N packets sent", |m| value(m, "packets", "transmit") >= p0 + N as f64);
+    let m = observer.scrape_until("N packets sent", TIMEOUT, |m| value(m, "packets", "transmit") >= p0 + N as f64);
     assert_eq!(value(&m, "packets", "transmit"), p0 + N as f64, "{}", m.raw());
     // Ethernet 14 + IPv4 20 + UDP 8 + payload.
     assert_eq!(value(&m, "bytes", "transmit"), b0 + (N * (42 + PAYLOAD as u64)) as f64, "{}", m.raw());
@@ -388,7 +377,7 @@ fn interface_counters_of_a_selected_interface() {
     // qdisc, which counted it on the device only from 2024 on.)
     ip(&b, &["link", "set", "obsif1", "mtu", "500"]);
     send(K, 1000);
-    let m = scrape_until(&mut observer, "K transmit drops", |m| value(m, "drops", "transmit") >= d0 + K as f64);
+    let m = observer.scrape_until("K transmit drops", TIMEOUT, |m| value(m, "drops", "transmit") >= d0 + K as f64);
     assert_eq!(value(&m, "drops", "transmit"), d0 + K as f64, "{}", m.raw());
     assert_eq!(value(&m, "packets", "transmit"), p0 + N as f64, "dropped datagrams were not sent: {}", m.raw());
 
@@ -410,7 +399,7 @@ fn interface_counters_of_a_selected_interface() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no drop count in {stats}"));
     assert!(dropped > 0.0, "{stats}");
-    let m = scrape_until(&mut observer, "qdisc drops", |m| value(m, "drops", "transmit") >= d1 + dropped);
+    let m = observer.scrape_until("qdisc drops", TIMEOUT, |m| value(m, "drops", "transmit") >= d1 + dropped);
     assert_eq!(value(&m, "drops", "transmit"), d1 + dropped, "tc says {stats}\n{}", m.raw());
     eprintln!("qdisc dropped {dropped} of 200; counted as interface transmit drops");
 }

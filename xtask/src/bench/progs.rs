@@ -335,20 +335,7 @@ mod tests {
 
     /// Loads `r0 = 0; exit` as a socket filter named `name`; None without privileges.
     fn load_trivial_prog(name: &str) -> Option<OwnedFd> {
-        #[repr(C)]
-        struct ProgLoadAttr {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-            prog_name: [u8; 16],
-        }
-        const BPF_PROG_LOAD: libc::c_long = 5;
+        use crate::bench::baseline::{BPF_PROG_LOAD, ProgLoadAttr, bpf};
         const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
         // mov64 r0, 0 (opcode 0xb7); exit (0x95).
         let insns: [u64; 2] = [0xb7, 0x95];
@@ -360,20 +347,10 @@ mod tests {
             insn_cnt: 2,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
-            log_level: 0,
-            log_size: 0,
-            log_buf: 0,
-            kern_version: 0,
-            prog_flags: 0,
             prog_name,
+            ..ProgLoadAttr::default()
         };
-        // SAFETY: attr is a valid prefix of union bpf_attr for BPF_PROG_LOAD whose
-        // pointers outlive the call.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoadAttr, size_of::<ProgLoadAttr>())
-        };
-        // SAFETY: a new fd from the kernel, owned by nobody else.
-        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+        bpf(BPF_PROG_LOAD, &attr).ok()
     }
 
     #[test]
