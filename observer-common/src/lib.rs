@@ -168,7 +168,7 @@ pub struct KernelOffsets {
     /// older kernels), an int.
     pub rx_dst_ifindex: u32,
     /// `struct sock` -> `sk_protocol` (u16); 0 where the kernel keeps it in a
-    /// bitfield (before 5.6), and then the programs do not filter on it.
+    /// bitfield (before 5.6). Read only by the per-call programs (6.3+).
     pub sk_protocol: u32,
     /// `struct sock` -> `sk_flags` (unsigned long).
     pub sk_flags: u32,
@@ -203,8 +203,12 @@ pub struct KernelOffsets {
     pub netdev_net: u32,
     /// `struct tcp_sock` -> `total_retrans` (u32).
     pub tcp_total_retrans: u32,
+    /// `struct tcp_sock` -> `tcp_clock_cache` (u64, ns of the monotonic
+    /// clock): the socket's last clock reading, which TCP refreshes as it sends
+    /// and as a receive call reads data, just before the per-call hooks run.
+    pub tcp_clock_cache: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 124);
 
 /// Index into the `LOST` per-CPU counter array: where a kernel program had to
 /// drop data. Userspace exports each as `observer_events_lost_total{source}`.
@@ -224,9 +228,13 @@ pub enum LostSource {
     /// The drop counter table was full: a drop (or retransmit, reset) of a
     /// new (reason, interface) pair was not counted.
     DropTableFull = 4,
+    /// A datagram on an unconnected UDP socket whose peer no hook saw (a
+    /// receive that did not ask for the source address): its bytes are not
+    /// counted, there being no flow to count them in.
+    UdpPeerUnknown = 5,
 }
 /// Number of `LostSource` values (the `LOST` array's length).
-pub const LOST_SOURCES: u32 = 5;
+pub const LOST_SOURCES: u32 = 6;
 
 /// `DropKey::kind`: what the kernel counted.
 pub mod drop_kind {

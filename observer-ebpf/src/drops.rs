@@ -11,7 +11,7 @@ use aya_ebpf::{
 use observer_common::{DROP_REASON_UNKNOWN, DropKey, LostSource, drop_kind};
 
 use crate::{
-    kernel::{deref, netns_ino, offsets, read, settings},
+    kernel::{Mem, Probe, netns_ino, offset, settings},
     maps::count_lost,
 };
 
@@ -46,10 +46,11 @@ fn count(key: &DropKey) {
 /// (ifindex, netns inode) of a network device, zeros when unreadable.
 #[inline(always)]
 fn device(dev: Option<*const u8>) -> (u32, u32) {
-    let off = offsets();
     let Some(dev) = dev else { return (0, 0) };
-    let ifindex = read::<u32>(dev, off.netdev_ifindex).unwrap_or(0);
-    let netns = deref(dev, off.netdev_net).and_then(|net| read::<u32>(net, off.net_ns_inum)).unwrap_or(0);
+    let ifindex = Probe::read::<u32>(dev, offset!(netdev_ifindex)).unwrap_or(0);
+    let netns = Probe::deref(dev, offset!(netdev_net))
+        .and_then(|net| Probe::read::<u32>(net, offset!(net_ns_inum)))
+        .unwrap_or(0);
     (ifindex, netns)
 }
 
@@ -58,11 +59,10 @@ fn device(dev: Option<*const u8>) -> (u32, u32) {
 /// a packet dropped on output before `dev` is set still gets an interface.
 #[inline(always)]
 fn skb_device(skb: *const u8) -> (u32, u32) {
-    let off = offsets();
-    let dev = deref(skb, off.skb_dev).or_else(|| {
+    let dev = Probe::deref(skb, offset!(skb_dev)).or_else(|| {
         // The lowest bit of _skb_refdst is SKB_DST_NOREF, not address.
-        let dst = read::<u64>(skb, off.skb_refdst).unwrap_or(0) & !1;
-        if dst == 0 { None } else { deref(dst as *const u8, off.dst_dev) }
+        let dst = Probe::read::<u64>(skb, offset!(skb_refdst)).unwrap_or(0) & !1;
+        if dst == 0 { None } else { Probe::deref(dst as *const u8, offset!(dst_dev)) }
     });
     device(dev)
 }
@@ -71,10 +71,9 @@ fn skb_device(skb: *const u8) -> (u32, u32) {
 /// there is no route.
 #[inline(always)]
 fn sock_device(sk: *const u8) -> (u32, u32) {
-    let off = offsets();
-    let dev = deref(sk, off.sk_dst_cache).and_then(|dst| deref(dst, off.dst_dev));
+    let dev = Probe::deref(sk, offset!(sk_dst_cache)).and_then(|dst| Probe::deref(dst, offset!(dst_dev)));
     match device(dev) {
-        (0, _) => (0, netns_ino(sk, &off)),
+        (0, _) => (0, netns_ino::<Probe>(sk)),
         found => found,
     }
 }

@@ -3,12 +3,14 @@
 //! Rust eBPF cannot emit CO-RE field relocations, so the loader resolves every
 //! field offset the programs need and writes them into `OFFSETS` before loading.
 //! A zero offset is never valid for the fields we read, and the loader refuses
-//! to start when one is missing, so programs can trust these values.
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+//! to start when one is missing, so programs can trust these values. `.rodata`
+//! is frozen before the programs load, so the verifier reads these offsets as
+//! constants: that is what lets `Btf` load fields directly.
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock};
 use observer_common::{KernelOffsets, Settings};
 
 #[unsafe(no_mangle)]
-static OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_acked: 0,
     tcp_bytes_received: 0,
     skc_family: 0,
@@ -39,6 +41,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skb_refdst: 0,
     netdev_net: 0,
     tcp_total_retrans: 0,
+    tcp_clock_cache: 0,
 };
 
 /// Program settings the loader wrote (see `Settings`).
@@ -56,50 +59,106 @@ pub fn settings() -> Settings {
     unsafe { core::ptr::read_volatile(&SETTINGS) }
 }
 
-/// The offsets the loader wrote. `read_volatile` keeps the compiler from
-/// folding the placeholder zeros above into the code.
-#[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+/// One offset the loader wrote, as `offset!(skc_state)`. Read field by field
+/// from the frozen `.rodata` map: the verifier then knows each value as a
+/// constant, which direct loads (`Btf`) need, while a copy of the whole struct
+/// on the stack would lose that for fields not 8-byte aligned. `read_volatile`
+/// keeps the compiler from folding the placeholder zeros above into the code.
+macro_rules! offset {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&$crate::kernel::OFFSETS.$field) }
+    };
+}
+pub(crate) use offset;
+
+/// How a program reads kernel memory, chosen by its hook. tp_btf and fentry
+/// arguments are BTF-typed pointers: the verifier lets a program load their
+/// fields directly (`Btf`), a plain load that the JIT guards against faults,
+/// instead of a helper call per field (`Probe`, about 45 ns each, measured in
+/// BENCHMARKS.md). kprobe arguments are plain integers, which only
+/// `bpf_probe_read_kernel` may follow.
+pub trait Mem {
+    /// Reads a `T` at `base + offset`; `None` if the read faults (`Probe`;
+    /// a faulting direct load reads as zero instead). `T` must be one scalar
+    /// field of the kernel struct at that place (or a pointer field, whole):
+    /// that is all the verifier allows a direct load to touch.
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T>;
+
+    /// `sk` as a base for `struct tcp_sock` fields (every offset stays relative
+    /// to the socket); `None` if it is not a full TCP socket. A direct load
+    /// beyond `struct sock` is refused unless the pointer is typed as the
+    /// larger struct, which `bpf_skc_to_tcp_sock` gives.
+    fn tcp(sk: *const u8) -> Option<*const u8>;
+
+    /// Follows a pointer field: `*(base + offset)` as an address, `None` if
+    /// null or unreadable.
+    #[inline(always)]
+    fn deref(base: *const u8, offset: u32) -> Option<*const u8> {
+        match Self::read::<*const u8>(base, offset) {
+            Some(p) if !p.is_null() => Some(p),
+            _ => None,
+        }
+    }
 }
 
-/// Reads a `T` at `base + offset` in kernel memory; `None` if the read faults.
-#[inline(always)]
-pub fn read<T>(base: *const u8, offset: u32) -> Option<T> {
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T).ok() }
+/// `bpf_probe_read_kernel` for every field: works on any address.
+pub enum Probe {}
+
+impl Mem for Probe {
+    #[inline(always)]
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T).ok() }
+    }
+
+    #[inline(always)]
+    fn tcp(sk: *const u8) -> Option<*const u8> {
+        Some(sk)
+    }
 }
 
-/// Follows a pointer field: `*(base + offset)` as an address, `None` if null
-/// or unreadable.
-#[inline(always)]
-pub fn deref(base: *const u8, offset: u32) -> Option<*const u8> {
-    match read::<u64>(base, offset) {
-        Some(0) | None => None,
-        Some(p) => Some(p as *const u8),
+/// Direct loads from BTF-typed pointers (tp_btf and fentry arguments, and
+/// pointers loaded from their fields).
+pub enum Btf {}
+
+impl Mem for Btf {
+    #[inline(always)]
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        Some(unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) })
+    }
+
+    #[inline(always)]
+    fn tcp(sk: *const u8) -> Option<*const u8> {
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+        if tp.is_null() { None } else { Some(tp) }
     }
 }
 
 /// Local and remote address of a socket as 16-byte arrays (IPv4 in the first
-/// 4 bytes) with the family: the layout every record uses.
+/// 4 bytes) with the family: the layout every record uses. IPv6 addresses are
+/// read with `Probe` in every tier: a direct load must stay within one field,
+/// and the verifiers of the kernels we support differ on 8-byte loads from
+/// `in6_addr`'s byte array.
 #[inline(always)]
-pub fn addresses(sk: *const u8, off: &KernelOffsets) -> (u16, [u8; 16], [u8; 16]) {
-    let family = read::<u16>(sk, off.skc_family).unwrap_or(0);
+pub fn addresses<M: Mem>(sk: *const u8) -> (u16, [u8; 16], [u8; 16]) {
+    let family = M::read::<u16>(sk, offset!(skc_family)).unwrap_or(0);
     let mut local = [0u8; 16];
     let mut remote = [0u8; 16];
     if family == observer_common::AF_INET6 {
-        local = read::<[u8; 16]>(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
-        remote = read::<[u8; 16]>(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+        local = Probe::read::<[u8; 16]>(sk, offset!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
+        remote = Probe::read::<[u8; 16]>(sk, offset!(skc_v6_daddr)).unwrap_or([0; 16]);
     } else {
-        local[..4].copy_from_slice(&read::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]));
-        remote[..4].copy_from_slice(&read::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]));
+        let l = M::read::<u32>(sk, offset!(skc_rcv_saddr)).unwrap_or(0);
+        let r = M::read::<u32>(sk, offset!(skc_daddr)).unwrap_or(0);
+        local[..4].copy_from_slice(&l.to_ne_bytes());
+        remote[..4].copy_from_slice(&r.to_ne_bytes());
     }
     (family, local, remote)
 }
 
 /// Inode of the socket's network namespace, 0 if unreadable.
 #[inline(always)]
-pub fn netns_ino(sk: *const u8, off: &KernelOffsets) -> u32 {
-    deref(sk, off.skc_net).and_then(|net| read::<u32>(net, off.net_ns_inum)).unwrap_or(0)
+pub fn netns_ino<M: Mem>(sk: *const u8) -> u32 {
+    M::deref(sk, offset!(skc_net)).and_then(|net| M::read::<u32>(net, offset!(net_ns_inum))).unwrap_or(0)
 }
 
 /// Adds the time since the previous data call to `active` when the gap is

@@ -2,7 +2,7 @@
 //! them from the command line (`EbpfLoader::set_max_entries`).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{LOST_SOURCES, LostSource, PendingKey, PendingPeer, SessionStart, UdpFlow, UdpFlowKey};
 
@@ -44,6 +44,24 @@ pub static UDP_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
 pub static UDP_RELEASES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// Peer of the datagram being sent or received, from the cgroup sendmsg /
-/// recvmsg hook, for the tracepoint that follows in the same call.
+/// recvmsg hook, for the tracepoint that follows in the same call when it
+/// runs on another CPU (`PENDING_SLOT` serves the rest). LRU: an entry whose
+/// call never reached the tracepoint's accounting (a failed send) is evicted
+/// by newer ones instead of filling the table.
 #[map(name = "PENDING_PEERS")]
-pub static PENDING_PEERS: HashMap<PendingKey, PendingPeer> = HashMap::with_max_entries(16384, 0);
+pub static PENDING_PEERS: LruHashMap<PendingKey, PendingPeer> = LruHashMap::with_max_entries(16384, 0);
+
+/// The last peer a cgroup hook saw on this CPU, with its key. The hook and
+/// the tracepoint of one call run on the same CPU unless the task migrated in
+/// between, so the tracepoint looks here first: most UDP calls name no address
+/// (connected sockets, receives that do not ask for the source), and for them
+/// this per-CPU read replaces a hash lookup in `PENDING_PEERS`.
+#[map(name = "PENDING_SLOT")]
+pub static PENDING_SLOT: PerCpuArray<PendingSlot> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingSlot {
+    pub key: PendingKey,
+    pub peer: PendingPeer,
+}

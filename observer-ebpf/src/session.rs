@@ -5,12 +5,12 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
 };
 use observer_common::{
-    KernelOffsets, LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED,
-    SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
+    LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED, SESSION_FIN_SENT,
+    SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
 };
 
 use crate::{
-    kernel::{addresses, advance_active, deref, netns_ino, offsets, read},
+    kernel::{Mem, Probe, addresses, advance_active, netns_ino, offset},
     maps::{OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost},
 };
 
@@ -46,11 +46,13 @@ const EMPTY: SessionStart = SessionStart {
 /// A TCP socket moved from `old` to `new`. Only the SYN_SENT transition is known
 /// to run in the owning process (connect); other transitions may run in softirq,
 /// where the current task is whoever was interrupted, so they record no owner.
+/// Not a TCP socket (`M::tcp`): ignored.
 #[inline(always)]
-pub fn on_state_change(sk: *const u8, old: i32, new: i32) {
+pub fn on_state_change<M: Mem>(sk: *const u8, old: i32, new: i32) {
     let key = sk as u64;
+    let Some(tp) = M::tcp(sk) else { return };
     if new == tcp_state::CLOSE {
-        on_close(sk, key, old);
+        on_close::<M>(sk, tp, key, old);
         return;
     }
     if new == tcp_state::LISTEN {
@@ -71,7 +73,7 @@ pub fn on_state_change(sk: *const u8, old: i32, new: i32) {
     start.birth_jiffies = unsafe { bpf_jiffies64() };
     start.flags = fin_sent;
     if !born_here {
-        adopt(sk, &mut start);
+        adopt::<M>(tp, &mut start);
     }
     if new == tcp_state::SYN_SENT {
         // connect(): the caller is the owner.
@@ -86,9 +88,9 @@ pub fn on_state_change(sk: *const u8, old: i32, new: i32) {
 /// Marks a session seen mid-life: what it moved before now is history, so it
 /// becomes the baseline of its live throughput.
 #[inline(always)]
-fn adopt(sk: *const u8, start: &mut SessionStart) {
+fn adopt<M: Mem>(tp: *const u8, start: &mut SessionStart) {
     start.flags |= SESSION_ADOPTED;
-    let (tx, rx, _) = current_payload(sk, &offsets(), start.flags);
+    let (tx, rx, _) = current_payload::<M>(tp, start.flags);
     start.live_base_tx = tx;
     start.live_base_rx = rx;
     start.live_tx = tx;
@@ -109,21 +111,21 @@ pub fn claim_owner(sk: *const u8) {
 
 /// A send or receive call on a TCP socket, in the calling process: claims the
 /// owner, advances active time and the live payload counters. A connection
-/// that predates the observer is adopted here at its first call.
+/// that predates the observer is adopted here at its first call. `tp` is `sk`
+/// as `M::tcp` gave it.
 #[inline(always)]
-pub fn on_tcp_call(sk: *const u8) {
+pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     let key = sk as u64;
-    let now = unsafe { bpf_ktime_get_ns() };
-    let off = offsets();
     let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
-        let state = read::<u8>(sk, off.skc_state).unwrap_or(0) as i32;
+        let now = unsafe { bpf_ktime_get_ns() };
+        let state = M::read::<u8>(tp, offset!(skc_state)).unwrap_or(0) as i32;
         if state != tcp_state::ESTABLISHED {
             return;
         }
         let mut start = EMPTY;
         start.birth_ns = now;
         start.birth_jiffies = unsafe { bpf_jiffies64() };
-        adopt(sk, &mut start);
+        adopt::<M>(tp, &mut start);
         fill_owner(&mut start);
         start.last_call_ns = now;
         if OPEN_SESSIONS.insert(&key, &start, 0).is_err() {
@@ -135,8 +137,16 @@ pub fn on_tcp_call(sk: *const u8) {
     if start.flags & SESSION_OWNER_KNOWN == 0 {
         fill_owner(start);
     }
-    advance_active(&mut start.last_call_ns, &mut start.active_ns, now);
-    let (tx, rx, _) = current_payload(sk, &off, start.flags);
+    // The time of this call is the clock reading TCP itself just took for
+    // this socket (`tcp_clock_cache`, refreshed by the send and by the receive
+    // call before their tracepoints run; a send that only queued data leaves
+    // the previous packet's time, within an RTT): the same clock as
+    // `bpf_ktime_get_ns()`, which costs as much again as the rest of a call.
+    let now = M::read::<u64>(tp, offset!(tcp_clock_cache)).unwrap_or(0);
+    if now > start.last_call_ns {
+        advance_active(&mut start.last_call_ns, &mut start.active_ns, now);
+    }
+    let (tx, rx, _) = current_payload::<M>(tp, start.flags);
     start.live_tx = tx;
     start.live_rx = rx;
     // Once per session: these are for the --iface filter of live bytes, and
@@ -145,9 +155,9 @@ pub fn on_tcp_call(sk: *const u8) {
     // chase per send and receive.
     if start.flags & SESSION_PLACED == 0 {
         start.flags |= SESSION_PLACED;
-        start.netns_ino = netns_ino(sk, &off);
-        start.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);
-        start.tx_ifindex = tx_ifindex(sk, &off);
+        start.netns_ino = netns_ino::<M>(tp);
+        start.rx_ifindex = M::read::<u32>(tp, offset!(rx_dst_ifindex)).unwrap_or(0);
+        start.tx_ifindex = tx_ifindex::<M>(tp);
     }
 }
 
@@ -161,16 +171,16 @@ fn fill_owner(start: &mut SessionStart) {
 
 /// FIN facts only the kernel can see now, as `SESSION_FIN_*` flags.
 #[inline(always)]
-fn fin_flags(sk: *const u8, off: &KernelOffsets, flags: u32) -> u32 {
+fn fin_flags<M: Mem>(tp: *const u8, flags: u32) -> u32 {
     let mut out = 0;
     if flags & SESSION_FIN_SENT != 0 {
-        let una = read::<u32>(sk, off.tcp_snd_una);
-        if una.is_some() && una == read::<u32>(sk, off.tcp_write_seq) {
+        let una = M::read::<u32>(tp, offset!(tcp_snd_una));
+        if una.is_some() && una == M::read::<u32>(tp, offset!(tcp_write_seq)) {
             out |= SESSION_FIN_ACKED;
         }
     }
-    let sk_flags = read::<u64>(sk, off.sk_flags).unwrap_or(0);
-    if sk_flags & (1u64 << (off.sock_done_bit & 63)) != 0 {
+    let sk_flags = M::read::<u64>(tp, offset!(sk_flags)).unwrap_or(0);
+    if sk_flags & (1u64 << (offset!(sock_done_bit) & 63)) != 0 {
         out |= SESSION_FIN_RECEIVED;
     }
     out
@@ -180,39 +190,45 @@ fn fin_flags(sk: *const u8, off: &KernelOffsets, flags: u32) -> u32 {
 /// `flags` with the FINs it has sent and received so far, which those
 /// figures exclude.
 #[inline(always)]
-fn current_payload(sk: *const u8, off: &KernelOffsets, flags: u32) -> (u64, u64, u32) {
-    let flags = flags | fin_flags(sk, off, flags);
-    let acked = read::<u64>(sk, off.tcp_bytes_acked).unwrap_or(0);
-    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
+fn current_payload<M: Mem>(tp: *const u8, flags: u32) -> (u64, u64, u32) {
+    let flags = flags | fin_flags::<M>(tp, flags);
+    let acked = M::read::<u64>(tp, offset!(tcp_bytes_acked)).unwrap_or(0);
+    let received = M::read::<u64>(tp, offset!(tcp_bytes_received)).unwrap_or(0);
     let (tx, rx) = payload_bytes(acked, received, flags);
     (tx, rx, flags)
 }
 
 /// The kernel's TCP chrono total (busy, receive-window limited, send-buffer
 /// limited): time with data to send, as TCP_INFO's `tcpi_busy_time` adds it up,
-/// including the chrono still running.
+/// including the chrono still running. The chrono type is a bitfield, which
+/// only `Probe` reads in every tier (a direct load must cover a whole field).
 #[inline(always)]
-fn busy_jiffies(sk: *const u8, off: &KernelOffsets, now_jiffies: u64) -> u64 {
-    let stat = read::<[u32; 3]>(sk, off.tcp_chrono_stat).unwrap_or([0; 3]);
-    let mut total = u64::from(stat[0]) + u64::from(stat[1]) + u64::from(stat[2]);
-    let chrono_type = read::<u8>(sk, off.tcp_chrono_type_byte).unwrap_or(0) >> (off.tcp_chrono_type_shift & 7) & 3;
+fn busy_jiffies<M: Mem>(tp: *const u8, now_jiffies: u64) -> u64 {
+    // Three reads at constant offsets, not a loop: a direct load's offset
+    // must be known to the verifier.
+    let stat = offset!(tcp_chrono_stat);
+    let mut total = u64::from(M::read::<u32>(tp, stat).unwrap_or(0));
+    total += u64::from(M::read::<u32>(tp, stat + 4).unwrap_or(0));
+    total += u64::from(M::read::<u32>(tp, stat + 8).unwrap_or(0));
+    let chrono_type =
+        Probe::read::<u8>(tp, offset!(tcp_chrono_type_byte)).unwrap_or(0) >> (offset!(tcp_chrono_type_shift) & 7) & 3;
     if chrono_type != 0 {
-        let start = read::<u32>(sk, off.tcp_chrono_start).unwrap_or(0);
+        let start = M::read::<u32>(tp, offset!(tcp_chrono_start)).unwrap_or(0);
         total += u64::from((now_jiffies as u32).wrapping_sub(start));
     }
     total
 }
 
 #[inline(always)]
-fn tx_ifindex(sk: *const u8, off: &KernelOffsets) -> u32 {
-    deref(sk, off.sk_dst_cache)
-        .and_then(|dst| deref(dst, off.dst_dev))
-        .and_then(|dev| read::<u32>(dev, off.netdev_ifindex))
+pub fn tx_ifindex<M: Mem>(sk: *const u8) -> u32 {
+    M::deref(sk, offset!(sk_dst_cache))
+        .and_then(|dst| M::deref(dst, offset!(dst_dev)))
+        .and_then(|dev| M::read::<u32>(dev, offset!(netdev_ifindex)))
         .unwrap_or(0)
 }
 
 #[inline(always)]
-fn on_close(sk: *const u8, key: u64, old: i32) {
+fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
     // A reference into the map, not a copy: the record is filled from it
     // before the entry is removed. Copies of the 100-byte start took the
     // programs' stack to 488 bytes, which with the memset/memcpy subprograms
@@ -232,7 +248,7 @@ fn on_close(sk: *const u8, key: u64, old: i32) {
     let record = entry.as_mut_ptr();
     // SAFETY: `record` points at a reserved, exclusively owned ring-buffer slot
     // of the right size; every field is written before submit.
-    unsafe { fill_record(&mut *record, sk, start) };
+    unsafe { fill_record::<M>(&mut *record, sk, tp, start) };
     let wake = if SESSIONS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     entry.submit(wake);
     if start.is_some() {
@@ -244,8 +260,7 @@ fn on_close(sk: *const u8, key: u64, old: i32) {
 static ADOPTED_START: SessionStart = SessionStart { flags: SESSION_ADOPTED, ..EMPTY };
 
 #[inline(always)]
-unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<&SessionStart>) {
-    let off = offsets();
+unsafe fn fill_record<M: Mem>(r: &mut SessionRecord, sk: *const u8, tp: *const u8, start: Option<&SessionStart>) {
     let s = start.unwrap_or(&ADOPTED_START);
     r.sock = sk as u64;
     r.birth_ns = s.birth_ns;
@@ -256,22 +271,22 @@ unsafe fn fill_record(r: &mut SessionRecord, sk: *const u8, start: Option<&Sessi
     r.active_ns = s.active_ns;
     r.birth_jiffies = s.birth_jiffies;
     r.close_jiffies = unsafe { bpf_jiffies64() };
-    r.busy_jiffies = busy_jiffies(sk, &off, r.close_jiffies);
+    r.busy_jiffies = busy_jiffies::<M>(tp, r.close_jiffies);
     r.live_base_tx = s.live_base_tx;
     r.live_base_rx = s.live_base_rx;
-    let (tx, rx, flags) = current_payload(sk, &off, s.flags);
+    let (tx, rx, flags) = current_payload::<M>(tp, s.flags);
     r.flags = flags;
     r.bytes_acked = tx;
     r.bytes_received = rx;
-    r.rx_ifindex = read::<u32>(sk, off.rx_dst_ifindex).unwrap_or(0);
-    r.tx_ifindex = tx_ifindex(sk, &off);
-    r.retransmits = read::<u32>(sk, off.tcp_total_retrans).unwrap_or(0);
-    r.netns_ino = netns_ino(sk, &off);
-    let (family, local, remote) = addresses(sk, &off);
+    r.rx_ifindex = M::read::<u32>(tp, offset!(rx_dst_ifindex)).unwrap_or(0);
+    r.tx_ifindex = tx_ifindex::<M>(tp);
+    r.retransmits = M::read::<u32>(tp, offset!(tcp_total_retrans)).unwrap_or(0);
+    r.netns_ino = netns_ino::<M>(tp);
+    let (family, local, remote) = addresses::<M>(tp);
     r.family = family;
     r.local_addr = local;
     r.remote_addr = remote;
-    r.local_port = u16::from_be(read::<u16>(sk, off.inet_sport).unwrap_or(0));
-    r.remote_port = u16::from_be(read::<u16>(sk, off.skc_dport).unwrap_or(0));
+    r.local_port = u16::from_be(M::read::<u16>(tp, offset!(inet_sport)).unwrap_or(0));
+    r.remote_port = u16::from_be(M::read::<u16>(tp, offset!(skc_dport)).unwrap_or(0));
     r._pad0 = 0;
 }

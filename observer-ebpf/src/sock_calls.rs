@@ -5,7 +5,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use observer_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    kernel::{offsets, read},
+    kernel::{Btf, Mem, offset},
     session::on_tcp_call,
     udp::on_udp_call,
 };
@@ -13,6 +13,8 @@ use crate::{
 /// `MSG_PEEK`: the data stays queued and will be read again; not counted.
 const MSG_PEEK: i32 = 2;
 
+/// One call per send or receive of every socket on the host. A TCP socket is
+/// typed as `struct tcp_sock` (`Btf::tcp`) for direct loads of its fields.
 #[inline(always)]
 fn on_call(ctx: &BtfTracePointContext, send: bool) {
     let sk: *const u8 = ctx.arg(0);
@@ -21,9 +23,13 @@ fn on_call(ctx: &BtfTracePointContext, send: bool) {
     if sk.is_null() {
         return;
     }
-    match read::<u16>(sk, offsets().sk_protocol) {
-        Some(IPPROTO_TCP) => on_tcp_call(sk),
-        Some(IPPROTO_UDP) if ret > 0 && (send || flags & MSG_PEEK == 0) => on_udp_call(sk, ret as u64, send),
+    match Btf::read::<u16>(sk, offset!(sk_protocol)) {
+        Some(IPPROTO_TCP) => {
+            if let Some(tp) = Btf::tcp(sk) {
+                on_tcp_call::<Btf>(sk, tp);
+            }
+        }
+        Some(IPPROTO_UDP) => on_udp_call::<Btf>(sk, ret, send, send || flags & MSG_PEEK == 0),
         _ => {}
     }
 }

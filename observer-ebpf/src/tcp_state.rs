@@ -4,10 +4,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, ProbeContext},
 };
 
-use observer_common::IPPROTO_TCP;
-
 use crate::{
-    kernel::{offsets, read},
+    kernel::{Btf, Mem, Probe, offset},
     session::on_state_change,
 };
 
@@ -16,17 +14,14 @@ use crate::{
 /// Fires for every TCP socket state change, including `inet_sk_set_state` on a
 /// child socket created by the handshake (LISTEN -> SYN_RECV), which the
 /// `tcp_set_state` hooks below never see. It also fires for other protocols
-/// that use `inet_sk_set_state` (DCCP, SCTP), hence the `sk_protocol` check.
+/// that use `inet_sk_set_state` (DCCP, SCTP), which `on_state_change` skips
+/// (`Btf::tcp`).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn obs_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let off = offsets().sk_protocol;
-    if off != 0 && read::<u16>(sk, off) != Some(IPPROTO_TCP) {
-        return 0;
-    }
-    on_state_change(sk, old, new);
+    on_state_change::<Btf>(sk, old, new);
     0
 }
 
@@ -36,7 +31,7 @@ pub fn obs_state_btf(ctx: BtfTracePointContext) -> i32 {
 pub fn obs_state_fe(ctx: FEntryContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let new: i32 = ctx.arg(1);
-    state_from_sock(sk, new);
+    state_from_sock::<Btf>(sk, new);
     0
 }
 
@@ -46,14 +41,14 @@ pub fn obs_state_kp(ctx: ProbeContext) -> u32 {
     let (Some(sk), Some(new)) = (ctx.arg::<*const u8>(0), ctx.arg::<i32>(1)) else {
         return 0;
     };
-    state_from_sock(sk, new);
+    state_from_sock::<Probe>(sk, new);
     0
 }
 
 #[inline(always)]
-fn state_from_sock(sk: *const u8, new: i32) {
-    let Some(old) = read::<u8>(sk, offsets().skc_state) else {
+fn state_from_sock<M: Mem>(sk: *const u8, new: i32) {
+    let Some(old) = M::read::<u8>(sk, offset!(skc_state)) else {
         return;
     };
-    on_state_change(sk, old as i32, new);
+    on_state_change::<M>(sk, old as i32, new);
 }

@@ -4,33 +4,40 @@
 //! socket learns each datagram's peer from the cgroup sendmsg/recvmsg hook that
 //! runs earlier in the same call (`PENDING_PEERS`).
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
-use observer_common::{LostSource, PendingKey, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey, UdpRelease, tcp_state};
-
-use crate::{
-    kernel::{addresses, advance_active, netns_ino, offsets, read},
-    maps::{PENDING_PEERS, UDP_FLOWS, UDP_RELEASES, UDP_SOCKETS, count_lost},
+use observer_common::{
+    LostSource, PendingKey, PendingPeer, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey, UdpRelease, tcp_state,
 };
 
-/// `bytes` moved on UDP socket `sk` (a send when `send`), in the caller's context.
+use crate::{
+    kernel::{Mem, Probe, addresses, advance_active, netns_ino, offset},
+    maps::{PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_SOCKETS, count_lost},
+};
+
+/// A send or receive call on UDP socket `sk` that returned `ret` (bytes, or a
+/// negative errno), in the caller's context. `counted`: whether its bytes
+/// count (not a peek). Every call takes the peer its cgroup hook left, so a
+/// call that moved nothing cannot leave it to a later one.
 #[inline(always)]
-pub fn on_udp_call(sk: *const u8, bytes: u64, send: bool) {
-    let off = offsets();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pending_key = PendingKey { sk: sk as u64, pid_tgid };
-    let state = read::<u8>(sk, off.skc_state).unwrap_or(0) as i32;
+pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
+    let state = M::read::<u8>(sk, offset!(skc_state)).unwrap_or(0) as i32;
     let connected = state == tcp_state::ESTABLISHED;
-    let (family, local, remote) = addresses(sk, &off);
+    let pending = take_pending(sk as u64, connected);
+    if ret <= 0 || !counted {
+        return;
+    }
+    let bytes = ret as u64;
+    let (family, local, remote) = addresses::<M>(sk);
     let mut key = UdpFlowKey { sk: sk as u64, peer_addr: remote, peer_port: 0, family, _pad0: 0 };
-    if let Some(peer) = unsafe { PENDING_PEERS.get(&pending_key) }.copied() {
-        let _ = PENDING_PEERS.remove(&pending_key);
+    if let Some(peer) = pending {
         key.peer_addr = peer.addr;
         key.peer_port = peer.port;
         key.family = peer.family;
     } else if connected {
-        key.peer_port = u16::from_be(read::<u16>(sk, off.skc_dport).unwrap_or(0));
+        key.peer_port = u16::from_be(M::read::<u16>(sk, offset!(skc_dport)).unwrap_or(0));
     } else {
-        // An unconnected socket whose peer no hook saw (no address given):
-        // nothing to attribute the bytes to.
+        // An unconnected socket whose peer no hook saw (a receive that did
+        // not ask for the source address): nothing to attribute the bytes to.
+        count_lost(LostSource::UdpPeerUnknown);
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -51,11 +58,13 @@ pub fn on_udp_call(sk: *const u8, bytes: u64, send: bool) {
         bytes_tx: if send { bytes } else { 0 },
         bytes_rx: if send { 0 } else { bytes },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: (pid_tgid >> 32) as u32,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         flags: if connected { UDP_FLOW_CONNECTED } else { 0 },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        netns_ino: netns_ino(sk, &off),
-        local_port: u16::from_be(read::<u16>(sk, off.inet_sport).unwrap_or(0)),
+        netns_ino: netns_ino::<M>(sk),
+        // In `struct inet_sock`, beyond `struct sock`, where a direct load
+        // from a `struct sock` pointer may not reach; read once per flow.
+        local_port: u16::from_be(Probe::read::<u16>(sk, offset!(inet_sport)).unwrap_or(0)),
         _pad0: 0,
         local_addr: local,
     };
@@ -64,6 +73,28 @@ pub fn on_udp_call(sk: *const u8, bytes: u64, send: bool) {
         return;
     }
     let _ = UDP_SOCKETS.insert(&(sk as u64), &1, 0);
+}
+
+/// The peer this call's cgroup hook left, if it left one: this CPU's
+/// `PENDING_SLOT`, else (the task moved to another CPU in between) the
+/// `PENDING_PEERS` table, which only an unconnected socket needs: a connected
+/// one has its own peer.
+#[inline(always)]
+fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
+    let slot = unsafe { &mut *PENDING_SLOT.get_ptr_mut(0)? };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if slot.key.sk == sk && slot.key.pid_tgid == pid_tgid {
+        slot.key.sk = 0;
+        let _ = PENDING_PEERS.remove(&PendingKey { sk, pid_tgid });
+        return Some(slot.peer);
+    }
+    if connected {
+        return None;
+    }
+    let key = PendingKey { sk, pid_tgid };
+    let peer = unsafe { PENDING_PEERS.get(&key) }.copied()?;
+    let _ = PENDING_PEERS.remove(&key);
+    Some(peer)
 }
 
 /// A socket is being released: if it had UDP flows, tell userspace to end them.

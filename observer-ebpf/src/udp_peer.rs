@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use observer_common::{AF_INET, AF_INET6, IPPROTO_UDP, PendingKey, PendingPeer};
 
-use crate::maps::PENDING_PEERS;
+use crate::maps::{PENDING_PEERS, PENDING_SLOT, PendingSlot};
 
 /// Allow the call: these hooks only watch.
 const ALLOW: i32 = 1;
@@ -36,6 +36,10 @@ fn remember(ctx: &SockAddrContext, family: u16) -> i32 {
         peer.port = u16::from_be(core::ptr::read_volatile(&(*a).user_port) as u16);
         let sk = core::ptr::read_volatile(&(*a).__bindgen_anon_1.sk) as u64;
         let key = PendingKey { sk, pid_tgid: bpf_get_current_pid_tgid() };
+        if let Some(slot) = PENDING_SLOT.get_ptr_mut(0) {
+            *slot = PendingSlot { key, peer };
+        }
+        // An LRU map makes room by evicting; an insert does not fail for space.
         let _ = PENDING_PEERS.insert(&key, &peer, 0);
     }
     ALLOW

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{deref, offsets},
+    kernel::{Btf, Mem, Probe, offset},
     udp::on_release,
 };
 
@@ -22,7 +22,7 @@ pub fn obs_release_cg(ctx: SockContext) -> i32 {
 #[fentry(function = "inet_release")]
 pub fn obs_release_fe(ctx: FEntryContext) -> i32 {
     let sock: *const u8 = ctx.arg(0);
-    if let Some(sk) = deref(sock, offsets().socket_sk) {
+    if let Some(sk) = Btf::deref(sock, offset!(socket_sk)) {
         on_release(sk);
     }
     0
@@ -32,7 +32,7 @@ pub fn obs_release_fe(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn obs_release_kp(ctx: ProbeContext) -> u32 {
     if let Some(sock) = ctx.arg::<*const u8>(0)
-        && let Some(sk) = deref(sock, offsets().socket_sk)
+        && let Some(sk) = Probe::deref(sock, offset!(socket_sk))
     {
         on_release(sk);
     }

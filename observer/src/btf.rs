@@ -171,8 +171,8 @@ impl KernelBtf {
         // The receive interface moved from inet_sock to sock in 5.18.
         let rx_dst_ifindex =
             sock("sk_rx_dst_ifindex").or_else(|_| self.member_offset("inet_sock", "rx_dst_ifindex"))?;
-        // sk_protocol was a bitfield before 5.6: then the tp_btf program cannot
-        // filter on it, and 0 tells it not to (DCCP/SCTP state changes are rare).
+        // sk_protocol was a bitfield before 5.6; only the per-call programs
+        // read it, and they need 6.3, so 0 there is never read.
         let sk_protocol = match sock("sk_protocol") {
             Ok(off) => off,
             Err(BtfError::Bitfield { .. }) => 0,
@@ -211,6 +211,7 @@ impl KernelBtf {
             skb_refdst: self.member_offset("sk_buff", "_skb_refdst")?,
             netdev_net: self.member_offset("net_device", "nd_net.net")?,
             tcp_total_retrans: self.member_offset("tcp_sock", "total_retrans")?,
+            tcp_clock_cache: self.member_offset("tcp_sock", "tcp_clock_cache")?,
         })
     }
 

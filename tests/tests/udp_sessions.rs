@@ -145,3 +145,33 @@ fn unconnected_server_splits_flows_per_peer_and_ends_idle_ones() {
     assert_eq!(m.value_exact("observer_session_bytes_total", &labels), Some((total * (500 + 250)) as f64));
     assert_eq!(m.sum("observer_events_lost_total", &[]), 0.0);
 }
+
+/// A receive that does not ask for the source address, on an unconnected
+/// socket, has no peer to count its bytes for: each such datagram is counted
+/// as lost (`udp_peer_unknown`), not skipped in silence, while the sender's
+/// connected side still counts every byte.
+#[test]
+fn unconnected_receive_without_source_is_counted_as_lost() {
+    const N: usize = 25;
+    let ns = NetNs::new("udpn").unwrap();
+    let mut observer = ObserverProcess::start(&ns, &["--iface", "lo"]).unwrap();
+    ns.run(|| {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        timeout(&server);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..N {
+            client.send(&[7u8; 300]).unwrap();
+            assert_eq!(server.recv(&mut buf).unwrap(), 300);
+        }
+    });
+    let lost =
+        |m: &observer_tests::Metrics| m.value_exact("observer_events_lost_total", &[("source", "udp_peer_unknown")]);
+    let m = observer.scrape_until("udp_peer_unknown counted", Duration::from_secs(10), |m| lost(m) >= Some(N as f64));
+    assert_eq!(lost(&m), Some(N as f64), "one per datagram received without a peer");
+    let sent = [("direction", "transmit"), ("protocol", "udp")];
+    assert_eq!(m.value_exact("observer_bytes_total", &sent), Some((N * 300) as f64), "the client's bytes count");
+    let received = [("direction", "receive"), ("protocol", "udp")];
+    assert_eq!(m.value_exact("observer_bytes_total", &received).unwrap_or(0.0), 0.0, "no flow for the receives");
+}
