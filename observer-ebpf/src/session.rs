@@ -220,7 +220,7 @@ fn busy_jiffies<M: Mem>(tp: *const u8, now_jiffies: u64) -> u64 {
 }
 
 #[inline(always)]
-pub fn tx_ifindex<M: Mem>(sk: *const u8) -> u32 {
+fn tx_ifindex<M: Mem>(sk: *const u8) -> u32 {
     M::deref(sk, offset!(sk_dst_cache))
         .and_then(|dst| M::deref(dst, offset!(dst_dev)))
         .and_then(|dev| M::read::<u32>(dev, offset!(netdev_ifindex)))
