@@ -359,7 +359,7 @@ impl Bench<'_> {
                 "xtask bench: reference {}: {} runs, {:.0} ns per run",
                 p.name,
                 p.run_cnt,
-                p.run_time_ns as f64 / p.run_cnt.max(1) as f64
+                p.ns_per_run().unwrap_or(0.0)
             );
         }
         Ok(stats)

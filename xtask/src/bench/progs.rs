@@ -42,6 +42,13 @@ pub struct ProgStats {
     pub xlated_insns: Option<u32>,
 }
 
+impl ProgStats {
+    /// Mean run time in nanoseconds; None if it never ran.
+    pub fn ns_per_run(&self) -> Option<f64> {
+        (self.run_cnt > 0).then(|| self.run_time_ns as f64 / self.run_cnt as f64)
+    }
+}
+
 /// Parses /proc/PID/fdinfo/FD of a bpf-prog fd; None for any other kind of fd.
 pub fn parse_fdinfo(text: &str) -> Option<ProgFdInfo> {
     let mut fields: HashMap<&str, &str> = HashMap::new();

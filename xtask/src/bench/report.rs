@@ -87,8 +87,7 @@ impl Report {
 
     /// ns per run of a program over the "on" measurements; None if it did not run.
     pub fn ns_per_run(&self, name: &str) -> Option<f64> {
-        let p = self.progs.iter().find(|p| p.name == name)?;
-        (p.run_cnt > 0).then(|| p.run_time_ns as f64 / p.run_cnt as f64)
+        self.progs.iter().find(|p| p.name == name)?.ns_per_run()
     }
 
     /// The whole section, heading included, ending in a newline.
@@ -193,18 +192,14 @@ impl Report {
                 // trampoline and the statistics' clock reads that any program pays.
                 for h in PER_CALL_HOOKS {
                     let empty = format!("empty_{}", h.trim_start_matches("obs_"));
-                    let floor = self.reference.iter().find(|r| r.name == empty && r.run_cnt > 0);
+                    let floor = self.reference.iter().find(|r| r.name == empty).and_then(ProgStats::ns_per_run);
                     if let (Some(ns), Some(floor)) = (self.ns_per_run(h), floor) {
-                        let above = ns - floor.run_time_ns as f64 / floor.run_cnt as f64;
+                        let above = ns - floor;
                         writeln!(s, "| ns per `{h}` run above the empty program's (`{empty}`) | {above:.0} |")?;
                     }
                 }
                 for r in &self.reference {
-                    let ns = if r.run_cnt > 0 {
-                        format!("{:.0}", r.run_time_ns as f64 / r.run_cnt as f64)
-                    } else {
-                        "did not run".to_owned()
-                    };
+                    let ns = r.ns_per_run().map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
                     let what = baseline::REFERENCES
                         .iter()
                         .map(|r| r.describe())
