@@ -82,6 +82,11 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
 #[inline(always)]
 fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
     let slot = unsafe { &mut *PENDING_SLOT.get_ptr_mut(0)? };
+    if slot.key.sk != sk && connected {
+        // The common case (a connected socket, no address named): decided
+        // without the helper call below.
+        return None;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if slot.key.sk == sk && slot.key.pid_tgid == pid_tgid {
         slot.key.sk = 0;
