@@ -4,7 +4,7 @@
 //! script (see `guest`), then prints its exit status on the console and
 //! powers off.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, ensure};
 
@@ -26,6 +26,19 @@ pub fn sh_quote(s: &str) -> String {
 /// mounted inside the host root (the host's own path to it, so paths agree on
 /// both sides); `script` is run there with the host root's /bin/sh.
 pub fn init_script(modules: &[String], work: &Path, script: &Path) -> String {
+    // A checkout under a directory the guest covers with a fresh tmpfs (a CI
+    // job's clone in /tmp) would vanish under it, binaries, work directory
+    // and all: its top directory is set aside before and bound back after.
+    let (keep, restore) = match kept_under_tmpfs(work) {
+        Some(kept) => {
+            let kept = sh_quote(&kept.to_string_lossy());
+            (
+                format!("mkdir -p /keep && mount -o bind $R{kept} /keep || die \"keeping {kept}\"\n"),
+                format!("mkdir -p $R{kept} && mount -o bind /keep $R{kept} || die \"restoring {kept}\"\n"),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
     let work = sh_quote(&work.to_string_lossy());
     let script = sh_quote(&script.to_string_lossy());
     let mut s = format!(
@@ -57,11 +70,11 @@ mount -t tracefs tracefs $R/sys/kernel/tracing || die "mounting tracefs"
 mount -t bpf bpf $R/sys/fs/bpf || die "mounting bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || die "mounting cgroup2"
 # Writable places the tests and their tools use: temp dirs, ip netns (/run/netns).
-for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $R$d || die "mounting tmpfs on $d"; done
+{keep}for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $R$d || die "mounting tmpfs on $d"; done
 for d in /var/run /var/tmp /var/lock; do
   [ -L $R$d ] || [ ! -d $R$d ] || mount -t tmpfs tmpfs $R$d || die "mounting tmpfs on $d"
 done
-# Results go here; not cached, so the host sees every write.
+{restore}# Results go here; not cached, so the host sees every write.
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {WORK_TAG} $R{work} || die "mounting the work directory over 9p"
 ip link set lo up || die "bringing lo up"
 say "booted $(uname -r)"
@@ -73,6 +86,18 @@ poweroff -f
 "#
     ));
     s
+}
+
+/// Directories the guest mounts a fresh tmpfs on (`init_script`).
+const TMPFS_DIRS: [&str; 6] = ["/tmp", "/run", "/dev/shm", "/var/run", "/var/tmp", "/var/lock"];
+
+/// The top directory below one of `TMPFS_DIRS` that holds `work`, if any
+/// (`/tmp/ci/target/kernels/runs/6.1` -> `/tmp/ci`).
+fn kept_under_tmpfs(work: &Path) -> Option<PathBuf> {
+    TMPFS_DIRS.iter().find_map(|d| {
+        let first = work.strip_prefix(d).ok()?.components().next()?;
+        Some(Path::new(d).join(first))
+    })
 }
 
 /// True when `elf` is an ELF64 file without a program interpreter, i.e.
@@ -202,5 +227,18 @@ mod tests {
         assert!(s.contains("chroot $R /bin/sh '/work/main/target/kernels/runs/6.1/guest.sh'\nrc=$?"));
         assert!(s.contains(r#"say "exit $rc""#));
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert!(!s.contains("/keep"), "nothing to keep outside the tmpfs dirs");
+    }
+
+    #[test]
+    fn a_checkout_under_tmp_is_kept_visible_over_the_guests_tmpfs() {
+        let s = init_script(&[], Path::new("/tmp/ci/target/kernels/runs/6.1"), Path::new("/tmp/ci/g.sh"));
+        let keep = s.find("mount -o bind $R'/tmp/ci' /keep").unwrap();
+        let tmpfs = s.find("mount -t tmpfs tmpfs $R$d").unwrap();
+        let restore = s.find("mkdir -p $R'/tmp/ci' && mount -o bind /keep $R'/tmp/ci'").unwrap();
+        let work = s.find("work $R'/tmp/ci/target/kernels/runs/6.1'").unwrap();
+        assert!(keep < tmpfs && tmpfs < restore && restore < work, "{s}");
+        assert_eq!(kept_under_tmpfs(Path::new("/var/tmp/x/y")), Some(PathBuf::from("/var/tmp/x")));
+        assert_eq!(kept_under_tmpfs(Path::new("/tmpfoo/x")), None, "a prefix of a name is not a parent");
     }
 }
