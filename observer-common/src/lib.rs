@@ -232,9 +232,15 @@ pub enum LostSource {
     /// receive that did not ask for the source address): its bytes are not
     /// counted, there being no flow to count them in.
     UdpPeerUnknown = 5,
+    /// A TCP session whose close no hook saw (the kernel's BPF recursion guard
+    /// skipped both its state-change program and the socket-destroy hook, or
+    /// in the kprobe tier, which has no destroy hook, the one state program):
+    /// found when a new socket at the same address was born; its record is
+    /// lost.
+    SessionCloseMissed = 6,
 }
 /// Number of `LostSource` values (the `LOST` array's length).
-pub const LOST_SOURCES: u32 = 6;
+pub const LOST_SOURCES: u32 = 7;
 
 /// `DropKey::kind`: what the kernel counted.
 pub mod drop_kind {

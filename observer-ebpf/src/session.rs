@@ -62,8 +62,15 @@ pub fn on_state_change<M: Mem>(sk: *const u8, old: i32, new: i32) {
     // Only tcp_close_state() enters these two states, and always with a FIN.
     let fin_sent = if new == tcp_state::FIN_WAIT1 || new == tcp_state::LAST_ACK { SESSION_FIN_SENT } else { 0 };
     if let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) {
-        unsafe { (*start).flags |= fin_sent };
-        return;
+        if old != tcp_state::CLOSE && old != tcp_state::LISTEN {
+            unsafe { (*start).flags |= fin_sent };
+            return;
+        }
+        // A socket leaving CLOSE or LISTEN is new: the entry under its address
+        // is an earlier socket's whose close no hook saw (`on_destroy` also
+        // skipped, or absent in the kprobe tier). Count it and start afresh
+        // rather than let the new session inherit its birth and owner.
+        count_lost(LostSource::SessionCloseMissed);
     }
     // A session is born when it leaves CLOSE/LISTEN or its handshake states.
     // Any other first sight is a connection that predates the observer.
@@ -254,6 +261,23 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
     if start.is_some() {
         let _ = OPEN_SESSIONS.remove(&key);
     }
+}
+
+/// The socket is being destroyed, after its change to TCP_CLOSE. Its session
+/// normally ended at that change; an entry still open means the state program
+/// was skipped there: the kernel skips a program that an interrupt re-enters
+/// on the same CPU (counted in its `recursion_misses`), which happens under
+/// heavy connection churn when a softirq closes a socket while a process's
+/// state change is being handled. The session ends here instead, with what
+/// the socket still holds. Every other socket costs one failed lookup.
+#[inline(always)]
+pub fn on_destroy<M: Mem>(sk: *const u8) {
+    let key = sk as u64;
+    if unsafe { OPEN_SESSIONS.get(&key) }.is_none() {
+        return;
+    }
+    let Some(tp) = M::tcp(sk) else { return };
+    on_close::<M>(sk, tp, key, tcp_state::CLOSE);
 }
 
 /// What a session seen only at its close starts from.

@@ -1,4 +1,5 @@
-//! TCP state changes: session birth and close.
+//! TCP state changes: session birth and close; socket destruction, which
+//! ends a session whose close the state hook missed.
 use aya_ebpf::{
     macros::{btf_tracepoint, fentry, kprobe},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext},
@@ -6,7 +7,7 @@ use aya_ebpf::{
 
 use crate::{
     kernel::{Btf, Mem, Probe, offset},
-    session::on_state_change,
+    session::{on_destroy, on_state_change},
 };
 
 /// tp_btf `sock:inet_sock_set_state`:
@@ -22,6 +23,24 @@ pub fn obs_state_btf(ctx: BtfTracePointContext) -> i32 {
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     on_state_change::<Btf>(sk, old, new);
+    0
+}
+
+/// tp_btf `tcp:tcp_destroy_sock`: `TP_PROTO(struct sock *sk)`, the first thing
+/// `tcp_v4_destroy_sock` does (IPv6 sockets too), once per full TCP socket.
+/// Runs with the tracepoint hook above as its backstop: a separate program has
+/// its own recursion guard, so it runs where `obs_state_btf` was skipped.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn obs_destroy_btf(ctx: BtfTracePointContext) -> i32 {
+    on_destroy::<Btf>(ctx.arg(0));
+    0
+}
+
+/// fentry `tcp_v4_destroy_sock`: `void tcp_v4_destroy_sock(struct sock *sk)`
+/// (`tcp_v6_destroy_sock` calls it), the fentry tier's backstop as above.
+#[fentry(function = "tcp_v4_destroy_sock")]
+pub fn obs_destroy_fe(ctx: FEntryContext) -> i32 {
+    on_destroy::<Btf>(ctx.arg(0));
     0
 }
 

@@ -47,14 +47,15 @@ fn round_sig(x: f64) -> f64 {
 }
 
 /// Where the observer had to drop data; label values of `observer_events_lost_total`.
-/// The first six are the kernel's `LostSource` indexes, in order.
-pub const LOST_SOURCES: [&str; 7] = [
+/// The first seven are the kernel's `LostSource` indexes, in order.
+pub const LOST_SOURCES: [&str; 8] = [
     "session_ring_full",
     "session_table_full",
     "udp_flow_table_full",
     "udp_release_ring_full",
     "drop_table_full",
     "udp_peer_unknown",
+    "session_close_missed",
     "session_record_malformed",
 ];
 
@@ -176,7 +177,7 @@ impl Metrics {
         let events_lost = IntCounterVec::new(
             Opts::new(
                 "observer_events_lost_total",
-                "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_record_malformed: records userspace could not decode.",
+                "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_close_missed: TCP sessions whose close no kernel hook saw (both the state-change program and the socket-destroy hook were skipped, or the kprobe tier's one program), found when the next socket at the same address was born, their records lost; source=session_record_malformed: records userspace could not decode.",
             ),
             &["source"],
         )?;

@@ -206,8 +206,18 @@ impl Hook {
     /// The programs (name in the object, how to attach) this hook loads.
     pub fn programs(self) -> &'static [(&'static str, Attach)] {
         match self {
-            Hook::StateTpBtf => &[("obs_state_btf", Attach::BtfTracepoint("inet_sock_set_state"))],
-            Hook::StateFentry => &[("obs_state_fe", Attach::FEntry("tcp_set_state"))],
+            // Each state hook comes with a backstop at socket destruction for
+            // the closes it misses (`observer-ebpf` `on_destroy`). The kprobe
+            // tier has none: the kernel skips every kprobe program on a CPU
+            // while one runs there, so a second one would miss the same events.
+            Hook::StateTpBtf => &[
+                ("obs_state_btf", Attach::BtfTracepoint("inet_sock_set_state")),
+                ("obs_destroy_btf", Attach::BtfTracepoint("tcp_destroy_sock")),
+            ],
+            Hook::StateFentry => &[
+                ("obs_state_fe", Attach::FEntry("tcp_set_state")),
+                ("obs_destroy_fe", Attach::FEntry("tcp_v4_destroy_sock")),
+            ],
             Hook::StateKprobe => &[("obs_state_kp", Attach::KProbe("tcp_set_state"))],
             Hook::OwnerFexit => &[("obs_owner_fexit", Attach::FExit("inet_csk_accept"))],
             Hook::OwnerKretprobe => &[("obs_owner_kret", Attach::KRetProbe("inet_csk_accept"))],
@@ -237,8 +247,8 @@ impl Hook {
     /// Label value for `observer_probe_info{hook}` and `observer check`.
     pub fn describe(self) -> &'static str {
         match self {
-            Hook::StateTpBtf => "tp_btf/inet_sock_set_state",
-            Hook::StateFentry => "fentry/tcp_set_state",
+            Hook::StateTpBtf => "tp_btf/inet_sock_set_state+tcp_destroy_sock",
+            Hook::StateFentry => "fentry/tcp_set_state+tcp_v4_destroy_sock",
             Hook::StateKprobe => "kprobe/tcp_set_state",
             Hook::OwnerFexit => "fexit/inet_csk_accept",
             Hook::OwnerKretprobe => "kretprobe/inet_csk_accept",
@@ -344,15 +354,17 @@ pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
 mod tests {
     use super::*;
 
-    const ALL_TARGETS: [Target; 11] = [
+    const ALL_TARGETS: [Target; 13] = [
         Target::Tracepoint("kfree_skb"),
         Target::Tracepoint("tcp_retransmit_skb"),
         Target::Tracepoint("tcp_send_reset"),
         Target::Tracepoint("tcp_receive_reset"),
         Target::Tracepoint("inet_sock_set_state"),
+        Target::Tracepoint("tcp_destroy_sock"),
         Target::Tracepoint("sock_send_length"),
         Target::Tracepoint("sock_recv_length"),
         Target::Function("tcp_set_state"),
+        Target::Function("tcp_v4_destroy_sock"),
         Target::Function("inet_csk_accept"),
         Target::Function("inet_release"),
         Target::Cgroup2,
@@ -445,7 +457,11 @@ mod tests {
 
     #[test]
     fn auto_before_6_3_without_send_length_tracepoints_falls_back_for_owner() {
-        let old = [Target::Tracepoint("inet_sock_set_state"), Target::Function("tcp_set_state")];
+        let old = [
+            Target::Tracepoint("inet_sock_set_state"),
+            Target::Tracepoint("tcp_destroy_sock"),
+            Target::Function("tcp_set_state"),
+        ];
         let plan = select(&facts(false, false, true, &old), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
         let why = chosen(&plan, Concern::TcpOwner).unwrap_err();
@@ -483,7 +499,7 @@ mod tests {
         let missing = plan.missing_required();
         assert_eq!(missing.len(), 1);
         let why = missing[0].hook.clone().unwrap_err();
-        assert_eq!(why, "fentry/tcp_set_state: fentry unavailable: EPERM");
+        assert_eq!(why, "fentry/tcp_set_state+tcp_v4_destroy_sock: fentry unavailable: EPERM");
         let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
         assert!(chosen(&plan, Concern::TcpState).unwrap_err().contains("no kprobes"));
     }

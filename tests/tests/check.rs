@@ -13,7 +13,10 @@ fn check_names_the_chosen_hooks_and_why_other_tiers_are_unavailable() {
     let (report, code) = stdout(&["check"]);
     assert_eq!(code, 0, "{report}");
     // Every kernel this project supports has tp_btf; auto prefers it for state.
-    assert!(report.contains("concern tcp_state (required): tp_btf/inet_sock_set_state (chosen)"), "{report}");
+    assert!(
+        report.contains("concern tcp_state (required): tp_btf/inet_sock_set_state+tcp_destroy_sock (chosen)"),
+        "{report}"
+    );
     assert!(report.contains("result: run would work"), "{report}");
     let tier = |name: &str| {
         report
