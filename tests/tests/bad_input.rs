@@ -78,13 +78,14 @@ fn unusable_listen_address() {
 #[test]
 fn forcing_a_tier_the_kernel_lacks_fails_with_the_reason() {
     let report = String::from_utf8_lossy(&run_observer_cli(&["check"]).unwrap().stdout).into_owned();
-    for tier in ["fentry", "kprobe"] {
+    // The tcp_state hook of each tier, as `observer_probe_info{hook}` names it.
+    for (tier, hook) in [("fentry", "fentry/tcp_set_state+tcp_v4_destroy_sock"), ("kprobe", "kprobe/tcp_set_state")] {
         if report.contains(&format!("tier {tier}: available")) {
             continue;
         }
         assert_usage_error(
             &["--listen", "127.0.0.1:0", "--probes", tier],
-            &[&format!("no usable kernel hook for tcp_state: {tier}/tcp_set_state: {tier} unavailable:")],
+            &[&format!("no usable kernel hook for tcp_state: {hook}: {tier} unavailable:")],
         );
     }
 }
