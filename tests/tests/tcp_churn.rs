@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{Metrics, NetNs, ObserverProcess, kernel_links_named, scaled};
+use observer_tests::{Metrics, NetNs, ObserverProcess, kernel_links_named, scaled, traffic::IO_TIMEOUT};
 
 const CLIENTS: usize = 3;
 const SERVERS: usize = 2;
@@ -37,12 +37,10 @@ fn state_skips(m: &Metrics) -> f64 {
         .sum()
 }
 
-/// Generous: a full accept queue delays a handshake by SYN-ACK retransmits
-/// (1 s, 2 s, ...), which is slow, not wrong.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Accepts, reads the 64-byte request and closes first (so TIME_WAIT sockets
-/// are the server's). Once `shutdown` is set (after the last client's
+/// Accepts, reads the 64-byte request and closes first. Not `TcpServer` and
+/// `transfer`: there the client closes first, and at this rate its TIME_WAIT
+/// sockets would use up the ephemeral ports within seconds; here they are the
+/// server's, and `SERVERS` threads serve without a thread per connection. Once `shutdown` is set (after the last client's
 /// connection), returns after its next connection.
 fn serve(listener: Arc<TcpListener>, shutdown: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
@@ -92,7 +90,7 @@ fn every_session_is_reported_under_churn_even_when_the_state_program_is_skipped(
         eprintln!("skipped: the kprobe tier has no socket-destroy backstop");
         return;
     }
-    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let listener = ns.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
     let addr = listener.local_addr().unwrap();
     let listener = Arc::new(listener);
 

@@ -57,6 +57,7 @@ mount -t devtmpfs devtmpfs /dev || die "mounting /dev"
     for m in modules {
         s.push_str(&format!("insmod /lib/modules/{m}.ko || die \"loading module {m}\"\n"));
     }
+    let (always, if_dir) = (TMPFS_ALWAYS.join(" "), TMPFS_IF_DIR.join(" "));
     s.push_str(&format!(
         r#"R=/newroot
 # The host's root, read-only; cached because nothing changes it while the VM runs.
@@ -70,8 +71,8 @@ mount -t tracefs tracefs $R/sys/kernel/tracing || die "mounting tracefs"
 mount -t bpf bpf $R/sys/fs/bpf || die "mounting bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || die "mounting cgroup2"
 # Writable places the tests and their tools use: temp dirs, ip netns (/run/netns).
-{keep}for d in /tmp /run /dev/shm; do mount -t tmpfs tmpfs $R$d || die "mounting tmpfs on $d"; done
-for d in /var/run /var/tmp /var/lock; do
+{keep}for d in {always}; do mount -t tmpfs tmpfs $R$d || die "mounting tmpfs on $d"; done
+for d in {if_dir}; do
   [ -L $R$d ] || [ ! -d $R$d ] || mount -t tmpfs tmpfs $R$d || die "mounting tmpfs on $d"
 done
 {restore}# Results go here; not cached, so the host sees every write.
@@ -88,13 +89,15 @@ poweroff -f
     s
 }
 
-/// Directories the guest mounts a fresh tmpfs on (`init_script`).
-const TMPFS_DIRS: [&str; 6] = ["/tmp", "/run", "/dev/shm", "/var/run", "/var/tmp", "/var/lock"];
+/// Directories the guest mounts a fresh tmpfs on (`init_script`): always,
+/// and where the host has them as real directories (not links into /run).
+const TMPFS_ALWAYS: [&str; 3] = ["/tmp", "/run", "/dev/shm"];
+const TMPFS_IF_DIR: [&str; 3] = ["/var/run", "/var/tmp", "/var/lock"];
 
-/// The top directory below one of `TMPFS_DIRS` that holds `work`, if any
+/// The top directory below one of the tmpfs directories that holds `work`, if any
 /// (`/tmp/ci/target/kernels/runs/6.1` -> `/tmp/ci`).
 fn kept_under_tmpfs(work: &Path) -> Option<PathBuf> {
-    TMPFS_DIRS.iter().find_map(|d| {
+    TMPFS_ALWAYS.iter().chain(&TMPFS_IF_DIR).find_map(|d| {
         let first = work.strip_prefix(d).ok()?.components().next()?;
         Some(Path::new(d).join(first))
     })
