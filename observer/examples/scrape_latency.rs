@@ -1,4 +1,4 @@
-//! Scrape latency of the observer's real metrics server and registry with many
+//! Scrape latency of the observer's real metrics server and metric families with many
 //! series, for `cargo xtask bench` (which runs it and reports its output).
 //!
 //! The series come through the same public calls the running observer makes:
@@ -105,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Fills the registry with about `series` series.
+/// Fills the metrics with about `series` series.
 fn populate(metrics: &Metrics, series: usize) {
     for (i, (protocol, retransmits)) in
         [(Protocol::Tcp, 0), (Protocol::Tcp, 1), (Protocol::Udp, 0)].into_iter().enumerate()

@@ -9,6 +9,7 @@ pub mod detect;
 pub mod drops;
 pub mod enrich;
 pub mod error;
+pub mod families;
 pub mod gpu;
 pub mod iface_stats;
 pub mod interfaces;

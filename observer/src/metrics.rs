@@ -6,14 +6,16 @@
 //! operator's static labels.
 use std::{
     collections::HashMap,
-    sync::{Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{GaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
+    families::{AnyFamily, Counter, CounterFamily, Histogram, HistogramFamily},
     labels::StaticLabel,
     probes::Hook,
     session::{Direction, Protocol, Session},
@@ -34,10 +36,6 @@ pub fn duration_buckets() -> Vec<f64> {
     b.push(10_000.0);
     b.push(86_400.0);
     b
-}
-
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// Rounds to 3 significant digits so bucket bounds print as readable numbers.
@@ -67,21 +65,25 @@ pub struct Metrics {
     static_labels: Vec<StaticLabel>,
     /// Whether session families carry session labels (`crate::enrich`).
     session_labelled: bool,
-    label_overflow: IntCounterVec,
-    goodput: HistogramVec,
-    active_goodput: HistogramVec,
-    duration: HistogramVec,
-    live_bytes: IntCounterVec,
-    sessions: IntCounterVec,
-    session_bytes: IntCounterVec,
-    ignored: IntCounterVec,
-    events_lost: IntCounterVec,
+    label_overflow: Arc<CounterFamily>,
+    goodput: Arc<HistogramFamily>,
+    active_goodput: Arc<HistogramFamily>,
+    duration: Arc<HistogramFamily>,
+    live_bytes: Arc<CounterFamily>,
+    sessions: Arc<CounterFamily>,
+    session_bytes: Arc<CounterFamily>,
+    ignored: Arc<CounterFamily>,
+    events_lost: Arc<CounterFamily>,
     probe_info: GaugeVec,
-    drops: IntCounterVec,
-    tcp_retransmits: IntCounterVec,
-    tcp_resets: IntCounterVec,
+    drops: Arc<CounterFamily>,
+    tcp_retransmits: Arc<CounterFamily>,
+    tcp_resets: Arc<CounterFamily>,
     /// observer_interface_{packets,bytes,drops}_total.
-    interface: [IntCounterVec; 3],
+    interface: [Arc<CounterFamily>; 3],
+    /// Every family above but `probe_info`, in the order they are written.
+    own: Vec<Arc<dyn AnyFamily>>,
+    /// Length of the last exposition, to size the next one's buffer at once.
+    encoded_len: AtomicUsize,
     /// The observer's own health: table usage, scrape duration, process_*.
     pub telemetry: crate::telemetry::SelfMetrics,
     /// Handles of the session families' series by session label values, so
@@ -96,14 +98,14 @@ type LabelSetSeries = [Option<SessionSeries>; 4];
 
 /// What one closed session updates.
 struct SessionSeries {
-    sessions: IntCounter,
-    duration: Histogram,
+    sessions: Arc<Counter>,
+    duration: Arc<Histogram>,
     /// By `Direction::ALL` index, as the goodput pairs.
-    bytes: [IntCounter; 2],
+    bytes: [Arc<Counter>; 2],
     /// Created at the first observation, so sessions under the floor add no
     /// goodput series.
-    goodput: [OnceLock<Histogram>; 2],
-    active_goodput: [OnceLock<Histogram>; 2],
+    goodput: [OnceLock<Arc<Histogram>>; 2],
+    active_goodput: [OnceLock<Arc<Histogram>>; 2],
 }
 
 impl Metrics {
@@ -122,65 +124,49 @@ impl Metrics {
         let goodput_labels = session_names(&["direction", "protocol", "impaired"]);
         let session_proto = session_names(&["protocol"]);
 
-        let goodput = HistogramVec::new(
-            HistogramOpts::new(
-                "observer_session_goodput_bytes_per_second",
-                "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. impaired=true: the session retransmitted at least one segment (loss or heavy delay on its path), impaired=false: it did not (UDP sessions are always false).",
-            )
-            .buckets(goodput_buckets()),
-            &refs(&goodput_labels),
-        )?;
-        let active_goodput = HistogramVec::new(
-            HistogramOpts::new(
-                "observer_session_active_goodput_bytes_per_second",
-                "Goodput of closed sessions over their active time: bytes moved in one direction divided by the time during which data moved in that direction. direction=transmit (TCP): the kernel's busy time, while data waited to be sent or acknowledged; direction=receive and UDP: gaps between send/receive calls up to --active-gap, longer gaps being idle. Same floor and labels as observer_session_goodput_bytes_per_second; sessions whose active time is unknown or zero, or adopted mid-life, are not observed.",
-            )
-            .buckets(goodput_buckets()),
-            &refs(&goodput_labels),
-        )?;
-        let live_bytes = IntCounterVec::new(
-            Opts::new(
-                "observer_bytes_total",
-                "Payload bytes moved by sessions, counted while they are open (at every scrape) and at their end, so rate() shows a long transfer's throughput while it runs. TCP: acknowledged (transmit) and received in order (receive); UDP: datagram bytes sent and received. Sessions adopted mid-life count from first sight.",
-            ),
-            &refs(&dir_proto),
-        )?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "observer_session_duration_seconds",
-                "Lifetime of closed sessions (first state change to close), whatever they moved. Sessions adopted mid-life are not observed (their birth is unknown).",
-            )
-            .buckets(duration_buckets()),
-            &refs(&session_proto),
-        )?;
-        let sessions = IntCounterVec::new(
-            Opts::new(
-                "observer_sessions_total",
-                "Closed sessions (TCP connections, UDP flows), over the goodput floor or not, including TCP sessions adopted mid-life.",
-            ),
-            &refs(&session_proto),
-        )?;
-        let session_bytes = IntCounterVec::new(
-            Opts::new(
-                "observer_session_bytes_total",
-                "Bytes moved by closed sessions. direction=receive: received in order; direction=transmit: acknowledged by the peer (retransmissions excluded).",
-            ),
-            &refs(&session_dir_proto),
-        )?;
-        let ignored = IntCounterVec::new(
-            Opts::new(
-                "observer_sessions_ignored_total",
-                "Closed sessions deliberately not reported. reason=iface: their packets did not arrive through an interface selected with --iface.",
-            ),
-            &["reason"],
-        )?;
-        let events_lost = IntCounterVec::new(
-            Opts::new(
-                "observer_events_lost_total",
-                "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_close_missed: TCP sessions whose close no kernel hook saw (both the state-change program and the socket-destroy hook were skipped, or the kprobe tier's one program), found when the next socket at the same address was born, their records lost; source=session_record_malformed: records userspace could not decode.",
-            ),
-            &["source"],
-        )?;
+        let goodput = Arc::new(HistogramFamily::histogram(
+            "observer_session_goodput_bytes_per_second",
+            "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. impaired=true: the session retransmitted at least one segment (loss or heavy delay on its path), impaired=false: it did not (UDP sessions are always false).",
+            &goodput_labels,
+            goodput_buckets(),
+        )?);
+        let active_goodput = Arc::new(HistogramFamily::histogram(
+            "observer_session_active_goodput_bytes_per_second",
+            "Goodput of closed sessions over their active time: bytes moved in one direction divided by the time during which data moved in that direction. direction=transmit (TCP): the kernel's busy time, while data waited to be sent or acknowledged; direction=receive and UDP: gaps between send/receive calls up to --active-gap, longer gaps being idle. Same floor and labels as observer_session_goodput_bytes_per_second; sessions whose active time is unknown or zero, or adopted mid-life, are not observed.",
+            &goodput_labels,
+            goodput_buckets(),
+        )?);
+        let live_bytes = Arc::new(CounterFamily::counter(
+            "observer_bytes_total",
+            "Payload bytes moved by sessions, counted while they are open (at every scrape) and at their end, so rate() shows a long transfer's throughput while it runs. TCP: acknowledged (transmit) and received in order (receive); UDP: datagram bytes sent and received. Sessions adopted mid-life count from first sight.",
+            &dir_proto,
+        )?);
+        let duration = Arc::new(HistogramFamily::histogram(
+            "observer_session_duration_seconds",
+            "Lifetime of closed sessions (first state change to close), whatever they moved. Sessions adopted mid-life are not observed (their birth is unknown).",
+            &session_proto,
+            duration_buckets(),
+        )?);
+        let sessions = Arc::new(CounterFamily::counter(
+            "observer_sessions_total",
+            "Closed sessions (TCP connections, UDP flows), over the goodput floor or not, including TCP sessions adopted mid-life.",
+            &session_proto,
+        )?);
+        let session_bytes = Arc::new(CounterFamily::counter(
+            "observer_session_bytes_total",
+            "Bytes moved by closed sessions. direction=receive: received in order; direction=transmit: acknowledged by the peer (retransmissions excluded).",
+            &session_dir_proto,
+        )?);
+        let ignored = Arc::new(CounterFamily::counter(
+            "observer_sessions_ignored_total",
+            "Closed sessions deliberately not reported. reason=iface: their packets did not arrive through an interface selected with --iface.",
+            &["reason".to_string()],
+        )?);
+        let events_lost = Arc::new(CounterFamily::counter(
+            "observer_events_lost_total",
+            "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_close_missed: TCP sessions whose close no kernel hook saw (both the state-change program and the socket-destroy hook were skipped, or the kprobe tier's one program), found when the next socket at the same address was born, their records lost; source=session_record_malformed: records userspace could not decode.",
+            &["source".to_string()],
+        )?);
         let probe_info = GaugeVec::new(
             Opts::new(
                 "observer_probe_info",
@@ -188,38 +174,31 @@ impl Metrics {
             ),
             &["concern", "hook"],
         )?;
-        let drops =
-            IntCounterVec::new(Opts::new("observer_drops_total", DROPS_HELP), &refs(&names(&["reason", "iface"])))?;
-        let tcp_retransmits = IntCounterVec::new(
-            Opts::new(
-                "observer_tcp_retransmits_total",
-                "TCP segments retransmitted (tcp:tcp_retransmit_skb, successful attempts), by the interface of the connection's route. A rising rate means loss or heavy delay on the path.",
-            ),
-            &refs(&names(&["iface"])),
-        )?;
-        let tcp_resets = IntCounterVec::new(
-            Opts::new(
-                "observer_tcp_resets_total",
-                "TCP resets. direction=sent: this host answered or aborted a connection with a RST (e.g. a connection attempt to a closed port); direction=received: a peer reset a connection (or refused one). iface: the interface of the packet answered, or of the connection's route.",
-            ),
-            &refs(&names(&["direction", "iface"])),
-        )?;
+        let drops = Arc::new(CounterFamily::counter("observer_drops_total", DROPS_HELP, &names(&["reason", "iface"]))?);
+        let tcp_retransmits = Arc::new(CounterFamily::counter(
+            "observer_tcp_retransmits_total",
+            "TCP segments retransmitted (tcp:tcp_retransmit_skb, successful attempts), by the interface of the connection's route. A rising rate means loss or heavy delay on the path.",
+            &names(&["iface"]),
+        )?);
+        let tcp_resets = Arc::new(CounterFamily::counter(
+            "observer_tcp_resets_total",
+            "TCP resets. direction=sent: this host answered or aborted a connection with a RST (e.g. a connection attempt to a closed port); direction=received: a peer reset a connection (or refused one). iface: the interface of the packet answered, or of the connection's route.",
+            &names(&["direction", "iface"]),
+        )?);
         let iface_dir = names(&["iface", "direction"]);
         let interface = [
             ("observer_interface_packets_total", "Packets the interface delivered (direction=receive) or sent (direction=transmit), from the kernel's device statistics; only interfaces selected with --iface."),
             ("observer_interface_bytes_total", "Bytes the interface received or sent, from the kernel's device statistics; only interfaces selected with --iface."),
             ("observer_interface_drops_total", "Packets the interface itself dropped (the device's rx_dropped/tx_dropped: no buffer, queue full, unsupported protocol; direction=transmit also counts the drops of its root queueing discipline, as tc -s qdisc shows them), from the kernel's device statistics; only interfaces selected with --iface. Drop ratio: rate(drops) / (rate(drops) + rate(packets)). Drops further up the stack are in observer_drops_total."),
         ]
-        .map(|(name, help)| IntCounterVec::new(Opts::new(name, help), &refs(&iface_dir)));
+        .map(|(name, help)| CounterFamily::counter(name, help, &iface_dir).map(Arc::new));
         let [a, b, c] = interface;
         let interface = [a?, b?, c?];
-        let label_overflow = IntCounterVec::new(
-            Opts::new(
-                "observer_label_overflow_total",
-                "Closed sessions whose value of a session label was reported as \"other\" because the label already had its budget of distinct values (--label-limit). A value gives its place back when its series are removed after --series-ttl without sessions.",
-            ),
-            &["label"],
-        )?;
+        let label_overflow = Arc::new(CounterFamily::counter(
+            "observer_label_overflow_total",
+            "Closed sessions whose value of a session label was reported as \"other\" because the label already had its budget of distinct values (--label-limit). A value gives its place back when its series are removed after --series-ttl without sessions.",
+            &["label".to_string()],
+        )?);
         for label in session_labels {
             label_overflow.with_label_values(&[label]);
         }
@@ -235,23 +214,23 @@ impl Metrics {
         }
         ignored.with_label_values(&["iface"]);
 
-        registry.register(Box::new(goodput.clone()))?;
-        registry.register(Box::new(active_goodput.clone()))?;
-        registry.register(Box::new(live_bytes.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(sessions.clone()))?;
-        registry.register(Box::new(session_bytes.clone()))?;
-        registry.register(Box::new(ignored.clone()))?;
-        registry.register(Box::new(label_overflow.clone()))?;
-        registry.register(Box::new(events_lost.clone()))?;
         registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info))?;
-        registry.register(Box::new(drops.clone()))?;
-        registry.register(Box::new(tcp_retransmits.clone()))?;
-        registry.register(Box::new(tcp_resets.clone()))?;
-        for family in &interface {
-            registry.register(Box::new(family.clone()))?;
-        }
+        let mut own: Vec<Arc<dyn AnyFamily>> = vec![
+            goodput.clone(),
+            active_goodput.clone(),
+            live_bytes.clone(),
+            duration.clone(),
+            sessions.clone(),
+            session_bytes.clone(),
+            ignored.clone(),
+            label_overflow.clone(),
+            events_lost.clone(),
+            drops.clone(),
+            tcp_retransmits.clone(),
+            tcp_resets.clone(),
+        ];
+        own.extend(interface.iter().map(|f| f.clone() as Arc<dyn AnyFamily>));
         let telemetry = crate::telemetry::SelfMetrics::new(&registry)?;
 
         let m = Metrics {
@@ -272,6 +251,8 @@ impl Metrics {
             tcp_retransmits,
             tcp_resets,
             interface,
+            own,
+            encoded_len: AtomicUsize::new(0),
             telemetry,
             series: Mutex::new(HashMap::new()),
         };
@@ -425,23 +406,32 @@ impl Metrics {
         self.events_lost.with_label_values(&[source]).inc_by(n);
     }
 
-    /// Every family's current values: what `/metrics` and `/api/v1/snapshot` serve.
+    /// Every family's current values, sorted by name, as a registry gathers
+    /// them: what `/api/v1/snapshot` reads.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.registry.gather()
+        let mut families = self.registry.gather();
+        families.extend(self.own.iter().filter_map(|f| f.to_proto()));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
     }
 
-    /// The exposition in Prometheus text format 0.0.4.
+    /// The exposition in Prometheus text format 0.0.4: the observer's own
+    /// families written straight from their series, then the registry's.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
-        let mut buf = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.gather(), &mut buf)?;
-        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+        let mut text = String::with_capacity(self.encoded_len.load(Ordering::Relaxed) + 4096);
+        for family in &self.own {
+            family.write_text(&mut text);
+        }
+        TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text)?;
+        self.encoded_len.store(text.len(), Ordering::Relaxed);
+        Ok(text)
     }
 }
 
 /// A session family, for operations on all of them at once.
 enum SessionFamily<'a> {
-    Histogram(&'a HistogramVec),
-    Counter(&'a IntCounterVec),
+    Histogram(&'a HistogramFamily),
+    Counter(&'a CounterFamily),
 }
 
 impl SessionFamily<'_> {
@@ -453,9 +443,9 @@ impl SessionFamily<'_> {
     }
 
     fn remove(&self, values: &[&str]) {
-        let _ = match self {
-            SessionFamily::Histogram(h) => h.remove_label_values(values),
-            SessionFamily::Counter(c) => c.remove_label_values(values),
+        match self {
+            SessionFamily::Histogram(h) => h.remove(values),
+            SessionFamily::Counter(c) => c.remove(values),
         };
     }
 }

@@ -1,7 +1,7 @@
 //! `/api/v1/snapshot`: session counts and goodput percentiles per label set,
 //! as JSON, for a quick look without a Prometheus server.
 //!
-//! Everything is computed at read time from the registry's gathered families,
+//! Everything is computed at read time from the gathered metric families,
 //! so the answer follows whatever labels the metrics carry (static labels,
 //! and any label added to the session families later) without naming them
 //! here. Percentiles use the same linear interpolation within a bucket as

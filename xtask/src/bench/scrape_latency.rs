@@ -1,5 +1,5 @@
 //! `/metrics` latency with many series: runs observer's `scrape_latency` example (the
-//! real metrics server and registry, filled through their public API) and reports
+//! real metrics server and metric families, filled through their public API) and reports
 //! its percentiles. No on/off pair: there is nothing to compare a scrape with.
 
 use std::fmt::Write as _;
@@ -81,7 +81,7 @@ impl Scrape {
             s,
             "Method (`cargo xtask bench --workload scrape`): `cargo run --release -p observer \
              --example scrape_latency -- --series {SERIES} --scrapes {}` \
-             (`observer/examples/scrape_latency.rs`) fills the observer's own registry \
+             (`observer/examples/scrape_latency.rs`) fills the observer's own metrics \
              (`observer::metrics::Metrics`, two `--label`s) through the calls the running \
              observer makes: drops for 30 real drop reasons on each of a few hundred interfaces \
              (a node with one veth per pod), each interface's retransmit, reset and device \
