@@ -114,12 +114,8 @@ impl Scraper {
     /// connection is itself an observed session on the observer's `lo`, so
     /// a test bounding the observer's byte counters from above allows for it.
     pub fn bytes_moved(&self) -> Option<u64> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(self.conn.as_ref()?.get_ref());
-        // SAFETY: a zeroed tcp_info is a valid value; getsockopt writes at most `len` bytes into it.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
-        (rc == 0).then_some(info.tcpi_bytes_acked + info.tcpi_bytes_received)
+        let info = crate::traffic::tcp_info(self.conn.as_ref()?.get_ref())?;
+        Some(info.tcpi_bytes_acked + info.tcpi_bytes_received)
     }
 
     /// Opens the connection now if none is open (no request is sent).

@@ -52,6 +52,9 @@ pub struct TransferStats {
     pub started: Instant,
     /// Just after the socket was closed.
     pub finished: Instant,
+    /// Segments the client's kernel retransmitted (TCP_INFO `tcpi_total_retrans`,
+    /// read once the exchange was over, before the close).
+    pub retransmits: u32,
 }
 
 impl TransferStats {
@@ -124,9 +127,10 @@ pub fn transfer(addr: SocketAddr, send: u64, recv: u64, pace: Option<Duration>) 
     if extra != 0 {
         bail!("{}: server sent {extra} bytes more than asked", ctx());
     }
+    let retransmits = tcp_info(&s).map_or(0, |i| i.tcpi_total_retrans);
     drop(s);
     let finished = Instant::now();
-    Ok(TransferStats { local, peer, sent: HEADER_LEN + send, received, started, finished })
+    Ok(TransferStats { local, peer, sent: HEADER_LEN + send, received, started, finished, retransmits })
 }
 
 /// [`transfer`] from inside `ns`.
@@ -138,6 +142,17 @@ pub fn transfer_in(
     pace: Option<Duration>,
 ) -> Result<TransferStats> {
     ns.try_run(|| transfer(addr, send, recv, pace))?
+}
+
+/// The kernel's TCP_INFO of a connected socket.
+pub fn tcp_info(s: &TcpStream) -> Option<libc::tcp_info> {
+    // SAFETY: a zeroed tcp_info is a valid value; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and a buffer of `len` bytes.
+    let rc =
+        unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    (rc == 0).then_some(info)
 }
 
 fn drain_to_eof(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<u64> {

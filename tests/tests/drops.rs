@@ -9,8 +9,7 @@ use std::{
 };
 
 use observer_tests::{
-    Metrics, NetNs, ObserverProcess, TcpServer, TempDir, forced_probes, run_observer_cli, run_with_timeout, time_scale,
-    transfer_in,
+    Metrics, NetNs, ObserverProcess, TcpServer, TempDir, forced_probes, run_observer_cli, run_with_timeout, transfer_in,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -294,14 +293,12 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
 
     let clean = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
     let m = observer.scrape_until("the clean session", TIMEOUT, |m| count(m, "false") + count(m, "true") >= 1.0);
-    // A clean path does not retransmit on real hardware. Under emulation a
-    // loss-probe or retransmit timer can fire before a delayed ACK is
-    // processed: then the session is impaired, and counted where the tier
-    // has the counter.
+    // A clean path rarely retransmits, but a loss probe or retransmit timer
+    // can fire before an ACK is processed (under emulation, or when the CPUs
+    // are busy): the session is impaired exactly when the client's kernel
+    // says it retransmitted, and counted where the tier has the counter.
     let clean_impaired = count(&m, "true");
-    if time_scale() == 1 {
-        assert_eq!(clean_impaired, 0.0, "{clean:?}\n{}", m.raw());
-    }
+    assert_eq!(clean_impaired, f64::from(u8::from(clean.retransmits > 0)), "{clean:?}\n{}", m.raw());
     assert_eq!(count(&m, "false") + clean_impaired, 1.0, "{clean:?}\n{}", m.raw());
     if counted {
         assert_eq!(retransmits(&m) > 0.0, clean_impaired == 1.0, "{}", m.raw());
@@ -317,6 +314,7 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
     );
     let lossy = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
     let m = observer.scrape_until("the impaired session", TIMEOUT, |m| count(m, "true") >= clean_impaired + 1.0);
+    assert!(lossy.retransmits > 0, "a tenth of the packets dropped: {lossy:?}");
     let want = (1.0 - clean_impaired, clean_impaired + 1.0);
     assert_eq!((count(&m, "false"), count(&m, "true")), want, "{lossy:?}\n{}", m.raw());
     if counted {
