@@ -192,16 +192,23 @@ fn sample(out: &mut String, name: &str, suffix: &str, labels: &str, extra: Optio
     out.push(' ');
 }
 
-/// Label value escaping of the text format: backslash, newline and quote.
-fn escape_into(out: &mut String, value: &str) {
+/// Escaping of the text format: backslash and newline, and in label values
+/// (`quotes`) the double quote.
+fn escape_into(out: &mut String, value: &str, quotes: bool) {
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
-            '"' => out.push_str("\\\""),
+            '"' if quotes => out.push_str("\\\""),
             c => out.push(c),
         }
     }
+}
+
+/// The caller's `i`-th label value; a missing one reads as empty, as in the
+/// rendered key (callers give one per label: `render` checks it in debug builds).
+fn value_at<'a>(values: &[&'a str], i: usize) -> &'a str {
+    values.get(i).copied().unwrap_or("")
 }
 
 /// One series: its label values (in the family's name order) and its value.
@@ -251,8 +258,9 @@ impl<S: Series> Family<S> {
             return Err(prometheus::Error::Msg(format!("{name}: label name `{}` given twice", w[0])));
         }
         let kind = format!("{:?}", S::TYPE).to_lowercase();
-        let escaped_help = help.replace('\\', "\\\\").replace('\n', "\\n");
-        let header = format!("# HELP {name} {escaped_help}\n# TYPE {name} {kind}\n");
+        let mut header = format!("# HELP {name} ");
+        escape_into(&mut header, help, false);
+        header.push_str(&format!("\n# TYPE {name} {kind}\n"));
         Ok(Family { name, help: help.to_string(), header, names, order, layout, series: RwLock::default() })
     }
 
@@ -265,7 +273,7 @@ impl<S: Series> Family<S> {
         }
         let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
         let entry = series.entry(key).or_insert_with(|| Entry {
-            values: self.order.iter().map(|i| values[*i].to_string()).collect(),
+            values: self.order.iter().map(|i| value_at(values, *i).to_string()).collect(),
             series: Arc::new(S::new(&self.layout)),
         });
         entry.series.clone()
@@ -323,12 +331,9 @@ impl<S: Series> Family<S> {
         Some(family)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.read().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
     }
 
     /// `a="x",b="y"`: the values, escaped, under their names in name order.
@@ -341,7 +346,7 @@ impl<S: Series> Family<S> {
             }
             text.push_str(name);
             text.push_str("=\"");
-            escape_into(&mut text, values.get(*i).copied().unwrap_or(""));
+            escape_into(&mut text, value_at(values, *i), true);
             text.push('"');
         }
         text
@@ -353,7 +358,7 @@ impl<S: Series> Family<S> {
 }
 
 /// Any family, for writing and gathering them all alike.
-pub trait AnyFamily: Send + Sync {
+trait AnyFamily: Send + Sync {
     fn write_text(&self, out: &mut String);
     fn to_proto(&self) -> Option<proto::MetricFamily>;
 }
@@ -365,6 +370,50 @@ impl<S: Series> AnyFamily for Family<S> {
 
     fn to_proto(&self) -> Option<proto::MetricFamily> {
         Family::to_proto(self)
+    }
+}
+
+/// The families one `Metrics` owns, in creation order: creating a family here
+/// is what puts it in the exposition, so none can be created and left out.
+#[derive(Default)]
+pub struct Families(Vec<Arc<dyn AnyFamily>>);
+
+impl Families {
+    pub fn counter(
+        &mut self,
+        name: &'static str,
+        help: &str,
+        labels: &[String],
+    ) -> prometheus::Result<Arc<CounterFamily>> {
+        Ok(self.add(CounterFamily::counter(name, help, labels)?))
+    }
+
+    pub fn histogram(
+        &mut self,
+        name: &'static str,
+        help: &str,
+        labels: &[String],
+        bounds: Vec<f64>,
+    ) -> prometheus::Result<Arc<HistogramFamily>> {
+        Ok(self.add(HistogramFamily::histogram(name, help, labels, bounds)?))
+    }
+
+    fn add<S: Series + 'static>(&mut self, family: Family<S>) -> Arc<Family<S>> {
+        let family = Arc::new(family);
+        self.0.push(family.clone());
+        family
+    }
+
+    /// Appends every family in text format.
+    pub fn write_text(&self, out: &mut String) {
+        for family in &self.0 {
+            family.write_text(out);
+        }
+    }
+
+    /// Every family with series, as the registry would gather them.
+    pub fn to_protos(&self) -> impl Iterator<Item = proto::MetricFamily> + '_ {
+        self.0.iter().filter_map(|f| f.to_proto())
     }
 }
 

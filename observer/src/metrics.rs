@@ -15,7 +15,7 @@ use std::{
 use prometheus::{GaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
-    families::{AnyFamily, Counter, CounterFamily, Histogram, HistogramFamily},
+    families::{Counter, CounterFamily, Families, Histogram, HistogramFamily},
     labels::StaticLabel,
     probes::Hook,
     session::{Direction, Protocol, Session},
@@ -80,8 +80,8 @@ pub struct Metrics {
     tcp_resets: Arc<CounterFamily>,
     /// observer_interface_{packets,bytes,drops}_total.
     interface: [Arc<CounterFamily>; 3],
-    /// Every family above but `probe_info`, in the order they are written.
-    own: Vec<Arc<dyn AnyFamily>>,
+    /// Every family above but `probe_info`: what a scrape writes first.
+    families: Families,
     /// Length of the last exposition, to size the next one's buffer at once.
     encoded_len: AtomicUsize,
     /// The observer's own health: table usage, scrape duration, process_*.
@@ -112,6 +112,7 @@ impl Metrics {
     /// `session_labels`: names of the session labels, in value order.
     pub fn new(static_labels: Vec<StaticLabel>, session_labels: &[&'static str]) -> prometheus::Result<Self> {
         let registry = Registry::new();
+        let mut families = Families::default();
         let names = |base: &[&'static str]| -> Vec<String> {
             base.iter().map(|s| s.to_string()).chain(static_labels.iter().map(|l| l.key.clone())).collect()
         };
@@ -124,49 +125,49 @@ impl Metrics {
         let goodput_labels = session_names(&["direction", "protocol", "impaired"]);
         let session_proto = session_names(&["protocol"]);
 
-        let goodput = Arc::new(HistogramFamily::histogram(
+        let goodput = families.histogram(
             "observer_session_goodput_bytes_per_second",
             "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. impaired=true: the session retransmitted at least one segment (loss or heavy delay on its path), impaired=false: it did not (UDP sessions are always false).",
             &goodput_labels,
             goodput_buckets(),
-        )?);
-        let active_goodput = Arc::new(HistogramFamily::histogram(
+        )?;
+        let active_goodput = families.histogram(
             "observer_session_active_goodput_bytes_per_second",
             "Goodput of closed sessions over their active time: bytes moved in one direction divided by the time during which data moved in that direction. direction=transmit (TCP): the kernel's busy time, while data waited to be sent or acknowledged; direction=receive and UDP: gaps between send/receive calls up to --active-gap, longer gaps being idle. Same floor and labels as observer_session_goodput_bytes_per_second; sessions whose active time is unknown or zero, or adopted mid-life, are not observed.",
             &goodput_labels,
             goodput_buckets(),
-        )?);
-        let live_bytes = Arc::new(CounterFamily::counter(
+        )?;
+        let live_bytes = families.counter(
             "observer_bytes_total",
             "Payload bytes moved by sessions, counted while they are open (at every scrape) and at their end, so rate() shows a long transfer's throughput while it runs. TCP: acknowledged (transmit) and received in order (receive); UDP: datagram bytes sent and received. Sessions adopted mid-life count from first sight.",
             &dir_proto,
-        )?);
-        let duration = Arc::new(HistogramFamily::histogram(
+        )?;
+        let duration = families.histogram(
             "observer_session_duration_seconds",
             "Lifetime of closed sessions (first state change to close), whatever they moved. Sessions adopted mid-life are not observed (their birth is unknown).",
             &session_proto,
             duration_buckets(),
-        )?);
-        let sessions = Arc::new(CounterFamily::counter(
+        )?;
+        let sessions = families.counter(
             "observer_sessions_total",
             "Closed sessions (TCP connections, UDP flows), over the goodput floor or not, including TCP sessions adopted mid-life.",
             &session_proto,
-        )?);
-        let session_bytes = Arc::new(CounterFamily::counter(
+        )?;
+        let session_bytes = families.counter(
             "observer_session_bytes_total",
             "Bytes moved by closed sessions. direction=receive: received in order; direction=transmit: acknowledged by the peer (retransmissions excluded).",
             &session_dir_proto,
-        )?);
-        let ignored = Arc::new(CounterFamily::counter(
+        )?;
+        let ignored = families.counter(
             "observer_sessions_ignored_total",
             "Closed sessions deliberately not reported. reason=iface: their packets did not arrive through an interface selected with --iface.",
             &["reason".to_string()],
-        )?);
-        let events_lost = Arc::new(CounterFamily::counter(
+        )?;
+        let events_lost = families.counter(
             "observer_events_lost_total",
             "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_close_missed: TCP sessions whose close no kernel hook saw (both the state-change program and the socket-destroy hook were skipped, or the kprobe tier's one program), found when the next socket at the same address was born, their records lost; source=session_record_malformed: records userspace could not decode.",
             &["source".to_string()],
-        )?);
+        )?;
         let probe_info = GaugeVec::new(
             Opts::new(
                 "observer_probe_info",
@@ -174,31 +175,31 @@ impl Metrics {
             ),
             &["concern", "hook"],
         )?;
-        let drops = Arc::new(CounterFamily::counter("observer_drops_total", DROPS_HELP, &names(&["reason", "iface"]))?);
-        let tcp_retransmits = Arc::new(CounterFamily::counter(
+        let drops = families.counter("observer_drops_total", DROPS_HELP, &names(&["reason", "iface"]))?;
+        let tcp_retransmits = families.counter(
             "observer_tcp_retransmits_total",
             "TCP segments retransmitted (tcp:tcp_retransmit_skb, successful attempts), by the interface of the connection's route. A rising rate means loss or heavy delay on the path.",
             &names(&["iface"]),
-        )?);
-        let tcp_resets = Arc::new(CounterFamily::counter(
+        )?;
+        let tcp_resets = families.counter(
             "observer_tcp_resets_total",
             "TCP resets. direction=sent: this host answered or aborted a connection with a RST (e.g. a connection attempt to a closed port); direction=received: a peer reset a connection (or refused one). iface: the interface of the packet answered, or of the connection's route.",
             &names(&["direction", "iface"]),
-        )?);
+        )?;
         let iface_dir = names(&["iface", "direction"]);
         let interface = [
             ("observer_interface_packets_total", "Packets the interface delivered (direction=receive) or sent (direction=transmit), from the kernel's device statistics; only interfaces selected with --iface."),
             ("observer_interface_bytes_total", "Bytes the interface received or sent, from the kernel's device statistics; only interfaces selected with --iface."),
             ("observer_interface_drops_total", "Packets the interface itself dropped (the device's rx_dropped/tx_dropped: no buffer, queue full, unsupported protocol; direction=transmit also counts the drops of its root queueing discipline, as tc -s qdisc shows them), from the kernel's device statistics; only interfaces selected with --iface. Drop ratio: rate(drops) / (rate(drops) + rate(packets)). Drops further up the stack are in observer_drops_total."),
         ]
-        .map(|(name, help)| CounterFamily::counter(name, help, &iface_dir).map(Arc::new));
+        .map(|(name, help)| families.counter(name, help, &iface_dir));
         let [a, b, c] = interface;
         let interface = [a?, b?, c?];
-        let label_overflow = Arc::new(CounterFamily::counter(
+        let label_overflow = families.counter(
             "observer_label_overflow_total",
             "Closed sessions whose value of a session label was reported as \"other\" because the label already had its budget of distinct values (--label-limit). A value gives its place back when its series are removed after --series-ttl without sessions.",
             &["label".to_string()],
-        )?);
+        )?;
         for label in session_labels {
             label_overflow.with_label_values(&[label]);
         }
@@ -216,21 +217,6 @@ impl Metrics {
 
         registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info))?;
-        let mut own: Vec<Arc<dyn AnyFamily>> = vec![
-            goodput.clone(),
-            active_goodput.clone(),
-            live_bytes.clone(),
-            duration.clone(),
-            sessions.clone(),
-            session_bytes.clone(),
-            ignored.clone(),
-            label_overflow.clone(),
-            events_lost.clone(),
-            drops.clone(),
-            tcp_retransmits.clone(),
-            tcp_resets.clone(),
-        ];
-        own.extend(interface.iter().map(|f| f.clone() as Arc<dyn AnyFamily>));
         let telemetry = crate::telemetry::SelfMetrics::new(&registry)?;
 
         let m = Metrics {
@@ -251,7 +237,7 @@ impl Metrics {
             tcp_retransmits,
             tcp_resets,
             interface,
-            own,
+            families,
             encoded_len: AtomicUsize::new(0),
             telemetry,
             series: Mutex::new(HashMap::new()),
@@ -410,7 +396,7 @@ impl Metrics {
     /// them: what `/api/v1/snapshot` reads.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         let mut families = self.registry.gather();
-        families.extend(self.own.iter().filter_map(|f| f.to_proto()));
+        families.extend(self.families.to_protos());
         families.sort_by(|a, b| a.name().cmp(b.name()));
         families
     }
@@ -419,9 +405,7 @@ impl Metrics {
     /// families written straight from their series, then the registry's.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
         let mut text = String::with_capacity(self.encoded_len.load(Ordering::Relaxed) + 4096);
-        for family in &self.own {
-            family.write_text(&mut text);
-        }
+        self.families.write_text(&mut text);
         TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text)?;
         self.encoded_len.store(text.len(), Ordering::Relaxed);
         Ok(text)
