@@ -33,6 +33,12 @@ pub const SESSION_FIN_RECEIVED: u32 = 1 << 5;
 /// The session's network namespace and interfaces were read (once, at its
 /// first data call): later calls skip those reads.
 pub const SESSION_PLACED: u32 = 1 << 6;
+/// No kernel hook saw the session's close; its entry was found when the next
+/// socket at the same address was born, and it is reported from what the
+/// entry held: bytes and active time up to its last send or receive call, no
+/// addresses, and `close_ns` that last call's time. Its true lifetime is
+/// unknown, so it has no duration or goodput.
+pub const SESSION_CLOSE_MISSED: u32 = 1 << 7;
 
 /// One closed TCP session, written once at `TCP_CLOSE` into the `SESSIONS` ring buffer.
 #[repr(C)]

@@ -5,8 +5,8 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
 };
 use observer_common::{
-    LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED, SESSION_FIN_SENT,
-    SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
+    LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_CLOSE_MISSED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED,
+    SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
 };
 
 use crate::{
@@ -68,9 +68,11 @@ pub fn on_state_change<M: Mem>(sk: *const u8, old: i32, new: i32) {
         }
         // A socket leaving CLOSE or LISTEN is new: the entry under its address
         // is an earlier socket's whose close no hook saw (`on_destroy` also
-        // skipped, or absent in the kprobe tier). Count it and start afresh
-        // rather than let the new session inherit its birth and owner.
+        // skipped, or absent in the kprobe tier). Report that session from
+        // what its entry holds, count it, and start afresh rather than let the
+        // new session inherit its birth and owner.
         count_lost(LostSource::SessionCloseMissed);
+        report_missed_close(key, unsafe { &*start });
     }
     // A session is born when it leaves CLOSE/LISTEN or its handshake states.
     // Any other first sight is a connection that predates the observer.
@@ -261,6 +263,49 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
     if start.is_some() {
         let _ = OPEN_SESSIONS.remove(&key);
     }
+}
+
+/// Emits the record of a session whose close no hook saw, from its entry
+/// alone: the socket at `key` is already another one. Bytes and active time
+/// are those of its last send or receive call (`on_tcp_call`), when it ended
+/// is unknown (`SESSION_CLOSE_MISSED`).
+#[inline(always)]
+fn report_missed_close(key: u64, s: &SessionStart) {
+    let Some(mut entry) = SESSIONS.reserve::<SessionRecord>(0) else {
+        count_lost(LostSource::SessionRingFull);
+        return;
+    };
+    // SAFETY: a reserved, exclusively owned slot of the right size; every
+    // field is written before submit.
+    let r = unsafe { &mut *entry.as_mut_ptr() };
+    r.sock = key;
+    r.birth_ns = s.birth_ns;
+    r.close_ns = if s.last_call_ns > s.birth_ns { s.last_call_ns } else { s.birth_ns };
+    r.bytes_acked = s.live_tx;
+    r.bytes_received = s.live_rx;
+    r.cgroup_id = s.cgroup_id;
+    r.active_ns = s.active_ns;
+    r.busy_jiffies = 0;
+    r.birth_jiffies = s.birth_jiffies;
+    r.close_jiffies = s.birth_jiffies;
+    r.live_base_tx = s.live_base_tx;
+    r.live_base_rx = s.live_base_rx;
+    r.netns_ino = s.netns_ino;
+    r.rx_ifindex = s.rx_ifindex;
+    r.tx_ifindex = s.tx_ifindex;
+    r.pid = s.pid;
+    r.comm = s.comm;
+    r.flags = s.flags | SESSION_CLOSE_MISSED;
+    r.retransmits = 0;
+    // The addresses were the socket's, which is now another one's.
+    r.family = 0;
+    r.local_port = 0;
+    r.remote_port = 0;
+    r._pad0 = 0;
+    r.local_addr = [0; 16];
+    r.remote_addr = [0; 16];
+    // Rare: let the reader's timer collect it.
+    entry.submit(BPF_RB_NO_WAKEUP);
 }
 
 /// The socket is being destroyed, after its change to TCP_CLOSE. Its session

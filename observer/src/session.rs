@@ -7,7 +7,8 @@ use std::{
 };
 
 use observer_common::{
-    AF_INET6, SESSION_ADOPTED, SESSION_OWNER_KNOWN, SessionRecord, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
+    AF_INET6, SESSION_ADOPTED, SESSION_CLOSE_MISSED, SESSION_OWNER_KNOWN, SessionRecord, UDP_FLOW_CONNECTED, UdpFlow,
+    UdpFlowKey,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,8 +119,11 @@ impl Session {
     /// A closed TCP session. The kernel already removed SYN and FIN sequence
     /// numbers from the byte counts (`observer_common::payload_bytes`).
     pub fn from_record(r: &SessionRecord) -> Self {
+        // Adopted: born before the observer. Close missed: ended at an unknown
+        // time after its last call. Either way the lifetime is unknown.
         let adopted = r.flags & SESSION_ADOPTED != 0 || r.birth_ns == 0;
-        let lifetime = (!adopted).then(|| Duration::from_nanos(r.close_ns.saturating_sub(r.birth_ns)));
+        let close_missed = r.flags & SESSION_CLOSE_MISSED != 0;
+        let lifetime = (!adopted && !close_missed).then(|| Duration::from_nanos(r.close_ns.saturating_sub(r.birth_ns)));
         Session {
             protocol: Protocol::Tcp,
             local: socket_addr(r.family, r.local_addr, r.local_port),
@@ -341,6 +345,20 @@ mod tests {
         r.flags = 0;
         r.birth_ns = 0;
         assert_eq!(Session::from_record(&r).lifetime, None, "never seen before close");
+    }
+
+    #[test]
+    fn sessions_whose_close_was_missed_keep_bytes_and_owner_but_no_lifetime() {
+        let mut r = record();
+        r.flags |= SESSION_CLOSE_MISSED;
+        let s = Session::from_record(&r);
+        assert_eq!(s.lifetime, None);
+        assert_eq!(s.active_transmit, None, "busy time needs the lifetime");
+        assert_eq!(s.goodput(Direction::Transmit, 1), None);
+        assert_eq!(s.bytes(Direction::Transmit), r.bytes_acked);
+        assert_eq!(s.bytes(Direction::Receive), r.bytes_received);
+        assert_eq!(s.owner, Some(Owner { pid: 77, comm: "curl".into(), cgroup_id: 42 }));
+        assert_eq!(s.active_goodput(Direction::Receive, 100), Some(1_000.0), "bytes and active time of the same calls");
     }
 
     fn flow(flags: u32) -> (UdpFlowKey, UdpFlow) {

@@ -19,7 +19,12 @@ use anyhow::{Result, bail};
 
 use crate::util::wait_until;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
@@ -35,6 +40,10 @@ const OBJ_NAME_LEN: usize = 16;
 const LINK_INFO_TYPE: usize = 0;
 const LINK_INFO_ID: usize = 4;
 const LINK_INFO_PROG_ID: usize = 8;
+/// Offsets into `struct bpf_map_info`.
+const MAP_INFO_KEY_SIZE: usize = 8;
+const MAP_INFO_VALUE_SIZE: usize = 12;
+const MAP_INFO_NAME: usize = 24;
 /// Larger than both info structs on any current kernel; the kernel copies
 /// min(ours, its) bytes and requires our extra bytes to be zero, which they are.
 const INFO_BUF: usize = 512;
@@ -70,7 +79,10 @@ struct Attr {
     a: u32,
     b: u32,
     c: u64,
-    _pad: [u64; 6],
+    /// Element commands: the value (or next key) pointer and the flags.
+    d: u64,
+    e: u64,
+    _pad: [u64; 4],
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
@@ -200,4 +212,95 @@ pub fn wait_no_kernel_objects(prefix: &str, timeout: Duration) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A loaded hash map, opened by name, whose entries a test reads and writes
+/// as raw bytes: to put the kernel tables into states that real traffic
+/// reaches only by chance (a session whose close no hook saw).
+pub struct KernelMap {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl KernelMap {
+    /// The newest loaded map named `name` (kernel names are cut at 15 bytes).
+    pub fn open(name: &str) -> Result<Self> {
+        let name = &name[..name.len().min(OBJ_NAME_LEN - 1)];
+        for id in ids(BPF_MAP_GET_NEXT_ID)?.into_iter().rev() {
+            let Some(b) = info(BPF_MAP_GET_FD_BY_ID, id)? else { continue };
+            if name_at(&b, MAP_INFO_NAME) != name {
+                continue;
+            }
+            let mut attr = Attr { a: id, ..Default::default() };
+            let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
+            let Ok(raw) = i32::try_from(fd) else { bail!("bpf returned fd {fd}") };
+            // SAFETY: the kernel just returned this fd to us; we own it.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let (key_size, value_size) = (u32_at(&b, MAP_INFO_KEY_SIZE), u32_at(&b, MAP_INFO_VALUE_SIZE));
+            return Ok(KernelMap { fd, key_size: key_size as usize, value_size: value_size as usize });
+        }
+        bail!("no BPF map named {name} is loaded")
+    }
+
+    fn attr(&self, key: &[u8], value_or_next: *mut u8, flags: u64) -> Result<Attr> {
+        if key.len() != self.key_size {
+            bail!("key of {} bytes for a map whose keys have {}", key.len(), self.key_size);
+        }
+        use std::os::fd::AsRawFd;
+        Ok(Attr {
+            a: self.fd.as_raw_fd() as u32,
+            c: key.as_ptr() as u64,
+            d: value_or_next as u64,
+            e: flags,
+            ..Default::default()
+        })
+    }
+
+    /// Every key, in the kernel's order (a bounded walk: a key deleted under
+    /// it restarts the kernel's walk, so at most twice the map's entries).
+    pub fn keys(&self) -> Result<Vec<Vec<u8>>> {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut next = vec![0u8; self.key_size];
+        let mut cur: Option<Vec<u8>> = None;
+        for _ in 0..2_000_000 {
+            let out = next.as_mut_ptr();
+            let mut attr = match &cur {
+                Some(key) => self.attr(key, out, 0)?,
+                // No key: the walk starts at the first one.
+                None => Attr { c: 0, ..self.attr(&vec![0; self.key_size], out, 0)? },
+            };
+            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                Ok(_) => {
+                    if !keys.contains(&next) {
+                        keys.push(next.clone());
+                    }
+                    cur = Some(next.clone());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+                Err(e) => bail!("bpf MAP_GET_NEXT_KEY: {e}"),
+            }
+        }
+        bail!("the map walk did not end")
+    }
+
+    /// The value under `key`, if there is one.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let mut value = vec![0u8; self.value_size];
+        let mut attr = self.attr(key, value.as_mut_ptr(), 0)?;
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => bail!("bpf MAP_LOOKUP_ELEM: {e}"),
+        }
+    }
+
+    /// Creates or replaces the entry under `key`.
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        if value.len() != self.value_size {
+            bail!("value of {} bytes for a map whose values have {}", value.len(), self.value_size);
+        }
+        let mut attr = self.attr(key, value.as_ptr().cast_mut(), 0)?;
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ()).map_err(|e| anyhow::anyhow!("bpf MAP_UPDATE_ELEM: {e}"))
+    }
 }

@@ -34,7 +34,7 @@ pub mod util;
 mod selftest;
 
 pub use bpf::{
-    KernelLink, KernelProgram, kernel_links, kernel_links_named, kernel_programs, kernel_programs_named,
+    KernelLink, KernelMap, KernelProgram, kernel_links, kernel_links_named, kernel_programs, kernel_programs_named,
     wait_no_kernel_objects,
 };
 pub use cgroup::{TestCgroup, cgroup2_root};
