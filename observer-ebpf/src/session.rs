@@ -278,23 +278,15 @@ fn report_missed_close(key: u64, s: &SessionStart) {
     // SAFETY: a reserved, exclusively owned slot of the right size; every
     // field is written before submit.
     let r = unsafe { &mut *entry.as_mut_ptr() };
-    r.sock = key;
-    r.birth_ns = s.birth_ns;
+    fill_from_start(r, key, s);
     r.close_ns = if s.last_call_ns > s.birth_ns { s.last_call_ns } else { s.birth_ns };
     r.bytes_acked = s.live_tx;
     r.bytes_received = s.live_rx;
-    r.cgroup_id = s.cgroup_id;
-    r.active_ns = s.active_ns;
     r.busy_jiffies = 0;
-    r.birth_jiffies = s.birth_jiffies;
     r.close_jiffies = s.birth_jiffies;
-    r.live_base_tx = s.live_base_tx;
-    r.live_base_rx = s.live_base_rx;
     r.netns_ino = s.netns_ino;
     r.rx_ifindex = s.rx_ifindex;
     r.tx_ifindex = s.tx_ifindex;
-    r.pid = s.pid;
-    r.comm = s.comm;
     r.flags = s.flags | SESSION_CLOSE_MISSED;
     r.retransmits = 0;
     // The addresses were the socket's, which is now another one's.
@@ -325,24 +317,32 @@ pub fn on_destroy<M: Mem>(sk: *const u8) {
     on_close::<M>(sk, tp, key, tcp_state::CLOSE);
 }
 
+/// The fields of a record that come from the session's start, whichever
+/// way it ended: at its close (`fill_record`) or found stale
+/// (`report_missed_close`).
+#[inline(always)]
+fn fill_from_start(r: &mut SessionRecord, sock: u64, s: &SessionStart) {
+    r.sock = sock;
+    r.birth_ns = s.birth_ns;
+    r.birth_jiffies = s.birth_jiffies;
+    r.cgroup_id = s.cgroup_id;
+    r.pid = s.pid;
+    r.comm = s.comm;
+    r.active_ns = s.active_ns;
+    r.live_base_tx = s.live_base_tx;
+    r.live_base_rx = s.live_base_rx;
+}
+
 /// What a session seen only at its close starts from.
 static ADOPTED_START: SessionStart = SessionStart { flags: SESSION_ADOPTED, ..EMPTY };
 
 #[inline(always)]
 unsafe fn fill_record<M: Mem>(r: &mut SessionRecord, sk: *const u8, tp: *const u8, start: Option<&SessionStart>) {
     let s = start.unwrap_or(&ADOPTED_START);
-    r.sock = sk as u64;
-    r.birth_ns = s.birth_ns;
+    fill_from_start(r, sk as u64, s);
     r.close_ns = unsafe { bpf_ktime_get_ns() };
-    r.cgroup_id = s.cgroup_id;
-    r.pid = s.pid;
-    r.comm = s.comm;
-    r.active_ns = s.active_ns;
-    r.birth_jiffies = s.birth_jiffies;
     r.close_jiffies = unsafe { bpf_jiffies64() };
     r.busy_jiffies = busy_jiffies::<M>(tp, r.close_jiffies);
-    r.live_base_tx = s.live_base_tx;
-    r.live_base_rx = s.live_base_rx;
     let (tx, rx, flags) = current_payload::<M>(tp, s.flags);
     r.flags = flags;
     r.bytes_acked = tx;

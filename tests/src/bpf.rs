@@ -12,7 +12,7 @@
 //! so right after the observer exits its programs may still be listed for a
 //! moment: use [`wait_no_kernel_objects`] instead of checking once.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -79,10 +79,9 @@ struct Attr {
     a: u32,
     b: u32,
     c: u64,
-    /// Element commands: the value (or next key) pointer and the flags.
+    /// Element commands: the value (or next key) pointer.
     d: u64,
-    e: u64,
-    _pad: [u64; 4],
+    _pad: [u64; 5],
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
@@ -118,9 +117,9 @@ fn ids(next_cmd: libc::c_long) -> Result<Vec<u32>> {
     }
 }
 
-/// Info struct bytes of the object with `id`, or `None` if it vanished
-/// between listing and opening (normal while things are being unloaded).
-fn info(fd_cmd: libc::c_long, id: u32) -> Result<Option<[u8; INFO_BUF]>> {
+/// A descriptor of the object with `id`, or `None` if it vanished between
+/// listing and opening (normal while things are being unloaded).
+fn fd_by_id(fd_cmd: libc::c_long, id: u32) -> Result<Option<OwnedFd>> {
     let mut attr = Attr { a: id, ..Default::default() };
     let fd = match bpf(fd_cmd, &mut attr) {
         Ok(fd) => fd,
@@ -129,15 +128,23 @@ fn info(fd_cmd: libc::c_long, id: u32) -> Result<Option<[u8; INFO_BUF]>> {
     };
     let Ok(raw) = i32::try_from(fd) else { bail!("bpf returned fd {fd}") };
     // SAFETY: the kernel just returned this fd to us; we own it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(raw) }))
+}
+
+/// Info struct bytes of the object behind `fd`.
+fn fd_info(fd: &OwnedFd) -> Result<[u8; INFO_BUF]> {
     let mut buf = [0u8; INFO_BUF];
-    let mut attr = Attr { a: raw as u32, b: INFO_BUF as u32, c: buf.as_mut_ptr() as u64, ..Default::default() };
-    let r = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
-    drop(fd);
-    match r {
-        Ok(_) => Ok(Some(buf)),
-        Err(e) => bail!("bpf OBJ_GET_INFO_BY_FD({id}): {e}"),
+    let raw = fd.as_raw_fd() as u32;
+    let mut attr = Attr { a: raw, b: INFO_BUF as u32, c: buf.as_mut_ptr() as u64, ..Default::default() };
+    match bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) {
+        Ok(_) => Ok(buf),
+        Err(e) => bail!("bpf OBJ_GET_INFO_BY_FD: {e}"),
     }
+}
+
+/// Info struct bytes of the object with `id`, or `None` if it vanished.
+fn info(fd_cmd: libc::c_long, id: u32) -> Result<Option<[u8; INFO_BUF]>> {
+    fd_by_id(fd_cmd, id)?.map(|fd| fd_info(&fd)).transpose()
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -228,31 +235,28 @@ impl KernelMap {
     pub fn open(name: &str) -> Result<Self> {
         let name = &name[..name.len().min(OBJ_NAME_LEN - 1)];
         for id in ids(BPF_MAP_GET_NEXT_ID)?.into_iter().rev() {
-            let Some(b) = info(BPF_MAP_GET_FD_BY_ID, id)? else { continue };
-            if name_at(&b, MAP_INFO_NAME) != name {
-                continue;
+            let Some(fd) = fd_by_id(BPF_MAP_GET_FD_BY_ID, id)? else { continue };
+            let b = fd_info(&fd)?;
+            if name_at(&b, MAP_INFO_NAME) == name {
+                let (key_size, value_size) = (u32_at(&b, MAP_INFO_KEY_SIZE), u32_at(&b, MAP_INFO_VALUE_SIZE));
+                return Ok(KernelMap { fd, key_size: key_size as usize, value_size: value_size as usize });
             }
-            let mut attr = Attr { a: id, ..Default::default() };
-            let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
-            let Ok(raw) = i32::try_from(fd) else { bail!("bpf returned fd {fd}") };
-            // SAFETY: the kernel just returned this fd to us; we own it.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let (key_size, value_size) = (u32_at(&b, MAP_INFO_KEY_SIZE), u32_at(&b, MAP_INFO_VALUE_SIZE));
-            return Ok(KernelMap { fd, key_size: key_size as usize, value_size: value_size as usize });
         }
         bail!("no BPF map named {name} is loaded")
     }
 
-    fn attr(&self, key: &[u8], value_or_next: *mut u8, flags: u64) -> Result<Attr> {
-        if key.len() != self.key_size {
+    /// The element command's attributes: `key` (null: none) and the value
+    /// or next-key buffer.
+    fn attr(&self, key: Option<&[u8]>, value_or_next: *mut u8) -> Result<Attr> {
+        if let Some(key) = key
+            && key.len() != self.key_size
+        {
             bail!("key of {} bytes for a map whose keys have {}", key.len(), self.key_size);
         }
-        use std::os::fd::AsRawFd;
         Ok(Attr {
             a: self.fd.as_raw_fd() as u32,
-            c: key.as_ptr() as u64,
+            c: key.map_or(0, |k| k.as_ptr() as u64),
             d: value_or_next as u64,
-            e: flags,
             ..Default::default()
         })
     }
@@ -264,12 +268,8 @@ impl KernelMap {
         let mut next = vec![0u8; self.key_size];
         let mut cur: Option<Vec<u8>> = None;
         for _ in 0..2_000_000 {
-            let out = next.as_mut_ptr();
-            let mut attr = match &cur {
-                Some(key) => self.attr(key, out, 0)?,
-                // No key: the walk starts at the first one.
-                None => Attr { c: 0, ..self.attr(&vec![0; self.key_size], out, 0)? },
-            };
+            // No key: the walk starts at the first one.
+            let mut attr = self.attr(cur.as_deref(), next.as_mut_ptr())?;
             match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
                 Ok(_) => {
                     if !keys.contains(&next) {
@@ -287,7 +287,7 @@ impl KernelMap {
     /// The value under `key`, if there is one.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let mut value = vec![0u8; self.value_size];
-        let mut attr = self.attr(key, value.as_mut_ptr(), 0)?;
+        let mut attr = self.attr(Some(key), value.as_mut_ptr())?;
         match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
             Ok(_) => Ok(Some(value)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
@@ -300,7 +300,7 @@ impl KernelMap {
         if value.len() != self.value_size {
             bail!("value of {} bytes for a map whose values have {}", value.len(), self.value_size);
         }
-        let mut attr = self.attr(key, value.as_ptr().cast_mut(), 0)?;
+        let mut attr = self.attr(Some(key), value.as_ptr().cast_mut())?;
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ()).map_err(|e| anyhow::anyhow!("bpf MAP_UPDATE_ELEM: {e}"))
     }
 }
