@@ -151,9 +151,12 @@ fn churn(length: Duration) -> Result<u64> {
     let stop = Arc::new(AtomicBool::new(false));
     let made = Arc::new(AtomicU64::new(0));
     thread::scope(|scope| {
+        // Borrowed, not moved: the listener must outlive the clients, or one whose
+        // last connect races the acceptor's exit is refused.
+        let listener = &listener;
         let acceptor = {
             let stop = stop.clone();
-            scope.spawn(move || accept_until(&listener, &stop))
+            scope.spawn(move || accept_until(listener, &stop))
         };
         let clients = 2;
         let per_client = CHURN_TARGET / 2.0 / clients as f64;

@@ -68,6 +68,14 @@ pub struct Summary {
 }
 
 impl Report {
+    /// The observer's programs' run time summed over the "on" measurements, as a
+    /// share of the machine's CPU time over them; None without statistics.
+    pub fn programs_cpu_share(&self) -> Option<f64> {
+        let run_ns: u64 = self.progs.iter().map(|p| p.run_time_ns).sum();
+        let cpu_ns = self.machine.cpus as f64 * self.rounds.len() as f64 * f64::from(self.seconds) * 1e9;
+        (run_ns > 0 && cpu_ns > 0.0).then(|| run_ns as f64 / cpu_ns)
+    }
+
     pub fn summary(&self) -> Option<Summary> {
         let off: Vec<f64> = self.rounds.iter().map(|r| r.off).collect();
         let on: Vec<f64> = self.rounds.iter().map(|r| r.on).collect();
@@ -181,6 +189,18 @@ impl Report {
             writeln!(s, "| on/off, median on / median off | {:.3} |", sum.ratio_of_medians)?;
             writeln!(s, "| on/off spread over rounds (min–max) | {:.3}–{:.3} |", sum.ratio_min, sum.ratio_max)?;
             writeln!(s, "| target on/off ≥ {target} | {} |", verdict(sum.ratio_of_rounds >= target))?;
+            if let Some(share) = self.programs_cpu_share() {
+                // What the programs take from the workload, far steadier than the
+                // ratio: the slowdown they can explain on CPUs the workload keeps busy.
+                writeln!(
+                    s,
+                    "| `obs_*` programs' run time during the \"on\" measurements, share of all CPUs' time ({} CPUs × {} × {} s) | {:.2}% |",
+                    self.machine.cpus,
+                    self.rounds.len(),
+                    self.seconds,
+                    share * 100.0
+                )?;
+            }
             if let Some(bar) = w.target_hook_ns() {
                 let per: Vec<f64> = PER_CALL_HOOKS.iter().filter_map(|h| self.ns_per_run(h)).collect();
                 for h in PER_CALL_HOOKS {
@@ -355,6 +375,12 @@ mod tests {
         assert!(md.contains("| target on/off ≥ 0.99 | NOT met |"), "{md}");
         assert!(md.contains("| `obs_state_btf` | 100 | 120 | – | 0 |"), "{md}");
         assert!(md.contains("| `obs_state_kp` | 0 | – | – | 0 |"), "{md}");
+        // 0.2 s of programs over 2 CPUs × 2 rounds × 5 s.
+        let mut busy = report.clone();
+        busy.progs[0].run_time_ns = 200_000_000;
+        let md_busy = busy.markdown();
+        assert!(md_busy.contains("share of all CPUs' time (2 CPUs × 2 × 5 s) | 1.00% |"), "{md_busy}");
+        assert!(Report { progs: vec![], ..busy }.programs_cpu_share().is_none());
         assert!(md.contains(
             "Machine: 2 CPUs, Linux 6.18.0 (x86_64), 1-minute load average 0.05 at the \
              start and 0.10 at the end. Date: 2025-01-02."
@@ -406,7 +432,7 @@ mod tests {
         assert!(md.starts_with("## UDP small datagrams"), "{md}");
         assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -u -b 0 -l 1024`"), "{md}");
         assert!(md.contains("`end.sum_received.lost_packets`"), "{md}");
-        assert!(!md.contains("ns per `obs_send` run"), "{md}");
+        assert!(md.contains("| ns per `obs_send` run | 50 |"), "{md}");
         assert!(md.contains("| `obs_send` | 100 | 50 | – | 0 |"), "{md}");
     }
 
