@@ -133,26 +133,67 @@ impl Mem for Btf {
     }
 }
 
-/// Local and remote address of a socket as 16-byte arrays (IPv4 in the first
-/// 4 bytes) with the family: the layout every record uses. IPv6 addresses are
-/// read with `Probe` in every tier: a direct load must stay within one field,
-/// and the verifiers of the kernels we support differ on 8-byte loads from
-/// `in6_addr`'s byte array.
+/// An IPv4 or IPv6 address as four 32-bit words in memory order: the 16-byte
+/// layout every record uses (`addr_bytes`), IPv4 in the first word. Words, not
+/// bytes, while a program works on it: LLVM splits a `[u8; 16]` assembled in
+/// pieces into sixteen one-byte values, spilled and reassembled one by one, and
+/// zeroes the rest of one with a call to a byte-at-a-time `memset` (BPF has no
+/// faster one); that cost every UDP call and every session close.
+pub type Addr = [u32; 4];
+
+/// `addr` in a record's `[u8; 16]` field.
 #[inline(always)]
-pub fn addresses<M: Mem>(sk: *const u8) -> (u16, [u8; 16], [u8; 16]) {
+pub fn addr_bytes(addr: Addr) -> [u8; 16] {
+    // SAFETY: both are 16 plain bytes; every bit pattern is valid for each.
+    unsafe { core::mem::transmute::<Addr, [u8; 16]>(addr) }
+}
+
+/// Local and remote address of a socket (`Addr`) with the family. IPv6
+/// addresses are read with `Probe` in every tier: a direct load must stay
+/// within one field, and the verifiers of the kernels we support differ on
+/// 8-byte loads from `in6_addr`'s byte array.
+#[inline(always)]
+pub fn addresses<M: Mem>(sk: *const u8) -> (u16, Addr, Addr) {
     let family = M::read::<u16>(sk, offset!(skc_family)).unwrap_or(0);
-    let mut local = [0u8; 16];
-    let mut remote = [0u8; 16];
     if family == observer_common::AF_INET6 {
-        local = Probe::read::<[u8; 16]>(sk, offset!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
-        remote = Probe::read::<[u8; 16]>(sk, offset!(skc_v6_daddr)).unwrap_or([0; 16]);
-    } else {
-        let l = M::read::<u32>(sk, offset!(skc_rcv_saddr)).unwrap_or(0);
-        let r = M::read::<u32>(sk, offset!(skc_daddr)).unwrap_or(0);
-        local[..4].copy_from_slice(&l.to_ne_bytes());
-        remote[..4].copy_from_slice(&r.to_ne_bytes());
+        let local = Probe::read::<Addr>(sk, offset!(skc_v6_rcv_saddr)).unwrap_or([0; 4]);
+        let remote = Probe::read::<Addr>(sk, offset!(skc_v6_daddr)).unwrap_or([0; 4]);
+        return (family, local, remote);
     }
-    (family, local, remote)
+    let local = M::read::<u32>(sk, offset!(skc_rcv_saddr)).unwrap_or(0);
+    let remote = M::read::<u32>(sk, offset!(skc_daddr)).unwrap_or(0);
+    (family, [local, 0, 0, 0], [remote, 0, 0, 0])
+}
+
+/// The current task's name, written into `comm` in place (all zero if the
+/// kernel cannot tell: the helper fills every byte either way). aya's
+/// `bpf_get_current_comm` zeroes a buffer of its own first, which compiles to a
+/// call to BPF's byte-at-a-time `memset`.
+#[inline(always)]
+pub fn current_comm(comm: &mut [u8; 16]) {
+    // SAFETY: the helper writes at most 16 bytes to a buffer that holds 16.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) };
+}
+
+/// Zeroes `slot` in place, 8 bytes at a time with volatile stores, which LLVM
+/// may not merge into a `memset`, and hands it back initialised: a zeroed
+/// struct built the plain way compiles to a call to BPF's byte-at-a-time
+/// `memset` (LLVM's BPF backend expands copies inline but not fills), about
+/// 400 instructions for a `SessionStart` at every session birth. In place, as
+/// moving the result out would let LLVM turn the copy back into fills.
+///
+/// # Safety
+/// All-zero bytes must be a valid `T` (plain integers and arrays of them).
+#[inline(always)]
+pub unsafe fn zeroed<T>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8) };
+    let words = slot.as_mut_ptr().cast::<u64>();
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: within `slot`, aligned (asserted above).
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte is written; the caller vouches that zero is valid.
+    unsafe { slot.assume_init_mut() }
 }
 
 /// Inode of the socket's network namespace, 0 if unreadable.

@@ -3,13 +3,13 @@
 //! A connected socket has one peer (its connected address); an unconnected
 //! socket learns each datagram's peer from the cgroup sendmsg/recvmsg hook that
 //! runs earlier in the same call (`PENDING_PEERS`).
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use observer_common::{
     LostSource, PendingKey, PendingPeer, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey, UdpRelease, tcp_state,
 };
 
 use crate::{
-    kernel::{Mem, Probe, addresses, advance_active, netns_ino, offset},
+    kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset},
     maps::{PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_SOCKETS, count_lost},
 };
 
@@ -27,7 +27,7 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
     }
     let bytes = ret as u64;
     let (family, local, remote) = addresses::<M>(sk);
-    let mut key = UdpFlowKey { sk: sk as u64, peer_addr: remote, peer_port: 0, family, _pad0: 0 };
+    let mut key = UdpFlowKey { sk: sk as u64, peer_addr: addr_bytes(remote), peer_port: 0, family, _pad0: 0 };
     if let Some(peer) = pending {
         key.peer_addr = peer.addr;
         key.peer_port = peer.port;
@@ -51,7 +51,7 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
         }
         return;
     }
-    let flow = UdpFlow {
+    let mut flow = UdpFlow {
         first_ns: now,
         last_ns: now,
         active_ns: 0,
@@ -60,14 +60,15 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         flags: if connected { UDP_FLOW_CONNECTED } else { 0 },
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: [0; 16],
         netns_ino: netns_ino::<M>(sk),
         // In `struct inet_sock`, beyond `struct sock`, where a direct load
         // from a `struct sock` pointer may not reach; read once per flow.
         local_port: u16::from_be(Probe::read::<u16>(sk, offset!(inet_sport)).unwrap_or(0)),
         _pad0: 0,
-        local_addr: local,
+        local_addr: addr_bytes(local),
     };
+    current_comm(&mut flow.comm);
     if UDP_FLOWS.insert(&key, &flow, 0).is_err() {
         count_lost(LostSource::UdpFlowTableFull);
         return;

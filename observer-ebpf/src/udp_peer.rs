@@ -8,7 +8,10 @@ use aya_ebpf::{
 };
 use observer_common::{AF_INET, AF_INET6, IPPROTO_UDP, PendingKey, PendingPeer};
 
-use crate::maps::{PENDING_PEERS, PENDING_SLOT, PendingSlot};
+use crate::{
+    kernel::{Addr, addr_bytes},
+    maps::{PENDING_PEERS, PENDING_SLOT, PendingSlot},
+};
 
 /// Allow the call: these hooks only watch.
 const ALLOW: i32 = 1;
@@ -22,16 +25,13 @@ fn remember(ctx: &SockAddrContext, family: u16) -> i32 {
         if core::ptr::read_volatile(&(*a).protocol) != u32::from(IPPROTO_UDP) {
             return ALLOW;
         }
-        let mut peer = PendingPeer { addr: [0; 16], port: 0, family, _pad0: 0 };
-        if family == AF_INET {
-            let ip = core::ptr::read_volatile(&(*a).user_ip4);
-            peer.addr[..4].copy_from_slice(&ip.to_ne_bytes());
+        let word = |i: usize| core::ptr::read_volatile(&(*a).user_ip6[i]);
+        let addr: Addr = if family == AF_INET {
+            [core::ptr::read_volatile(&(*a).user_ip4), 0, 0, 0]
         } else {
-            for i in 0..4 {
-                let word = core::ptr::read_volatile(&(*a).user_ip6[i]);
-                peer.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-        }
+            [word(0), word(1), word(2), word(3)]
+        };
+        let mut peer = PendingPeer { addr: addr_bytes(addr), port: 0, family, _pad0: 0 };
         // user_port holds the __be16 port in its first two bytes.
         peer.port = u16::from_be(core::ptr::read_volatile(&(*a).user_port) as u16);
         let sk = core::ptr::read_volatile(&(*a).__bindgen_anon_1.sk) as u64;
