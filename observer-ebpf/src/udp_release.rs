@@ -4,6 +4,8 @@ use aya_ebpf::{
     programs::{FEntryContext, ProbeContext, SockContext},
 };
 
+use observer_common::IPPROTO_UDP;
+
 use crate::{
     kernel::{Btf, Mem, Probe, offset},
     udp::on_release,
@@ -13,7 +15,12 @@ use crate::{
 /// `inet_release` for every inet socket; its context is the socket itself.
 #[cgroup_sock(sock_release)]
 pub fn obs_release_cg(ctx: SockContext) -> i32 {
-    on_release(ctx.sock as *const u8);
+    // SAFETY: the kernel hands a valid bpf_sock; the verifier rewrites the
+    // field read into a load from the socket.
+    let protocol = unsafe { core::ptr::read_volatile(&(*ctx.sock).protocol) };
+    if protocol == u32::from(IPPROTO_UDP) {
+        on_release(ctx.sock as *const u8);
+    }
     1
 }
 
@@ -22,7 +29,9 @@ pub fn obs_release_cg(ctx: SockContext) -> i32 {
 #[fentry(function = "inet_release")]
 pub fn obs_release_fe(ctx: FEntryContext) -> i32 {
     let sock: *const u8 = ctx.arg(0);
-    if let Some(sk) = Btf::deref(sock, offset!(socket_sk)) {
+    if let Some(sk) = Btf::deref(sock, offset!(socket_sk))
+        && is_udp::<Btf>(sk)
+    {
         on_release(sk);
     }
     0
@@ -33,8 +42,16 @@ pub fn obs_release_fe(ctx: FEntryContext) -> i32 {
 pub fn obs_release_kp(ctx: ProbeContext) -> u32 {
     if let Some(sock) = ctx.arg::<*const u8>(0)
         && let Some(sk) = Probe::deref(sock, offset!(socket_sk))
+        && is_udp::<Probe>(sk)
     {
         on_release(sk);
     }
     0
+}
+
+/// Only UDP sockets can have flows: every other socket (TCP above all) skips
+/// the `UDP_SOCKETS` lookup, a hash-table miss at every release.
+#[inline(always)]
+fn is_udp<M: Mem>(sk: *const u8) -> bool {
+    M::read::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_UDP)
 }

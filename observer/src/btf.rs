@@ -171,8 +171,10 @@ impl KernelBtf {
         // The receive interface moved from inet_sock to sock in 5.18.
         let rx_dst_ifindex =
             sock("sk_rx_dst_ifindex").or_else(|_| self.member_offset("inet_sock", "rx_dst_ifindex"))?;
-        // sk_protocol was a bitfield before 5.6; only the per-call programs
-        // read it, and they need 6.3, so 0 there is never read.
+        // sk_protocol was a bitfield before 5.6. The per-call programs read
+        // it, and they need 6.3; so do the fentry/kprobe release hooks, to
+        // skip sockets that cannot have UDP flows, and flows exist only where
+        // the per-call programs run: 0 there is never read where it matters.
         let sk_protocol = match sock("sk_protocol") {
             Ok(off) => off,
             Err(BtfError::Bitfield { .. }) => 0,

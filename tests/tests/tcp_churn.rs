@@ -50,17 +50,25 @@ fn state_skips(m: &Metrics) -> f64 {
 /// Accepts, reads the 64-byte request and closes first. Not `TcpServer` and
 /// `transfer`: there the client closes first, and at this rate its TIME_WAIT
 /// sockets would use up the ephemeral ports within seconds; here they are the
-/// server's, and `SERVERS` threads serve without a thread per connection. Once `shutdown` is set (after the last client's
-/// connection), returns after its next connection.
+/// server's, and `SERVERS` threads serve without a thread per connection. Returns
+/// after serving the first connection it accepts once `shutdown` is set (after
+/// the last client's connection).
 fn serve(listener: Arc<TcpListener>, shutdown: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; REQUEST.len()];
         loop {
             let (mut s, _) = listener.accept().unwrap();
+            // Read after the accept, not after serving: a thread that saw the
+            // flag only once it had served a churn connection would return
+            // without taking one of the final connections, which would then
+            // wait for a close that never comes (seen once under qemu). Every
+            // churn connection is accepted before the flag is set (its client
+            // waits for this close), every final one after.
+            let last = shutdown.load(Ordering::SeqCst);
             s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
             s.read_exact(&mut buf).unwrap();
             drop(s);
-            if shutdown.load(Ordering::Relaxed) {
+            if last {
                 return;
             }
         }
@@ -127,7 +135,7 @@ fn every_session_is_reported_under_churn_even_when_the_state_program_is_skipped(
         t.join().unwrap();
     }
     // One last connection per server thread, each of which then returns.
-    shutdown.store(true, Ordering::Relaxed);
+    shutdown.store(true, Ordering::SeqCst);
     ns.run(|| (0..SERVERS).for_each(|_| connection(addr)));
     done.fetch_add(SERVERS as u64, Ordering::Relaxed);
     for t in servers {
