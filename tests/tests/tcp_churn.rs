@@ -47,6 +47,16 @@ fn state_skips(m: &Metrics) -> f64 {
         .sum()
 }
 
+/// TCP sessions the observer has counted as closed.
+fn tcp_sessions(m: &Metrics) -> f64 {
+    m.value_exact("observer_sessions_total", &[("protocol", "tcp")]).unwrap_or(0.0)
+}
+
+/// Sessions whose close no hook saw, reported at their address's next birth.
+fn close_missed(m: &Metrics) -> f64 {
+    m.value_exact("observer_events_lost_total", &[("source", "session_close_missed")]).unwrap_or(0.0)
+}
+
 /// Accepts, reads the 64-byte request and closes first. Not `TcpServer` and
 /// `transfer`: there the client closes first, and at this rate its TIME_WAIT
 /// sockets would use up the ephemeral ports within seconds; here they are the
@@ -113,8 +123,7 @@ fn every_session_is_reported_under_churn_even_when_the_state_program_is_skipped(
     let listener = Arc::new(listener);
 
     let before = observer.metrics().unwrap();
-    let counted = |m: &Metrics| m.value_exact("observer_sessions_total", &[("protocol", "tcp")]).unwrap_or(0.0);
-    let (counted_before, skips_before) = (counted(&before), state_skips(&before));
+    let (counted_before, skips_before) = (tcp_sessions(&before), state_skips(&before));
 
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -153,14 +162,14 @@ fn every_session_is_reported_under_churn_even_when_the_state_program_is_skipped(
 
     // Two sessions per connection (both ends are on this namespace's lo).
     let expected = counted_before + 2.0 * connections;
-    let m = observer.scrape_until("every session counted", Duration::from_secs(20), |m| counted(m) >= expected);
-    assert_eq!(counted(&m), expected, "no more sessions than the connections made");
+    let m = observer.scrape_until("every session counted", Duration::from_secs(20), |m| tcp_sessions(m) >= expected);
+    assert_eq!(tcp_sessions(&m), expected, "no more sessions than the connections made");
     // A close in a context where the kernel runs no BPF program at all is
     // reported at the address's next birth (the test below) and counted as
     // `session_close_missed`; that session is in the exact count above.
     // Nothing else may be lost.
     let lost = m.sum("observer_events_lost_total", &[]);
-    let missed = m.value_exact("observer_events_lost_total", &[("source", "session_close_missed")]).unwrap_or(0.0);
+    let missed = close_missed(&m);
     assert_eq!(lost - missed, 0.0, "nothing lost but closes no program saw ({missed}), which were still counted");
 }
 
@@ -261,16 +270,13 @@ fn a_session_whose_close_no_hook_saw_is_reported_when_its_address_is_reused() {
     drop(stream);
     drop(served);
 
-    let counted = |m: &Metrics| m.value_exact("observer_sessions_total", &[("protocol", "tcp")]).unwrap_or(0.0);
-    let missed_closes =
-        |m: &Metrics| m.value_exact("observer_events_lost_total", &[("source", "session_close_missed")]).unwrap_or(0.0);
     let sent = |m: &Metrics| m.sum("observer_session_bytes_total", &[("direction", "transmit"), ("protocol", "tcp")]);
     // Client and server ends of the first connection and of the second, and
     // the session reported from the entry put back.
-    let expected = counted(&before) + 5.0;
-    let m = observer.scrape_until("every session counted", Duration::from_secs(10), |m| counted(m) >= expected);
-    assert_eq!(counted(&m), expected);
-    assert_eq!(missed_closes(&m) - missed_closes(&before), 1.0, "the missed close is counted");
+    let expected = tcp_sessions(&before) + 5.0;
+    let m = observer.scrape_until("every session counted", Duration::from_secs(10), |m| tcp_sessions(m) >= expected);
+    assert_eq!(tcp_sessions(&m), expected);
+    assert_eq!(close_missed(&m) - close_missed(&before), 1.0, "the missed close is counted");
     assert_eq!(
         sent(&m) - sent(&before),
         (REQUEST.len() as u64 + MISSED_TX) as f64,
