@@ -50,40 +50,54 @@ fn empty_start(slot: &mut MaybeUninit<SessionStart>) -> &mut SessionStart {
     unsafe { zeroed(slot) }
 }
 
+/// `bpf_map_update_elem` flag: fail with `EEXIST` if the key is present.
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// Whether a change from `old` to `new` records anything. Most do not: of the
+/// ten changes of a short loopback connection's two ends, only the two births,
+/// the two FINs and the two closes do; the others return here, before any
+/// socket read or hash lookup.
+/// `CHILD_BIRTHS`: the hook sees a passive socket's birth (LISTEN -> SYN_RECV,
+/// which only the tracepoint sees); where it does not, that socket is born at
+/// SYN_RECV -> ESTABLISHED. A socket first seen at another change (it predates
+/// the observer, or its birth did not fit the table) is adopted at its first
+/// send or receive call, its FIN, or its close.
+#[inline(always)]
+fn records<const CHILD_BIRTHS: bool>(old: i32, new: i32) -> bool {
+    new == tcp_state::CLOSE
+        // A listener is not a session; its children are.
+        || (new != tcp_state::LISTEN && (old == tcp_state::CLOSE || old == tcp_state::LISTEN))
+        || new == tcp_state::FIN_WAIT1
+        || new == tcp_state::LAST_ACK
+        || (!CHILD_BIRTHS && old == tcp_state::SYN_RECV)
+}
+
 /// A TCP socket moved from `old` to `new`. Only the SYN_SENT transition is known
 /// to run in the owning process (connect); other transitions may run in softirq,
 /// where the current task is whoever was interrupted, so they record no owner.
 /// Not a TCP socket (`M::tcp`): ignored.
 #[inline(always)]
-pub fn on_state_change<M: Mem>(sk: *const u8, old: i32, new: i32) {
+pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32, new: i32) {
+    if !records::<CHILD_BIRTHS>(old, new) {
+        return;
+    }
     let key = sk as u64;
     let Some(tp) = M::tcp(sk) else { return };
     if new == tcp_state::CLOSE {
         on_close::<M>(sk, tp, key, old);
         return;
     }
-    if new == tcp_state::LISTEN {
-        // A listener is not a session; its children are.
-        return;
-    }
     // Only tcp_close_state() enters these two states, and always with a FIN.
     let fin_sent = if new == tcp_state::FIN_WAIT1 || new == tcp_state::LAST_ACK { SESSION_FIN_SENT } else { 0 };
-    if let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) {
-        if old != tcp_state::CLOSE && old != tcp_state::LISTEN {
-            unsafe { (*start).flags |= fin_sent };
-            return;
-        }
-        // A socket leaving CLOSE or LISTEN is new: the entry under its address
-        // is an earlier socket's whose close no hook saw (`on_destroy` also
-        // skipped, or absent in the kprobe tier). Report that session from
-        // what its entry holds, count it, and start afresh rather than let the
-        // new session inherit its birth and owner.
-        count_lost(LostSource::SessionCloseMissed);
-        report_missed_close(key, unsafe { &*start });
+    let leaves_closed = old == tcp_state::CLOSE || old == tcp_state::LISTEN;
+    if !leaves_closed && let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) {
+        unsafe { (*start).flags |= fin_sent };
+        return;
     }
     // A session is born when it leaves CLOSE/LISTEN or its handshake states.
     // Any other first sight is a connection that predates the observer.
-    let born_here = matches!(old, tcp_state::CLOSE | tcp_state::LISTEN | tcp_state::SYN_SENT | tcp_state::SYN_RECV);
+    let born_here = leaves_closed || old == tcp_state::SYN_SENT || old == tcp_state::SYN_RECV;
     let mut slot = MaybeUninit::uninit();
     let start = empty_start(&mut slot);
     start.birth_ns = unsafe { bpf_ktime_get_ns() };
@@ -97,7 +111,25 @@ pub fn on_state_change<M: Mem>(sk: *const u8, old: i32, new: i32) {
         fill_owner(start);
         start.flags |= SESSION_ACTIVE_OPEN;
     }
-    if OPEN_SESSIONS.insert(&key, start, 0).is_err() {
+    // A socket leaving CLOSE or LISTEN inserts only where no entry is: one
+    // hash operation, not a lookup and then an insert.
+    let flags = if leaves_closed { BPF_NOEXIST } else { 0 };
+    let inserted = match OPEN_SESSIONS.insert(&key, &*start, flags) {
+        Err(e) if e == -EEXIST => {
+            // The socket is new, so the entry under its address is an earlier
+            // socket's whose close no hook saw (`on_destroy` also skipped, or
+            // absent in the kprobe tier). Report that session from what its
+            // entry holds, count it, and start afresh rather than let the new
+            // session inherit its birth and owner.
+            if let Some(stale) = unsafe { OPEN_SESSIONS.get(&key) } {
+                count_lost(LostSource::SessionCloseMissed);
+                report_missed_close(key, stale);
+            }
+            OPEN_SESSIONS.insert(&key, &*start, 0)
+        }
+        other => other,
+    };
+    if inserted.is_err() {
         count_lost(LostSource::SessionTableFull);
     }
 }

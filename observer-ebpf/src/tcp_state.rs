@@ -22,7 +22,7 @@ pub fn obs_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    on_state_change::<Btf>(sk, old, new);
+    on_state_change::<Btf, true>(sk, old, new);
     0
 }
 
@@ -69,5 +69,6 @@ fn state_from_sock<M: Mem>(sk: *const u8, new: i32) {
     let Some(old) = M::read::<u8>(sk, offset!(skc_state)) else {
         return;
     };
-    on_state_change::<M>(sk, old as i32, new);
+    // `tcp_set_state` is not called for a child socket's birth.
+    on_state_change::<M, false>(sk, old as i32, new);
 }
