@@ -176,6 +176,13 @@ pub struct RunArgs {
     /// which names the pods that processes' cgroups point to.
     #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]
     pub pod_log_dir: PathBuf,
+    /// Keep the kernel's BPF run-time statistics on while the observer runs,
+    /// for observer_bpf_program_runs_total and _run_seconds_total. The switch
+    /// is host-wide: every BPF program on the host (a CNI's too) then pays
+    /// two clock reads per run. `false` leaves the kernel's setting alone
+    /// (the counters then stay at 0 unless the host enabled statistics).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bpf_stats: bool,
     #[command(flatten)]
     pub gpu: crate::gpu::GpuArgs,
     #[command(flatten)]

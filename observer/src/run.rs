@@ -88,7 +88,12 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let settings = Settings { active_gap_ns: args.active_gap.as_nanos() as u64, ..drops::settings(&btf) };
     // Held until the process exits: BPF run-time statistics stay on while
     // the observer runs, and the kernel restores the previous state then.
-    let _bpf_stats = telemetry::enable_bpf_stats();
+    let _bpf_stats = if args.bpf_stats {
+        telemetry::enable_bpf_stats()
+    } else {
+        tracing::info!("BPF run-time statistics left as the kernel has them (--bpf-stats=false)");
+        None
+    };
     let mut kernel = loader::load(&btf, settings, args.max_sessions)?;
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);

@@ -244,6 +244,11 @@ fn validate(objects: &[Value]) -> Report {
                 r.check(add.contains(&cap), || format!("{at}: capability {cap} is needed"));
             }
             r.check(!add.contains(&"SYS_ADMIN"), || format!("{at}: SYS_ADMIN only on request (bpfStats)"));
+            // Without it, statistics cannot be switched on: saying so spares a
+            // warning at every start.
+            r.check(args.contains(&"--bpf-stats=false"), || {
+                format!("{at}: no SYS_ADMIN, so --bpf-stats=false: {args:?}")
+            });
             r.check(
                 add.iter().all(|c| !c.starts_with("CAP_") && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')),
                 || format!("{at}: capabilities are named without CAP_, upper case: {add:?}"),

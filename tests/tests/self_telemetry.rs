@@ -65,3 +65,33 @@ fn self_telemetry_from_the_kernel_and_the_process() {
     )
     .unwrap();
 }
+
+/// `--bpf-stats=false` leaves the kernel's statistics as they are: with the
+/// host's off, the programs run (the transfer's sessions are counted) and
+/// their run counters stay at 0.
+#[test]
+fn bpf_stats_false_leaves_statistics_off() {
+    assert_eq!(
+        bpf_stats_enabled(),
+        "0",
+        "kernel.bpf_stats_enabled is on on this host, so run counters advance whatever the flag says: \
+         this test needs it off (sysctl kernel.bpf_stats_enabled=0)"
+    );
+    let ns = NetNs::new("nostats").unwrap();
+    let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--bpf-stats=false"]).unwrap();
+    let server = TcpServer::start_in(&ns, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let addr = server.addr();
+    ns.spawn(move || transfer(addr, 2_000_000, 2_000_000, None).unwrap()).join().unwrap();
+
+    let m =
+        wait_until("the transfer's two sessions counted", Duration::from_secs(5), Duration::from_millis(50), || {
+            let m = observer.metrics()?;
+            Ok((m.sum("observer_sessions_total", &[("protocol", "tcp")]) >= 2.0).then_some(m))
+        })
+        .unwrap();
+    assert!(m.matching("observer_bpf_program_attached", &[]).iter().any(|s| s.value == 1.0), "{m:?}");
+    assert_eq!(m.sum("observer_bpf_program_runs_total", &[]), 0.0, "{m:?}");
+    assert_eq!(m.sum("observer_bpf_program_run_seconds_total", &[]), 0.0, "{m:?}");
+    let stopped = observer.stop().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+}
