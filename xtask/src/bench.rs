@@ -31,7 +31,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::{build, setup, util};
 pub use connload::hold_connections;
 use progs::ProgStats;
-use report::{Machine, Report, Round};
+use report::{Machine, Measurement, Report, Round};
 use shortconn::Findings;
 pub use shortconn::HOLD_CONNECTIONS;
 use sys::{BpfStats, NetNs, Proc};
@@ -95,7 +95,16 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
 
     // Declared first so that it is dropped last, after the processes inside it.
     let ns = NetNs::create(&format!("{NETNS_PREFIX}{}", std::process::id()))?;
-    let _stats = BpfStats::enable(&logs.join("bpf_stats_enabled.orig"))?;
+    // Statistics are switched on only where a measurement needs them ("on+stats" by the
+    // observer itself, the reference programs by `BpfStats`); "on" must run without.
+    let stats_stash = logs.join("bpf_stats_enabled.orig");
+    BpfStats::restore_stale(&stats_stash)?;
+    if BpfStats::on()? {
+        eprintln!(
+            "xtask: warning: kernel.bpf_stats_enabled is 1 on this host: the \"on\" measurements \
+             pay the statistics' clock reads too"
+        );
+    }
     let mut server = {
         let mut cmd = ns.command(&iperf3);
         cmd.args(["-s", "-B", "127.0.0.1", "-p", &IPERF_PORT.to_string()]);
@@ -117,6 +126,7 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         observer_log: &observer_log,
         iperf3: &iperf3,
         client_json: logs.join("iperf3-client.json"),
+        stats_stash,
         seconds: opts.seconds,
         pin: cpus >= 2,
     };
@@ -166,12 +176,13 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         for report in &reports {
             for (i, r) in report.rounds.iter().enumerate() {
                 ensure!(
-                    r.off > 0.0 && r.on > 0.0,
-                    "benchmark smoke: {} round {} measured nothing (off {}, on {})",
+                    r.off > 0.0 && r.on > 0.0 && r.on_stats > 0.0,
+                    "benchmark smoke: {} round {} measured nothing (off {}, on {}, on+stats {})",
                     report.workload.name(),
                     i + 1,
                     r.off,
-                    r.on
+                    r.on,
+                    r.on_stats
                 );
             }
         }
@@ -182,8 +193,8 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
             );
         }
         println!(
-            "xtask bench: smoke run ok: {} measured with the observer off and on; scrape latency \
-             measured",
+            "xtask bench: smoke run ok: {} measured with the observer off, on and on with \
+             statistics; scrape latency measured",
             reports.iter().map(|r| r.workload.name()).collect::<Vec<_>>().join(", ")
         );
     }
@@ -196,6 +207,8 @@ struct Bench<'a> {
     observer_log: &'a Path,
     iperf3: &'a Path,
     client_json: PathBuf,
+    /// Where `BpfStats` keeps the switch's previous value while it is on.
+    stats_stash: PathBuf,
     seconds: u32,
     pin: bool,
 }
@@ -208,30 +221,39 @@ impl Bench<'_> {
         let mut short = (workload == Workload::ShortConn).then(|| Findings { hold: opts.hold, ..Findings::default() });
         let unit = workload.display_unit();
         for i in 0..opts.rounds {
-            let on_first = i % 2 == 1;
-            let (mut off, mut on) = (0.0, 0.0);
-            for observer_on in [on_first, !on_first] {
+            let order = Round::order(i);
+            let (mut off, mut on, mut on_stats) = (0.0, 0.0, 0.0);
+            for measurement in order {
                 sys::check_interrupted()?;
-                if observer_on {
-                    let (figure, counted, on_run) = self.measure_on(workload)?;
-                    on = figure;
-                    progs::accumulate(&mut progs, &counted);
-                    if let (Some(short), Some(on_run)) = (short.as_mut(), on_run) {
-                        short.on_runs.push(on_run);
-                    }
-                } else {
+                if measurement == Measurement::Off {
                     off = self.measure(workload)?;
+                    continue;
+                }
+                let statistics = measurement == Measurement::OnStats;
+                let (figure, counted, on_run) = self.measure_on(workload, statistics)?;
+                if statistics {
+                    on_stats = figure;
+                    progs::accumulate(&mut progs, &counted);
+                } else {
+                    on = figure;
+                }
+                if let (Some(short), Some(mut on_run)) = (short.as_mut(), on_run) {
+                    on_run.statistics = statistics;
+                    short.on_runs.push(on_run);
                 }
             }
-            let round = Round { on_first, off, on };
+            let round = Round { order, off, on, on_stats };
             eprintln!(
-                "xtask bench: {} round {}/{}: off {} {unit}, on {} {unit}, on/off {:.3}",
+                "xtask bench: {} round {}/{}: off {} {unit}, on {} {unit}, on+stats {} {unit}, on/off {:.3}, \
+                 on+stats/off {:.3}",
                 workload.name(),
                 i + 1,
                 opts.rounds,
                 workload.show(off),
                 workload.show(on),
-                round.ratio()
+                workload.show(on_stats),
+                round.ratio(),
+                round.stats_ratio()
             );
             rounds.push(round);
         }
@@ -310,9 +332,15 @@ impl Bench<'_> {
     }
 
     /// A measurement with the observer running: start it, wait for /readyz, measure,
-    /// read its programs' counters, stop it.
-    fn measure_on(&self, workload: Workload) -> Result<(f64, Vec<ProgStats>, Option<shortconn::OnRun>)> {
-        let observer = self.start_observer(&[])?;
+    /// read its programs' counters, stop it. With `statistics`, the observer keeps the
+    /// kernel's BPF statistics on (its default) and the counters count; without, it
+    /// runs with `--bpf-stats=false`.
+    fn measure_on(
+        &self,
+        workload: Workload,
+        statistics: bool,
+    ) -> Result<(f64, Vec<ProgStats>, Option<shortconn::OnRun>)> {
+        let observer = self.start_observer(if statistics { &[] } else { &["--bpf-stats=false"] })?;
         let (figure, on_run) = if workload == Workload::ShortConn {
             let on_run = shortconn::measure_on(self.ns, &observer, listen_addr(), self.seconds)?;
             (on_run.run.rate(), Some(on_run))
@@ -352,7 +380,9 @@ impl Bench<'_> {
         let empty = baseline::Reference::Empty;
         let name = format!("{}_recv", empty.describe().0);
         refs.push(baseline::RefProg::attach(empty, "sock_recv_length", &name)?);
+        let stats = BpfStats::enable(&self.stats_stash)?;
         self.measure(workload)?;
+        drop(stats);
         let stats = refs.iter().map(baseline::RefProg::stats).collect::<Result<Vec<_>>>()?;
         for p in &stats {
             eprintln!(

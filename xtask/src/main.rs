@@ -70,7 +70,7 @@ enum Command {
         /// The workload to run; each writes its own section.
         #[arg(long, value_enum, default_value_t = bench::Selection::All)]
         workload: bench::Selection,
-        /// Rounds; each runs one "off" and one "on" measurement.
+        /// Rounds; each runs one "off", one "on" and one "on+stats" measurement.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
         /// Seconds per iperf3 measurement.

@@ -8,18 +8,54 @@ use super::shortconn::{self, Findings};
 use super::stats::{median, spread};
 use super::workload::{PER_CALL_HOOKS, Workload};
 
+/// The three measurements of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measurement {
+    /// No observer.
+    Off,
+    /// `observer run --bpf-stats=false`, kernel statistics off: the observer as the
+    /// DaemonSet runs it, with nothing else's cost in the figure.
+    On,
+    /// `observer run` with its default `--bpf-stats=true`: the kernel's statistics on,
+    /// whose two clock reads per program run are charged to it. The programs' table
+    /// comes from these.
+    OnStats,
+}
+
+impl Measurement {
+    pub fn label(self) -> &'static str {
+        match self {
+            Measurement::Off => "off",
+            Measurement::On => "on",
+            Measurement::OnStats => "on+stats",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Round {
-    /// Whether "on" ran before "off" in this round.
-    pub on_first: bool,
-    /// The workload's figure (`Workload::figure`) with the observer off and on.
+    /// The order its measurements ran in (`Round::order`).
+    pub order: [Measurement; 3],
+    /// The workload's figure (`Workload::figure`) of each measurement.
     pub off: f64,
     pub on: f64,
+    pub on_stats: f64,
 }
 
 impl Round {
+    /// Round `i`'s order: "on" in the middle, "off" and "on+stats" taking turns at the
+    /// ends, so that over two rounds drift hits both ratios alike.
+    pub fn order(i: u32) -> [Measurement; 3] {
+        use Measurement::*;
+        if i.is_multiple_of(2) { [Off, On, OnStats] } else { [OnStats, On, Off] }
+    }
+
     pub fn ratio(&self) -> f64 {
         self.on / self.off
+    }
+
+    pub fn stats_ratio(&self) -> f64 {
+        self.on_stats / self.off
     }
 }
 
@@ -65,11 +101,14 @@ pub struct Summary {
     pub ratio_of_medians: f64,
     pub ratio_min: f64,
     pub ratio_max: f64,
+    pub median_on_stats: f64,
+    /// Median of the per-round on+stats/off ratios.
+    pub stats_ratio_of_rounds: f64,
 }
 
 impl Report {
-    /// The observer's programs' run time summed over the "on" measurements, as a
-    /// share of the machine's CPU time over them; None without statistics.
+    /// The observer's programs' run time summed over the "on+stats" measurements, as
+    /// a share of the machine's CPU time over them; None without statistics.
     pub fn programs_cpu_share(&self) -> Option<f64> {
         let run_ns: u64 = self.progs.iter().map(|p| p.run_time_ns).sum();
         let cpu_ns = self.machine.cpus as f64 * self.rounds.len() as f64 * f64::from(self.seconds) * 1e9;
@@ -79,7 +118,9 @@ impl Report {
     pub fn summary(&self) -> Option<Summary> {
         let off: Vec<f64> = self.rounds.iter().map(|r| r.off).collect();
         let on: Vec<f64> = self.rounds.iter().map(|r| r.on).collect();
+        let on_stats: Vec<f64> = self.rounds.iter().map(|r| r.on_stats).collect();
         let ratios: Vec<f64> = self.rounds.iter().map(Round::ratio).collect();
+        let stats_ratios: Vec<f64> = self.rounds.iter().map(Round::stats_ratio).collect();
         let (ratio_min, ratio_max) = spread(&ratios)?;
         let median_off = median(&off)?;
         let median_on = median(&on)?;
@@ -90,10 +131,12 @@ impl Report {
             ratio_of_medians: median_on / median_off,
             ratio_min,
             ratio_max,
+            median_on_stats: median(&on_stats)?,
+            stats_ratio_of_rounds: median(&stats_ratios)?,
         })
     }
 
-    /// ns per run of a program over the "on" measurements; None if it did not run.
+    /// ns per run of a program over the "on+stats" measurements; None if it did not run.
     pub fn ns_per_run(&self, name: &str) -> Option<f64> {
         self.progs.iter().find(|p| p.name == name)?.ns_per_run()
     }
@@ -144,13 +187,16 @@ impl Report {
             s,
             "Method (`cargo xtask bench --workload {} --rounds {n} --seconds {secs}`): a \
              network namespace of its own with only `lo` up; {setup} \"On\" measurements run \
-             while `observer run --iface lo` (release build) runs in the same namespace: started \
-             before the measurement, ready on `/readyz`, stopped with SIGTERM after it. \
-             \"Off\" measurements run without it. Each round has one of each, back to back, \
-             and rounds alternate which goes first, so drift hits both alike. Kernel BPF \
-             statistics (`kernel.bpf_stats_enabled=1`) are on throughout, to count the \
-             observer's program runs; their clock reads are charged to \"on\", so the ratio \
-             is slightly pessimistic.",
+             while `observer run --iface lo --bpf-stats=false` (release build) runs in the same \
+             namespace: started before the measurement, ready on `/readyz`, stopped with \
+             SIGTERM after it; the kernel's BPF statistics are off, as in the DaemonSet. \
+             \"On+stats\" measurements run `observer run --iface lo`, whose default \
+             `--bpf-stats=true` turns the statistics on while it runs: the kernel then reads \
+             its clock before and after every program run, which that measurement is charged \
+             for, and counts each program's runs and run time, which give the programs' CPU \
+             share and table below. \"Off\" measurements run without an observer. Each round \
+             has one of each, back to back, \"on\" in the middle and the other two taking \
+             turns at the ends, so drift hits both ratios alike.",
             w.name(),
         )?;
         writeln!(s)?;
@@ -163,11 +209,20 @@ impl Report {
         )?;
 
         writeln!(s)?;
-        writeln!(s, "| round | order | off ({unit}) | on ({unit}) | on/off |")?;
-        writeln!(s, "|---:|---|---:|---:|---:|")?;
+        writeln!(s, "| round | order | off ({unit}) | on ({unit}) | on+stats ({unit}) | on/off | on+stats/off |")?;
+        writeln!(s, "|---:|---|---:|---:|---:|---:|---:|")?;
         for (i, r) in self.rounds.iter().enumerate() {
-            let order = if r.on_first { "on, off" } else { "off, on" };
-            writeln!(s, "| {} | {order} | {} | {} | {:.3} |", i + 1, w.show(r.off), w.show(r.on), r.ratio())?;
+            let order = r.order.map(Measurement::label).join(", ");
+            writeln!(
+                s,
+                "| {} | {order} | {} | {} | {} | {:.3} | {:.3} |",
+                i + 1,
+                w.show(r.off),
+                w.show(r.on),
+                w.show(r.on_stats),
+                r.ratio(),
+                r.stats_ratio()
+            )?;
         }
 
         if let Some(sum) = self.summary() {
@@ -189,12 +244,14 @@ impl Report {
             writeln!(s, "| on/off, median on / median off | {:.3} |", sum.ratio_of_medians)?;
             writeln!(s, "| on/off spread over rounds (min–max) | {:.3}–{:.3} |", sum.ratio_min, sum.ratio_max)?;
             writeln!(s, "| target on/off ≥ {target} | {} |", verdict(sum.ratio_of_rounds >= target))?;
+            writeln!(s, "| median on+stats | {} {unit} |", w.show(sum.median_on_stats))?;
+            writeln!(s, "| on+stats/off, median of per-round ratios | {:.3} |", sum.stats_ratio_of_rounds)?;
             if let Some(share) = self.programs_cpu_share() {
                 // What the programs take from the workload, far steadier than the
                 // ratio: the slowdown they can explain on CPUs the workload keeps busy.
                 writeln!(
                     s,
-                    "| `obs_*` programs' run time during the \"on\" measurements, share of all CPUs' time ({} CPUs × {} × {} s) | {:.2}% |",
+                    "| `obs_*` programs' run time during the \"on+stats\" measurements, share of all CPUs' time ({} CPUs × {} × {} s) | {:.2}% |",
                     self.machine.cpus,
                     self.rounds.len(),
                     self.seconds,
@@ -250,7 +307,7 @@ impl Report {
         } else {
             writeln!(
                 s,
-                "eBPF programs, kernel statistics summed over the \"on\" measurements \
+                "eBPF programs, kernel statistics summed over the \"on+stats\" measurements \
                  (machine-wide: they count every event on the host, not only the workload's). \
                  Runs skipped (recursion): the kernel did not run the program because it was \
                  already running on that CPU (the hook hit again from an interrupt); each is \
@@ -322,8 +379,9 @@ mod tests {
         }
     }
 
-    fn round(on_first: bool, off: f64, on: f64) -> Round {
-        Round { on_first, off: off * 1e9, on: on * 1e9 }
+    /// Round `i` (0-based), its "on+stats" figure 0.98 of "on".
+    fn round(i: u32, off: f64, on: f64) -> Round {
+        Round { order: Round::order(i), off: off * 1e9, on: on * 1e9, on_stats: on * 0.98e9 }
     }
 
     fn prog(name: &str, run_time_ns: u64, run_cnt: u64) -> ProgStats {
@@ -334,7 +392,7 @@ mod tests {
     fn summary_math() {
         let report = Report {
             workload: Workload::Bulk,
-            rounds: vec![round(false, 40.0, 39.6), round(true, 50.0, 50.0), round(false, 42.0, 41.16)],
+            rounds: vec![round(0, 40.0, 39.6), round(1, 50.0, 50.0), round(2, 42.0, 41.16)],
             seconds: 5,
             smoke: false,
             progs: vec![],
@@ -350,6 +408,8 @@ mod tests {
         assert!((s.ratio_of_medians - 0.98).abs() < 1e-12);
         assert!((s.ratio_min - 0.98).abs() < 1e-12);
         assert!((s.ratio_max - 1.0).abs() < 1e-12);
+        assert!((s.median_on_stats - 0.98 * 41.16e9).abs() < 1.0);
+        assert!((s.stats_ratio_of_rounds - 0.98 * 0.99).abs() < 1e-12);
         assert!(Report { rounds: vec![], ..report }.summary().is_none());
     }
 
@@ -357,7 +417,7 @@ mod tests {
     fn markdown_has_rounds_summary_and_programs() {
         let report = Report {
             workload: Workload::Bulk,
-            rounds: vec![round(false, 40.0, 39.8), round(true, 41.0, 40.0)],
+            rounds: vec![round(0, 40.0, 39.8), round(1, 41.0, 40.0)],
             seconds: 5,
             smoke: false,
             progs: vec![prog("obs_state_btf", 12_000, 100), prog("obs_state_kp", 0, 0)],
@@ -368,8 +428,9 @@ mod tests {
         };
         let md = report.markdown();
         assert!(md.starts_with(Workload::Bulk.heading()), "{md}");
-        assert!(md.contains("| 1 | off, on | 40.00 | 39.80 | 0.995 |"), "{md}");
-        assert!(md.contains("| 2 | on, off | 41.00 | 40.00 | 0.976 |"), "{md}");
+        assert!(md.contains("| 1 | off, on, on+stats | 40.00 | 39.80 | 39.00 | 0.995 | 0.975 |"), "{md}");
+        assert!(md.contains("| 2 | on+stats, on, off | 41.00 | 40.00 | 39.20 | 0.976 | 0.956 |"), "{md}");
+        assert!(md.contains("| on+stats/off, median of per-round ratios | 0.966 |"), "{md}");
         assert!(md.contains("| median off | 40.50 Gbit/s |"), "{md}");
         assert!(md.contains("| on/off spread over rounds (min–max) | 0.976–0.995 |"), "{md}");
         assert!(md.contains("| target on/off ≥ 0.99 | NOT met |"), "{md}");
@@ -393,7 +454,8 @@ mod tests {
 
     #[test]
     fn small_message_markdown_judges_hooks() {
-        let msgs = |off: f64, on: f64| Round { on_first: false, off: off * 1e3, on: on * 1e3 };
+        let msgs =
+            |off: f64, on: f64| Round { order: Round::order(0), off: off * 1e3, on: on * 1e3, on_stats: on * 1e3 };
         let mut report = Report {
             workload: Workload::TcpSmall,
             rounds: vec![msgs(400.0, 392.0), msgs(410.0, 402.0)],
@@ -410,7 +472,7 @@ mod tests {
         assert!(md.contains("| ns per `obs_send` run above the empty program's (`empty_send`) | 20 |"), "{md}");
         assert!(!md.contains("above the empty program's (`empty_recv`)"), "no empty_recv reference ran: {md}");
         assert!(md.contains("| off (k msg/s) | on (k msg/s) |"), "{md}");
-        assert!(md.contains("| 1 | off, on | 400.0 | 392.0 | 0.980 |"), "{md}");
+        assert!(md.contains("| 1 | off, on, on+stats | 400.0 | 392.0 | 392.0 | 0.980 | 0.980 |"), "{md}");
         assert!(md.contains("| median off | 405.0 k msg/s |"), "{md}");
         assert!(md.contains("| target on/off ≥ 0.97 | met |"), "{md}");
         assert!(md.contains("| ns per `obs_send` run | 50 |"), "{md}");
@@ -440,7 +502,7 @@ mod tests {
     fn smoke_markdown_says_so_and_does_not_judge() {
         let report = Report {
             workload: Workload::Bulk,
-            rounds: vec![round(false, 40.0, 20.0)],
+            rounds: vec![round(0, 40.0, 20.0)],
             seconds: 1,
             smoke: true,
             progs: vec![],

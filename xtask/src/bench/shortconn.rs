@@ -47,6 +47,8 @@ pub struct OnRun {
     pub cpu_seconds: f64,
     /// Observer resident memory once ready, before the run.
     pub rss_rest: u64,
+    /// Whether it was an "on+stats" measurement (kernel BPF statistics on).
+    pub statistics: bool,
 }
 
 impl OnRun {
@@ -93,6 +95,7 @@ pub fn measure_on(ns: &NetNs, observer: &Proc, listen: SocketAddr, seconds: u32)
         ring_lost: after.ring_lost - before.ring_lost,
         cpu_seconds,
         rss_rest,
+        statistics: false,
     })
 }
 
@@ -180,7 +183,8 @@ impl Findings {
     pub fn write_markdown(&self, s: &mut String, verdict: impl Fn(bool) -> &'static str) -> std::fmt::Result {
         writeln!(
             s,
-            "\nSessions counted by the observer in each \"on\" measurement: the increase of \
+            "\nSessions counted by the observer in each \"on\" and \"on+stats\" measurement \
+             (\"on\" runs below): the increase of \
              `observer_sessions_total{{protocol=\"tcp\"}}`, read over one kept-alive \
              `/metrics` connection before the generator starts and again after it stops, \
              until all sessions are counted (or the count stands still for 1 s); a loopback \
@@ -193,15 +197,16 @@ impl Findings {
         )?;
         writeln!(
             s,
-            "| \"on\" run | connections | failed | conn/s | sessions counted | ignored (iface) | sessions lost | \
+            "| \"on\" run | BPF statistics | connections | failed | conn/s | sessions counted | ignored (iface) | sessions lost | \
              `events_lost_total` (ring full) | observer CPU (s) | RSS at rest (MiB) |"
         )?;
-        writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         for (i, r) in self.on_runs.iter().enumerate() {
             writeln!(
                 s,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.2} | {:.1} |",
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.2} | {:.1} |",
                 i + 1,
+                if r.statistics { "on" } else { "off" },
                 r.run.connections,
                 r.run.failed,
                 r.run.rate(),
@@ -301,6 +306,7 @@ mod tests {
             ring_lost,
             cpu_seconds: cpu,
             rss_rest: 10 << 20,
+            statistics: false,
         }
     }
 
@@ -311,7 +317,7 @@ mod tests {
             on_runs: vec![
                 on_run(20_000, 40_000.0, 0.0, 0.1),
                 on_run(25_000, 49_990.0, 10.0, 0.2),
-                on_run(22_000, 44_000.0, 0.0, 0.0),
+                OnRun { statistics: true, ..on_run(22_000, 44_000.0, 0.0, 0.0) },
             ],
             held: None,
         };
@@ -322,7 +328,8 @@ mod tests {
         assert_eq!(f.zero_loss_rate(), Some(22_000.0));
         let mut md = String::new();
         f.write_markdown(&mut md, |met| if met { "met" } else { "NOT met" }).unwrap();
-        assert!(md.contains("| 2 | 25000 | 0 | 25000 | 49990 | 0 | 10 | 10 (10) | 0.20 | 10.0 |"), "{md}");
+        assert!(md.contains("| 2 | off | 25000 | 0 | 25000 | 49990 | 0 | 10 | 10 (10) | 0.20 | 10.0 |"), "{md}");
+        assert!(md.contains("| 3 | on | 22000 | 0 |"), "{md}");
         assert!(md.contains("| 10; 10 | 0 at ≥ 20000 conn/s | NOT met |"), "{md}");
         assert!(md.contains("| 44000 sessions/s (22000 conn/s) |"), "{md}");
         assert!(Findings::default().cpu_per_100k_sessions().is_none());

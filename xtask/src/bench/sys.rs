@@ -257,6 +257,23 @@ impl BpfStats {
     }
 }
 
+impl BpfStats {
+    /// Puts back the value a run killed while it held the switch left in `stash`.
+    pub fn restore_stale(stash: &Path) -> Result<()> {
+        if let Ok(stashed) = fs::read_to_string(stash) {
+            fs::write(BPF_STATS, stashed.trim()).with_context(|| format!("restoring {BPF_STATS}"))?;
+            fs::remove_file(stash).with_context(|| format!("removing {}", stash.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the host has the statistics switched on.
+    pub fn on() -> Result<bool> {
+        let value = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        Ok(value.trim() != "0")
+    }
+}
+
 impl Drop for BpfStats {
     fn drop(&mut self) {
         match fs::write(BPF_STATS, &self.previous) {
