@@ -95,9 +95,11 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
         unsafe { (*start).flags |= fin_sent };
         return;
     }
-    // A session is born when it leaves CLOSE/LISTEN or its handshake states.
-    // Any other first sight is a connection that predates the observer.
-    let born_here = leaves_closed || old == tcp_state::SYN_SENT || old == tcp_state::SYN_RECV;
+    // A session is born when it leaves CLOSE/LISTEN or SYN_RECV (where the
+    // hook does not see a child's birth; `records` lets no other change from
+    // a handshake state through). Any other first sight is a connection that
+    // predates the observer.
+    let born_here = leaves_closed || old == tcp_state::SYN_RECV;
     let mut slot = MaybeUninit::uninit();
     let start = empty_start(&mut slot);
     start.birth_ns = unsafe { bpf_ktime_get_ns() };

@@ -237,8 +237,7 @@ impl Bench<'_> {
                 } else {
                     on = figure;
                 }
-                if let (Some(short), Some(mut on_run)) = (short.as_mut(), on_run) {
-                    on_run.statistics = statistics;
+                if let (Some(short), Some(on_run)) = (short.as_mut(), on_run) {
                     short.on_runs.push(on_run);
                 }
             }
@@ -342,7 +341,7 @@ impl Bench<'_> {
     ) -> Result<(f64, Vec<ProgStats>, Option<shortconn::OnRun>)> {
         let observer = self.start_observer(if statistics { &[] } else { &["--bpf-stats=false"] })?;
         let (figure, on_run) = if workload == Workload::ShortConn {
-            let on_run = shortconn::measure_on(self.ns, &observer, listen_addr(), self.seconds)?;
+            let on_run = shortconn::measure_on(self.ns, &observer, listen_addr(), self.seconds, statistics)?;
             (on_run.run.rate(), Some(on_run))
         } else {
             (self.measure(workload)?, None)

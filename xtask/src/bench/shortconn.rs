@@ -59,8 +59,8 @@ impl OnRun {
 }
 
 /// Runs the generator flat out with the observer running and reads what the observer
-/// counted of it.
-pub fn measure_on(ns: &NetNs, observer: &Proc, listen: SocketAddr, seconds: u32) -> Result<OnRun> {
+/// counted of it; `statistics` says whether it runs with the kernel's BPF statistics on.
+pub fn measure_on(ns: &NetNs, observer: &Proc, listen: SocketAddr, seconds: u32, statistics: bool) -> Result<OnRun> {
     let pid = observer.pid();
     let mut scraper = Scraper::connect(ns, listen)?;
     let rss_rest = scrape::rss_bytes(pid)?;
@@ -95,7 +95,7 @@ pub fn measure_on(ns: &NetNs, observer: &Proc, listen: SocketAddr, seconds: u32)
         ring_lost: after.ring_lost - before.ring_lost,
         cpu_seconds,
         rss_rest,
-        statistics: false,
+        statistics,
     })
 }
 

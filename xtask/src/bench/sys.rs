@@ -243,21 +243,13 @@ pub struct BpfStats {
 
 impl BpfStats {
     pub fn enable(stash: &Path) -> Result<Self> {
-        let previous = match fs::read_to_string(stash) {
-            Ok(stashed) => stashed.trim().to_owned(),
-            Err(_) => {
-                let current =
-                    fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_owned();
-                fs::write(stash, &current).with_context(|| format!("writing {}", stash.display()))?;
-                current
-            }
-        };
+        Self::restore_stale(stash)?;
+        let previous = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_owned();
+        fs::write(stash, &previous).with_context(|| format!("writing {}", stash.display()))?;
         fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
         Ok(BpfStats { previous, stash: stash.to_path_buf() })
     }
-}
 
-impl BpfStats {
     /// Puts back the value a run killed while it held the switch left in `stash`.
     pub fn restore_stale(stash: &Path) -> Result<()> {
         if let Ok(stashed) = fs::read_to_string(stash) {
