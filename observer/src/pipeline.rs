@@ -5,6 +5,7 @@ use std::{
     collections::HashSet,
     hash::Hash,
     mem::size_of,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -17,10 +18,7 @@ use observer_common::{
     LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord, SessionStart, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
     UdpRelease,
 };
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     drops::DropCounters,
@@ -57,21 +55,34 @@ pub struct Pipeline {
     filter: IfaceFilter,
     min_session_bytes: u64,
     udp_idle_timeout: Duration,
+    /// Lock order: `tables`, then `state`; never `tables` while holding `state`.
+    tables: Mutex<Tables>,
     state: Mutex<State>,
 }
 
-/// Everything the tasks share; one lock, held briefly, so a TCP close, a UDP
-/// release, an expiry pass and a scrape never count the same bytes twice.
-struct State {
+/// The kernel's tables and what only the tasks that walk them use: the
+/// scrape, the UDP release reader and the UDP expiry. Held for whole walks
+/// (about 1 s per 100,000 open sessions by key, less by batch), which is why
+/// the TCP session reader never takes it: its ring would fill meanwhile.
+struct Tables {
     maps: KernelMaps,
     lost_seen: [u64; KERNEL_LOST_SOURCES as usize],
-    /// TCP sessions by (socket address, birth time): an address is reused by
-    /// later sockets, the pair is not.
-    tcp_live: LiveCounts<(u64, u64)>,
-    /// UDP flows by (flow key, first datagram time), for the same reason.
+    /// UDP flows by (flow key, first datagram time): a flow key is reused by
+    /// later flows, the pair is not. Only touched with the tables held, so a
+    /// release, an expiry pass and a scrape never count the same bytes twice.
     udp_live: LiveCounts<(UdpFlowKey, u64)>,
-    session_log: Option<SessionLog>,
     iface_stats: InterfaceStats,
+}
+
+/// What every ended session needs; held briefly (one record, one flow, or
+/// applying a copy of the open sessions).
+struct State {
+    /// TCP sessions by (socket address, birth time), for the same reason as
+    /// `udp_live`. The scrape copies the open sessions without this lock and
+    /// applies the copy under it (`LiveCounts::snapshot_started`), so a close
+    /// read meanwhile is not counted twice.
+    tcp_live: LiveCounts<(u64, u64)>,
+    session_log: Option<SessionLog>,
     enricher: Enricher,
 }
 
@@ -82,33 +93,37 @@ impl Pipeline {
             filter: config.filter,
             min_session_bytes: config.min_session_bytes,
             udp_idle_timeout: config.udp_idle_timeout,
-            state: Mutex::new(State {
+            tables: Mutex::new(Tables {
                 maps,
                 lost_seen: [0; KERNEL_LOST_SOURCES as usize],
-                tcp_live: LiveCounts::default(),
                 udp_live: LiveCounts::default(),
-                session_log: config.session_log,
                 iface_stats: InterfaceStats::new(config.ifaces),
+            }),
+            state: Mutex::new(State {
+                tcp_live: LiveCounts::default(),
+                session_log: config.session_log,
                 enricher: config.enricher,
             }),
         }
     }
 
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        relock(&self.tables)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent-enough counters;
-        // keep measuring rather than stop.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        relock(&self.state)
     }
 
     /// Reads closed TCP sessions, a batch per wake-up, until `stop`; then
     /// reads what is left in the ring and returns.
-    pub async fn run_tcp(&self, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
-        drain_until_stopped(ring, stop, |bytes| self.tcp_closed(bytes)).await
+    pub async fn run_tcp(self: Arc<Self>, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
+        read_until_stopped(ring, stop, move |bytes| self.tcp_closed(bytes)).await
     }
 
     /// Reads UDP socket releases until `stop`, then what is left.
-    pub async fn run_udp_releases(&self, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
-        drain_until_stopped(ring, stop, |bytes| match read_pod::<UdpRelease>(bytes) {
+    pub async fn run_udp_releases(self: Arc<Self>, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
+        read_until_stopped(ring, stop, move |bytes| match read_pod::<UdpRelease>(bytes) {
             Some(release) => self.udp_released(release),
             None => self.metrics.lost("session_record_malformed", 1),
         })
@@ -118,13 +133,18 @@ impl Pipeline {
     /// Ends idle UDP flows, checking a few times per timeout (at most once a
     /// second, at least every 100 ms), until `stop`. Flows still open then
     /// are not reported: they have not ended.
-    pub async fn run_udp_expiry(&self, mut stop: Stop) -> Result<(), Error> {
+    pub async fn run_udp_expiry(self: Arc<Self>, mut stop: Stop) -> Result<(), Error> {
         let period = (self.udp_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.expire_udp(monotonic_ns()),
+                _ = tick.tick() => {
+                    // Waits for the tables, which a scrape may hold for a
+                    // whole walk: off the async workers.
+                    let pipeline = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || pipeline.expire_udp(monotonic_ns())).await;
+                }
                 _ = stop.stopped() => return Ok(()),
             }
         }
@@ -153,21 +173,21 @@ impl Pipeline {
     }
 
     fn udp_released(&self, release: UdpRelease) {
-        let mut state = self.state();
-        let flows = snapshot(&state.maps.udp_flows);
+        let mut tables = self.tables();
+        let flows = snapshot(&tables.maps.udp_flows);
         for (key, flow) in flows.into_iter().filter(|(k, _)| k.sk == release.sk) {
-            self.end_udp_flow(&mut state, &key, &flow, Some(release.release_ns));
+            self.end_udp_flow(&mut tables, &key, &flow, Some(release.release_ns));
         }
     }
 
     fn expire_udp(&self, now_ns: u64) {
         let timeout = self.udp_idle_timeout.as_nanos() as u64;
-        let mut state = self.state();
-        let flows = snapshot(&state.maps.udp_flows);
+        let mut tables = self.tables();
+        let flows = snapshot(&tables.maps.udp_flows);
         for (key, flow) in flows {
             let idle = now_ns.saturating_sub(flow.last_ns) > timeout;
             if idle && flow.flags & UDP_FLOW_CONNECTED == 0 {
-                self.end_udp_flow(&mut state, &key, &flow, None);
+                self.end_udp_flow(&mut tables, &key, &flow, None);
             }
         }
     }
@@ -175,9 +195,9 @@ impl Pipeline {
     /// Deletes the flow from the kernel's table and reports it. The final
     /// values are read again after the delete decision, so a datagram counted
     /// between the snapshot and now is not lost.
-    fn end_udp_flow(&self, state: &mut State, key: &UdpFlowKey, flow: &UdpFlow, end_ns: Option<u64>) {
-        let last = state.maps.udp_flows.get(key, 0).unwrap_or(*flow);
-        if let Err(e) = state.maps.udp_flows.remove(key)
+    fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, flow: &UdpFlow, end_ns: Option<u64>) {
+        let last = tables.maps.udp_flows.get(key, 0).unwrap_or(*flow);
+        if let Err(e) = tables.maps.udp_flows.remove(key)
             && !matches!(e, MapError::KeyNotFound)
         {
             tracing::warn!(error = %e, "cannot delete an ended UDP flow");
@@ -185,13 +205,13 @@ impl Pipeline {
         let session = Session::from_udp_flow(key, &last, end_ns);
         let live_key = (*key, last.first_ns);
         if !self.filter.accepts(&session) {
-            state.udp_live.finish(&live_key, 0, 0);
+            tables.udp_live.finish(&live_key, 0, 0);
             self.metrics.record_ignored("iface");
             return;
         }
-        let rest = state.udp_live.finish(&live_key, last.bytes_tx, last.bytes_rx);
+        let rest = tables.udp_live.finish(&live_key, last.bytes_tx, last.bytes_rx);
         self.add_live(Protocol::Udp, rest);
-        self.report(state, &session);
+        self.report(&mut self.state(), &session);
     }
 
     fn report(&self, state: &mut State, session: &Session) {
@@ -209,18 +229,20 @@ impl Pipeline {
 
     /// Brings kernel-side counters into the metrics: called at every scrape.
     pub fn refresh(&self) {
-        let mut state = self.state();
-        self.sync_lost(&mut state);
-        self.sweep_live(&mut state);
-        state.maps.drops.sync(&self.filter, &self.metrics);
-        state.iface_stats.sync(&self.metrics);
-        for expired in state.enricher.expire(Instant::now()) {
+        let mut tables = self.tables();
+        self.sync_lost(&mut tables);
+        self.sweep_tcp(&tables);
+        self.sweep_udp(&mut tables);
+        tables.maps.drops.sync(&self.filter, &self.metrics);
+        tables.iface_stats.sync(&self.metrics);
+        drop(tables);
+        for expired in self.state().enricher.expire(Instant::now()) {
             self.metrics.remove_session_series(&expired);
         }
     }
 
-    fn sync_lost(&self, state: &mut State) {
-        let State { maps, lost_seen, .. } = state;
+    fn sync_lost(&self, tables: &mut Tables) {
+        let Tables { maps, lost_seen, .. } = tables;
         for (index, seen) in lost_seen.iter_mut().enumerate() {
             let Ok(values) = maps.lost.get(&(index as u32), 0) else { continue };
             let total: u64 = values.iter().sum();
@@ -231,35 +253,39 @@ impl Pipeline {
         }
     }
 
-    /// Adds what open sessions moved since the last scrape.
-    fn sweep_live(&self, state: &mut State) {
-        let sessions = snapshot(&state.maps.open_sessions);
-        let capacity = map_capacity(&state.maps.open_sessions);
+    /// Adds what open TCP sessions moved since the last scrape. The table is
+    /// copied without `state`'s lock, which the session reader takes for every
+    /// record: a copy of 200,000 sessions made under it kept the reader away
+    /// from its ring for over a second, and a burst of closes meanwhile
+    /// overflowed the ring (found with 100,000 connections closed at once
+    /// while /metrics was scraped: 125,641 of 200,000 records lost).
+    fn sweep_tcp(&self, tables: &Tables) {
+        self.state().tcp_live.snapshot_started();
+        let sessions = snapshot(&tables.maps.open_sessions);
+        let capacity = map_capacity(&tables.maps.open_sessions);
         self.metrics.telemetry.map_usage("open_sessions", sessions.len(), capacity);
-        let mut alive = HashSet::with_capacity(sessions.len());
-        for (sk, s) in &sessions {
-            let key = (*sk, s.birth_ns);
-            alive.insert(key);
-            if self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex) {
+        let open: Vec<_> = sessions
+            .iter()
+            .map(|(sk, s)| {
+                let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
                 let moved = (s.live_tx.saturating_sub(s.live_base_tx), s.live_rx.saturating_sub(s.live_base_rx));
-                let delta = state.tcp_live.advance(&key, moved.0, moved.1);
-                self.add_live(Protocol::Tcp, delta);
-            }
-        }
-        state.tcp_live.retain(|k| alive.contains(k));
+                ((*sk, s.birth_ns), counted.then_some(moved))
+            })
+            .collect();
+        let delta = self.state().tcp_live.apply_snapshot(open);
+        self.add_live(Protocol::Tcp, delta);
+    }
 
-        let flows = snapshot(&state.maps.udp_flows);
-        self.metrics.telemetry.map_usage("udp_flows", flows.len(), map_capacity(&state.maps.udp_flows));
-        let mut alive = HashSet::with_capacity(flows.len());
-        for (key, f) in &flows {
-            let live_key = (*key, f.first_ns);
-            alive.insert(live_key);
-            if self.filter.accepts_namespace(f.netns_ino) {
-                let delta = state.udp_live.advance(&live_key, f.bytes_tx, f.bytes_rx);
-                self.add_live(Protocol::Udp, delta);
-            }
-        }
-        state.udp_live.retain(|k| alive.contains(k));
+    /// Adds what open UDP flows moved since the last scrape.
+    fn sweep_udp(&self, tables: &mut Tables) {
+        let flows = snapshot(&tables.maps.udp_flows);
+        self.metrics.telemetry.map_usage("udp_flows", flows.len(), map_capacity(&tables.maps.udp_flows));
+        let open = flows.iter().map(|(key, f)| {
+            let counted = self.filter.accepts_namespace(f.netns_ino);
+            ((*key, f.first_ns), counted.then_some((f.bytes_tx, f.bytes_rx)))
+        });
+        let delta = tables.udp_live.apply_snapshot(open);
+        self.add_live(Protocol::Udp, delta);
     }
 }
 
@@ -276,6 +302,10 @@ impl Stop {
     }
 
     /// Resolves once stop is raised (or its sender is gone).
+    fn is_stopped(&self) -> bool {
+        *self.0.borrow()
+    }
+
     async fn stopped(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
@@ -289,43 +319,52 @@ impl Stop {
 pub const RING_POLL: Duration = Duration::from_millis(25);
 /// The longest period between drains: after drains that found nothing the
 /// period doubles up to this, so an idle observer wakes a few times a second,
-/// and the first session after a quiet spell is reported within it.
+/// and the first session after a quiet spell is reported within it. Also how
+/// long a reader may take to notice `stop`.
 pub const RING_POLL_IDLE: Duration = Duration::from_millis(250);
 
-/// Reads a ring buffer and hands each record to `handle`, on wake-ups and
-/// every [`RING_POLL`] to [`RING_POLL_IDLE`], until `stop`; then reads what
-/// is left and returns.
-async fn drain_until_stopped(
+/// Reads a ring buffer on a thread of its own (tokio's blocking pool) and
+/// hands each record to `handle`, on wake-ups and every [`RING_POLL`] to
+/// [`RING_POLL_IDLE`], until `stop`; then reads what is left and returns.
+/// Not an async task: one on the two async workers waited whenever those
+/// were busy or blocked (a scrape walking 200,000 open sessions), and a
+/// burst of closes overflowed its ring meanwhile.
+async fn read_until_stopped(
     ring: RingBuf<MapData>,
-    mut stop: Stop,
-    mut handle: impl FnMut(&[u8]),
+    stop: Stop,
+    handle: impl FnMut(&[u8]) + Send + 'static,
 ) -> Result<(), Error> {
-    // SAFETY: the AsyncFd owns the ring buffer, so the descriptor stays open
-    // for as long as it is registered.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| Error::Ring(e.into_parts().1))?;
+    tokio::task::spawn_blocking(move || read_on_this_thread(ring, stop, handle))
+        .await
+        .map_err(|e| Error::Ring(std::io::Error::other(e)))?
+}
+
+fn read_on_this_thread(mut ring: RingBuf<MapData>, stop: Stop, mut handle: impl FnMut(&[u8])) -> Result<(), Error> {
     let mut period = RING_POLL;
     loop {
-        tokio::select! {
-            guard = fd.readable_mut() => {
-                let mut guard = guard.map_err(Error::Ring)?;
-                // Readiness is cleared before draining, not after: a record
-                // committed after the drain's last read wakes the fd, and
-                // that wake must not be cleared away. Found by the benchmark:
-                // a few sessions of each burst went uncounted.
-                guard.clear_ready();
-                drain(guard.get_inner_mut(), &mut handle);
-                period = RING_POLL;
-            }
-            _ = tokio::time::sleep(period) => {
-                let read = drain(fd.get_mut(), &mut handle);
-                period = if read > 0 { RING_POLL } else { (period * 2).min(RING_POLL_IDLE) };
-            }
-            _ = stop.stopped() => {
-                let _ = drain(fd.get_mut(), &mut handle);
-                return Ok(());
-            }
+        if stop.is_stopped() {
+            drain(&mut ring, &mut handle);
+            return Ok(());
         }
+        let woken = wait_readable(ring.as_fd(), period).map_err(Error::Ring)?;
+        let read = drain(&mut ring, &mut handle);
+        period = if woken || read > 0 { RING_POLL } else { (period * 2).min(RING_POLL_IDLE) };
+    }
+}
+
+/// Waits until the ring has records or `timeout` passes; true if it has.
+/// The ring's poll is level-triggered (unread data), so a record committed
+/// while the previous drain ran is seen here, not lost in a cleared wake-up.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one pollfd we own, for a descriptor that outlives the call.
+    match unsafe { libc::poll(&mut pfd, 1, millis) } {
+        n if n >= 0 => Ok(n > 0),
+        _ => match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(false),
+            e => Err(e),
+        },
     }
 }
 
@@ -337,6 +376,12 @@ fn drain(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(&[u8])) -> usize {
         read += 1;
     }
     read
+}
+
+/// A lock's guard even if a task panicked while holding it: the counters are
+/// consistent enough, and the observer keeps measuring rather than stop.
+fn relock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {

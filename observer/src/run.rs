@@ -129,11 +129,11 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let mut readers = JoinSet::new();
     {
         let (p, s) = (pipeline.clone(), stop.clone());
-        readers.spawn(async move { p.run_tcp(sessions_ring, s).await });
+        readers.spawn(p.run_tcp(sessions_ring, s));
         let (p, s) = (pipeline.clone(), stop.clone());
-        readers.spawn(async move { p.run_udp_releases(releases_ring, s).await });
+        readers.spawn(p.run_udp_releases(releases_ring, s));
         let p = pipeline.clone();
-        readers.spawn(async move { p.run_udp_expiry(stop).await });
+        readers.spawn(p.run_udp_expiry(stop));
     }
     let _ = state.pipeline.set(pipeline.clone());
 

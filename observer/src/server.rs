@@ -81,8 +81,11 @@ fn no_store(body: impl IntoResponse) -> impl IntoResponse {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let started = Instant::now();
-    if let Some(pipeline) = state.pipeline.get() {
-        pipeline.refresh();
+    if let Some(pipeline) = state.pipeline.get().cloned() {
+        // Walking the kernel's tables is blocking work (a system call per
+        // entry, over a second with 200,000 open sessions): off the two async
+        // workers, which keep answering other requests (/healthz) meanwhile.
+        let _ = tokio::task::spawn_blocking(move || pipeline.refresh()).await;
     }
     let response = match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
