@@ -15,8 +15,8 @@ pub static OPEN_SESSIONS: HashMap<u64, SessionStart> = HashMap::with_max_entries
 /// Closed-session records (`SessionRecord`) for userspace.
 #[map(name = "SESSIONS")]
 pub static SESSIONS: RingBuf = RingBuf::with_byte_size(SESSIONS_RING_BYTES, 0);
-/// Size of `SESSIONS`: about 5,800 records.
-pub const SESSIONS_RING_BYTES: u32 = 1 << 20;
+/// Size of `SESSIONS`: about 23,000 records.
+pub const SESSIONS_RING_BYTES: u32 = 4 << 20;
 
 /// Data the programs had to drop, per `LostSource`.
 #[map(name = "LOST")]

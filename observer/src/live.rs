@@ -7,16 +7,25 @@ use std::{
 };
 
 pub struct LiveCounts<K> {
-    counted: HashMap<K, (u64, u64)>,
-    /// Sessions ended since `snapshot_started`: a copy of the kernel's table
+    counted: HashMap<K, Counted>,
+    /// Sessions ended since `copy_started`: a copy of the kernel's table
     /// taken without the lock that guards this (so that ends can be counted
     /// meanwhile) may still hold them, and must not count them again.
-    ended_since_snapshot: Option<HashSet<K>>,
+    ended_since_copy: Option<HashSet<K>>,
+    /// Copies started so far; `Counted::seen` is the last one a session was in.
+    copies: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Counted {
+    tx: u64,
+    rx: u64,
+    seen: u64,
 }
 
 impl<K: Hash + Eq + Clone> Default for LiveCounts<K> {
     fn default() -> Self {
-        Self { counted: HashMap::new(), ended_since_snapshot: None }
+        Self { counted: HashMap::new(), ended_since_copy: None, copies: 0 }
     }
 }
 
@@ -24,10 +33,12 @@ impl<K: Hash + Eq + Clone> LiveCounts<K> {
     /// The session `key` has moved `(tx, rx)` so far: returns what was not yet
     /// counted. Counters never go back; a smaller value adds nothing.
     pub fn advance(&mut self, key: &K, tx: u64, rx: u64) -> (u64, u64) {
-        let counted = self.counted.entry(key.clone()).or_insert((0, 0));
-        let delta = (tx.saturating_sub(counted.0), rx.saturating_sub(counted.1));
-        counted.0 = counted.0.max(tx);
-        counted.1 = counted.1.max(rx);
+        let seen = self.copies;
+        let counted = self.counted.entry(key.clone()).or_insert(Counted { tx: 0, rx: 0, seen });
+        let delta = (tx.saturating_sub(counted.tx), rx.saturating_sub(counted.rx));
+        counted.tx = counted.tx.max(tx);
+        counted.rx = counted.rx.max(rx);
+        counted.seen = seen;
         delta
     }
 
@@ -35,39 +46,58 @@ impl<K: Hash + Eq + Clone> LiveCounts<K> {
     pub fn finish(&mut self, key: &K, tx: u64, rx: u64) -> (u64, u64) {
         let delta = self.advance(key, tx, rx);
         self.counted.remove(key);
-        if let Some(ended) = &mut self.ended_since_snapshot {
+        if let Some(ended) = &mut self.ended_since_copy {
             ended.insert(key.clone());
         }
         delta
     }
 
     /// A copy of the open sessions is about to be taken: sessions that end
-    /// from now until `apply_snapshot` are left out of it.
-    pub fn snapshot_started(&mut self) {
-        self.ended_since_snapshot = Some(HashSet::new());
+    /// from now until `copy_applied` are left out of it.
+    pub fn copy_started(&mut self) {
+        self.ended_since_copy = Some(HashSet::new());
+        self.copies += 1;
     }
 
-    /// Applies a copy of the open sessions: `(key, Some((tx, rx)))` for one
-    /// whose bytes count, `(key, None)` for one open but not counted (another
-    /// interface's). Returns the growth of them all, and forgets sessions not
-    /// in the copy: gone without an end we saw (a lost record), so the
-    /// bookkeeping cannot grow without bound.
-    pub fn apply_snapshot(&mut self, open: impl IntoIterator<Item = (K, Option<(u64, u64)>)>) -> (u64, u64) {
-        let ended = self.ended_since_snapshot.take().unwrap_or_default();
-        let mut alive = HashSet::new();
+    /// Applies part of that copy (all of it, or a part at a time with the
+    /// lock released in between): `(key, Some((tx, rx)))` for a session whose
+    /// bytes count, `(key, None)` for one open but not counted (another
+    /// interface's). Returns the growth of the part's sessions.
+    pub fn apply_copy_part(&mut self, part: &[(K, Option<(u64, u64)>)]) -> (u64, u64) {
         let mut total = (0, 0);
-        for (key, moved) in open {
-            if ended.contains(&key) {
+        for (key, moved) in part {
+            if self.ended_since_copy.as_ref().is_some_and(|ended| ended.contains(key)) {
                 continue;
             }
-            if let Some((tx, rx)) = moved {
-                let delta = self.advance(&key, tx, rx);
-                total = (total.0 + delta.0, total.1 + delta.1);
+            match moved {
+                Some((tx, rx)) => {
+                    let delta = self.advance(key, *tx, *rx);
+                    total = (total.0 + delta.0, total.1 + delta.1);
+                }
+                None => {
+                    if let Some(counted) = self.counted.get_mut(key) {
+                        counted.seen = self.copies;
+                    }
+                }
             }
-            alive.insert(key);
         }
-        self.counted.retain(|k, _| alive.contains(k));
         total
+    }
+
+    /// The copy is applied: forgets sessions that were in neither it nor the
+    /// one before, gone without an end we saw (a lost record), so the
+    /// bookkeeping cannot grow without bound. Not after one copy alone: a
+    /// session missing from it may have closed just before, its record still
+    /// on its way, and forgetting it would count its bytes again at the end.
+    pub fn copy_applied(&mut self) {
+        self.ended_since_copy = None;
+        let copies = self.copies;
+        self.counted.retain(|_, c| c.seen + 1 >= copies);
+        // A table never shrinks by itself: after 200,000 sessions have come
+        // and gone it would keep their room (10 MB) for good.
+        if self.counted.capacity() > 4 * self.counted.len().max(1024) {
+            self.counted.shrink_to_fit();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -103,29 +133,44 @@ mod tests {
         assert_eq!(live.finish(&1, 100, 120), (0, 0));
     }
 
+    /// Applies a whole copy, as the UDP sweep does.
+    fn apply(live: &mut LiveCounts<u32>, open: &[(u32, Option<(u64, u64)>)]) -> (u64, u64) {
+        live.copy_started();
+        let delta = live.apply_copy_part(open);
+        live.copy_applied();
+        delta
+    }
+
     #[test]
-    fn a_snapshot_forgets_vanished_sessions() {
+    fn sessions_missing_from_two_copies_are_forgotten() {
         let mut live = LiveCounts::default();
-        live.advance(&1, 1, 1);
-        live.advance(&2, 1, 1);
-        live.advance(&3, 1, 1);
-        // 2 is open but on another interface: kept, not counted.
-        assert_eq!(live.apply_snapshot([(2, None), (3, Some((5, 1)))]), (4, 0));
+        assert_eq!(apply(&mut live, &[(1, Some((1, 1))), (2, Some((1, 1))), (3, Some((1, 1)))]), (3, 3));
+        // 1 has gone (its record may be on its way), 2 is open but on another
+        // interface: kept, not counted.
+        assert_eq!(apply(&mut live, &[(2, None), (3, Some((5, 1)))]), (4, 0));
+        assert_eq!(live.len(), 3, "1 is kept for one copy");
+        // 1's record arrives late: only its rest is added.
+        assert_eq!(live.finish(&1, 10, 1), (9, 0));
+        assert_eq!(apply(&mut live, &[(2, None)]), (0, 0));
         assert_eq!(live.len(), 2);
+        assert_eq!(apply(&mut live, &[(2, None)]), (0, 0));
+        assert_eq!(live.len(), 1, "3, in neither of the last two copies, is forgotten");
         assert_eq!(live.advance(&2, 1, 1), (0, 0));
     }
 
     #[test]
-    fn a_session_ended_while_the_snapshot_was_taken_is_not_counted_again() {
+    fn a_session_ended_while_the_copy_was_taken_is_not_counted_again() {
         let mut live = LiveCounts::default();
         live.advance(&1, 100, 0);
-        live.snapshot_started();
+        live.copy_started();
         // The copy saw 1 at 150 bytes; before it is applied, 1 ends at 200.
         assert_eq!(live.finish(&1, 200, 0), (100, 0));
-        assert_eq!(live.apply_snapshot([(1, Some((150, 0))), (2, Some((10, 0)))]), (10, 0));
+        assert_eq!(live.apply_copy_part(&[(1, Some((150, 0)))]), (0, 0));
+        assert_eq!(live.apply_copy_part(&[(2, Some((10, 0)))]), (10, 0));
+        live.copy_applied();
         assert_eq!(live.len(), 1, "1 is not brought back");
-        // Only until that snapshot: a later end of another session at the
-        // same key counts in full.
+        // Only until that copy: a later end of another session at the same
+        // key counts in full.
         assert_eq!(live.finish(&1, 30, 0), (30, 0));
     }
 }

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
             if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Command::Run(args) => {
+            observer::memory::limit_arenas();
             let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -2,22 +2,21 @@
 //! flows ended by release or idle timeout, live throughput of open sessions at
 //! every scrape, and the kernel's lost-data counters.
 use std::{
-    collections::HashSet,
-    hash::Hash,
     mem::size_of,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::{
     Pod,
-    maps::{HashMap as BpfHashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use observer_common::{
     LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord, SessionStart, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
     UdpRelease,
 };
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use crate::{
@@ -29,6 +28,7 @@ use crate::{
     metrics::{LOST_SOURCES, Metrics},
     session::{Direction, IfaceFilter, Protocol, Session},
     session_log::SessionLog,
+    table_copy,
 };
 
 /// Settings of the pipeline, from the command line.
@@ -75,12 +75,12 @@ struct Tables {
 }
 
 /// What every ended session needs; held briefly (one record, one flow, or
-/// applying a copy of the open sessions).
+/// 4,096 sessions of a scrape's copy of the open ones).
 struct State {
     /// TCP sessions by (socket address, birth time), for the same reason as
     /// `udp_live`. The scrape copies the open sessions without this lock and
-    /// applies the copy under it (`LiveCounts::snapshot_started`), so a close
-    /// read meanwhile is not counted twice.
+    /// applies the copy under it a part at a time (`LiveCounts::copy_started`),
+    /// so a close read meanwhile is not counted twice.
     tcp_live: LiveCounts<(u64, u64)>,
     session_log: Option<SessionLog>,
     enricher: Enricher,
@@ -108,11 +108,11 @@ impl Pipeline {
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
-        relock(&self.tables)
+        self.tables.lock()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        relock(&self.state)
+        self.state.lock()
     }
 
     /// Reads closed TCP sessions, a batch per wake-up, until `stop`; then
@@ -174,7 +174,7 @@ impl Pipeline {
 
     fn udp_released(&self, release: UdpRelease) {
         let mut tables = self.tables();
-        let flows = snapshot(&tables.maps.udp_flows);
+        let flows = table_copy::copy(&tables.maps.udp_flows);
         for (key, flow) in flows.into_iter().filter(|(k, _)| k.sk == release.sk) {
             self.end_udp_flow(&mut tables, &key, &flow, Some(release.release_ns));
         }
@@ -183,7 +183,7 @@ impl Pipeline {
     fn expire_udp(&self, now_ns: u64) {
         let timeout = self.udp_idle_timeout.as_nanos() as u64;
         let mut tables = self.tables();
-        let flows = snapshot(&tables.maps.udp_flows);
+        let flows = table_copy::copy(&tables.maps.udp_flows);
         for (key, flow) in flows {
             let idle = now_ns.saturating_sub(flow.last_ns) > timeout;
             if idle && flow.flags & UDP_FLOW_CONNECTED == 0 {
@@ -260,31 +260,44 @@ impl Pipeline {
     /// overflowed the ring (found with 100,000 connections closed at once
     /// while /metrics was scraped: 125,641 of 200,000 records lost).
     fn sweep_tcp(&self, tables: &Tables) {
-        self.state().tcp_live.snapshot_started();
-        let sessions = snapshot(&tables.maps.open_sessions);
-        let capacity = map_capacity(&tables.maps.open_sessions);
-        self.metrics.telemetry.map_usage("open_sessions", sessions.len(), capacity);
-        let open: Vec<_> = sessions
-            .iter()
-            .map(|(sk, s)| {
-                let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
-                let moved = (s.live_tx.saturating_sub(s.live_base_tx), s.live_rx.saturating_sub(s.live_base_rx));
-                ((*sk, s.birth_ns), counted.then_some(moved))
-            })
-            .collect();
-        let delta = self.state().tcp_live.apply_snapshot(open);
+        self.state().tcp_live.copy_started();
+        let open = table_copy::copy_as(&tables.maps.open_sessions, |sk, s| {
+            let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
+            let moved = (s.live_tx.saturating_sub(s.live_base_tx), s.live_rx.saturating_sub(s.live_base_rx));
+            ((sk, s.birth_ns), counted.then_some(moved))
+        });
+        let capacity = table_copy::map_capacity(&tables.maps.open_sessions);
+        self.metrics.telemetry.map_usage("open_sessions", open.len(), capacity);
+        let mut delta = (0, 0);
+        for part in open.chunks(APPLY_PART) {
+            let mut state = self.state();
+            let d = state.tcp_live.apply_copy_part(part);
+            // To the session reader if it waits for the lock: 200,000
+            // sessions applied in one go kept it from its ring for 90 ms.
+            MutexGuard::unlock_fair(state);
+            delta = (delta.0 + d.0, delta.1 + d.1);
+        }
+        self.state().tcp_live.copy_applied();
         self.add_live(Protocol::Tcp, delta);
+        if open.len() >= LARGE_COPY {
+            // The copy is freed when this returns.
+            drop(open);
+            crate::memory::release_free();
+        }
     }
 
     /// Adds what open UDP flows moved since the last scrape.
     fn sweep_udp(&self, tables: &mut Tables) {
-        let flows = snapshot(&tables.maps.udp_flows);
-        self.metrics.telemetry.map_usage("udp_flows", flows.len(), map_capacity(&tables.maps.udp_flows));
-        let open = flows.iter().map(|(key, f)| {
+        let open = table_copy::copy_as(&tables.maps.udp_flows, |key, f| {
             let counted = self.filter.accepts_namespace(f.netns_ino);
-            ((*key, f.first_ns), counted.then_some((f.bytes_tx, f.bytes_rx)))
+            ((key, f.first_ns), counted.then_some((f.bytes_tx, f.bytes_rx)))
         });
-        let delta = tables.udp_live.apply_snapshot(open);
+        self.metrics.telemetry.map_usage("udp_flows", open.len(), table_copy::map_capacity(&tables.maps.udp_flows));
+        // Under the tables' lock, which every end of a UDP flow holds too:
+        // in one part.
+        tables.udp_live.copy_started();
+        let delta = tables.udp_live.apply_copy_part(&open);
+        tables.udp_live.copy_applied();
         self.add_live(Protocol::Udp, delta);
     }
 }
@@ -310,6 +323,13 @@ impl Stop {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
 }
+
+/// A copy of this many open sessions or more is given back to the system
+/// once applied: 400 kB and up, and a few milliseconds to give back.
+const LARGE_COPY: usize = 10_000;
+
+/// Sessions of a scrape's copy applied per hold of the state lock.
+const APPLY_PART: usize = 1024;
 
 /// How often the ring readers drain without a wake-up while records keep
 /// coming. The kernel wakes the session reader only when its ring is a
@@ -378,39 +398,10 @@ fn drain(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(&[u8])) -> usize {
     read
 }
 
-/// A lock's guard even if a task panicked while holding it: the counters are
-/// consistent enough, and the observer keeps measuring rather than stop.
-fn relock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
-    lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
     // SAFETY: the length is checked; T is plain old data and read_unaligned
     // makes no alignment assumption about the ring's bytes.
     (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
-}
-
-/// A copy of a kernel hash map's entries. Keys deleted while we walk make the
-/// kernel restart the walk, so keys are de-duplicated and the walk is bounded
-/// by the map's capacity.
-fn snapshot<K: Pod + Eq + Hash, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
-    let cap = map_capacity(map);
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for key in map.keys().take(2 * cap) {
-        let Ok(key) = key else { break };
-        if seen.insert(key)
-            && let Ok(value) = map.get(&key, 0)
-        {
-            out.push((key, value));
-        }
-    }
-    out
-}
-
-fn map_capacity<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> usize {
-    // The kernel's own answer; the declared default if it cannot say.
-    map.map().info().map_or(65_536, |info| info.max_entries() as usize)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

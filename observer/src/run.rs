@@ -172,7 +172,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // the agent's resident memory is what it uses while running.
     drop(btf);
     kernel.release_btf();
-    release_free_memory();
+    crate::memory::release_free();
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on {scheme}://{local}/metrics");
     tracing::info!(listen = %local, "ready");
@@ -234,17 +234,6 @@ async fn shutdown(
         "stopped; kernel programs detached, queued sessions read"
     );
     Ok(())
-}
-
-/// Returns the allocator's free pages to the system. glibc keeps freed heap
-/// memory mapped (in every thread's arena) unless asked: without this the
-/// start-up's peak would stay resident for the process's lifetime.
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases memory the allocator holds unused.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 fn task_end(r: Result<Result<(), Error>, tokio::task::JoinError>) -> String {

@@ -130,6 +130,7 @@ pub struct Held {
     /// `observer_bpf_map_entries{map="open_sessions"}` while they were open.
     pub open_sessions: f64,
     pub table_lost: f64,
+    /// The highest VmRSS while two scrapes copied the table of open sessions.
     pub rss: u64,
     pub open_seconds: f64,
     pub close: MassClose,
@@ -161,10 +162,24 @@ pub fn measure_held(ns: &NetNs, observer: &Proc, listen: SocketAddr, n: usize) -
     let xtask = std::env::current_exe().context("finding xtask's own executable")?;
     let held = connload::open_and_hold(ns, n, &xtask)?;
     let open_seconds = started.elapsed().as_secs_f64();
-    // Twice: the first scrape may be the one that first sees them all.
-    scraper.metrics()?;
-    let text = scraper.metrics()?;
-    let rss = scrape::rss_bytes(observer.pid())?;
+    // Twice: the first scrape may be the one that first sees them all. The
+    // observer's memory peaks while a scrape copies its table (and returns
+    // that copy after), so it is sampled all along.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (text, rss) = thread::scope(|s| {
+        let sampler = s.spawn(|| -> Result<u64> {
+            let mut highest = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                highest = highest.max(scrape::rss_bytes(observer.pid())?);
+                thread::sleep(Duration::from_millis(2));
+            }
+            Ok(highest.max(scrape::rss_bytes(observer.pid())?))
+        });
+        let text = scraper.metrics().and_then(|_| scraper.metrics());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (text, sampler.join().map_err(|_| anyhow::anyhow!("the memory sampler panicked")).and_then(|r| r))
+    });
+    let (text, rss) = (text?, rss?);
     let open_sessions = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]);
     let close = mass_close(ns, listen, &mut scraper, held, open_sessions)?;
     Ok(Held {
@@ -350,7 +365,7 @@ impl Findings {
         if let Some(h) = &self.held {
             writeln!(
                 s,
-                "| observer RSS with {} connections open ({:.0} sessions in its table, {:.0} lost to a full table) | {:.1} MiB | < {:.0} MiB | {} |",
+                "| observer RSS with {} connections open ({:.0} sessions in its table, {:.0} lost to a full table; the highest while two scrapes copied the table) | {:.1} MiB | < {:.0} MiB | {} |",
                 h.connections,
                 h.open_sessions,
                 h.table_lost,
@@ -391,7 +406,8 @@ pub fn method(seconds: u32, hold: usize) -> String {
          `--max-sessions {HOLD_MAX_SESSIONS}` and {hold} connections are opened and held \
          (client ends in helper processes of up to 15,000 each, under the open-file limit; \
          server ends established in a listener's accept queue, not accepted, so they need no \
-         file descriptor), `/metrics` is scraped twice and the observer's VmRSS read. Then \
+         file descriptor), `/metrics` is scraped twice and the observer's VmRSS sampled every \
+         2 ms meanwhile: its highest is the figure. Then \
          the helpers exit and the listener closes, ending all the sessions within seconds, \
          while a second connection scrapes `/metrics` back to back (each scrape walks the \
          table of open sessions); the sessions counted, the records lost to a full ring and \

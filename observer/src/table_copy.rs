@@ -1,0 +1,173 @@
+//! Copies of the kernel's hash tables (open TCP sessions, UDP flows) for the
+//! scrape and the UDP tasks. The kernel hands them over in batches of
+//! thousands of entries per system call (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6);
+//! where it cannot, they are walked a key at a time, two system calls per
+//! entry: over a second for 200,000 open sessions.
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    io,
+    mem::size_of,
+    os::fd::{AsFd, AsRawFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, IterableMap, MapData},
+};
+
+/// A copy of a kernel hash table's entries.
+pub fn copy<K: Pod + Eq + Hash, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
+    copy_as(map, |k, v| (k, v))
+}
+
+/// A copy of a kernel hash table's entries, each made into what the caller
+/// keeps of it as it arrives: a scrape keeps 40 of an open session's 120
+/// bytes, and the whole copy of 200,000 sessions never exists at once.
+pub fn copy_as<K: Pod + Eq + Hash, V: Pod, T>(
+    map: &BpfHashMap<MapData, K, V>,
+    mut keep: impl FnMut(K, V) -> T,
+) -> Vec<T> {
+    match copy_in_batches(map, &mut keep) {
+        Ok(entries) => entries,
+        Err(_) => copy_by_key(map, &mut keep),
+    }
+}
+
+/// Entries each batch call may return. A hash table's batch stops at a bucket
+/// boundary, and a bucket holds a handful of entries, so this only bounds the
+/// buffers (at 112-byte values, 0.5 MiB).
+const BATCH: usize = 4096;
+
+/// `BPF_MAP_LOOKUP_BATCH`, from uapi `linux/bpf.h`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of uapi `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The table in batches: the kernel walks its buckets in order from a cursor
+/// it hands back, so an entry present for the whole copy is in it exactly
+/// once, whatever is inserted or deleted meanwhile. An error (a kernel before
+/// 5.6: EINVAL) means nothing was copied and the caller walks by key.
+fn copy_in_batches<K: Pod, V: Pod, T>(
+    map: &BpfHashMap<MapData, K, V>,
+    keep: &mut impl FnMut(K, V) -> T,
+) -> io::Result<Vec<T>> {
+    let capacity = map_capacity(map);
+    let mut keys = vec![0u8; BATCH * size_of::<K>()];
+    let mut values = vec![0u8; BATCH * size_of::<V>()];
+    // The cursor is the kernel's (a bucket index for hash tables); room for
+    // any key size it may use.
+    let (mut cursor_in, mut cursor_out) = ([0u8; 64], [0u8; 64]);
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { cursor_in.as_ptr() as u64 },
+            out_batch: cursor_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attribute points at buffers of `count` keys and values
+        // and at two cursors, all ours and alive for the call.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+        };
+        let error = (rc < 0).then(io::Error::last_os_error);
+        // ENOENT: the last batch, `count` entries (maybe none) in it.
+        let done = matches!(&error, Some(e) if e.raw_os_error() == Some(libc::ENOENT));
+        if let Some(e) = error
+            && !done
+        {
+            return Err(e);
+        }
+        for i in 0..(attr.count as usize).min(BATCH) {
+            // SAFETY: the kernel wrote `count` packed keys and values; K and V
+            // are plain old data and the reads are unaligned.
+            let (k, v) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * size_of::<K>()).cast::<K>()),
+                    std::ptr::read_unaligned(values.as_ptr().add(i * size_of::<V>()).cast::<V>()),
+                )
+            };
+            out.push(keep(k, v));
+        }
+        // Bounded like the walk by key, should a kernel keep answering.
+        if done || out.len() > 2 * capacity {
+            return Ok(out);
+        }
+        cursor_in = cursor_out;
+        first = false;
+    }
+}
+
+/// The table a key at a time. Keys deleted while we walk make the kernel
+/// restart the walk, so keys are de-duplicated and the walk is bounded by the
+/// table's capacity.
+fn copy_by_key<K: Pod + Eq + Hash, V: Pod, T>(
+    map: &BpfHashMap<MapData, K, V>,
+    keep: &mut impl FnMut(K, V) -> T,
+) -> Vec<T> {
+    let cap = map_capacity(map);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for key in map.keys().take(2 * cap) {
+        let Ok(key) = key else { break };
+        if seen.insert(key)
+            && let Ok(value) = map.get(&key, 0)
+        {
+            out.push(keep(key, value));
+        }
+    }
+    out
+}
+
+pub fn map_capacity<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> usize {
+    // The kernel's own answer; the declared default if it cannot say.
+    map.map().info().map_or(65_536, |info| info.max_entries() as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real kernel table (creating one needs root, as CI and
+    /// `cargo xtask test` run): both ways of copying it give every entry
+    /// once, with its value.
+    #[test]
+    fn batches_and_keys_copy_the_same_entries() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating a BPF map needs root");
+            return;
+        }
+        let mut map = BpfHashMap::<MapData, u64, [u64; 14]>::create(20_000, 0).expect("creating a BPF hash map");
+        // More than one batch, and room left in the table.
+        for k in 0..9_000u64 {
+            map.insert(k * 7919, [k; 14], 0).unwrap();
+        }
+        let mut batches = copy_in_batches(&map, &mut |k, v: [u64; 14]| (k, v[13])).expect("BPF_MAP_LOOKUP_BATCH");
+        let mut keys = copy_by_key(&map, &mut |k, v: [u64; 14]| (k, v[13]));
+        batches.sort_unstable();
+        keys.sort_unstable();
+        let expected: Vec<_> = (0..9_000u64).map(|k| (k * 7919, k)).collect();
+        assert_eq!(batches, expected);
+        assert_eq!(keys, expected);
+        assert_eq!(map_capacity(&map), 20_000);
+        assert_eq!(copy(&map).len(), 9_000);
+    }
+}
