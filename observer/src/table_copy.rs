@@ -1,8 +1,9 @@
 //! Copies of the kernel's hash tables (open TCP sessions, UDP flows) for the
 //! scrape and the UDP tasks. The kernel hands them over in batches of
-//! thousands of entries per system call (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6);
-//! where it cannot, they are walked a key at a time, two system calls per
-//! entry: over a second for 200,000 open sessions.
+//! thousands of entries per system call (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6,
+//! older than the ring buffers the observer needs); should a kernel refuse it,
+//! they are walked a key at a time, two system calls per entry: over a second
+//! for 200,000 open sessions.
 use std::{
     collections::HashSet,
     hash::Hash,
@@ -58,8 +59,8 @@ struct BatchAttr {
 
 /// The table in batches: the kernel walks its buckets in order from a cursor
 /// it hands back, so an entry present for the whole copy is in it exactly
-/// once, whatever is inserted or deleted meanwhile. An error (a kernel before
-/// 5.6: EINVAL) means nothing was copied and the caller walks by key.
+/// once, whatever is inserted or deleted meanwhile. On an error the caller
+/// walks by key instead.
 fn copy_in_batches<K: Pod, V: Pod, T>(
     map: &BpfHashMap<MapData, K, V>,
     keep: &mut impl FnMut(K, V) -> T,
