@@ -61,9 +61,10 @@ pub struct Pipeline {
 }
 
 /// The kernel's tables and what only the tasks that walk them use: the
-/// scrape, the UDP release reader and the UDP expiry. Held for whole walks
-/// (about 1 s per 100,000 open sessions by key, less by batch), which is why
-/// the TCP session reader never takes it: its ring would fill meanwhile.
+/// scrape, the UDP release reader and the UDP expiry. Held for whole copies
+/// of a table (about 30 ms per 100,000 open sessions in batches, a second
+/// key by key), which is why the TCP session reader never takes it: its ring
+/// would fill meanwhile.
 struct Tables {
     maps: KernelMaps,
     lost_seen: [u64; KERNEL_LOST_SOURCES as usize],
@@ -75,7 +76,7 @@ struct Tables {
 }
 
 /// What every ended session needs; held briefly (one record, one flow, or
-/// 4,096 sessions of a scrape's copy of the open ones).
+/// 1,024 sessions of a scrape's copy of the open ones).
 struct State {
     /// TCP sessions by (socket address, birth time), for the same reason as
     /// `udp_live`. The scrape copies the open sessions without this lock and
@@ -314,11 +315,14 @@ impl Stop {
         (tx, Stop(rx))
     }
 
-    /// Resolves once stop is raised (or its sender is gone).
+    /// Whether stop is raised or its sender is gone: a reader thread that
+    /// missed the sender's end (an early error return) would run on, and the
+    /// runtime waits for its blocking threads before the process can exit.
     fn is_stopped(&self) -> bool {
-        *self.0.borrow()
+        *self.0.borrow() || self.0.has_changed().is_err()
     }
 
+    /// Resolves once stop is raised (or its sender is gone).
     async fn stopped(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
@@ -410,4 +414,22 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_stops_when_told_or_when_nobody_can_tell_it_any_more() {
+        let (tx, stop) = Stop::new();
+        assert!(!stop.is_stopped());
+        tx.send(true).unwrap();
+        assert!(stop.is_stopped());
+        // An early error return drops the sender without raising stop: the
+        // reader threads must end all the same, or the process cannot exit.
+        let (tx, stop) = Stop::new();
+        drop(tx);
+        assert!(stop.is_stopped());
+    }
 }
