@@ -18,6 +18,14 @@ const PER_KIND: usize = 3;
 /// clock and the kernel's is far below 10%.
 const PACE: Duration = Duration::from_millis(400);
 
+/// How long after the client's close returned the server's socket may still
+/// close. The client's socket closes as it takes the server's FIN, before its
+/// last read returns; the server's closes (LAST_ACK -> CLOSE) when the
+/// client's ACK of that FIN reaches it, which loopback may deliver in a
+/// softirq after the client's thread has already returned from close(): seen
+/// once on a loaded 2-CPU machine, 93 µs after.
+const SERVER_CLOSE_LATE: Duration = Duration::from_millis(2);
+
 #[test]
 fn loopback_sessions_ipv4_and_ipv6_exact_bytes_and_goodput() {
     let ns = NetNs::new("tcp").unwrap();
@@ -63,13 +71,13 @@ fn loopback_sessions_ipv4_and_ipv6_exact_bytes_and_goodput() {
         assert_eq!((server.bytes_received, server.bytes_transmitted), (t.sent, t.received), "server {t:?}");
         bytes += t.sent + t.received;
 
-        for s in [client, server] {
+        for (s, late) in [(client, Duration::ZERO), (server, SERVER_CLOSE_LATE)] {
             let lifetime = s.lifetime.expect("sessions born under the observer have a lifetime");
             let measured = t.duration();
-            // The kernel's lifetime is inside the test's connect..close window.
-            // Under emulation the softirq that closes the server's socket can
-            // run a little after the client's close returned.
-            let slack = Duration::from_millis(10) * (time_scale() - 1);
+            // The kernel's lifetime is inside the test's connect..close window,
+            // the server's up to `SERVER_CLOSE_LATE` after it. Under emulation
+            // that softirq can run later still.
+            let slack = Duration::from_millis(10) * (time_scale() - 1) + late;
             assert!(lifetime <= measured + slack, "{s:?} lived {lifetime:?} > test's {measured:?}");
             for (i, b) in [s.bytes_received, s.bytes_transmitted].into_iter().enumerate() {
                 if b >= floor {

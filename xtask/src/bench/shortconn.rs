@@ -244,9 +244,12 @@ fn settle(scraper: &mut Scraper, before: &Counts, open: f64, started: Instant) -
         let now = Counts::read_from(&text);
         let still_open = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]);
         let (sessions, ring_lost) = (now.sessions - before.sessions, now.ring_lost - before.ring_lost);
-        if (sessions, still_open) != last {
+        let changed = (sessions, still_open) != last;
+        if changed {
             seconds = started.elapsed().as_secs_f64();
-        } else if sessions + ring_lost + still_open >= open || started.elapsed() > SETTLE_TIMEOUT {
+        }
+        let complete = !changed && sessions + ring_lost + still_open >= open;
+        if complete || started.elapsed() > SETTLE_TIMEOUT {
             return Ok(MassClose { sessions, ring_lost, still_open, seconds, ..Default::default() });
         }
         last = (sessions, still_open);
