@@ -143,9 +143,10 @@ pub struct MassClose {
     pub sessions: f64,
     /// Increase of `observer_events_lost_total{source="session_ring_full"}`.
     pub ring_lost: f64,
-    /// Entries still in the table at the end: sessions whose close no hook saw
-    /// (counted in `session_close_missed` once their address is reused).
-    pub still_open: f64,
+    /// Held sessions still in the table at the end (its entries less those of
+    /// other open connections: the scrapers'): closes no hook saw (counted in
+    /// `session_close_missed` once their address is reused).
+    pub left_open: f64,
     /// Seconds from the first close to the last record read.
     pub seconds: f64,
     /// Scrapes answered meanwhile, and the longest of them.
@@ -181,7 +182,7 @@ pub fn measure_held(ns: &NetNs, observer: &Proc, listen: SocketAddr, n: usize) -
     });
     let (text, rss) = (text?, rss?);
     let open_sessions = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]);
-    let close = mass_close(ns, listen, &mut scraper, held, open_sessions)?;
+    let close = mass_close(ns, listen, &mut scraper, held, SESSIONS_PER_CONNECTION * n as f64)?;
     Ok(Held {
         connections: n,
         open_sessions,
@@ -192,21 +193,25 @@ pub fn measure_held(ns: &NetNs, observer: &Proc, listen: SocketAddr, n: usize) -
     })
 }
 
-/// Closes the held connections at once (their helpers exit, then the listener
-/// with the server ends closes) while a second scraper scrapes back to back:
-/// each scrape walks the table of `open` sessions, and the session reader must
-/// keep emptying its ring meanwhile. Returns when the table is back to what it
-/// held before (less what is left behind), or after `SETTLE_TIMEOUT`.
+/// Closes the held connections (`closing` sessions) at once (their helpers
+/// exit, then the listener with the server ends closes) while a second scraper
+/// scrapes back to back: each scrape copies the table of open sessions, and
+/// the session reader must keep emptying its ring meanwhile. Returns when every
+/// closing session is counted, lost or left in the table, or after
+/// `SETTLE_TIMEOUT`.
 fn mass_close(
     ns: &NetNs,
     listen: SocketAddr,
     scraper: &mut Scraper,
     held: connload::Held,
-    open: f64,
+    closing: f64,
 ) -> Result<MassClose> {
-    let before = Counts::read(scraper)?;
-    let missed_before = missed_closes(scraper)?;
     let mut second = Scraper::connect(ns, listen)?;
+    let text = scraper.metrics()?;
+    let before = Counts::read_from(&text);
+    let missed_before = missed_closes(&text);
+    // Both scrapers' connections (two sessions each) stay open.
+    let others = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]) - closing;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let started = Instant::now();
     let (close, scrapes) = thread::scope(|s| {
@@ -221,7 +226,7 @@ fn mass_close(
             Ok((count, longest))
         });
         drop(held);
-        let close = settle(scraper, &before, open, started);
+        let close = settle(scraper, &before, closing, others, started);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         (close, scraping.join().map_err(|_| anyhow::anyhow!("the scraping thread panicked")).and_then(|r| r))
     });
@@ -229,36 +234,36 @@ fn mass_close(
     close.scrapes = scrapes;
     close.longest_scrape = longest_scrape;
     // A missed close found meanwhile was counted as a session, and is not still open.
-    close.sessions -= missed_closes(scraper)? - missed_before;
+    close.sessions -= missed_closes(&scraper.metrics()?) - missed_before;
     Ok(close)
 }
 
 /// Waits until the records of the closed sessions are read: the table's entries
-/// stop falling and the sessions counted stop rising.
-fn settle(scraper: &mut Scraper, before: &Counts, open: f64, started: Instant) -> Result<MassClose> {
+/// stop falling and the sessions counted stop rising, with every closing
+/// session counted, lost or left; `others` are the table's other entries.
+fn settle(scraper: &mut Scraper, before: &Counts, closing: f64, others: f64, started: Instant) -> Result<MassClose> {
     let mut last = (f64::NAN, f64::NAN);
     let mut seconds = 0.0;
     loop {
         thread::sleep(Duration::from_millis(500));
         let text = scraper.metrics()?;
         let now = Counts::read_from(&text);
-        let still_open = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]);
+        let left_open = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]) - others;
         let (sessions, ring_lost) = (now.sessions - before.sessions, now.ring_lost - before.ring_lost);
-        let changed = (sessions, still_open) != last;
+        let changed = (sessions, left_open) != last;
         if changed {
             seconds = started.elapsed().as_secs_f64();
         }
-        let complete = !changed && sessions + ring_lost + still_open >= open;
+        let complete = !changed && sessions + ring_lost + left_open >= closing;
         if complete || started.elapsed() > SETTLE_TIMEOUT {
-            return Ok(MassClose { sessions, ring_lost, still_open, seconds, ..Default::default() });
+            return Ok(MassClose { sessions, ring_lost, left_open, seconds, ..Default::default() });
         }
-        last = (sessions, still_open);
+        last = (sessions, left_open);
     }
 }
 
-fn missed_closes(scraper: &mut Scraper) -> Result<f64> {
-    let text = scraper.metrics()?;
-    Ok(scrape::sample(&text, "observer_events_lost_total", &[("source", "session_close_missed")]))
+fn missed_closes(text: &str) -> f64 {
+    scrape::sample(text, "observer_events_lost_total", &[("source", "session_close_missed")])
 }
 
 /// The short-connection workload's findings, for its section of the report.
@@ -386,7 +391,7 @@ impl Findings {
                 c.seconds,
                 c.sessions,
                 c.ring_lost,
-                c.still_open,
+                c.left_open,
                 verdict(c.ring_lost == 0.0)
             )?;
         }
@@ -471,7 +476,7 @@ mod tests {
             close: MassClose {
                 sessions: 200.0 - ring_lost,
                 ring_lost,
-                still_open: 0.0,
+                left_open: 0.0,
                 seconds: 1.5,
                 scrapes: 7,
                 longest_scrape: 0.25,
