@@ -3,7 +3,7 @@
 //! every scrape, and the kernel's lost-data counters.
 use std::{
     mem::size_of,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -306,25 +306,60 @@ impl Pipeline {
 /// Tells the readers to finish: at shutdown, once the kernel programs are
 /// detached, so that nothing is added to the rings after their last read.
 #[derive(Clone)]
-pub struct Stop(watch::Receiver<bool>);
+pub struct Stop {
+    rx: watch::Receiver<bool>,
+    /// Readable once stop is raised or its sender dropped: the reader threads
+    /// wait on it beside their ring, so they end at once, not at their next
+    /// timeout (up to `RING_POLL_IDLE`).
+    wake: Arc<OwnedFd>,
+}
+
+/// Raises `Stop`; dropping it without raising ends the readers too (an early
+/// error return), since the runtime waits for its blocking threads before the
+/// process can exit.
+pub struct StopSender {
+    tx: watch::Sender<bool>,
+    wake: Arc<OwnedFd>,
+}
 
 impl Stop {
     /// The signal and the handle that raises it.
-    pub fn new() -> (watch::Sender<bool>, Stop) {
+    pub fn new() -> std::io::Result<(StopSender, Stop)> {
+        // SAFETY: eventfd has no preconditions; a descriptor it returns is ours.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let (tx, rx) = watch::channel(false);
-        (tx, Stop(rx))
+        Ok((StopSender { tx, wake: wake.clone() }, Stop { rx, wake }))
     }
 
-    /// Whether stop is raised or its sender is gone: a reader thread that
-    /// missed the sender's end (an early error return) would run on, and the
-    /// runtime waits for its blocking threads before the process can exit.
+    /// Whether stop is raised or its sender is gone.
     fn is_stopped(&self) -> bool {
-        *self.0.borrow() || self.0.has_changed().is_err()
+        *self.rx.borrow() || self.rx.has_changed().is_err()
     }
 
     /// Resolves once stop is raised (or its sender is gone).
     async fn stopped(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
+        let _ = self.rx.wait_for(|stop| *stop).await;
+    }
+}
+
+impl StopSender {
+    pub fn stop(self) {
+        let _ = self.tx.send(true);
+        // Drop wakes the reader threads.
+    }
+}
+
+impl Drop for StopSender {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write from a buffer we own to our eventfd; it only
+        // fails if the counter would overflow, which one write cannot do.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
 
@@ -343,8 +378,7 @@ const APPLY_PART: usize = 1024;
 pub const RING_POLL: Duration = Duration::from_millis(25);
 /// The longest period between drains: after drains that found nothing the
 /// period doubles up to this, so an idle observer wakes a few times a second,
-/// and the first session after a quiet spell is reported within it. Also how
-/// long a reader may take to notice `stop`.
+/// and the first session after a quiet spell is reported within it.
 pub const RING_POLL_IDLE: Duration = Duration::from_millis(250);
 
 /// Reads a ring buffer on a thread of its own (tokio's blocking pool) and
@@ -370,20 +404,21 @@ fn read_on_this_thread(mut ring: RingBuf<MapData>, stop: Stop, mut handle: impl 
             drain(&mut ring, &mut handle);
             return Ok(());
         }
-        let woken = wait_readable(ring.as_fd(), period).map_err(Error::Ring)?;
+        let woken = wait_readable(ring.as_fd(), stop.wake.as_fd(), period).map_err(Error::Ring)?;
         let read = drain(&mut ring, &mut handle);
         period = if woken || read > 0 { RING_POLL } else { (period * 2).min(RING_POLL_IDLE) };
     }
 }
 
-/// Waits until the ring has records or `timeout` passes; true if it has.
-/// The ring's poll is level-triggered (unread data), so a record committed
-/// while the previous drain ran is seen here, not lost in a cleared wake-up.
-fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+/// Waits until the ring has records, `stop` is readable or `timeout` passes;
+/// true if either woke it. The ring's poll is level-triggered (unread data),
+/// so a record committed while the previous drain ran is seen here, not lost
+/// in a cleared wake-up.
+fn wait_readable(ring: BorrowedFd<'_>, stop: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
+    let mut fds = [ring, stop].map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
     let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one pollfd we own, for a descriptor that outlives the call.
-    match unsafe { libc::poll(&mut pfd, 1, millis) } {
+    // SAFETY: two pollfds we own, for descriptors that outlive the call.
+    match unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) } {
         n if n >= 0 => Ok(n > 0),
         _ => match std::io::Error::last_os_error() {
             e if e.kind() == std::io::ErrorKind::Interrupted => Ok(false),
@@ -420,16 +455,23 @@ pub fn monotonic_ns() -> u64 {
 mod tests {
     use super::*;
 
+    /// Whether the readers' wait would be woken now.
+    fn woken(stop: &Stop) -> bool {
+        let mut pfd = libc::pollfd { fd: stop.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd we own; a zero timeout returns at once.
+        (unsafe { libc::poll(&mut pfd, 1, 0) }) == 1
+    }
+
     #[test]
     fn a_reader_stops_when_told_or_when_nobody_can_tell_it_any_more() {
-        let (tx, stop) = Stop::new();
-        assert!(!stop.is_stopped());
-        tx.send(true).unwrap();
-        assert!(stop.is_stopped());
+        let (tx, stop) = Stop::new().unwrap();
+        assert!(!stop.is_stopped() && !woken(&stop));
+        tx.stop();
+        assert!(stop.is_stopped() && woken(&stop), "told: ends, and at once");
         // An early error return drops the sender without raising stop: the
         // reader threads must end all the same, or the process cannot exit.
-        let (tx, stop) = Stop::new();
+        let (tx, stop) = Stop::new().unwrap();
         drop(tx);
-        assert!(stop.is_stopped());
+        assert!(stop.is_stopped() && woken(&stop));
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     error::Error,
     interfaces, labels, loader,
     metrics::Metrics,
-    pipeline::{KernelMaps, Pipeline, PipelineConfig, Stop},
+    pipeline::{KernelMaps, Pipeline, PipelineConfig, Stop, StopSender},
     privileges,
     probes::{self, Concern, ProbeMode},
     server::{AppState, router, serve, web_config},
@@ -125,7 +125,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         enricher,
     };
     let pipeline = Arc::new(Pipeline::new(metrics.clone(), config, maps));
-    let (stop_readers, stop) = Stop::new();
+    let (stop_readers, stop) = Stop::new().map_err(Error::Ring)?;
     let mut readers = JoinSet::new();
     {
         let (p, s) = (pipeline.clone(), stop.clone());
@@ -198,7 +198,7 @@ async fn shutdown(
     budget: Duration,
     state: &AppState,
     kernel: loader::Kernel,
-    stop_readers: tokio::sync::watch::Sender<bool>,
+    stop_readers: StopSender,
     mut readers: JoinSet<Result<(), Error>>,
     pipeline: &Pipeline,
 ) -> Result<(), Error> {
@@ -213,7 +213,7 @@ async fn shutdown(
     // maps taken out of it stay open for the readers.
     drop(kernel);
     let detached_ms = started.elapsed().as_millis() as u64;
-    let _ = stop_readers.send(true);
+    stop_readers.stop();
     let drained = tokio::time::timeout(budget.saturating_sub(started.elapsed()), async {
         while let Some(result) = readers.join_next().await {
             if let Ok(Err(e)) = result {
