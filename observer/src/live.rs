@@ -84,6 +84,15 @@ impl<K: Hash + Eq + Clone> LiveCounts<K> {
         total
     }
 
+    /// Applies a whole copy under one hold of the lock: `copy_started`, the
+    /// copy as one part, `copy_applied`.
+    pub fn apply_copy(&mut self, open: &[(K, Option<(u64, u64)>)]) -> (u64, u64) {
+        self.copy_started();
+        let delta = self.apply_copy_part(open);
+        self.copy_applied();
+        delta
+    }
+
     /// The copy is applied: forgets sessions that were in neither it nor the
     /// one before, gone without an end we saw (a lost record), so the
     /// bookkeeping cannot grow without bound. Not after one copy alone: a
@@ -133,27 +142,19 @@ mod tests {
         assert_eq!(live.finish(&1, 100, 120), (0, 0));
     }
 
-    /// Applies a whole copy, as the UDP sweep does.
-    fn apply(live: &mut LiveCounts<u32>, open: &[(u32, Option<(u64, u64)>)]) -> (u64, u64) {
-        live.copy_started();
-        let delta = live.apply_copy_part(open);
-        live.copy_applied();
-        delta
-    }
-
     #[test]
     fn sessions_missing_from_two_copies_are_forgotten() {
         let mut live = LiveCounts::default();
-        assert_eq!(apply(&mut live, &[(1, Some((1, 1))), (2, Some((1, 1))), (3, Some((1, 1)))]), (3, 3));
+        assert_eq!(live.apply_copy(&[(1, Some((1, 1))), (2, Some((1, 1))), (3, Some((1, 1)))]), (3, 3));
         // 1 has gone (its record may be on its way), 2 is open but on another
         // interface: kept, not counted.
-        assert_eq!(apply(&mut live, &[(2, None), (3, Some((5, 1)))]), (4, 0));
+        assert_eq!(live.apply_copy(&[(2, None), (3, Some((5, 1)))]), (4, 0));
         assert_eq!(live.len(), 3, "1 is kept for one copy");
         // 1's record arrives late: only its rest is added.
         assert_eq!(live.finish(&1, 10, 1), (9, 0));
-        assert_eq!(apply(&mut live, &[(2, None)]), (0, 0));
+        assert_eq!(live.apply_copy(&[(2, None)]), (0, 0));
         assert_eq!(live.len(), 2);
-        assert_eq!(apply(&mut live, &[(2, None)]), (0, 0));
+        assert_eq!(live.apply_copy(&[(2, None)]), (0, 0));
         assert_eq!(live.len(), 1, "3, in neither of the last two copies, is forgotten");
         assert_eq!(live.advance(&2, 1, 1), (0, 0));
     }

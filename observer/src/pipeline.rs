@@ -296,9 +296,7 @@ impl Pipeline {
         self.metrics.telemetry.map_usage("udp_flows", open.len(), table_copy::map_capacity(&tables.maps.udp_flows));
         // Under the tables' lock, which every end of a UDP flow holds too:
         // in one part.
-        tables.udp_live.copy_started();
-        let delta = tables.udp_live.apply_copy_part(&open);
-        tables.udp_live.copy_applied();
+        let delta = tables.udp_live.apply_copy(&open);
         self.add_live(Protocol::Udp, delta);
     }
 }

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -166,21 +167,14 @@ pub fn measure_held(ns: &NetNs, observer: &Proc, listen: SocketAddr, n: usize) -
     // Twice: the first scrape may be the one that first sees them all. The
     // observer's memory peaks while a scrape copies its table (and returns
     // that copy after), so it is sampled all along.
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (text, rss) = thread::scope(|s| {
-        let sampler = s.spawn(|| -> Result<u64> {
-            let mut highest = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                highest = highest.max(scrape::rss_bytes(observer.pid())?);
-                thread::sleep(Duration::from_millis(2));
-            }
-            Ok(highest.max(scrape::rss_bytes(observer.pid())?))
-        });
-        let text = scraper.metrics().and_then(|_| scraper.metrics());
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        (text, sampler.join().map_err(|_| anyhow::anyhow!("the memory sampler panicked")).and_then(|r| r))
-    });
-    let (text, rss) = (text?, rss?);
+    let sample_rss = |highest: &mut u64| -> Result<()> {
+        *highest = (*highest).max(scrape::rss_bytes(observer.pid())?);
+        thread::sleep(Duration::from_millis(2));
+        Ok(())
+    };
+    let (text, highest) =
+        alongside("the memory sampler", 0, sample_rss, || scraper.metrics().and_then(|_| scraper.metrics()));
+    let (text, rss) = (text?, highest?.max(scrape::rss_bytes(observer.pid())?));
     let open_sessions = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]);
     let close = mass_close(ns, listen, &mut scraper, held, SESSIONS_PER_CONNECTION * n as f64)?;
     Ok(Held {
@@ -212,23 +206,17 @@ fn mass_close(
     let missed_before = missed_closes(&text);
     // Both scrapers' connections (two sessions each) stay open.
     let others = scrape::sample(&text, "observer_bpf_map_entries", &[("map", "open_sessions")]) - closing;
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let scrape_once = |(count, longest): &mut (u32, f64)| -> Result<()> {
+        let t = Instant::now();
+        second.metrics()?;
+        *longest = longest.max(t.elapsed().as_secs_f64());
+        *count += 1;
+        Ok(())
+    };
     let started = Instant::now();
-    let (close, scrapes) = thread::scope(|s| {
-        let scraping = s.spawn(|| -> Result<(u32, f64)> {
-            let (mut count, mut longest) = (0, 0.0f64);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                second.metrics()?;
-                longest = longest.max(t.elapsed().as_secs_f64());
-                count += 1;
-            }
-            Ok((count, longest))
-        });
+    let (close, scrapes) = alongside("the scraping thread", (0, 0.0), scrape_once, || {
         drop(held);
-        let close = settle(scraper, &before, closing, others, started);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        (close, scraping.join().map_err(|_| anyhow::anyhow!("the scraping thread panicked")).and_then(|r| r))
+        settle(scraper, &before, closing, others, started)
     });
     let (mut close, (scrapes, longest_scrape)) = (close?, scrapes?);
     close.scrapes = scrapes;
@@ -236,6 +224,29 @@ fn mass_close(
     // A missed close found meanwhile was counted as a session, and is not still open.
     close.sessions -= missed_closes(&scraper.metrics()?) - missed_before;
     Ok(close)
+}
+
+/// Runs `main` while another thread repeats `step` on `state` until `main`
+/// returns, and gives back both; a failed step ends the repetition with its
+/// error. `what` names that thread should it panic.
+fn alongside<S: Send, T>(
+    what: &str,
+    mut state: S,
+    mut step: impl FnMut(&mut S) -> Result<()> + Send,
+    main: impl FnOnce() -> T,
+) -> (T, Result<S>) {
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let repeating = s.spawn(|| -> Result<S> {
+            while !stop.load(Ordering::Relaxed) {
+                step(&mut state)?;
+            }
+            Ok(state)
+        });
+        let out = main();
+        stop.store(true, Ordering::Relaxed);
+        (out, repeating.join().map_err(|_| anyhow::anyhow!("{what} panicked")).and_then(|r| r))
+    })
 }
 
 /// Waits until the records of the closed sessions are read: the table's entries

@@ -244,7 +244,7 @@ pub struct BpfStats {
 impl BpfStats {
     pub fn enable(stash: &Path) -> Result<Self> {
         Self::restore_stale(stash)?;
-        let previous = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_owned();
+        let previous = Self::current()?;
         fs::write(stash, &previous).with_context(|| format!("writing {}", stash.display()))?;
         fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
         Ok(BpfStats { previous, stash: stash.to_path_buf() })
@@ -261,8 +261,12 @@ impl BpfStats {
 
     /// Whether the host has the statistics switched on.
     pub fn on() -> Result<bool> {
-        let value = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
-        Ok(value.trim() != "0")
+        Ok(Self::current()? != "0")
+    }
+
+    /// The switch's value now.
+    fn current() -> Result<String> {
+        Ok(fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_owned())
     }
 }
 
