@@ -324,14 +324,32 @@ pub struct UdpFlow {
 }
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 96);
 
-/// A UDP socket that had flows was released: written to `UDP_RELEASES`.
+/// The flows a UDP socket has had, as the release needs them: value of
+/// `UDP_SOCKETS`, one per socket with flows. Most sockets (a connected
+/// client, a resolver's query) only ever have one flow, whose key is kept here
+/// so that their release ends it by key instead of walking the flow table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpSocketFlows {
+    /// Key of the socket's first flow.
+    pub first: UdpFlowKey,
+    /// Non-zero once the socket has had a flow with another key: its release
+    /// must look for all of them.
+    pub many: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpSocketFlows>() == 40);
+
+/// A UDP socket that had flows was released: written to `UDP_RELEASES`, with
+/// what `UDP_SOCKETS` held for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UdpRelease {
     pub sk: u64,
     pub release_ns: u64,
+    pub flows: UdpSocketFlows,
 }
-const _: () = assert!(core::mem::size_of::<UdpRelease>() == 16);
+const _: () = assert!(core::mem::size_of::<UdpRelease>() == 56);
 
 /// A peer address seen by a cgroup sendmsg/recvmsg hook, for the send/receive
 /// tracepoint that follows in the same call. Value of `PENDING_PEERS`.
@@ -410,7 +428,7 @@ mod pod {
     unsafe impl aya::Pod for UdpFlowKey {}
     // SAFETY: repr(C), integer and byte-array fields, explicit padding, size asserted.
     unsafe impl aya::Pod for UdpFlow {}
-    // SAFETY: repr(C), two u64 fields.
+    // SAFETY: repr(C), integer and byte-array fields, explicit padding, size asserted.
     unsafe impl aya::Pod for UdpRelease {}
     // SAFETY: repr(C), a u64 and four u32s, no padding.
     unsafe impl aya::Pod for Settings {}

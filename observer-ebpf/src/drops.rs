@@ -3,7 +3,6 @@
 //! map that userspace sums at every scrape. Never one event per packet, so a
 //! drop flood costs a map update per packet and nothing in userspace.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     macros::{btf_tracepoint, map},
     maps::PerCpuHashMap,
     programs::BtfTracePointContext,
@@ -12,7 +11,7 @@ use observer_common::{DROP_REASON_UNKNOWN, DropKey, LostSource, drop_kind};
 
 use crate::{
     kernel::{Mem, Probe, netns_ino, offset, settings},
-    maps::count_lost,
+    maps::{BPF_NOEXIST, EEXIST, count_lost},
 };
 
 /// Counters by `DropKey`. Entries are never deleted: the key space is small
@@ -21,8 +20,6 @@ use crate::{
 #[map(name = "DROPS")]
 pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
-const EEXIST: i32 = 17;
-
 #[inline(always)]
 fn count(key: &DropKey) {
     if let Some(slot) = DROPS.get_ptr_mut(key) {
@@ -30,7 +27,7 @@ fn count(key: &DropKey) {
         unsafe { *slot += 1 };
         return;
     }
-    match DROPS.insert(key, 1u64, u64::from(BPF_NOEXIST)) {
+    match DROPS.insert(key, 1u64, BPF_NOEXIST) {
         Ok(()) => {}
         // Another CPU created the entry between our lookup and insert: it
         // now exists, and this CPU's slot of it is zero.

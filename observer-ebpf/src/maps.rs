@@ -4,7 +4,14 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use observer_common::{LOST_SOURCES, LostSource, PendingKey, PendingPeer, SessionStart, UdpFlow, UdpFlowKey};
+use observer_common::{
+    LOST_SOURCES, LostSource, PendingKey, PendingPeer, SessionStart, UdpFlow, UdpFlowKey, UdpSocketFlows,
+};
+
+/// `bpf_map_update_elem` flag: fail with `EEXIST` if the key is present.
+pub const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
+/// The error (negated) of an insert with `BPF_NOEXIST` where the key is present.
+pub const EEXIST: i32 = 17;
 
 /// Open TCP sessions, keyed by the kernel address of their `struct sock`.
 /// Preallocated (flags 0): kprobe and tracepoint programs on kernels before 6.1
@@ -35,9 +42,10 @@ pub fn count_lost(source: LostSource) {
 #[map(name = "UDP_FLOWS")]
 pub static UDP_FLOWS: HashMap<UdpFlowKey, UdpFlow> = HashMap::with_max_entries(65536, 0);
 
-/// UDP sockets that have flows, so a release is only reported for those.
+/// UDP sockets that have flows, so a release is only reported for those,
+/// with their first flow's key (`UdpSocketFlows`).
 #[map(name = "UDP_SOCKETS")]
-pub static UDP_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(65536, 0);
+pub static UDP_SOCKETS: HashMap<u64, UdpSocketFlows> = HashMap::with_max_entries(65536, 0);
 
 /// Released UDP sockets (`UdpRelease`) for userspace to end their flows.
 #[map(name = "UDP_RELEASES")]

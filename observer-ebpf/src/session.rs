@@ -11,7 +11,7 @@ use observer_common::{
 
 use crate::{
     kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset, zeroed},
-    maps::{OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost},
+    maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost},
 };
 
 /// `bpf_ringbuf_submit` flags and `bpf_ringbuf_query` selector (uapi bpf.h).
@@ -49,10 +49,6 @@ fn empty_start(slot: &mut MaybeUninit<SessionStart>) -> &mut SessionStart {
     // SAFETY: `SessionStart` is plain integers and byte arrays.
     unsafe { zeroed(slot) }
 }
-
-/// `bpf_map_update_elem` flag: fail with `EEXIST` if the key is present.
-const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
 
 /// Whether a change from `old` to `new` records anything. Most do not: of the
 /// ten changes of a short loopback connection's two ends, only the two births,

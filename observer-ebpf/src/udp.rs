@@ -5,12 +5,12 @@
 //! runs earlier in the same call (`PENDING_PEERS`).
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use observer_common::{
-    LostSource, PendingKey, PendingPeer, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey, UdpRelease, tcp_state,
+    LostSource, PendingKey, PendingPeer, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey, UdpRelease, UdpSocketFlows, tcp_state,
 };
 
 use crate::{
     kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset},
-    maps::{PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_SOCKETS, count_lost},
+    maps::{BPF_NOEXIST, EEXIST, PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_SOCKETS, count_lost},
 };
 
 /// A send or receive call on UDP socket `sk` that returned `ret` (bytes, or a
@@ -73,8 +73,43 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
         count_lost(LostSource::UdpFlowTableFull);
         return;
     }
-    let _ = UDP_SOCKETS.insert(&(sk as u64), &1, 0);
+    note_flow(&key);
 }
+
+/// Records a new flow of its socket in `UDP_SOCKETS`: the first flow's key, or
+/// that there is more than one. Once per flow, not per call. Inserting only
+/// where no entry is makes two first flows racing on two CPUs end as one
+/// first and `many`, never as two firsts of which one is forgotten.
+#[inline(always)]
+fn note_flow(key: &UdpFlowKey) {
+    let first = UdpSocketFlows { first: *key, many: 0, _pad0: 0 };
+    if let Err(e) = UDP_SOCKETS.insert(&key.sk, &first, BPF_NOEXIST)
+        && e == -EEXIST
+        && let Some(known) = UDP_SOCKETS.get_ptr_mut(&key.sk)
+    {
+        // SAFETY: a value of this map; a racing writer only sets `many` too.
+        let known = unsafe { &mut *known };
+        // The same key again: its flow ended (idle) and came back.
+        if !same_peer(&known.first, key) {
+            known.many = 1;
+        }
+    }
+}
+
+/// Whether two flow keys of one socket name the same peer. Field by field, the
+/// address as two words: `==` on the structs compiles to a call to BPF's
+/// byte-at-a-time `memcmp`.
+#[inline(always)]
+fn same_peer(a: &UdpFlowKey, b: &UdpFlowKey) -> bool {
+    let words = |k: &UdpFlowKey| {
+        let p = k.peer_addr.as_ptr().cast::<u64>();
+        // SAFETY: 16 bytes at an 8-byte-aligned offset (asserted below).
+        unsafe { (p.read(), p.add(1).read()) }
+    };
+    a.peer_port == b.peer_port && a.family == b.family && words(a) == words(b)
+}
+const _: () =
+    assert!(core::mem::offset_of!(UdpFlowKey, peer_addr) % 8 == 0 && core::mem::align_of::<UdpFlowKey>() == 8);
 
 /// The peer this call's cgroup hook left, if it left one: this CPU's
 /// `PENDING_SLOT`, else (the task moved to another CPU in between) the
@@ -107,11 +142,11 @@ fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
 #[inline(always)]
 pub fn on_release(sk: *const u8) {
     let key = sk as u64;
-    if unsafe { UDP_SOCKETS.get(&key) }.is_none() {
+    let Some(flows) = (unsafe { UDP_SOCKETS.get(&key) }).copied() else {
         return;
-    }
+    };
     let _ = UDP_SOCKETS.remove(&key);
-    let event = UdpRelease { sk: key, release_ns: unsafe { bpf_ktime_get_ns() } };
+    let event = UdpRelease { sk: key, release_ns: unsafe { bpf_ktime_get_ns() }, flows };
     if UDP_RELEASES.output::<UdpRelease>(&event, 0).is_err() {
         count_lost(LostSource::UdpReleaseRingFull);
     }

@@ -175,9 +175,18 @@ impl Pipeline {
 
     fn udp_released(&self, release: UdpRelease) {
         let mut tables = self.tables();
+        let end = Some(release.release_ns);
+        if release.flows.many == 0 {
+            // The socket's one flow, by its key. Walking the flow table
+            // instead cost a copy of every flow per release: with a resolver's
+            // thousands of one-query sockets per second beside tens of
+            // thousands of flows, more than the reader could ever do.
+            self.end_udp_flow(&mut tables, &release.flows.first, None, end);
+            return;
+        }
         let flows = table_copy::copy(&tables.maps.udp_flows);
         for (key, flow) in flows.into_iter().filter(|(k, _)| k.sk == release.sk) {
-            self.end_udp_flow(&mut tables, &key, &flow, Some(release.release_ns));
+            self.end_udp_flow(&mut tables, &key, Some(&flow), end);
         }
     }
 
@@ -188,16 +197,20 @@ impl Pipeline {
         for (key, flow) in flows {
             let idle = now_ns.saturating_sub(flow.last_ns) > timeout;
             if idle && flow.flags & UDP_FLOW_CONNECTED == 0 {
-                self.end_udp_flow(&mut tables, &key, &flow, None);
+                self.end_udp_flow(&mut tables, &key, Some(&flow), None);
             }
         }
     }
 
     /// Deletes the flow from the kernel's table and reports it. The final
     /// values are read again after the delete decision, so a datagram counted
-    /// between the snapshot and now is not lost.
-    fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, flow: &UdpFlow, end_ns: Option<u64>) {
-        let last = tables.maps.udp_flows.get(key, 0).unwrap_or(*flow);
+    /// between the snapshot (`seen`, from a copy of the table) and now is not
+    /// lost. Without a snapshot, a flow not in the table is not reported: it
+    /// ended already (idle).
+    fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, seen: Option<&UdpFlow>, end_ns: Option<u64>) {
+        let Some(last) = tables.maps.udp_flows.get(key, 0).ok().or(seen.copied()) else {
+            return;
+        };
         if let Err(e) = tables.maps.udp_flows.remove(key)
             && !matches!(e, MapError::KeyNotFound)
         {

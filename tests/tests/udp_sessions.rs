@@ -175,3 +175,62 @@ fn unconnected_receive_without_source_is_counted_as_lost() {
     let received = [("direction", "receive"), ("protocol", "udp")];
     assert_eq!(m.value_exact("observer_bytes_total", &received).unwrap_or(0.0), 0.0, "no flow for the receives");
 }
+
+/// A socket's release ends every flow it has, at once: the server's flows with
+/// three peers, and a socket that sent to one peer before connecting to
+/// another. The kernel tells a socket with one flow from one with several
+/// (`UdpSocketFlows::many`); were a second flow not noted, its release would
+/// end only the first, and the others would wait for the idle timeout, here
+/// far beyond the test's wait.
+#[test]
+fn release_ends_every_flow_of_a_socket_with_several_peers() {
+    let ns = NetNs::new("udpr").unwrap();
+    let tmp = TempDir::new("udp-release").unwrap();
+    let log = tmp.path().join("sessions.jsonl");
+    let mut observer = ObserverProcess::start(
+        &ns,
+        &["--iface", "lo", "--session-log", log.to_str().unwrap(), "--udp-idle-timeout", "300s"],
+    )
+    .unwrap();
+    let volumes = [10usize, 20, 30];
+    let (server, clients, mover, peers) = ns.run(|| {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        timeout(&server);
+        let clients: Vec<UdpSocket> = volumes
+            .iter()
+            .map(|&n| {
+                let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.connect(server.local_addr().unwrap()).unwrap();
+                timeout(&c);
+                ping_pong(&c, &server, n, 400, 100);
+                c
+            })
+            .collect();
+        // One datagram to a first peer unconnected, then connected to a second.
+        let peers = [UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap()];
+        let mover = UdpSocket::bind("127.0.0.1:0").unwrap();
+        mover.send_to(&[3u8; 700], peers[0].local_addr().unwrap()).unwrap();
+        mover.connect(peers[1].local_addr().unwrap()).unwrap();
+        mover.send(&[4u8; 900]).unwrap();
+        (server, clients, mover, peers)
+    });
+    let server_addr = server.local_addr().unwrap();
+    let mover_addr = mover.local_addr().unwrap();
+    drop(server);
+    drop(mover);
+    let ended =
+        wait_sessions(&log, 5, Duration::from_secs(10), |s| s.local == server_addr || s.local == mover_addr).unwrap();
+    for (c, n) in clients.iter().zip(volumes) {
+        let s = session_between(&ended, server_addr, c.local_addr().unwrap());
+        assert_eq!((s.bytes_received, s.bytes_transmitted), ((n * 400) as u64, (n * 100) as u64), "{s:?}");
+    }
+    for (peer, bytes) in peers.iter().zip([700u64, 900]) {
+        let s = session_between(&ended, mover_addr, peer.local_addr().unwrap());
+        assert_eq!((s.bytes_transmitted, s.bytes_received), (bytes, 0), "{s:?}");
+    }
+    drop(clients);
+    let all = wait_sessions(&log, 8, Duration::from_secs(10), |s| s.protocol == "udp").unwrap();
+    assert_eq!(all.len(), 8, "{all:#?}");
+    let m = observer.metrics().unwrap();
+    assert_eq!(m.sum("observer_events_lost_total", &[]), 0.0);
+}
