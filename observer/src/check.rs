@@ -60,7 +60,12 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
     let fentry = if !privileged {
         Err("not probed: loading a test program needs the privileges above".to_string())
     } else {
-        match loader::load(&btf, observer_common::Settings::default(), crate::cli::DEFAULT_MAX_SESSIONS) {
+        match loader::load(
+            &btf,
+            observer_common::Settings::default(),
+            crate::cli::DEFAULT_MAX_SESSIONS,
+            crate::cli::DEFAULT_MAX_UDP_FLOWS,
+        ) {
             Ok(mut kernel) => kernel.probe_fentry(),
             Err(e) => Err(format!("not probed: {}", loader::chain(&e))),
         }

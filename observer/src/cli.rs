@@ -48,6 +48,14 @@ pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 /// 200 bytes an entry (112-byte value, key, hash bucket), so this is ~0.8 GiB.
 pub const MAX_MAX_SESSIONS: u32 = 4_194_304;
 
+/// Default size of the kernel's UDP flow table (`UDP_FLOWS`, one entry per
+/// socket and peer) and of its table of sockets with flows (`UDP_SOCKETS`).
+pub const DEFAULT_MAX_UDP_FLOWS: u32 = 65_536;
+/// Largest `--max-udp-flows`: both tables are preallocated kernel memory, about
+/// 300 bytes a flow together (a 128-byte flow entry, a 48-byte socket entry,
+/// keys and hash buckets), so this is ~0.6 GiB.
+pub const MAX_MAX_UDP_FLOWS: u32 = 2_097_152;
+
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about = "Per-session network goodput from eBPF, as Prometheus metrics")]
 pub struct Cli {
@@ -120,6 +128,11 @@ pub struct RunArgs {
     /// observer_events_lost_total{source="session_table_full"}).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SESSIONS, value_parser = parse_max_sessions, allow_hyphen_values = true)]
     pub max_sessions: u32,
+    /// UDP flows (a socket and one peer) the kernel table holds; a datagram of
+    /// a new flow while it is full is not counted (counted in
+    /// observer_events_lost_total{source="udp_flow_table_full"}).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_UDP_FLOWS, value_parser = parse_max_udp_flows, allow_hyphen_values = true)]
+    pub max_udp_flows: u32,
     /// Static label added to every session metric (e.g. track, region). Repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<StaticLabel>,
@@ -229,13 +242,31 @@ fn parse_min_bytes(s: &str) -> Result<u64, String> {
 }
 
 fn parse_max_sessions(s: &str) -> Result<u32, String> {
+    parse_table_size(s, TableSize { what: "sessions", table: "open sessions", max: MAX_MAX_SESSIONS, bytes: 200 })
+}
+
+fn parse_max_udp_flows(s: &str) -> Result<u32, String> {
+    parse_table_size(s, TableSize { what: "flows", table: "UDP flows", max: MAX_MAX_UDP_FLOWS, bytes: 300 })
+}
+
+/// What a kernel table's size option counts, for its error messages.
+struct TableSize {
+    what: &'static str,
+    table: &'static str,
+    max: u32,
+    /// Kernel memory per entry, roughly.
+    bytes: u32,
+}
+
+fn parse_table_size(s: &str, t: TableSize) -> Result<u32, String> {
     match s.parse::<u64>() {
-        Ok(0) => Err("must be at least 1 (the table of open sessions cannot be empty)".into()),
-        Ok(n) if n > u64::from(MAX_MAX_SESSIONS) => Err(format!(
-            "{n} is more than {MAX_MAX_SESSIONS}: the table is preallocated kernel memory, about 200 bytes an entry"
+        Ok(0) => Err(format!("must be at least 1 (the table of {} cannot be empty)", t.table)),
+        Ok(n) if n > u64::from(t.max) => Err(format!(
+            "{n} is more than {}: the table is preallocated kernel memory, about {} bytes an entry",
+            t.max, t.bytes
         )),
         Ok(n) => Ok(n as u32),
-        Err(_) => Err(format!("`{s}` is not a whole number of sessions (for example 262144)")),
+        Err(_) => Err(format!("`{s}` is not a whole number of {} (for example 262144)", t.what)),
     }
 }
 
@@ -282,6 +313,13 @@ mod tests {
     }
 
     #[test]
+    fn max_udp_flows() {
+        assert_eq!(run_args(&[]).unwrap().max_udp_flows, DEFAULT_MAX_UDP_FLOWS);
+        assert_eq!(run_args(&["--max-udp-flows", "262144"]).unwrap().max_udp_flows, 262_144);
+        assert_eq!(run_args(&["--max-udp-flows", "2097152"]).unwrap().max_udp_flows, MAX_MAX_UDP_FLOWS);
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
@@ -320,6 +358,9 @@ mod tests {
             (&["--max-sessions", "-1"][..], "not a whole number"),
             (&["--max-sessions", "4194305"][..], "preallocated kernel memory"),
             (&["--max-sessions", "99999999999999"][..], "preallocated kernel memory"),
+            (&["--max-udp-flows", "0"][..], "table of UDP flows cannot be empty"),
+            (&["--max-udp-flows", "many"][..], "not a whole number of flows"),
+            (&["--max-udp-flows", "2097153"][..], "about 300 bytes an entry"),
         ] {
             let err = run_args(args).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");

@@ -35,9 +35,10 @@ pub struct Kernel {
 }
 
 /// Loads the object with the running kernel's field offsets written into it.
-/// Maps are created, `OPEN_SESSIONS` with `max_sessions` entries; programs are
-/// loaded only when attached or probed.
-pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32) -> Result<Kernel, Error> {
+/// Maps are created, `OPEN_SESSIONS` with `max_sessions` entries and the two
+/// UDP tables with `max_udp_flows`; programs are loaded only when attached or
+/// probed.
+pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32, max_udp_flows: u32) -> Result<Kernel, Error> {
     if KERNEL_OBJECT.is_empty() {
         return Err(Error::NoKernelObject);
     }
@@ -53,6 +54,9 @@ pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32) -> Result<Ke
         .override_global("ACCEPT_RET_ARG", &accept_params, true)
         .override_global("SETTINGS", &settings, true)
         .map_max_entries("OPEN_SESSIONS", max_sessions)
+        // One entry per open socket that has had a flow: sized like the flows.
+        .map_max_entries("UDP_FLOWS", max_udp_flows)
+        .map_max_entries("UDP_SOCKETS", max_udp_flows)
         .load(KERNEL_OBJECT)
         .map_err(Error::Load)?;
     Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new(), attached: Vec::new() })

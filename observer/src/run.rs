@@ -94,7 +94,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         tracing::info!("BPF run-time statistics left as the kernel has them (--bpf-stats=false)");
         None
     };
-    let mut kernel = loader::load(&btf, settings, args.max_sessions)?;
+    let mut kernel = loader::load(&btf, settings, args.max_sessions, args.max_udp_flows)?;
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
     let plan = probes::select(&facts, args.kernel.probes);

@@ -234,3 +234,37 @@ fn release_ends_every_flow_of_a_socket_with_several_peers() {
     let m = observer.metrics().unwrap();
     assert_eq!(m.sum("observer_events_lost_total", &[]), 0.0);
 }
+
+/// `--max-udp-flows` sizes the kernel's flow table: with room for two flows,
+/// the first client's flow and the server's flow with it fit, and the second
+/// client's datagram (its send and the server's receive) is counted as lost,
+/// not dropped in silence.
+#[test]
+fn a_full_flow_table_counts_what_it_leaves_out() {
+    let ns = NetNs::new("udpf").unwrap();
+    let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--max-udp-flows", "2"]).unwrap();
+    let _sockets = ns.run(|| {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        timeout(&server);
+        let mut buf = [0u8; 2048];
+        let clients: Vec<UdpSocket> = (0..2)
+            .map(|_| {
+                let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.connect(server.local_addr().unwrap()).unwrap();
+                c.send(&[5u8; 200]).unwrap();
+                assert_eq!(server.recv_from(&mut buf).unwrap().0, 200);
+                c
+            })
+            .collect();
+        (server, clients)
+    });
+    let full =
+        |m: &observer_tests::Metrics| m.value_exact("observer_events_lost_total", &[("source", "udp_flow_table_full")]);
+    let m = observer.scrape_until("the second client's datagram counted as lost", Duration::from_secs(10), |m| {
+        full(m) >= Some(2.0)
+    });
+    assert_eq!(full(&m), Some(2.0), "its send and the server's receive");
+    assert_eq!(m.value_exact("observer_bpf_map_capacity", &[("map", "udp_flows")]), Some(2.0));
+    let sent = [("direction", "transmit"), ("protocol", "udp")];
+    assert_eq!(m.value_exact("observer_bytes_total", &sent), Some(200.0), "the first client's datagram only");
+}
