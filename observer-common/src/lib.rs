@@ -228,8 +228,9 @@ pub enum LostSource {
     SessionTableFull = 1,
     /// The UDP flow table was full: a datagram's bytes were not counted.
     UdpFlowTableFull = 2,
-    /// The UDP release ring buffer was full: a released socket's flows end at
-    /// their idle timeout instead.
+    /// The UDP release ring buffer was full: a released socket's unconnected
+    /// flows end at their idle timeout instead; a connected socket's flow,
+    /// which the idle timeout does not end, stays in the table.
     UdpReleaseRingFull = 3,
     /// The drop counter table was full: a drop (or retransmit, reset) of a
     /// new (reason, interface) pair was not counted.
