@@ -228,9 +228,9 @@ pub enum LostSource {
     SessionTableFull = 1,
     /// The UDP flow table was full: a datagram's bytes were not counted.
     UdpFlowTableFull = 2,
-    /// The UDP release ring buffer was full: a released socket's unconnected
-    /// flows end at their idle timeout instead; a connected socket's flow,
-    /// which the idle timeout does not end, stays in the table.
+    /// The UDP release ring buffer was full: a released socket's flows end at
+    /// their idle timeout instead (a connected socket's once userspace finds
+    /// the socket gone from `UDP_SOCKETS`), at their last datagram.
     UdpReleaseRingFull = 3,
     /// The drop counter table was full: a drop (or retransmit, reset) of a
     /// new (reason, interface) pair was not counted.
@@ -245,9 +245,13 @@ pub enum LostSource {
     /// found when a new socket at the same address was born; its record is
     /// lost.
     SessionCloseMissed = 6,
+    /// The table of UDP sockets with flows (`UDP_SOCKETS`) was full: a new
+    /// flow's socket was not noted, so its release will not be reported; its
+    /// flows end at the idle timeout instead, connected or not.
+    UdpSocketTableFull = 7,
 }
 /// Number of `LostSource` values (the `LOST` array's length).
-pub const LOST_SOURCES: u32 = 7;
+pub const LOST_SOURCES: u32 = 8;
 
 /// `DropKey::kind`: what the kernel counted.
 pub mod drop_kind {
@@ -431,6 +435,8 @@ mod pod {
     unsafe impl aya::Pod for UdpFlow {}
     // SAFETY: repr(C), integer and byte-array fields, explicit padding, size asserted.
     unsafe impl aya::Pod for UdpRelease {}
+    // SAFETY: repr(C), a flow key, a u32 and explicit padding, size asserted.
+    unsafe impl aya::Pod for UdpSocketFlows {}
     // SAFETY: repr(C), a u64 and four u32s, no padding.
     unsafe impl aya::Pod for Settings {}
     // SAFETY: repr(C), four u32 fields, size asserted.

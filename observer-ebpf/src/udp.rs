@@ -83,10 +83,14 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
 #[inline(always)]
 fn note_flow(key: &UdpFlowKey) {
     let first = UdpSocketFlows { first: *key, many: 0, _pad0: 0 };
-    if let Err(e) = UDP_SOCKETS.insert(&key.sk, &first, BPF_NOEXIST)
-        && e == -EEXIST
-        && let Some(known) = UDP_SOCKETS.get_ptr_mut(&key.sk)
-    {
+    let Err(e) = UDP_SOCKETS.insert(&key.sk, &first, BPF_NOEXIST) else {
+        return;
+    };
+    if e != -EEXIST {
+        // Full: this socket's release will not be reported. Userspace ends
+        // its flows at the idle timeout, finding the socket absent here.
+        count_lost(LostSource::UdpSocketTableFull);
+    } else if let Some(known) = UDP_SOCKETS.get_ptr_mut(&key.sk) {
         // SAFETY: a value of this map; a racing writer only sets `many` too.
         let known = unsafe { &mut *known };
         // The same key again: its flow ended (idle) and came back.

@@ -14,7 +14,7 @@ use aya::{
 };
 use observer_common::{
     LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord, SessionStart, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
-    UdpRelease,
+    UdpRelease, UdpSocketFlows,
 };
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -47,6 +47,8 @@ pub struct KernelMaps {
     pub lost: PerCpuArray<MapData, u64>,
     pub open_sessions: BpfHashMap<MapData, u64, SessionStart>,
     pub udp_flows: BpfHashMap<MapData, UdpFlowKey, UdpFlow>,
+    /// Read only to find sockets whose release will never be reported.
+    pub udp_sockets: BpfHashMap<MapData, u64, UdpSocketFlows>,
     pub drops: DropCounters,
 }
 
@@ -72,6 +74,9 @@ struct Tables {
     /// later flows, the pair is not. Only touched with the tables held, so a
     /// release, an expiry pass and a scrape never count the same bytes twice.
     udp_live: LiveCounts<(UdpFlowKey, u64)>,
+    /// When `expire_udp` last looked for idle connected flows whose socket is
+    /// gone from `UDP_SOCKETS` (monotonic ns).
+    orphans_checked_ns: u64,
     iface_stats: InterfaceStats,
 }
 
@@ -98,6 +103,7 @@ impl Pipeline {
                 maps,
                 lost_seen: [0; KERNEL_LOST_SOURCES as usize],
                 udp_live: LiveCounts::default(),
+                orphans_checked_ns: 0,
                 iface_stats: InterfaceStats::new(config.ifaces),
             }),
             state: Mutex::new(State {
@@ -190,13 +196,30 @@ impl Pipeline {
         }
     }
 
+    /// Ends unconnected flows idle for longer than the timeout. A connected
+    /// flow lasts until its socket's release, however quiet; but a release
+    /// the observer will never hear of (its ring was full, or its socket was
+    /// left out of a full `UDP_SOCKETS`) would keep it in the table for good.
+    /// So, once per timeout, an idle connected flow whose socket is not in
+    /// `UDP_SOCKETS` ends too: one lookup per such flow, not per pass, for a
+    /// node with many quiet long-lived sockets.
     fn expire_udp(&self, now_ns: u64) {
         let timeout = self.udp_idle_timeout.as_nanos() as u64;
         let mut tables = self.tables();
+        let check_orphans = now_ns.saturating_sub(tables.orphans_checked_ns) >= timeout;
+        if check_orphans {
+            tables.orphans_checked_ns = now_ns;
+        }
         let flows = table_copy::copy(&tables.maps.udp_flows);
         for (key, flow) in flows {
-            let idle = now_ns.saturating_sub(flow.last_ns) > timeout;
-            if idle && flow.flags & UDP_FLOW_CONNECTED == 0 {
+            if now_ns.saturating_sub(flow.last_ns) <= timeout {
+                continue;
+            }
+            let ended = flow.flags & UDP_FLOW_CONNECTED == 0
+                || (check_orphans && matches!(tables.maps.udp_sockets.get(&key.sk, 0), Err(MapError::KeyNotFound)));
+            if ended {
+                // A release read after this finds the flow gone and reports
+                // nothing more.
                 self.end_udp_flow(&mut tables, &key, Some(&flow), None);
             }
         }

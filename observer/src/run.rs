@@ -112,6 +112,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         lost: take_map(ebpf, "LOST", PerCpuArray::try_from)?,
         open_sessions: take_map(ebpf, "OPEN_SESSIONS", BpfHashMap::try_from)?,
         udp_flows: take_map(ebpf, "UDP_FLOWS", BpfHashMap::try_from)?,
+        udp_sockets: take_map(ebpf, "UDP_SOCKETS", BpfHashMap::try_from)?,
         drops: DropCounters::new(take_map(ebpf, "DROPS", PerCpuHashMap::try_from)?, &btf),
     };
     let sessions_ring = take_map(ebpf, "SESSIONS", RingBuf::try_from)?;

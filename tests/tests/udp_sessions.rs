@@ -268,3 +268,50 @@ fn a_full_flow_table_counts_what_it_leaves_out() {
     let sent = [("direction", "transmit"), ("protocol", "udp")];
     assert_eq!(m.value_exact("observer_bytes_total", &sent), Some(200.0), "the first client's datagram only");
 }
+
+/// A socket whose release the observer will never hear of must not keep its
+/// connected flow in the table for good. With room for two sockets in
+/// `UDP_SOCKETS`, two unconnected senders fill it (their flows then end idle,
+/// but their sockets stay open and noted); a third, connected socket's flow
+/// finds no room for its socket, which is counted, and still ends once idle,
+/// with its bytes, while the socket is open.
+#[test]
+fn a_connected_flow_whose_release_cannot_be_seen_ends_when_idle() {
+    let ns = NetNs::new("udpo").unwrap();
+    let tmp = TempDir::new("udp-orphan").unwrap();
+    let log = tmp.path().join("sessions.jsonl");
+    let mut observer = ObserverProcess::start(
+        &ns,
+        &["--iface", "lo", "--session-log", log.to_str().unwrap(), "--max-udp-flows", "2", "--udp-idle-timeout", "1s"],
+    )
+    .unwrap();
+    // Peers that never read: only the senders' calls make flows.
+    let (peers, senders) = ns.run(|| {
+        let peers = [UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap()];
+        let senders: Vec<UdpSocket> = peers
+            .iter()
+            .map(|p| {
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(&[1u8; 100], p.local_addr().unwrap()).unwrap();
+                s
+            })
+            .collect();
+        (peers, senders)
+    });
+    let senders_ended = wait_sessions(&log, 2, Duration::from_secs(10), |s| s.protocol == "udp").unwrap();
+    assert!(senders_ended.iter().all(|s| s.bytes_transmitted == 100), "{senders_ended:#?}");
+
+    let connected = ns.run(|| {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.connect(peers[0].local_addr().unwrap()).unwrap();
+        c.send(&[2u8; 300]).unwrap();
+        c
+    });
+    let addr = connected.local_addr().unwrap();
+    let ended = wait_sessions(&log, 1, Duration::from_secs(10), |s| s.local == addr).unwrap();
+    assert_eq!((ended[0].bytes_transmitted, ended[0].bytes_received), (300, 0), "{:?}", ended[0]);
+    let m = observer.metrics().unwrap();
+    let lost = [("source", "udp_socket_table_full")];
+    assert_eq!(m.value_exact("observer_events_lost_total", &lost), Some(1.0), "the connected socket, once");
+    drop((connected, senders));
+}
