@@ -11,18 +11,8 @@ use observer_common::{
 
 use crate::{
     kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset, zeroed},
-    maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost},
+    maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost, wake_flags},
 };
-
-/// `bpf_ringbuf_submit` flags and `bpf_ringbuf_query` selector (uapi bpf.h).
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Unread bytes in the session ring above which a close wakes the reader:
-/// a quarter of the ring. Below it records wait for the reader's own timer
-/// (`observer::pipeline::RING_POLL`, up to `RING_POLL_IDLE` when quiet), so a burst of closes costs userspace one
-/// wake-up per batch instead of one per record.
-const WAKEUP_BYTES: u64 = SESSIONS_RING_BYTES as u64 / 4;
 
 const EMPTY: SessionStart = SessionStart {
     birth_ns: 0,
@@ -297,8 +287,7 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
     // SAFETY: `record` points at a reserved, exclusively owned ring-buffer slot
     // of the right size; every field is written before submit.
     unsafe { fill_record::<M>(&mut *record, sk, tp, start) };
-    let wake = if SESSIONS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    entry.submit(wake);
+    entry.submit(wake_flags(&SESSIONS, SESSIONS_RING_BYTES));
     if start.is_some() {
         let _ = OPEN_SESSIONS.remove(&key);
     }
@@ -335,8 +324,7 @@ fn report_missed_close(key: u64, s: &SessionStart) {
     r._pad0 = 0;
     r.local_addr = [0; 16];
     r.remote_addr = [0; 16];
-    // Rare: let the reader's timer collect it.
-    entry.submit(BPF_RB_NO_WAKEUP);
+    entry.submit(wake_flags(&SESSIONS, SESSIONS_RING_BYTES));
 }
 
 /// The socket is being destroyed, after its change to TCP_CLOSE. Its session

@@ -10,7 +10,10 @@ use observer_common::{
 
 use crate::{
     kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset},
-    maps::{BPF_NOEXIST, EEXIST, PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_SOCKETS, count_lost},
+    maps::{
+        BPF_NOEXIST, EEXIST, PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_RELEASES_RING_BYTES,
+        UDP_SOCKETS, count_lost, wake_flags,
+    },
 };
 
 /// A send or receive call on UDP socket `sk` that returned `ret` (bytes, or a
@@ -151,7 +154,7 @@ pub fn on_release(sk: *const u8) {
     };
     let _ = UDP_SOCKETS.remove(&key);
     let event = UdpRelease { sk: key, release_ns: unsafe { bpf_ktime_get_ns() }, flows };
-    if UDP_RELEASES.output::<UdpRelease>(&event, 0).is_err() {
+    if UDP_RELEASES.output::<UdpRelease>(&event, wake_flags(&UDP_RELEASES, UDP_RELEASES_RING_BYTES)).is_err() {
         count_lost(LostSource::UdpReleaseRingFull);
     }
 }

@@ -8,6 +8,7 @@
 //! always says how its numbers were made.
 
 mod baseline;
+mod churn;
 mod connload;
 mod footprint;
 mod iperf;
@@ -427,9 +428,10 @@ impl Bench<'_> {
             eprintln!("xtask bench: wrote section \"{}\" of {}", footprint::HEADING, out.display());
         }
         ensure!(
-            measured.sessions_per_sec > 0.0 && measured.idle.rss_mib > 0.0,
-            "footprint: nothing measured ({} sessions/s, {} MiB)",
+            measured.sessions_per_sec > 0.0 && measured.udp_sessions_per_sec > 0.0 && measured.idle.rss_mib > 0.0,
+            "footprint: nothing measured ({} TCP sessions/s, {} UDP sessions/s, {} MiB)",
             measured.sessions_per_sec,
+            measured.udp_sessions_per_sec,
             measured.idle.rss_mib
         );
         Ok(())

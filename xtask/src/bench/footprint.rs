@@ -1,7 +1,8 @@
 //! The observer's own footprint: CPU (share of one core) and resident memory
-//! with no traffic at all, and under a churn of short TCP sessions (target
-//! 10,000 closed sessions per second). Goal: idle under 0.5% of a core and
-//! 40 MiB.
+//! with no traffic at all, and under a churn of short TCP sessions, then of
+//! short UDP sessions beside many open UDP flows (target 10,000 closed
+//! sessions per second each; the loads are in churn.rs). Goal: idle under
+//! 0.5% of a core and 40 MiB.
 //!
 //! CPU is the process's user + system time from `/proc/<pid>/stat` over the
 //! window (all threads; kernel programs' run time is charged to the processes
@@ -10,24 +11,18 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use super::Bench;
+use super::{Bench, churn};
 
 /// The level-2 heading of its section in BENCHMARKS.md.
 pub const HEADING: &str = "## Footprint (idle, and 10k closed sessions per second)";
 const IDLE_GOAL_CPU: f64 = 0.005;
 const IDLE_GOAL_RSS_MIB: f64 = 40.0;
-/// Closed sessions per second the churn aims at: each connection is two
-/// sessions on loopback (client and server sockets).
+/// Closed sessions per second each churn aims at.
 const CHURN_TARGET: f64 = 10_000.0;
 /// Left after start-up before the idle window, so loading and attaching are
 /// not counted as idle work.
@@ -35,6 +30,7 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 pub struct Durations {
     pub idle: Duration,
+    /// Each churn's, TCP's and UDP's.
     pub churn: Duration,
 }
 
@@ -54,6 +50,9 @@ pub struct Footprint {
     pub churn: Window,
     /// Closed sessions per second during the churn window (2 per connection).
     pub sessions_per_sec: f64,
+    pub udp_churn: Window,
+    /// Closed UDP sessions per second during its window (2 per exchange).
+    pub udp_sessions_per_sec: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,21 +76,28 @@ pub fn measure(bench: &Bench, durations: &Durations) -> Result<Footprint> {
         Ok(())
     })?;
     eprintln!("xtask bench: footprint: {} s of short connections", durations.churn.as_secs());
-    let (churn, connections) = window(pid, || bench.ns.run_in(|| churn(durations.churn))?)?;
+    let (churn, connections) = window(pid, || bench.ns.run_in(|| churn::tcp(durations.churn, CHURN_TARGET))?)?;
+    eprintln!("xtask bench: footprint: {} s of short UDP exchanges", durations.churn.as_secs());
+    let (udp_churn, exchanges) = window(pid, || bench.ns.run_in(|| churn::udp(durations.churn, CHURN_TARGET))?)?;
     if let Some(status) = observer.exited()? {
         anyhow::bail!("the observer exited ({status}) during the measurement\n{}", observer.log_tail(20));
     }
     let status = observer.stop(Duration::from_secs(10))?;
     ensure!(status.success(), "the observer exited with {status} after SIGTERM\n{}", observer.log_tail(20));
     let sessions_per_sec = 2.0 * connections as f64 / churn.seconds;
-    let f = Footprint { idle, churn, sessions_per_sec };
+    let udp_sessions_per_sec = 2.0 * exchanges as f64 / udp_churn.seconds;
+    let f = Footprint { idle, churn, sessions_per_sec, udp_churn, udp_sessions_per_sec };
     eprintln!(
-        "xtask bench: footprint: idle {:.3}% CPU, {:.1} MiB; {:.0} sessions/s: {:.1}% CPU, {:.1} MiB",
+        "xtask bench: footprint: idle {:.3}% CPU, {:.1} MiB; {:.0} TCP sessions/s: {:.1}% CPU, {:.1} MiB; \
+         {:.0} UDP sessions/s: {:.1}% CPU, {:.1} MiB",
         100.0 * f.idle.cpu_share,
         f.idle.rss_mib,
         f.sessions_per_sec,
         100.0 * f.churn.cpu_share,
-        f.churn.rss_mib
+        f.churn.rss_mib,
+        f.udp_sessions_per_sec,
+        100.0 * f.udp_churn.cpu_share,
+        f.udp_churn.rss_mib
     );
     Ok(f)
 }
@@ -140,89 +146,6 @@ fn parse_status_kib(status: &str, key: &str) -> Option<f64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Short TCP connections on loopback for `length`, paced to [`CHURN_TARGET`]
-/// closed sessions per second (as far as this machine gets); the number of
-/// connections made. Clients close with a reset (SO_LINGER 0), so no
-/// TIME_WAIT socket holds an ephemeral port and the churn can go on at any rate.
-fn churn(length: Duration) -> Result<u64> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding the churn listener")?;
-    let addr = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let made = Arc::new(AtomicU64::new(0));
-    thread::scope(|scope| {
-        // Borrowed, not moved: the listener must outlive the clients, or one whose
-        // last connect races the acceptor's exit is refused.
-        let listener = &listener;
-        let acceptor = {
-            let stop = stop.clone();
-            scope.spawn(move || accept_until(listener, &stop))
-        };
-        let clients = 2;
-        let per_client = CHURN_TARGET / 2.0 / clients as f64;
-        let handles: Vec<_> = (0..clients)
-            .map(|_| {
-                let (stop, made) = (stop.clone(), made.clone());
-                scope.spawn(move || connect_until(addr, per_client, &stop, &made))
-            })
-            .collect();
-        thread::sleep(length);
-        stop.store(true, Ordering::Relaxed);
-        for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("a churn client panicked"))??;
-        }
-        acceptor.join().map_err(|_| anyhow::anyhow!("the churn acceptor panicked"))?
-    })?;
-    Ok(made.load(Ordering::Relaxed))
-}
-
-fn accept_until(listener: &TcpListener, stop: &AtomicBool) -> Result<()> {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            // Dropped at once: the server socket closes when the client's reset arrives.
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_micros(200)),
-            // Reset by the client before it was accepted: the normal case here.
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) => {}
-            Err(e) => return Err(e).context("accepting a churn connection"),
-        }
-    }
-    Ok(())
-}
-
-fn connect_until(addr: SocketAddr, per_sec: f64, stop: &AtomicBool, made: &AtomicU64) -> Result<()> {
-    let started = Instant::now();
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let stream = TcpStream::connect(addr).context("churn connection")?;
-        reset_on_close(&stream)?;
-        drop(stream);
-        n += 1;
-        made.fetch_add(1, Ordering::Relaxed);
-        let due = started + Duration::from_secs_f64(n as f64 / per_sec);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
-        }
-    }
-    Ok(())
-}
-
-fn reset_on_close(stream: &TcpStream) -> Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt reads `linger`, which outlives the call, on a socket the stream owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    Ok(())
-}
-
 impl Footprint {
     pub fn markdown(&self, date: &str, cpus: usize, kernel: &str) -> String {
         let mut s = String::new();
@@ -235,16 +158,26 @@ impl Footprint {
              memory (`VmRSS`, peak `VmHWM`, from `/proc/<pid>/status`) read at the window's end. Idle: nothing \
              runs in the namespace. Churn: two threads open and reset short TCP connections to a local listener, \
              paced to {} closed sessions per second (each connection is two sessions, client and server socket); \
-             the rate reached is reported. Kernel programs' own run time is charged to the processes they run in \
+             the rate reached is reported. UDP churn: right after, two threads each open two UDP sockets \
+             connected to each other, send one 64-byte datagram each way and close both (two sessions, ended \
+             by the sockets' releases), paced to the same rate, while another socket holds {} open flows \
+             (one datagram to each of as many ports of 127.0.0.3, where nothing listens), as a server with \
+             many clients has: a release must cost the same however many flows are open. Kernel programs' own run time is charged to the processes they run in \
              and is not included (see the per-hook figures above). Goal: idle under {:.1}% of a core and {} MiB.\n",
             SETTLE.as_secs(),
             CHURN_TARGET,
+            churn::UDP_OPEN_FLOWS,
             100.0 * IDLE_GOAL_CPU,
             IDLE_GOAL_RSS_MIB
         );
         let _ = writeln!(s, "| window | length | sessions/s | CPU (% of one core) | RSS | peak RSS |");
         let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
-        for (name, w, rate) in [("idle", &self.idle, 0.0), ("churn", &self.churn, self.sessions_per_sec)] {
+        let windows = [
+            ("idle", &self.idle, 0.0),
+            ("churn", &self.churn, self.sessions_per_sec),
+            ("UDP churn", &self.udp_churn, self.udp_sessions_per_sec),
+        ];
+        for (name, w, rate) in windows {
             let _ = writeln!(
                 s,
                 "| {name} | {:.0} s | {rate:.0} | {} | {:.1} MiB | {:.1} MiB |",
@@ -297,11 +230,18 @@ mod tests {
     #[test]
     fn markdown_states_the_goal_verdict() {
         let w = |cpu, rss| Window { seconds: 30.0, cpu_share: cpu, rss_mib: rss, peak_rss_mib: rss };
-        let f = Footprint { idle: w(0.001, 20.0), churn: w(0.2, 30.0), sessions_per_sec: 9800.0 };
+        let f = Footprint {
+            idle: w(0.001, 20.0),
+            churn: w(0.2, 30.0),
+            sessions_per_sec: 9800.0,
+            udp_churn: w(0.05, 31.0),
+            udp_sessions_per_sec: 9700.0,
+        };
         let md = f.markdown("2026-01-01", 2, "6.18");
         assert!(md.starts_with(HEADING), "{md}");
         assert!(md.contains("| idle | 30 s | 0 | 0.100% | 20.0 MiB |"), "{md}");
         assert!(md.contains("| churn | 30 s | 9800 | 20.000% |"), "{md}");
+        assert!(md.contains("| UDP churn | 30 s | 9700 | 5.000% | 31.0 MiB |"), "{md}");
         assert!(md.contains("Idle goal: CPU met, memory met."), "{md}");
         assert!(show_cpu(0.0, 30.0).starts_with("< 0.0"), "{}", show_cpu(0.0, 30.0));
     }
