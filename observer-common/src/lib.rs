@@ -346,15 +346,23 @@ pub struct UdpSocketFlows {
 const _: () = assert!(core::mem::size_of::<UdpSocketFlows>() == 40);
 
 /// A UDP socket that had flows was released: written to `UDP_RELEASES`, with
-/// what `UDP_SOCKETS` held for it.
+/// what `UDP_SOCKETS` held for it and, for a socket with one flow, that flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UdpRelease {
     pub sk: u64,
     pub release_ns: u64,
     pub flows: UdpSocketFlows,
+    /// The socket's one flow (`flows.first`), which the release took out of
+    /// `UDP_FLOWS`, when `taken` is non-zero (otherwise meaningless).
+    /// Userspace then reports it with no map access of its own.
+    pub flow: UdpFlow,
+    /// Non-zero when `flow` holds the flow: the release's delete of it
+    /// succeeded, so no one else (the idle expiry) ended it.
+    pub taken: u32,
+    pub _pad0: u32,
 }
-const _: () = assert!(core::mem::size_of::<UdpRelease>() == 56);
+const _: () = assert!(core::mem::size_of::<UdpRelease>() == 160);
 
 /// A peer address seen by a cgroup sendmsg/recvmsg hook, for the send/receive
 /// tracepoint that follows in the same call. Value of `PENDING_PEERS`.

@@ -50,8 +50,8 @@ pub static UDP_SOCKETS: HashMap<u64, UdpSocketFlows> = HashMap::with_max_entries
 /// Released UDP sockets (`UdpRelease`) for userspace to end their flows.
 #[map(name = "UDP_RELEASES")]
 pub static UDP_RELEASES: RingBuf = RingBuf::with_byte_size(UDP_RELEASES_RING_BYTES, 0);
-/// Size of `UDP_RELEASES`: about 4,000 releases.
-pub const UDP_RELEASES_RING_BYTES: u32 = 256 * 1024;
+/// Size of `UDP_RELEASES`: about 6,000 releases.
+pub const UDP_RELEASES_RING_BYTES: u32 = 1 << 20;
 
 /// `bpf_ringbuf_submit`/`output` flags and `bpf_ringbuf_query` selector (uapi bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;

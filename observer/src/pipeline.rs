@@ -186,18 +186,21 @@ impl Pipeline {
     fn udp_released(&self, release: UdpRelease) {
         let mut tables = self.tables();
         let end = Some(release.release_ns);
-        if release.flows.many == 0 {
-            // The socket's one flow, by its key. Walking the flow table
-            // instead cost a copy of every flow per release: with a resolver's
-            // thousands of one-query sockets per second beside tens of
-            // thousands of flows, more than the reader could ever do.
-            self.end_udp_flow(&mut tables, &release.flows.first, None, end);
-            return;
+        if release.taken != 0 {
+            // The socket's one flow, which the kernel took out of its table
+            // at the release. Walking the flow table instead cost a copy of
+            // every flow per release: with a resolver's thousands of one-query
+            // sockets per second beside tens of thousands of flows, more than
+            // the reader could ever do.
+            self.report_udp_flow(&mut tables, &release.flows.first, &release.flow, end);
+        } else if release.flows.many != 0 {
+            let keys = table_copy::copy_as(&tables.maps.udp_flows, |key, _| key);
+            for key in keys.iter().filter(|k| k.sk == release.sk) {
+                self.end_udp_flow(&mut tables, key, end);
+            }
         }
-        let flows = table_copy::copy(&tables.maps.udp_flows);
-        for (key, flow) in flows.into_iter().filter(|(k, _)| k.sk == release.sk) {
-            self.end_udp_flow(&mut tables, &key, Some(&flow), end);
-        }
+        // One flow, not taken: it had ended already (idle), or the expiry
+        // took it out as the release ran and reported it.
     }
 
     /// Ends unconnected flows idle for longer than the timeout. A connected
@@ -222,37 +225,31 @@ impl Pipeline {
             let ended = flow.flags & UDP_FLOW_CONNECTED == 0
                 || (check_orphans && matches!(tables.maps.udp_sockets.get(&key.sk, 0), Err(MapError::KeyNotFound)));
             if ended {
-                // A release read after this finds the flow gone and reports
-                // nothing more.
-                self.end_udp_flow(&mut tables, &key, Some(&flow), None);
+                self.end_udp_flow(&mut tables, &key, None);
             }
         }
     }
 
-    /// Deletes the flow from the kernel's table and reports it, with its
-    /// values as the delete found them, so a datagram counted between the
-    /// snapshot (`seen`, from a copy of the table) and now is not lost.
-    /// Without a snapshot, a flow not in the table is not reported: it ended
-    /// already (idle).
-    fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, seen: Option<&UdpFlow>, end_ns: Option<u64>) {
-        let flows = &tables.maps.udp_flows;
-        let last = match table_copy::take(flows, key) {
-            Ok(taken) => taken,
-            // A kernel without lookup-and-delete for hash tables (before 5.14).
-            Err(_) => {
-                let last = flows.get(key, 0).ok();
-                if let Err(e) = tables.maps.udp_flows.remove(key)
-                    && !matches!(e, MapError::KeyNotFound)
-                {
-                    tracing::warn!(error = %e, "cannot delete an ended UDP flow");
-                }
-                last
-            }
-        };
-        let Some(last) = last.or(seen.copied()) else {
-            return;
-        };
-        let session = Session::from_udp_flow(key, &last, end_ns);
+    /// Takes the flow out of the kernel's table and reports it, with its
+    /// values as the delete found them, so a datagram counted since a copy of
+    /// the table was made is not lost. A flow no longer in the table is not
+    /// reported: whoever took it out (a release, the expiry) did.
+    fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, end_ns: Option<u64>) {
+        let flows = &mut tables.maps.udp_flows;
+        let taken = table_copy::take(flows, key).unwrap_or_else(|_| {
+            // A kernel without lookup-and-delete for hash tables (before
+            // 5.14): read, then delete; only a delete that succeeds reports.
+            let last = flows.get(key, 0).ok();
+            last.filter(|_| flows.remove(key).is_ok())
+        });
+        if let Some(last) = taken {
+            self.report_udp_flow(tables, key, &last, end_ns);
+        }
+    }
+
+    /// Reports a UDP flow taken out of the kernel's table.
+    fn report_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, last: &UdpFlow, end_ns: Option<u64>) {
+        let session = Session::from_udp_flow(key, last, end_ns);
         let live_key = (*key, last.first_ns);
         if !self.filter.accepts(&session) {
             tables.udp_live.finish(&live_key, 0, 0);
