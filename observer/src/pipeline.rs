@@ -235,15 +235,10 @@ impl Pipeline {
     /// the table was made is not lost. A flow no longer in the table is not
     /// reported: whoever took it out (a release, the expiry) did.
     fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, end_ns: Option<u64>) {
-        let flows = &mut tables.maps.udp_flows;
-        let taken = table_copy::take(flows, key).unwrap_or_else(|_| {
-            // A kernel without lookup-and-delete for hash tables (before
-            // 5.14): read, then delete; only a delete that succeeds reports.
-            let last = flows.get(key, 0).ok();
-            last.filter(|_| flows.remove(key).is_ok())
-        });
-        if let Some(last) = taken {
-            self.report_udp_flow(tables, key, &last, end_ns);
+        match table_copy::take(&tables.maps.udp_flows, key) {
+            Ok(Some(last)) => self.report_udp_flow(tables, key, &last, end_ns),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot take an ended UDP flow out of the kernel's table"),
         }
     }
 

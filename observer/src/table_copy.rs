@@ -155,8 +155,8 @@ struct ElemAttr {
 /// Removes `key`'s entry and returns its value as it was when removed, in one
 /// system call: nothing the kernel adds between a read and a delete is lost,
 /// and an ended UDP flow costs one call instead of two. `None`: no such entry.
-/// Hash tables support it since Linux 5.14; on an error (an older kernel) the
-/// caller reads and deletes in two calls.
+/// Hash tables support it since Linux 5.14, older than the per-call
+/// tracepoints (6.3) without which there are no UDP flows to take.
 pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Result<Option<V>> {
     let mut value = std::mem::MaybeUninit::<V>::uninit();
     let mut attr = ElemAttr {

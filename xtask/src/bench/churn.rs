@@ -4,7 +4,6 @@
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -128,17 +127,5 @@ fn accept_until(listener: &TcpListener, stop: &AtomicBool) -> Result<()> {
 }
 
 fn reset_on_close(stream: &TcpStream) -> Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt reads `linger`, which outlives the call, on a socket the stream owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    Ok(())
+    socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)).context("SO_LINGER 0 on a churn connection")
 }
