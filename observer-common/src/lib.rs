@@ -22,7 +22,8 @@ pub const SESSION_OWNER_KNOWN: u32 = 1 << 1;
 /// This host opened the connection (born in SYN_SENT): `bytes_acked` then
 /// counts the SYN's sequence number once the peer acknowledged it.
 pub const SESSION_ACTIVE_OPEN: u32 = 1 << 2;
-/// This host sent a FIN (the socket entered FIN_WAIT1 or LAST_ACK).
+/// This host sent a FIN: the socket was in a state that follows one
+/// (`tcp_state::fin_sent`) at a send or receive call or just before its close.
 pub const SESSION_FIN_SENT: u32 = 1 << 3;
 /// The FIN this host sent was acknowledged (`snd_una == write_seq` at close):
 /// `bytes_acked` counts its sequence number.
@@ -423,9 +424,50 @@ pub mod tcp_state {
     pub const SYN_SENT: i32 = 2;
     pub const SYN_RECV: i32 = 3;
     pub const FIN_WAIT1: i32 = 4;
+    pub const FIN_WAIT2: i32 = 5;
+    pub const TIME_WAIT: i32 = 6;
     pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
     pub const LAST_ACK: i32 = 9;
     pub const LISTEN: i32 = 10;
+    pub const CLOSING: i32 = 11;
+
+    const fn states(list: &[i32]) -> u32 {
+        let mut mask = 0;
+        let mut i = 0;
+        while i < list.len() {
+            mask |= 1 << list[i];
+            i += 1;
+        }
+        mask
+    }
+
+    #[inline(always)]
+    const fn one_of(mask: u32, state: i32) -> bool {
+        0 <= state && state < 32 && mask & (1 << state) != 0
+    }
+
+    /// Whether a socket in `state` has sent its FIN (queued it: `write_seq`
+    /// counts it). Only `tcp_close_state()` leaves ESTABLISHED, SYN_RECV or
+    /// CLOSE_WAIT for FIN_WAIT1 or LAST_ACK, and always with a FIN; every
+    /// later state but CLOSE follows from those. So the kernel programs read
+    /// the FIN from the state at each call and at the close (its old state)
+    /// instead of recording the two transitions: a state program that returns
+    /// at once there costs a short connection two fewer table lookups.
+    #[inline(always)]
+    pub const fn fin_sent(state: i32) -> bool {
+        one_of(states(&[FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT, LAST_ACK]), state)
+    }
+
+    /// Whether a socket in `state` is a connection that will still pass
+    /// through CLOSE, where the state program ends its session: the states
+    /// in which a data call may adopt a connection the observer has no entry
+    /// for. Not CLOSE itself (a call on a closed socket would leave an entry
+    /// that no close removes) nor the handshake's (births, seen as such).
+    #[inline(always)]
+    pub const fn adoptable(state: i32) -> bool {
+        one_of(states(&[ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING]), state)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -465,5 +507,19 @@ mod tests {
         assert_eq!(payload_bytes(10, 7, 0), (10, 7));
         // Mid-session (no FIN yet), an active opener's SYN is already counted.
         assert_eq!(payload_bytes(101, 50, SESSION_ACTIVE_OPEN), (100, 50));
+    }
+
+    #[test]
+    fn the_fin_is_read_from_the_states_that_follow_it() {
+        use tcp_state::*;
+        let sent = [FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT, LAST_ACK];
+        for state in -1..40 {
+            assert_eq!(fin_sent(state), sent.contains(&state), "state {state}");
+        }
+        // A connection's whole life, as the state program sees it.
+        let open = [ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING];
+        for state in -1..40 {
+            assert_eq!(adoptable(state), open.contains(&state), "state {state}");
+        }
     }
 }

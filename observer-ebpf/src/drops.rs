@@ -10,7 +10,7 @@ use aya_ebpf::{
 use observer_common::{DROP_REASON_UNKNOWN, DropKey, LostSource, drop_kind};
 
 use crate::{
-    kernel::{Mem, Probe, netns_ino, offset, settings},
+    kernel::{Btf, Mem, Probe, netns_ino, offset, settings},
     maps::{BPF_NOEXIST, EEXIST, count_lost},
 };
 
@@ -40,37 +40,44 @@ fn count(key: &DropKey) {
     }
 }
 
-/// (ifindex, netns inode) of a network device, zeros when unreadable.
+/// (ifindex, netns inode) of a network device, zeros when unreadable. `M`:
+/// `Btf` for a device pointer loaded from a BTF-typed argument's fields,
+/// `Probe` for one found through a plain integer (see `skb_device`).
 #[inline(always)]
-fn device(dev: Option<*const u8>) -> (u32, u32) {
+fn device<M: Mem>(dev: Option<*const u8>) -> (u32, u32) {
     let Some(dev) = dev else { return (0, 0) };
-    let ifindex = Probe::read::<u32>(dev, offset!(netdev_ifindex)).unwrap_or(0);
-    let netns = Probe::deref(dev, offset!(netdev_net))
-        .and_then(|net| Probe::read::<u32>(net, offset!(net_ns_inum)))
-        .unwrap_or(0);
+    let ifindex = M::read::<u32>(dev, offset!(netdev_ifindex)).unwrap_or(0);
+    let netns =
+        M::deref(dev, offset!(netdev_net)).and_then(|net| M::read::<u32>(net, offset!(net_ns_inum))).unwrap_or(0);
     (ifindex, netns)
 }
 
 /// The device of a packet: `skb->dev` (set on receive, and on transmit once
 /// routed), else the device of its route (`skb_dst(skb)->dev`), which is how
 /// a packet dropped on output before `dev` is set still gets an interface.
+/// `skb` is a tp_btf argument: its fields are direct loads (`Btf`), a helper
+/// call each saved at every drop; the route is a tagged integer, which only
+/// `Probe` may follow.
 #[inline(always)]
 fn skb_device(skb: *const u8) -> (u32, u32) {
-    let dev = Probe::deref(skb, offset!(skb_dev)).or_else(|| {
-        // The lowest bit of _skb_refdst is SKB_DST_NOREF, not address.
-        let dst = Probe::read::<u64>(skb, offset!(skb_refdst)).unwrap_or(0) & !1;
-        if dst == 0 { None } else { Probe::deref(dst as *const u8, offset!(dst_dev)) }
-    });
-    device(dev)
+    if let Some(dev) = Btf::deref(skb, offset!(skb_dev)) {
+        return device::<Btf>(Some(dev));
+    }
+    // The lowest bit of _skb_refdst is SKB_DST_NOREF, not address.
+    let dst = Btf::read::<u64>(skb, offset!(skb_refdst)).unwrap_or(0) & !1;
+    if dst == 0 {
+        return (0, 0);
+    }
+    device::<Probe>(Probe::deref(dst as *const u8, offset!(dst_dev)))
 }
 
 /// The device of a socket's cached route, with the socket's namespace when
-/// there is no route.
+/// there is no route. `sk` is a tp_btf argument (`Btf`).
 #[inline(always)]
 fn sock_device(sk: *const u8) -> (u32, u32) {
-    let dev = Probe::deref(sk, offset!(sk_dst_cache)).and_then(|dst| Probe::deref(dst, offset!(dst_dev)));
-    match device(dev) {
-        (0, _) => (0, netns_ino::<Probe>(sk)),
+    let dev = Btf::deref(sk, offset!(sk_dst_cache)).and_then(|dst| Btf::deref(dst, offset!(dst_dev)));
+    match device::<Btf>(dev) {
+        (0, _) => (0, netns_ino::<Btf>(sk)),
         found => found,
     }
 }

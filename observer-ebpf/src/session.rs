@@ -10,7 +10,7 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset, zeroed},
+    kernel::{Mem, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset, zeroed},
     maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost, wake_flags},
 };
 
@@ -41,22 +41,27 @@ fn empty_start(slot: &mut MaybeUninit<SessionStart>) -> &mut SessionStart {
 }
 
 /// Whether a change from `old` to `new` records anything. Most do not: of the
-/// ten changes of a short loopback connection's two ends, only the two births,
-/// the two FINs and the two closes do; the others return here, before any
-/// socket read or hash lookup.
+/// ten changes of a short loopback connection's two ends, only the two births
+/// and the two closes do; the others return here, before any socket read or
+/// hash lookup. The FINs this host sends are read from the state instead
+/// (`tcp_state::fin_sent`, at each call and at the close).
 /// `CHILD_BIRTHS`: the hook sees a passive socket's birth (LISTEN -> SYN_RECV,
 /// which only the tracepoint sees); where it does not, that socket is born at
 /// SYN_RECV -> ESTABLISHED. A socket first seen at another change (it predates
 /// the observer, or its birth did not fit the table) is adopted at its first
-/// send or receive call, its FIN, or its close.
+/// send or receive call, or at its close.
 #[inline(always)]
 fn records<const CHILD_BIRTHS: bool>(old: i32, new: i32) -> bool {
     new == tcp_state::CLOSE
         // A listener is not a session; its children are.
         || (new != tcp_state::LISTEN && (old == tcp_state::CLOSE || old == tcp_state::LISTEN))
-        || new == tcp_state::FIN_WAIT1
-        || new == tcp_state::LAST_ACK
         || (!CHILD_BIRTHS && old == tcp_state::SYN_RECV)
+}
+
+/// `SESSION_FIN_SENT` if a socket in `state` has sent its FIN.
+#[inline(always)]
+fn fin_sent_flag(state: i32) -> u32 {
+    if tcp_state::fin_sent(state) { SESSION_FIN_SENT } else { 0 }
 }
 
 /// A TCP socket moved from `old` to `new`. Only the SYN_SENT transition is known
@@ -74,26 +79,17 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
         on_close::<M>(sk, tp, key, old);
         return;
     }
-    // Only tcp_close_state() enters these two states, and always with a FIN.
-    let fin_sent = if new == tcp_state::FIN_WAIT1 || new == tcp_state::LAST_ACK { SESSION_FIN_SENT } else { 0 };
+    // A birth: the socket leaves CLOSE/LISTEN, or SYN_RECV where the hook does
+    // not see a child's birth (`records` lets no other change through).
     let leaves_closed = old == tcp_state::CLOSE || old == tcp_state::LISTEN;
-    if !leaves_closed && let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) {
-        unsafe { (*start).flags |= fin_sent };
+    if !leaves_closed && unsafe { OPEN_SESSIONS.get(&key) }.is_some() {
+        // SYN_RECV -> ESTABLISHED of a session already open.
         return;
     }
-    // A session is born when it leaves CLOSE/LISTEN or SYN_RECV (where the
-    // hook does not see a child's birth; `records` lets no other change from
-    // a handshake state through). Any other first sight is a connection that
-    // predates the observer.
-    let born_here = leaves_closed || old == tcp_state::SYN_RECV;
     let mut slot = MaybeUninit::uninit();
     let start = empty_start(&mut slot);
     start.birth_ns = unsafe { bpf_ktime_get_ns() };
     start.birth_jiffies = unsafe { bpf_jiffies64() };
-    start.flags = fin_sent;
-    if !born_here {
-        adopt::<M>(tp, start);
-    }
     if new == tcp_state::SYN_SENT {
         // connect(): the caller is the owner.
         fill_owner(start);
@@ -147,22 +143,23 @@ pub fn claim_owner(sk: *const u8) {
 }
 
 /// A send or receive call on a TCP socket, in the calling process: claims the
-/// owner, advances active time and the live payload counters. A connection
-/// that predates the observer is adopted here at its first call. `tp` is `sk`
-/// as `M::tcp` gave it.
+/// owner, advances active time and the live payload counters, and notes a
+/// FIN sent (from the state). A connection that predates the observer is
+/// adopted here at its first call. `tp` is `sk` as `M::tcp` gave it.
 #[inline(always)]
 pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     let key = sk as u64;
+    let state = M::read::<u8>(tp, offset!(skc_state)).unwrap_or(0) as i32;
     let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let state = M::read::<u8>(tp, offset!(skc_state)).unwrap_or(0) as i32;
-        if state != tcp_state::ESTABLISHED {
+        if !tcp_state::adoptable(state) {
             return;
         }
+        let now = unsafe { bpf_ktime_get_ns() };
         let mut slot = MaybeUninit::uninit();
         let start = empty_start(&mut slot);
         start.birth_ns = now;
         start.birth_jiffies = unsafe { bpf_jiffies64() };
+        start.flags = fin_sent_flag(state);
         adopt::<M>(tp, start);
         fill_owner(start);
         start.last_call_ns = now;
@@ -172,6 +169,7 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
         return;
     };
     let start = unsafe { &mut *start };
+    start.flags |= fin_sent_flag(state);
     if start.flags & SESSION_OWNER_KNOWN == 0 {
         fill_owner(start);
     }
@@ -238,8 +236,10 @@ fn current_payload<M: Mem>(tp: *const u8, flags: u32) -> (u64, u64, u32) {
 
 /// The kernel's TCP chrono total (busy, receive-window limited, send-buffer
 /// limited): time with data to send, as TCP_INFO's `tcpi_busy_time` adds it up,
-/// including the chrono still running. The chrono type is a bitfield, which
-/// only `Probe` reads in every tier (a direct load must cover a whole field).
+/// including the chrono still running. The chrono type is a bitfield (a whole
+/// byte from 6.18): its byte is read whole, which the verifier allows as a
+/// direct load since the byte holds nothing but bitfields (`btf_struct_walk`:
+/// a load that starts at a bitfield's first byte and covers its last).
 #[inline(always)]
 fn busy_jiffies<M: Mem>(tp: *const u8, now_jiffies: u64) -> u64 {
     // Three reads at constant offsets, not a loop: a direct load's offset
@@ -249,7 +249,7 @@ fn busy_jiffies<M: Mem>(tp: *const u8, now_jiffies: u64) -> u64 {
     total += u64::from(M::read::<u32>(tp, stat + 4).unwrap_or(0));
     total += u64::from(M::read::<u32>(tp, stat + 8).unwrap_or(0));
     let chrono_type =
-        Probe::read::<u8>(tp, offset!(tcp_chrono_type_byte)).unwrap_or(0) >> (offset!(tcp_chrono_type_shift) & 7) & 3;
+        M::read::<u8>(tp, offset!(tcp_chrono_type_byte)).unwrap_or(0) >> (offset!(tcp_chrono_type_shift) & 7) & 3;
     if chrono_type != 0 {
         let start = M::read::<u32>(tp, offset!(tcp_chrono_start)).unwrap_or(0);
         total += u64::from((now_jiffies as u32).wrapping_sub(start));
@@ -286,7 +286,7 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
     let record = entry.as_mut_ptr();
     // SAFETY: `record` points at a reserved, exclusively owned ring-buffer slot
     // of the right size; every field is written before submit.
-    unsafe { fill_record::<M>(&mut *record, sk, tp, start) };
+    unsafe { fill_record::<M>(&mut *record, sk, tp, start, old) };
     entry.submit(wake_flags(&SESSIONS, SESSIONS_RING_BYTES));
     if start.is_some() {
         let _ = OPEN_SESSIONS.remove(&key);
@@ -384,13 +384,21 @@ fn fill_from_start(r: &mut SessionRecord, sock: u64, s: &SessionStart) {
 static ADOPTED_START: SessionStart = SessionStart { flags: SESSION_ADOPTED, ..EMPTY };
 
 #[inline(always)]
-unsafe fn fill_record<M: Mem>(r: &mut SessionRecord, sk: *const u8, tp: *const u8, start: Option<&SessionStart>) {
+unsafe fn fill_record<M: Mem>(
+    r: &mut SessionRecord,
+    sk: *const u8,
+    tp: *const u8,
+    start: Option<&SessionStart>,
+    old: i32,
+) {
     let s = start.unwrap_or(&ADOPTED_START);
     fill_from_start(r, sk as u64, s);
     r.close_ns = unsafe { bpf_ktime_get_ns() };
     r.close_jiffies = unsafe { bpf_jiffies64() };
     r.busy_jiffies = busy_jiffies::<M>(tp, r.close_jiffies);
-    let (tx, rx, flags) = current_payload::<M>(tp, s.flags);
+    // The state before CLOSE tells whether a FIN was sent; the destroy
+    // backstop, which knows no old state, relies on one seen at a call.
+    let (tx, rx, flags) = current_payload::<M>(tp, s.flags | fin_sent_flag(old));
     r.flags = flags;
     r.bytes_acked = tx;
     r.bytes_received = rx;
