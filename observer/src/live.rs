@@ -43,9 +43,11 @@ impl<K: Hash + Eq + Clone> LiveCounts<K> {
     }
 
     /// The session ended with `(tx, rx)`: returns the rest and forgets it.
+    /// One removal, not an `advance` and then a removal: most short sessions
+    /// end before any scrape counted them, and were never in the table.
     pub fn finish(&mut self, key: &K, tx: u64, rx: u64) -> (u64, u64) {
-        let delta = self.advance(key, tx, rx);
-        self.counted.remove(key);
+        let (counted_tx, counted_rx) = self.counted.remove(key).map_or((0, 0), |c| (c.tx, c.rx));
+        let delta = (tx.saturating_sub(counted_tx), rx.saturating_sub(counted_rx));
         if let Some(ended) = &mut self.ended_since_copy {
             ended.insert(key.clone());
         }

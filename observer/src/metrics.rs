@@ -70,7 +70,10 @@ pub struct Metrics {
     goodput: Arc<HistogramFamily>,
     active_goodput: Arc<HistogramFamily>,
     duration: Arc<HistogramFamily>,
-    live_bytes: Arc<CounterFamily>,
+    /// `observer_bytes_total`'s four series by `Protocol::ALL` and
+    /// `Direction::ALL` index: added to at every session end and scrape, so
+    /// looked up once.
+    live: [[Arc<Counter>; 2]; 2],
     sessions: Arc<CounterFamily>,
     session_bytes: Arc<CounterFamily>,
     ignored: Arc<CounterFamily>,
@@ -220,6 +223,15 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
         let telemetry = crate::telemetry::SelfMetrics::new(&registry)?;
 
+        let static_values: Vec<&str> = static_labels.iter().map(|l| l.value.as_str()).collect();
+        let live = Protocol::ALL.map(|p| {
+            Direction::ALL.map(|d| {
+                let values: Vec<&str> =
+                    [d.as_str(), p.as_str()].into_iter().chain(static_values.iter().copied()).collect();
+                live_bytes.with_label_values(&values)
+            })
+        });
+
         let m = Metrics {
             registry,
             static_labels,
@@ -228,7 +240,7 @@ impl Metrics {
             goodput,
             active_goodput,
             duration,
-            live_bytes,
+            live,
             sessions,
             session_bytes,
             ignored,
@@ -244,13 +256,9 @@ impl Metrics {
             series: Mutex::new(HashMap::new()),
         };
         // Series exist from the start, so rate() and dashboards see zeros
-        // instead of absent series before the first session closes. With
-        // session labels, which values will exist is not known yet.
-        for p in Protocol::ALL.map(Protocol::as_str) {
-            for d in Direction::ALL.map(Direction::as_str) {
-                m.live_bytes.with_label_values(&m.values(&[d, p]));
-            }
-        }
+        // instead of absent series before the first session closes (the live
+        // byte counters' above). With session labels, which values will exist
+        // is not known yet.
         if !m.session_labelled {
             m.each_session_series(&[], |family, values| family.touch(values));
         }
@@ -318,14 +326,23 @@ impl Metrics {
     /// order given to [`Metrics::new`]).
     pub fn record(&self, s: &Session, session_labels: &[String], min_session_bytes: u64) {
         let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        if !cache.contains_key(session_labels) {
-            cache.insert(session_labels.to_vec(), Default::default());
+        // One hash of the label values per session; a new label set is
+        // recorded first and then kept.
+        match cache.get_mut(session_labels) {
+            Some(by_kind) => self.record_in(by_kind, s, session_labels, min_session_bytes),
+            None => {
+                let mut by_kind = LabelSetSeries::default();
+                self.record_in(&mut by_kind, s, session_labels, min_session_bytes);
+                cache.insert(session_labels.to_vec(), by_kind);
+            }
         }
+    }
+
+    fn record_in(&self, by_kind: &mut LabelSetSeries, s: &Session, session_labels: &[String], min_session_bytes: u64) {
         let slot = match s.protocol {
             Protocol::Tcp => 0,
             Protocol::Udp => 2,
         } + usize::from(s.impaired());
-        let Some(by_kind) = cache.get_mut(session_labels) else { return };
         let series = by_kind[slot].get_or_insert_with(|| self.session_series(s, session_labels));
         series.sessions.inc();
         if let Some(lifetime) = s.lifetime {
@@ -366,7 +383,8 @@ impl Metrics {
     /// Adds live throughput (`observer_bytes_total`).
     pub fn add_live(&self, protocol: Protocol, direction: Direction, bytes: u64) {
         if bytes > 0 {
-            self.live_bytes.with_label_values(&self.values(&[direction.as_str(), protocol.as_str()])).inc_by(bytes);
+            // In `ALL` order, which is the variants' (`crate::session`).
+            self.live[protocol as usize][direction as usize].inc_by(bytes);
         }
     }
 

@@ -46,6 +46,15 @@ impl Direction {
     }
 }
 
+// Both `ALL`s list the variants in declaration order, so `value as usize` is
+// a value's index in them (`Metrics::add_live`).
+const _: () = assert!(
+    Protocol::ALL[0] as usize == 0
+        && Protocol::ALL[1] as usize == 1
+        && Direction::ALL[0] as usize == 0
+        && Direction::ALL[1] as usize == 1
+);
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Session {
     pub protocol: Protocol,
