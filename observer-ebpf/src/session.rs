@@ -58,6 +58,12 @@ fn records<const CHILD_BIRTHS: bool>(old: i32, new: i32) -> bool {
         || (!CHILD_BIRTHS && old == tcp_state::SYN_RECV)
 }
 
+/// The socket's TCP state.
+#[inline(always)]
+fn state_of<M: Mem>(sk: *const u8) -> i32 {
+    M::read::<u8>(sk, offset!(skc_state)).unwrap_or(0) as i32
+}
+
 /// `SESSION_FIN_SENT` if a socket in `state` has sent its FIN.
 #[inline(always)]
 fn fin_sent_flag(state: i32) -> u32 {
@@ -149,8 +155,8 @@ pub fn claim_owner(sk: *const u8) {
 #[inline(always)]
 pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     let key = sk as u64;
-    let state = M::read::<u8>(tp, offset!(skc_state)).unwrap_or(0) as i32;
     let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
+        let state = state_of::<M>(tp);
         if !tcp_state::adoptable(state) {
             return;
         }
@@ -169,7 +175,9 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
         return;
     };
     let start = unsafe { &mut *start };
-    start.flags |= fin_sent_flag(state);
+    if start.flags & SESSION_FIN_SENT == 0 {
+        start.flags |= fin_sent_flag(state_of::<M>(tp));
+    }
     if start.flags & SESSION_OWNER_KNOWN == 0 {
         fill_owner(start);
     }
