@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The NVML path on a real NVIDIA GPU, which CI cannot run (it has no GPU; the
+# tests use a fake libnvidia-ml). Run as root on a GPU node with python3 and
+# torch, from the repository root, after
+#   cargo build --release -p observer --example gpu_sample
+# or with BIN naming a folder that holds `observer` and `gpu_sample`.
+#
+# Checks, each printed as "ok: ..." or "FAILED: ..." (exit 1 if any failed):
+# 1. gpu_sample (the sampler alone, no eBPF) finds NVML and every GPU.
+# 2. `observer run --gpu required` serves GPU metrics next to the network ones.
+# 3. Under a torch load, utilisation and memory move, and the memory of a
+#    process in a kubelet-style pod cgroup is reported for that pod, to the
+#    byte of what nvidia-smi reports for the process; a process outside any
+#    pod is not.
+# 4. Once the processes exit, the pod's series goes.
+# Everything it creates (cgroups under observer-gpu-check, the pod log folder,
+# processes) is removed on exit.
+set -uo pipefail
+BIN=${BIN:-target/release}
+SAMPLE=${SAMPLE:-$BIN/examples/gpu_sample}
+[ -x "$SAMPLE" ] || SAMPLE=$BIN/gpu_sample
+OBSERVER=$BIN/observer
+LISTEN=127.0.0.1:9479
+WORK=$(mktemp -d /tmp/observer-gpu-check.XXXXXX)
+POD_UID=3f2504e0-4f89-41d3-9a0c-0305e82c3301
+CGROOT=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+CG=$CGROOT/observer-gpu-check-$$
+failed=0 obs= pod= host=
+
+ok() { echo "ok: $*"; }
+fail() { echo "FAILED: $*"; failed=1; }
+fetch() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' "$1"; }
+value() { awk -v m="$1" 'index($0, m) == 1 { print $NF; exit }' "$2"; }
+cleanup() {
+	kill $pod $host 2>/dev/null
+	[ -n "$obs" ] && kill -TERM "$obs" 2>/dev/null && wait "$obs" 2>/dev/null
+	[ -n "$CGROOT" ] && [ -d "$CG" ] && find "$CG" -depth -type d -exec rmdir {} + 2>/dev/null
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for f in "$SAMPLE" "$OBSERVER"; do
+	[ -x "$f" ] || { echo "no $f: build it first (see the top of $0) or set BIN"; exit 2; }
+done
+python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null ||
+	{ echo "python3 with torch and a CUDA device is needed for the load"; exit 2; }
+[ -n "$CGROOT" ] || { echo "no cgroup v2 mount"; exit 2; }
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+gpus=$(nvidia-smi -L | wc -l)
+
+# 1. The sampler alone.
+if "$SAMPLE" --gpu required --gpu-interval 1s --samples 1 > "$WORK/sample.txt" 2>&1; then
+	n=$(grep -c '^observer_gpu_up{.*} 1$' "$WORK/sample.txt")
+	[ "$n" = "$gpus" ] && ok "gpu_sample: NVML up, $n of $gpus GPUs up" || fail "gpu_sample: $n of $gpus GPUs up"
+else
+	fail "gpu_sample: $(tail -1 "$WORK/sample.txt")"
+fi
+
+# 2. The observer, with a pod log folder that names one pod.
+mkdir -p "$WORK/pods/team-a_trainer-0_$POD_UID"
+"$OBSERVER" run --iface lo --gpu required --gpu-interval 1s --pod-log-dir "$WORK/pods" --listen $LISTEN \
+	> "$WORK/run.log" 2>&1 &
+obs=$!
+for _ in $(seq 1 60); do fetch http://$LISTEN/readyz > /dev/null 2>&1 && break; sleep 0.5; done
+fetch http://$LISTEN/metrics > "$WORK/idle.txt" 2>/dev/null
+[ "$(value observer_nvml_up "$WORK/idle.txt")" = 1 ] && grep -q '^observer_sessions_total' "$WORK/idle.txt" &&
+	ok "observer run: observer_nvml_up 1 beside the session metrics" ||
+	fail "observer run: no GPU metrics beside the session metrics ($(tail -1 "$WORK/run.log"))"
+
+# 3. A process in a pod's cgroup (cgroupfs layout, containerd) and one outside.
+C=$CG/kubepods/burstable/pod$POD_UID/cri-containerd-$(printf '%064x' 2882400001)
+mkdir -p "$C"
+LOAD='import sys, time, torch
+hold = torch.empty(int(sys.argv[1]) << 30, dtype=torch.uint8, device="cuda")
+x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+end = time.time() + int(sys.argv[2])
+while time.time() < end:
+    y = x @ x
+torch.cuda.synchronize()'
+sh -c "echo \$\$ > $C/cgroup.procs && exec python3 -c '$LOAD' 6 14" & pod=$!
+python3 -c "$LOAD" 3 14 & host=$!
+sleep 10
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits > "$WORK/apps.txt"
+fetch http://$LISTEN/metrics > "$WORK/load.txt"
+util=$(value 'observer_gpu_utilization_ratio{gpu="0"' "$WORK/load.txt")
+used=$(value 'observer_gpu_memory_used_bytes{gpu="0"' "$WORK/load.txt")
+python3 -c "import sys; sys.exit(not (float('${util:-0}') > 0.5 and float('${used:-0}') > 8 << 30))" &&
+	ok "under load: GPU 0 utilisation $util, memory used $used bytes" ||
+	fail "under load: GPU 0 utilisation ${util:-none}, memory used ${used:-none} bytes"
+want=$(awk -F', ' -v p=$pod '$1 == p { printf "%.0f", $2 * 1048576 }' "$WORK/apps.txt")
+got=$(value "observer_gpu_pod_memory_used_bytes{uuid=" "$WORK/load.txt")
+series=$(grep -c '^observer_gpu_pod_memory_used_bytes{.*namespace="team-a",pod="trainer-0"}' "$WORK/load.txt")
+total=$(grep -c '^observer_gpu_pod_memory_used_bytes' "$WORK/load.txt")
+[ -n "$want" ] && [ "$got" = "$want" ] && [ "$series" = 1 ] && [ "$total" = 1 ] &&
+	ok "pod team-a/trainer-0: $got bytes, as nvidia-smi reports for its process; the host process is in no pod" ||
+	fail "pod memory: observer ${got:-none} in $total series, nvidia-smi ${want:-none} for pid $pod"
+
+# 4. Gone once the processes are.
+wait $pod $host
+pod= host=
+sleep 3
+fetch http://$LISTEN/metrics > "$WORK/after.txt"
+[ "$(grep -c '^observer_gpu_pod_memory_used_bytes' "$WORK/after.txt")" = 0 ] &&
+	ok "after exit: no pod memory series" || fail "after exit: pod memory series still served"
+
+exit $failed
