@@ -8,10 +8,13 @@
 //! [--samples N]`: starts the sampler, then prints the GPU families in
 //! Prometheus text once per interval, `--samples` times (default 3). With
 //! `--gpu required` it exits 2 when NVML cannot start, as `observer run` does.
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{path::Path, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use observer::gpu::{Gpu, GpuArgs};
+use observer::{
+    gpu::{Gpu, GpuArgs},
+    pods::DEFAULT_POD_LOG_DIR,
+};
 use prometheus::{Encoder, Registry, TextEncoder};
 
 #[derive(Parser)]
@@ -25,8 +28,9 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // No pods here unless the host has a kubelet's log directory.
-    let gpu = match Gpu::start(&cli.gpu, &PathBuf::from("/var/log/pods")) {
+    // Pods are named from the kubelet's log directory, where `observer run`
+    // looks by default; a host without one maps no process to a pod.
+    let gpu = match Gpu::start(&cli.gpu, Path::new(DEFAULT_POD_LOG_DIR)) {
         Ok(gpu) => gpu,
         Err(why) => {
             eprintln!("gpu_sample: {why}");
@@ -46,7 +50,6 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let interval = cli.gpu.interval;
-    let registry = Arc::new(registry);
     for n in 1..=cli.samples {
         // The sampler publishes at the end of each cycle: wait one interval
         // (and a little) so each print shows a newer cycle than the last.
