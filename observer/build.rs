@@ -1,5 +1,6 @@
 //! Builds the kernel programs (`observer-ebpf`) for the bpf target with the
-//! nightly toolchain, through aya-build; the loader embeds the object.
+//! nightly pinned in the workspace manifest (`[workspace.metadata.toolchain]`),
+//! through aya-build; the loader embeds the object.
 //!
 //! `AYA_BUILD_SKIP=1` (check-only jobs: clippy, check, docs) writes an empty
 //! stand-in object instead, so those jobs need neither nightly nor bpf-linker.
@@ -36,6 +37,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    let nightly = metadata.workspace_metadata["toolchain"]["nightly"]
+        .as_str()
+        .ok_or_else(|| anyhow!("Cargo.toml has no [workspace.metadata.toolchain] nightly pin"))?
+        .to_owned();
     let ebpf = metadata
         .packages
         .into_iter()
@@ -44,6 +49,6 @@ fn main() -> anyhow::Result<()> {
     let root = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
     aya_build::build_ebpf(
         [Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() }],
-        Toolchain::default(),
+        Toolchain::Custom(&nightly),
     )
 }

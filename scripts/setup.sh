@@ -2,16 +2,25 @@
 # One-time, idempotent set-up of a fresh machine for building and testing observer.
 #
 # Installs only what is missing, so a second run takes a second or two:
-#   - rust-src for the nightly toolchain (the eBPF crate builds core from source);
-#   - bpf-linker from crates.io, built against the nightly's own libLLVM (no
-#     prebuilt download): see ARCHITECTURE notes in README "Prerequisites";
+#   - the nightly toolchain pinned in Cargo.toml ([workspace.metadata.toolchain]),
+#     with rust-src (the eBPF crate builds core from source) and clippy;
+#   - the pinned bpf-linker from crates.io, built against that nightly's own
+#     libLLVM (no prebuilt download): see docs/kernels.md;
 #   - the Debian packages the tests drive (haproxy, iperf3, nftables, prometheus
 #     with promtool, curl, ...).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-NIGHTLY=${OBSERVER_NIGHTLY:-nightly}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# The pins: one place, the workspace manifest.
+pin() { sed -n "/^\[workspace.metadata.toolchain\]/,/^\[/ s/^$1 = \"\(.*\)\"/\1/p" "$ROOT/Cargo.toml"; }
+NIGHTLY=$(pin nightly)
+BPF_LINKER=$(pin bpf-linker)
+if [[ -z "$NIGHTLY" || -z "$BPF_LINKER" ]]; then
+  log "error: $ROOT/Cargo.toml has no [workspace.metadata.toolchain] nightly/bpf-linker pins"
+  exit 1
+fi
 # Where bpf-linker's libLLVM links live. The path is baked into the binary as its
 # run path, so it must stay put: keep it outside the work tree.
 LLVM_PREFIX_DIR=${OBSERVER_LLVM_PREFIX:-$HOME/.local/share/observer/llvm-prefix}
@@ -38,15 +47,22 @@ if ((${#missing[@]})); then
   done
 fi
 
-# --- nightly toolchain with rust-src ----------------------------------------
-if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
-  log "installing toolchain ${NIGHTLY}"
-  rustup toolchain install "$NIGHTLY" --profile minimal
+# --- the pinned nightly, with rust-src and clippy -----------------------------
+if ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src'; then
+  log "installing toolchain ${NIGHTLY} with rust-src and clippy"
+  if ! rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --component clippy; then
+    log "error: could not install ${NIGHTLY}, the nightly pinned in Cargo.toml [workspace.metadata.toolchain]."
+    log "       The kernel crate is verified with that nightly only; install it with"
+    log "       'rustup toolchain install ${NIGHTLY} --component rust-src --component clippy'"
+    log "       where rustup can reach its distribution server, then run this script again."
+    exit 1
+  fi
 fi
-if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
-  log "adding rust-src to ${NIGHTLY}"
-  rustup component add rust-src --toolchain "$NIGHTLY"
+if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^clippy'; then
+  rustup component add clippy --toolchain "$NIGHTLY"
 fi
+# A dated channel names one build; say which, so a log shows what built the programs.
+log "kernel crate toolchain: $(rustc +"$NIGHTLY" -V)"
 
 # --- bpf-linker against the nightly's libLLVM --------------------------------
 sysroot=$(rustc +"$NIGHTLY" --print sysroot)
@@ -58,8 +74,9 @@ if [[ -z "$llvm_lib" ]]; then
 fi
 want_feature="llvm-${llvm_major}"
 stamp="$LLVM_PREFIX_DIR/bpf-linker.stamp"
-if ! command -v bpf-linker >/dev/null 2>&1 || [[ "$(cat "$stamp" 2>/dev/null)" != "$sysroot/lib/$llvm_lib" ]]; then
-  log "building bpf-linker (${want_feature}) against $sysroot/lib/$llvm_lib (about a minute)"
+want_stamp="bpf-linker $BPF_LINKER $sysroot/lib/$llvm_lib"
+if ! command -v bpf-linker >/dev/null 2>&1 || [[ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]]; then
+  log "building bpf-linker ${BPF_LINKER} (${want_feature}) against $sysroot/lib/$llvm_lib (about a minute)"
   mkdir -p "$LLVM_PREFIX_DIR/lib"
   ln -sfn "$sysroot/lib/$llvm_lib" "$LLVM_PREFIX_DIR/lib/libLLVM.so"
   ln -sfn "$sysroot/lib/$llvm_lib" "$LLVM_PREFIX_DIR/lib/$llvm_lib"
@@ -67,8 +84,14 @@ if ! command -v bpf-linker >/dev/null 2>&1 || [[ "$(cat "$stamp" 2>/dev/null)" !
   # libLLVM-22-rust-...): link every name the sysroot has, so the run path finds it.
   for f in "$sysroot"/lib/libLLVM*.so*; do ln -sfn "$f" "$LLVM_PREFIX_DIR/lib/$(basename "$f")"; done
   LLVM_PREFIX="$LLVM_PREFIX_DIR" RUSTFLAGS="-C link-args=-Wl,-rpath,$LLVM_PREFIX_DIR/lib" \
-    cargo install --locked bpf-linker --version '^0.13' --no-default-features --features "$want_feature"
-  echo "$sysroot/lib/$llvm_lib" >"$stamp"
+    cargo install --locked --force bpf-linker --version "=$BPF_LINKER" --no-default-features --features "$want_feature"
+  echo "$want_stamp" >"$stamp"
+fi
+
+have=$(bpf-linker --version 2>/dev/null | awk '{print $2}')
+if [[ "$have" != "$BPF_LINKER" ]]; then
+  log "error: bpf-linker on PATH is '${have:-missing}', Cargo.toml pins ${BPF_LINKER}: is another one earlier on PATH ($(command -v bpf-linker))?"
+  exit 1
 fi
 
 # tracefs is needed by classic tracepoints; mount it if the host has not.
