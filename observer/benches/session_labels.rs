@@ -40,7 +40,7 @@ fn enricher(labels: &[SessionLabel]) -> Enricher {
         service_ports: vec![parse_service_ports("8000-8099").unwrap()],
         series_ttl: Duration::from_secs(1800),
         pod_log_dir: "/var/log/pods".into(),
-        cgroup_root: observer::cgroup::cgroup2_root(),
+        cgroup_root: observer::kernel::cgroup::cgroup2_root(),
         ..Default::default()
     })
     .unwrap()

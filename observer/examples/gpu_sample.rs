@@ -11,10 +11,7 @@
 use std::{path::Path, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use observer::{
-    gpu::{Gpu, GpuArgs},
-    pods::DEFAULT_POD_LOG_DIR,
-};
+use observer::{cli::gpu_flags::GpuArgs, enrich::pods::DEFAULT_POD_LOG_DIR, gpu::Gpu};
 use prometheus::{Encoder, Registry, TextEncoder};
 
 #[derive(Parser)]
@@ -30,7 +27,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Pods are named from the kubelet's log directory, where `observer run`
     // looks by default; a host without one maps no process to a pod.
-    let gpu = match Gpu::start(&cli.gpu, Path::new(DEFAULT_POD_LOG_DIR)) {
+    let gpu = match Gpu::start(&cli.gpu.config(), Path::new(DEFAULT_POD_LOG_DIR)) {
         Ok(gpu) => gpu,
         Err(why) => {
             eprintln!("gpu_sample: {why}");

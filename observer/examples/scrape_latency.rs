@@ -19,8 +19,8 @@ use std::{
 };
 
 use observer::{
-    labels::parse_label,
     metrics::Metrics,
+    metrics::labels::parse_label,
     server::{AppState, router, serve},
     session::{Protocol, Session},
 };

@@ -1,5 +1,5 @@
 //! One error type for the whole program, and the exit code each kind maps to.
-use crate::btf::BtfError;
+use crate::kernel::btf::BtfError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

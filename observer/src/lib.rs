@@ -1,32 +1,35 @@
 //! observer: per-session network goodput measured from the kernel with eBPF,
-//! served as Prometheus metrics. See README.md for the design and metrics.
-pub mod btf;
-pub mod cgroup;
-pub mod check;
-pub mod cli;
-pub mod config;
-pub mod detect;
-pub mod drops;
-pub mod enrich;
+//! served as Prometheus metrics. README.md says what it measures; docs/ how.
+//!
+//! The modules follow the data, bottom to top; each imports only those above
+//! it in this list (and the two shared files), never one below:
+//!
+//! ```text
+//! kernel hooks (observer-ebpf) -> maps, ring buffers
+//!   kernel/    BTF facts, hook selection, loading and attaching, table copies
+//!   enrich/    session labels: owner (process, container, pod), peer, country
+//!   metrics/   the families a session updates, static labels, self-telemetry
+//!   pipeline/  ring readers and scrapes: kernel records -> enrich -> metrics
+//!   gpu/       NVML sampling, its own families
+//!   server/    HTTP: /metrics, /healthz, /readyz, /api/v1/snapshot
+//!   cli/       command line, configuration, `run` and `check`, logging
+//! ```
+//!
+//! Shared by every layer: [`session`] (a closed session, its goodput, the
+//! interface filter) and [`error`] (one error type and its exit codes).
 pub mod error;
-pub mod families;
-pub mod gpu;
-pub mod iface_stats;
-pub mod interfaces;
-pub mod labels;
-pub mod live;
-pub mod loader;
-pub mod logging;
-pub mod memory;
-pub mod metrics;
-pub mod pipeline;
-pub mod pods;
-pub mod privileges;
-pub mod probes;
-pub mod run;
-pub mod server;
 pub mod session;
-pub mod session_log;
-pub mod snapshot;
-pub mod table_copy;
-pub mod telemetry;
+
+pub mod kernel;
+
+pub mod enrich;
+
+pub mod metrics;
+
+pub mod pipeline;
+
+pub mod gpu;
+
+pub mod server;
+
+pub mod cli;

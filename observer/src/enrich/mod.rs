@@ -2,10 +2,14 @@
 //! (process, container, pod, namespace) and where its peer is (network group,
 //! country, service port). Each is opt-in, computed once per closed session
 //! in userspace, and held to a cardinality budget; label sets not seen for
-//! the series TTL leave the exposition.
+//! the series TTL leave the exposition. [`pods`] maps cgroups and processes
+//! to Kubernetes pods, for these labels and for GPU processes.
+//!
+//! Layer: above kernel; below metrics, pipeline, gpu, server and cli.
 pub mod budget;
 pub mod geoip;
 pub mod peers;
+pub mod pods;
 pub mod series;
 pub mod workload;
 

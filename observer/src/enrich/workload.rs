@@ -3,7 +3,7 @@
 //!
 //! The id is the inode number of the cgroup's directory in the cgroup v2
 //! filesystem. [`CgroupIndex`] walks that tree to map ids to paths, and
-//! [`crate::pods`] reads the pod UID and container id out of the path and the
+//! [`crate::enrich::pods`] reads the pod UID and container id out of the path and the
 //! pod's namespace and name out of the kubelet's pod log directory. Nothing
 //! here blocks on anything but the in-memory cgroup and log directories; what
 //! cannot be found is empty.
@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::pods::{self, CgroupPod, Resolver};
+use crate::enrich::pods::{self, CgroupPod, Resolver};
 
 /// What a session's labels say about its workload; empty strings when unknown.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

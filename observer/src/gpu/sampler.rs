@@ -22,7 +22,7 @@ use super::{
     nvml::{self, Fault, Notes, Reading, Session},
     snapshot::{GpuState, MigState, PodMemory, Snapshot},
 };
-use crate::pods::{PodLookup, Resolver};
+use crate::enrich::pods::{PodLookup, Resolver};
 
 /// Re-initialisation delays: 1 s, doubling, at most a minute. The upper bound
 /// keeps a node whose driver arrives late (GPU operator) from waiting long.

@@ -1,18 +1,28 @@
-//! Command line. Values are checked by clap's parsers so a bad one exits with
-//! code 2 and a message that says what was wrong and what would be right.
+//! The program's front: the command line ([`Cli`]; values are checked by
+//! clap's parsers so a bad one exits with code 2 and a message that says what
+//! was wrong and what would be right), where settings come from ([`config`]),
+//! the `run` and `check` commands, and the observer's own log ([`logging`]).
+//!
+//! Layer: the top. It may import every other layer; nothing imports it.
+pub mod check;
+pub mod config;
+pub mod gpu_flags;
+pub mod logging;
+pub mod run;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    btf::DEFAULT_BTF_PATH,
+    cli::logging::LogArgs,
     enrich::{
         SessionLabel, parse_label_limit,
         peers::{PeerGroup, parse_peer_group, parse_service_ports},
     },
-    labels::{StaticLabel, parse_label},
-    logging::LogArgs,
-    probes::ProbeMode,
+    kernel::btf::DEFAULT_BTF_PATH,
+    kernel::probes::ProbeMode,
+    metrics::labels::{StaticLabel, parse_label},
 };
 
 /// Default address of the metrics server: loopback only, so a node agent never
@@ -187,7 +197,7 @@ pub struct RunArgs {
     pub web_config_file: Option<PathBuf>,
     /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
     /// which names the pods that processes' cgroups point to.
-    #[arg(long, value_name = "PATH", default_value = crate::pods::DEFAULT_POD_LOG_DIR)]
+    #[arg(long, value_name = "PATH", default_value = crate::enrich::pods::DEFAULT_POD_LOG_DIR)]
     pub pod_log_dir: PathBuf,
     /// Keep the kernel's BPF run-time statistics on while the observer runs,
     /// for observer_bpf_program_runs_total and _run_seconds_total. The switch
@@ -197,7 +207,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub bpf_stats: bool,
     #[command(flatten)]
-    pub gpu: crate::gpu::GpuArgs,
+    pub gpu: gpu_flags::GpuArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
     #[command(flatten)]
@@ -211,22 +221,13 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 /// `250ms`, `30s`, `1.5s`, `5m`: a number and a unit, greater than zero. The
 /// one duration syntax of every flag.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let example = "for example 500ms, 30s, 1.5s or 2m";
-    let n: f64 = number
-        .parse()
-        .ok()
-        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
-        .ok_or_else(|| format!("`{s}` is not a duration ({example})"))?;
-    let seconds = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "" => return Err(format!("`{s}` has no unit ({example})")),
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m; {example})")),
-    };
-    let d = Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{s}` is too long ({example})"))?;
+    let example = "for example 500ms, 30s, 1.5s, 2m, 1h or 1d";
+    let d = humantime::parse_duration(s).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+            format!("`{s}` has no unit ({example})")
+        }
+        e => format!("`{s}` is not a duration: {e} ({example})"),
+    })?;
     if d.is_zero() {
         return Err(format!("`{s}` is zero ({example})"));
     }
@@ -326,7 +327,10 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("30").unwrap_err().contains("has no unit"));
-        assert!(parse_duration("5h").unwrap_err().contains("unknown unit `h`"));
+        assert_eq!(parse_duration("5h"), Ok(Duration::from_secs(5 * 3600)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("5x").unwrap_err().contains("not a duration"));
         assert!(parse_duration("s").unwrap_err().contains("not a duration"));
         assert!(parse_duration("-1s").unwrap_err().contains("not a duration"));
         assert!(parse_duration("0s").unwrap_err().contains("is zero"));
@@ -353,7 +357,7 @@ mod tests {
             (&["--peer-group", "10.0.0.0/40=x"][..], "not a CIDR network"),
             (&["--service-port", "0"][..], "not a port"),
             (&["--label-limit", "peer_port=none"][..], "at least 1"),
-            (&["--series-ttl", "1h"][..], "unknown unit"),
+            (&["--series-ttl", "10"][..], "has no unit"),
             (&["--max-sessions", "0"][..], "at least 1"),
             (&["--max-sessions", "-1"][..], "not a whole number"),
             (&["--max-sessions", "4194305"][..], "preallocated kernel memory"),
@@ -368,6 +372,12 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(needle), "{args:?}: {text}");
         }
+    }
+
+    #[test]
+    fn durations_in_hours_and_days() {
+        let r = run_args(&["--series-ttl", "1d", "--udp-idle-timeout", "1h"]).unwrap();
+        assert_eq!((r.series_ttl, r.udp_idle_timeout), (Duration::from_secs(86_400), Duration::from_secs(3600)));
     }
 
     #[test]

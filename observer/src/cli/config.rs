@@ -269,7 +269,7 @@ mod tests {
         assert_eq!(r.ifaces, ["lo"]);
         assert_eq!(r.udp_idle_timeout, Duration::from_secs(10));
         assert_eq!(r.gpu.mode, crate::gpu::GpuMode::Off);
-        assert_eq!(r.kernel.probes, crate::probes::ProbeMode::Tracepoint);
+        assert_eq!(r.kernel.probes, crate::kernel::probes::ProbeMode::Tracepoint);
     }
 
     /// The one test that sets environment variables (they are process-wide).

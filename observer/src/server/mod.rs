@@ -1,6 +1,9 @@
 //! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz,
-//! /api/v1/snapshot (JSON summary, see [`crate::snapshot`]), served by a hardened connection loop (see [`serve`]),
+//! /api/v1/snapshot (JSON summary, see [`crate::server::snapshot`]), served by a hardened connection loop (see [`serve`]),
 //! optionally over TLS and behind basic authentication (see [`web_config`]).
+//!
+//! Layer: above metrics and pipeline (a scrape asks the pipeline for live
+//! bytes, then renders the metrics); below cli only.
 use std::{
     sync::{
         Arc, OnceLock,
@@ -22,6 +25,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::{metrics::Metrics, pipeline::Pipeline};
 
 mod conn;
+pub mod snapshot;
 pub mod web_config;
 
 pub use conn::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, serve};
@@ -98,7 +102,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// Reads the histograms as they are: sessions are accounted when they close,
 /// so there is no kernel state to refresh first (unlike `/metrics`).
 async fn snapshot(State(state): State<Arc<AppState>>) -> Response {
-    let body = crate::snapshot::build(&state.metrics.gather()).to_string();
+    let body = crate::server::snapshot::build(&state.metrics.gather()).to_string();
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

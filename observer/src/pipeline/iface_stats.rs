@@ -79,7 +79,8 @@ impl InterfaceStats {
             // the interface's transmit drops, so drops / (drops + packets) is
             // the share of what the host tried to send.
             let mut cur = *cur;
-            cur.tx_drops += crate::interfaces::index_of(name).and_then(|i| qdisc.get(&i)).copied().unwrap_or(0);
+            cur.tx_drops +=
+                crate::pipeline::interfaces::index_of(name).and_then(|i| qdisc.get(&i)).copied().unwrap_or(0);
             let cur = &cur;
             let prev = self.seen.get(name).copied().unwrap_or_default();
             let d = |c: u64, p: u64| if c >= p { c - p } else { c };

@@ -4,8 +4,8 @@
 use std::{collections::BTreeSet, path::Path};
 
 use crate::{
-    btf::{DEFAULT_BTF_PATH, KernelBtf},
-    probes::{Concern, KernelFacts, Target, Tier},
+    kernel::btf::{DEFAULT_BTF_PATH, KernelBtf},
+    kernel::probes::{Concern, KernelFacts, Target, Tier},
 };
 
 /// perf's kprobe PMU: aya attaches kprobes through it. Absent when the kernel
@@ -32,7 +32,7 @@ pub fn kernel_facts(btf: &KernelBtf, fentry: Result<(), String>) -> KernelFacts 
                 let present = match attach.target() {
                     Target::Tracepoint(tp) => btf.has_btf_tracepoint(tp),
                     Target::Function(f) => btf.has_function(f),
-                    Target::Cgroup2 => crate::cgroup::cgroup2_root().is_some(),
+                    Target::Cgroup2 => crate::kernel::cgroup::cgroup2_root().is_some(),
                 };
                 if present {
                     targets.insert(attach.target());

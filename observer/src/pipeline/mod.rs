@@ -1,6 +1,18 @@
 //! From the kernel to metrics: closed TCP sessions from the ring buffer, UDP
 //! flows ended by release or idle timeout, live throughput of open sessions at
-//! every scrape, and the kernel's lost-data counters.
+//! every scrape, drops and interface counters, and the kernel's lost-data
+//! counters. Each closed session is labelled by [`crate::enrich`] and recorded
+//! in [`crate::metrics`].
+//!
+//! Layer: above kernel, enrich and metrics, which it drives; below gpu, server
+//! and cli, which must not be imported from here.
+pub mod drops;
+pub mod iface_stats;
+pub mod interfaces;
+pub mod live;
+pub mod memory;
+pub mod session_log;
+
 use std::{
     mem::size_of,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -20,15 +32,15 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use crate::{
-    drops::DropCounters,
     enrich::Enricher,
     error::Error,
-    iface_stats::InterfaceStats,
-    live::LiveCounts,
+    kernel::table_copy,
     metrics::{LOST_SOURCES, Metrics},
+    pipeline::drops::DropCounters,
+    pipeline::iface_stats::InterfaceStats,
+    pipeline::live::LiveCounts,
+    pipeline::session_log::SessionLog,
     session::{Direction, IfaceFilter, Protocol, Session},
-    session_log::SessionLog,
-    table_copy,
 };
 
 /// Settings of the pipeline, from the command line.
@@ -324,7 +336,7 @@ impl Pipeline {
         if open.len() >= LARGE_COPY {
             // The copy is freed when this returns.
             drop(open);
-            crate::memory::release_free();
+            crate::pipeline::memory::release_free();
         }
     }
 

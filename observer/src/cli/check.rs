@@ -2,10 +2,13 @@
 use std::fmt::Write as _;
 
 use crate::{
-    btf::KernelBtf,
     cli::KernelArgs,
-    detect, drops, loader, privileges,
-    probes::{self, Concern, KernelFacts, Tier},
+    kernel::btf::KernelBtf,
+    kernel::detect,
+    kernel::loader,
+    kernel::privileges,
+    kernel::probes::{self, Concern, KernelFacts, Tier},
+    pipeline::drops,
 };
 
 /// The report and whether `run` would work.

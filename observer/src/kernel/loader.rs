@@ -9,9 +9,9 @@ use aya::{
 use observer_common::Settings;
 
 use crate::{
-    btf::KernelBtf,
     error::Error,
-    probes::{Attach, Hook, Plan},
+    kernel::btf::KernelBtf,
+    kernel::probes::{Attach, Hook, Plan},
 };
 
 /// The kernel programs, compiled by build.rs for the bpf target.
@@ -155,7 +155,7 @@ impl Kernel {
 }
 
 fn cgroup_root() -> Result<File, ProgramError> {
-    let root = crate::cgroup::cgroup2_root()
+    let root = crate::kernel::cgroup::cgroup2_root()
         .ok_or_else(|| ProgramError::IOError(std::io::Error::other("no cgroup v2 hierarchy is mounted")))?;
     File::open(&root).map_err(ProgramError::IOError)
 }

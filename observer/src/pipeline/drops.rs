@@ -7,7 +7,7 @@ use std::{collections::HashMap, ffi::CStr, fs, os::unix::fs::MetadataExt};
 use aya::maps::{IterableMap, MapData, PerCpuHashMap};
 use observer_common::{DROP_REASON_UNKNOWN, DropKey, Settings, drop_kind};
 
-use crate::{btf::KernelBtf, metrics::Metrics, session::IfaceFilter};
+use crate::{kernel::btf::KernelBtf, metrics::Metrics, session::IfaceFilter};
 
 /// The enum whose enumerators name drop reasons (5.17+).
 const REASON_ENUM: &str = "skb_drop_reason";
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn reasons_come_from_this_kernel() {
-        let Ok(btf) = KernelBtf::open(std::path::Path::new(crate::btf::DEFAULT_BTF_PATH)) else { return };
+        let Ok(btf) = KernelBtf::open(std::path::Path::new(crate::kernel::btf::DEFAULT_BTF_PATH)) else { return };
         let names = reason_names(&btf);
         assert!(names.values().any(|n| n == "netfilter_drop"), "{names:?}");
         assert!(names.values().any(|n| n == "socket_rcvbuff"), "{names:?}");

@@ -1,9 +1,22 @@
 //! Prometheus metric families and how a closed session updates them.
 //!
-//! Bucket layouts are fixed and documented in the README. Label sets: the
+//! - this file: [`Metrics`], every session, drop and interface family and the
+//!   arithmetic a closed session or a live delta goes through;
+//! - [`families`]: counter and histogram families with their own text exposition;
+//! - [`labels`]: the operator's static labels;
+//! - [`telemetry`]: the observer's metrics about itself.
+//!
+//! Bucket layouts are fixed and documented in docs/sessions.md. Label sets: the
 //! observer's own (`direction`, `protocol`, ...), then on session families the
 //! session labels the operator turned on (`crate::enrich`), then the
 //! operator's static labels.
+//!
+//! Layer: above kernel and enrich (it names hooks and session labels); below
+//! pipeline, gpu, server and cli.
+pub mod families;
+pub mod labels;
+pub mod telemetry;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -15,9 +28,9 @@ use std::{
 use prometheus::{GaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
-    families::{Counter, CounterFamily, Families, Histogram, HistogramFamily},
-    labels::StaticLabel,
-    probes::Hook,
+    kernel::probes::Hook,
+    metrics::families::{Counter, CounterFamily, Families, Histogram, HistogramFamily},
+    metrics::labels::StaticLabel,
     session::{Direction, Protocol, Session},
 };
 
@@ -89,7 +102,7 @@ pub struct Metrics {
     /// Length of the last exposition, to size the next one's buffer at once.
     encoded_len: AtomicUsize,
     /// The observer's own health: table usage, scrape duration, process_*.
-    pub telemetry: crate::telemetry::SelfMetrics,
+    pub telemetry: crate::metrics::telemetry::SelfMetrics,
     /// Handles of the session families' series by session label values, so
     /// a closed session costs one lookup instead of hashing its label values
     /// once per family and direction.
@@ -221,7 +234,7 @@ impl Metrics {
 
         registry.register(Box::new(probe_info.clone()))?;
         registry.register(Box::new(build_info))?;
-        let telemetry = crate::telemetry::SelfMetrics::new(&registry)?;
+        let telemetry = crate::metrics::telemetry::SelfMetrics::new(&registry)?;
 
         let static_values: Vec<&str> = static_labels.iter().map(|l| l.value.as_str()).collect();
         let live = Protocol::ALL.map(|p| {
@@ -458,7 +471,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::labels::parse_label;
+    use crate::metrics::labels::parse_label;
 
     #[test]
     fn goodput_buckets_span_1kb_to_100gb_four_per_decade() {

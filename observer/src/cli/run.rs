@@ -13,20 +13,22 @@ use tokio::{
 };
 
 use crate::{
-    btf::KernelBtf,
     cli::RunArgs,
-    detect,
-    drops::{self, DropCounters},
     enrich::{EnrichConfig, Enricher},
     error::Error,
-    interfaces, labels, loader,
+    kernel::btf::KernelBtf,
+    kernel::detect,
+    kernel::loader,
+    kernel::privileges,
+    kernel::probes::{self, Concern, ProbeMode},
     metrics::Metrics,
+    metrics::labels,
+    metrics::telemetry,
+    pipeline::drops::{self, DropCounters},
+    pipeline::interfaces,
+    pipeline::session_log::SessionLog,
     pipeline::{KernelMaps, Pipeline, PipelineConfig, Stop, StopSender},
-    privileges,
-    probes::{self, Concern, ProbeMode},
     server::{AppState, router, serve, web_config},
-    session_log::SessionLog,
-    telemetry,
 };
 
 pub async fn run(args: RunArgs) -> Result<(), Error> {
@@ -59,7 +61,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         limits: args.label_limits.clone(),
         series_ttl: args.series_ttl,
         pod_log_dir: args.pod_log_dir.clone(),
-        cgroup_root: crate::cgroup::cgroup2_root(),
+        cgroup_root: crate::kernel::cgroup::cgroup2_root(),
     })
     .map_err(Error::Usage)?;
     labels::validate_against(&args.labels, &enricher.names()).map_err(Error::Usage)?;
@@ -68,7 +70,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     );
     // GPU statistics sample on their own thread and never delay a scrape;
     // `--gpu required` refuses to start (exit 2) when NVML cannot.
-    let gpu = crate::gpu::Gpu::start(&args.gpu, &args.pod_log_dir).map_err(Error::Usage)?;
+    let gpu = crate::gpu::Gpu::start(&args.gpu.config(), &args.pod_log_dir).map_err(Error::Usage)?;
     gpu.collector()
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("GPU metrics: {e}")))?;
@@ -173,7 +175,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // the agent's resident memory is what it uses while running.
     drop(btf);
     kernel.release_btf();
-    crate::memory::release_free();
+    crate::pipeline::memory::release_free();
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on {scheme}://{local}/metrics");
     tracing::info!(listen = %local, "ready");
@@ -218,7 +220,7 @@ async fn shutdown(
     let drained = tokio::time::timeout(budget.saturating_sub(started.elapsed()), async {
         while let Some(result) = readers.join_next().await {
             if let Ok(Err(e)) = result {
-                tracing::warn!(error = %crate::loader::chain(&e), "a session reader failed while draining");
+                tracing::warn!(error = %crate::kernel::loader::chain(&e), "a session reader failed while draining");
             }
         }
     })
@@ -240,7 +242,7 @@ async fn shutdown(
 fn task_end(r: Result<Result<(), Error>, tokio::task::JoinError>) -> String {
     match r {
         Ok(Ok(())) => "it returned".into(),
-        Ok(Err(e)) => crate::loader::chain(&e),
+        Ok(Err(e)) => crate::kernel::loader::chain(&e),
         Err(e) => e.to_string(),
     }
 }
