@@ -10,6 +10,7 @@ use aya_ebpf::{
 use observer_common::{DROP_REASON_UNKNOWN, DropKey, LostSource, drop_kind};
 
 use crate::{
+    diag,
     kernel::{Btf, Mem, Probe, netns_ino, offset, settings},
     maps::{BPF_NOEXIST, EEXIST, count_lost},
 };
@@ -39,7 +40,12 @@ fn count(key: &DropKey) {
                 unsafe { *slot += 1 };
             }
         }
-        Err(_) => count_lost(LostSource::DropTableFull),
+        Err(_) => {
+            count_lost(LostSource::DropTableFull);
+            if diag::on() {
+                diag::drop_table_full(key.kind, key.reason, key.ifindex);
+            }
+        }
     }
 }
 

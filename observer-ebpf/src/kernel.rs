@@ -239,6 +239,13 @@ pub fn current_cgroup_id() -> u64 {
     unsafe { bpf_get_current_cgroup_id() }
 }
 
+/// Local and remote port of a socket, in host order (0 if unreadable).
+#[inline(always)]
+pub fn ports<M: Mem>(sk: *const u8) -> (u16, u16) {
+    let port = |offset| u16::from_be(M::read::<u16>(sk, offset).unwrap_or(0));
+    (port(offset!(inet_sport)), port(offset!(skc_dport)))
+}
+
 /// Inode of the socket's network namespace, 0 if unreadable.
 #[inline(always)]
 pub fn netns_ino<M: Mem>(sk: *const u8) -> u32 {

@@ -18,6 +18,7 @@
 #![no_std]
 #![no_main]
 
+mod diag;
 mod drops;
 mod kernel;
 mod maps;

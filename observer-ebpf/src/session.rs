@@ -16,9 +16,10 @@ use observer_common::{
 };
 
 use crate::{
+    diag,
     kernel::{
         Mem, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, jiffies, netns_ino, now_ns,
-        offset, zeroed,
+        offset, ports, zeroed,
     },
     maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost, wake_flags},
 };
@@ -125,6 +126,9 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
             // values"); its socket is gone, so no hook writes it.
             if let Some(stale) = unsafe { OPEN_SESSIONS.get(&key) } {
                 count_lost(LostSource::SessionCloseMissed);
+                if diag::on() {
+                    diag::session_close_missed(stale.pid, stale.live_tx, stale.live_rx);
+                }
                 report_missed_close(key, stale);
             }
             OPEN_SESSIONS.insert(&key, &*start, 0)
@@ -133,6 +137,10 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
     };
     if inserted.is_err() {
         count_lost(LostSource::SessionTableFull);
+        if diag::on() {
+            let (local, remote) = ports::<M>(tp);
+            diag::session_table_full(local, remote, new);
+        }
     }
 }
 
@@ -173,6 +181,10 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
         let state = state_of::<M>(tp);
         if !tcp_state::adoptable(state) {
+            if state != tcp_state::CLOSE && diag::on() {
+                let (local, remote) = ports::<M>(tp);
+                diag::unexpected_state(local, remote, state);
+            }
             return;
         }
         let now = now_ns();
@@ -184,8 +196,16 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
         adopt::<M>(tp, start);
         fill_owner(start);
         start.last_call_ns = now;
-        if OPEN_SESSIONS.insert(&key, start, 0).is_err() {
+        let inserted = OPEN_SESSIONS.insert(&key, start, 0);
+        if inserted.is_err() {
             count_lost(LostSource::SessionTableFull);
+        }
+        if diag::on() {
+            let (local, remote) = ports::<M>(tp);
+            match inserted {
+                Ok(()) => diag::adopted(local, remote, state),
+                Err(_) => diag::session_table_full(local, remote, state),
+            }
         }
         return;
     };
@@ -435,7 +455,6 @@ fn fill_record<M: Mem>(r: &mut SessionRecord, sk: *const u8, tp: *const u8, star
     r.family = family;
     r.local_addr = addr_bytes(local);
     r.remote_addr = addr_bytes(remote);
-    r.local_port = u16::from_be(M::read::<u16>(tp, offset!(inet_sport)).unwrap_or(0));
-    r.remote_port = u16::from_be(M::read::<u16>(tp, offset!(skc_dport)).unwrap_or(0));
+    (r.local_port, r.remote_port) = ports::<M>(tp);
     r._pad0 = 0;
 }

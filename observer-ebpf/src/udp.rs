@@ -10,6 +10,7 @@ use observer_common::{
 };
 
 use crate::{
+    diag,
     kernel::{
         Mem, Probe, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, netns_ino, now_ns, offset,
         zeroed,
@@ -81,9 +82,12 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
     current_comm(&mut flow.comm);
     if UDP_FLOWS.insert(&key, &flow, 0).is_err() {
         count_lost(LostSource::UdpFlowTableFull);
+        if diag::on() {
+            diag::udp_flow_table_full(flow.local_port, key.peer_port);
+        }
         return;
     }
-    note_flow(&key);
+    note_flow(&key, flow.local_port);
 }
 
 /// Records a new flow of its socket in `UDP_SOCKETS`: the first flow's key, or
@@ -91,7 +95,7 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
 /// where no entry is makes two first flows racing on two CPUs end as one
 /// first and `many`, never as two firsts of which one is forgotten.
 #[inline(always)]
-fn note_flow(key: &UdpFlowKey) {
+fn note_flow(key: &UdpFlowKey, local_port: u16) {
     let first = UdpSocketFlows { first: *key, many: 0, _pad0: 0 };
     let Err(e) = UDP_SOCKETS.insert(&key.sk, &first, BPF_NOEXIST) else {
         return;
@@ -100,6 +104,9 @@ fn note_flow(key: &UdpFlowKey) {
         // Full: this socket's release will not be reported. Userspace ends
         // its flows at the idle timeout, finding the socket absent here.
         count_lost(LostSource::UdpSocketTableFull);
+        if diag::on() {
+            diag::udp_socket_table_full(local_port, key.peer_port);
+        }
     } else if let Some(known) = UDP_SOCKETS.get_ptr_mut(&key.sk) {
         // SAFETY: the value of a successful lookup (see `maps`, "Map
         // values"); a racing writer only sets `many` too.

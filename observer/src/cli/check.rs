@@ -68,6 +68,7 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
             observer_common::Settings::default(),
             crate::cli::DEFAULT_MAX_SESSIONS,
             crate::cli::DEFAULT_MAX_UDP_FLOWS,
+            false,
         ) {
             Ok(mut kernel) => kernel.probe_fentry(),
             Err(e) => Err(format!("not probed: {}", loader::chain(&e))),

@@ -21,7 +21,9 @@ pub struct LogArgs {
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter: a level (error, warn, info, debug, trace) or per-module
-    /// directives such as `info,observer=debug`.
+    /// directives such as `info,observer=debug`. A filter that shows debug
+    /// records of target `observer_ebpf` also has the kernel programs log
+    /// rare events (a table full, ...), which they skip otherwise.
     // OBSERVER_LOG rather than the generic OBSERVER_LOG_LEVEL: the variable
     // this filter was always read from.
     #[arg(long, value_name = "FILTER", env = "OBSERVER_LOG", default_value = DEFAULT_LEVEL, value_parser = parse_filter)]
@@ -98,6 +100,23 @@ mod tests {
         assert_eq!(lines[0]["fields"]["listen"], "127.0.0.1:9470");
         assert_eq!(lines[1]["fields"]["reason"], "a \"quoted\" reason\nover two lines");
         assert!(lines[1]["timestamp"].is_string());
+    }
+
+    /// The kernel programs' diagnostics are switched on exactly when the
+    /// filter would show their debug records.
+    #[test]
+    fn kernel_diagnostics_follow_the_filter() {
+        let wanted = |level: &str| {
+            let args = LogArgs { log_format: LogFormat::Text, log_level: level.into() };
+            tracing::subscriber::with_default(subscriber(&args, std::io::sink), crate::kernel::diagnostics::wanted)
+        };
+        // A directive's target matches by prefix: `observer` covers `observer_ebpf`.
+        for level in ["debug", "trace", "info,observer_ebpf=debug", "warn,observer_ebpf=trace", "info,observer=debug"] {
+            assert!(wanted(level), "{level}");
+        }
+        for level in ["info", "warn", "debug,observer_ebpf=info", "info,observer::cli=debug"] {
+            assert!(!wanted(level), "{level}");
+        }
     }
 
     #[test]

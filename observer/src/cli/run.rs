@@ -18,6 +18,7 @@ use crate::{
     error::Error,
     kernel::btf::KernelBtf,
     kernel::detect,
+    kernel::diagnostics as kernel_diagnostics,
     kernel::loader,
     kernel::privileges,
     kernel::probes::{self, Concern, ProbeMode},
@@ -96,7 +97,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         tracing::info!("BPF run-time statistics left as the kernel has them (--bpf-stats=false)");
         None
     };
-    let mut kernel = loader::load(&btf, settings, args.max_sessions, args.max_udp_flows)?;
+    let diagnostics = kernel_diagnostics::wanted();
+    let mut kernel = loader::load(&btf, settings, args.max_sessions, args.max_udp_flows, diagnostics)?;
+    // Read from now on, before any program runs; ends with the runtime.
+    let _kernel_log = if diagnostics { kernel_diagnostics::start(&mut kernel.ebpf) } else { None };
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
     let plan = probes::select(&facts, args.kernel.probes);

@@ -37,8 +37,15 @@ pub struct Kernel {
 /// Loads the object with the running kernel's field offsets written into it.
 /// Maps are created, `OPEN_SESSIONS` with `max_sessions` entries and the two
 /// UDP tables with `max_udp_flows`; programs are loaded only when attached or
-/// probed.
-pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32, max_udp_flows: u32) -> Result<Kernel, Error> {
+/// probed. `diagnostics`: whether the programs log rare events
+/// (`kernel::diagnostics`).
+pub fn load(
+    btf: &KernelBtf,
+    settings: Settings,
+    max_sessions: u32,
+    max_udp_flows: u32,
+    diagnostics: bool,
+) -> Result<Kernel, Error> {
     if KERNEL_OBJECT.is_empty() {
         return Err(Error::NoKernelObject);
     }
@@ -48,17 +55,23 @@ pub fn load(btf: &KernelBtf, settings: Settings, max_sessions: u32, max_udp_flow
     let accept_params = btf.function_params("inet_csk_accept").map_or(0, |n| n as u32);
     let aya_btf = AyaBtf::parse_file(btf.path(), Endianness::default())
         .map_err(|e| Error::Other(format!("parsing kernel BTF {} for the loader: {e}", btf.path().display())))?;
-    let ebpf = EbpfLoader::new()
+    let log_diagnostics = u32::from(diagnostics);
+    let mut loader = EbpfLoader::new();
+    loader
         .btf(Some(&aya_btf))
         .override_global("OFFSETS", &offsets, true)
         .override_global("ACCEPT_RET_ARG", &accept_params, true)
         .override_global("SETTINGS", &settings, true)
+        .override_global("LOG_DIAGNOSTICS", &log_diagnostics, true)
         .map_max_entries("OPEN_SESSIONS", max_sessions)
         // One entry per open socket that has had a flow: sized like the flows.
         .map_max_entries("UDP_FLOWS", max_udp_flows)
-        .map_max_entries("UDP_SOCKETS", max_udp_flows)
-        .load(KERNEL_OBJECT)
-        .map_err(Error::Load)?;
+        .map_max_entries("UDP_SOCKETS", max_udp_flows);
+    if !diagnostics {
+        // Nothing writes aya-log's ring then: one page (its least) instead of 128 KiB.
+        loader.map_max_entries("AYA_LOGS", page_size());
+    }
+    let ebpf = loader.load(KERNEL_OBJECT).map_err(Error::Load)?;
     Ok(Kernel { ebpf, btf: aya_btf, probed: Vec::new(), attached: Vec::new() })
 }
 
@@ -152,6 +165,12 @@ impl Kernel {
         self.attached.push(name);
         Ok(())
     }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
 }
 
 fn cgroup_root() -> Result<File, ProgramError> {

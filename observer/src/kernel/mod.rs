@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod cgroup;
 pub mod detect;
+pub mod diagnostics;
 pub mod loader;
 pub mod privileges;
 pub mod probes;
