@@ -25,12 +25,9 @@ fn deploy_dir() -> PathBuf {
 
 /// Every YAML document of a file, as JSON values (null documents skipped).
 fn yaml_documents(text: &str, origin: &Path) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| {
-            let v: serde_yaml::Value =
-                serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{}: not YAML: {e}", origin.display()));
-            serde_json::to_value(v).unwrap()
-        })
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap_or_else(|e| panic!("{}: not YAML: {e}", origin.display()))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
