@@ -475,7 +475,10 @@ const README_MAX_LINES: usize = 300;
 #[test]
 fn readme_stays_short() {
     let lines = readme().lines().count();
-    assert!(lines <= README_MAX_LINES, "README.md has {lines} lines (at most {README_MAX_LINES}): move detail to docs/");
+    assert!(
+        lines <= README_MAX_LINES,
+        "README.md has {lines} lines (at most {README_MAX_LINES}): move detail to docs/"
+    );
 }
 
 /// Long flags in README's flag table: the leading `--name` of a first cell
@@ -552,7 +555,10 @@ fn metric_literals(dir: &Path, out: &mut BTreeSet<String>) {
 fn readme_metrics_table_lists_every_metric_family() {
     let mut named = BTreeSet::new();
     metric_literals(&workspace_root().join("observer/src"), &mut named);
-    assert!(named.len() >= 30 && named.contains("observer_bytes_total"), "metric names found in observer/src: {named:?}");
+    assert!(
+        named.len() >= 30 && named.contains("observer_bytes_total"),
+        "metric names found in observer/src: {named:?}"
+    );
     let documented = documented_metrics();
     let missing: Vec<&String> = named
         .iter()
@@ -646,7 +652,9 @@ fn metric_name_extraction() {
         ["observer_a_bucket", "observer_not", "process_open_fds"].into_iter().map(String::from).collect()
     );
     assert_eq!(
-        help_flags("Options:\n      --listen <ADDR:PORT>\n          The --not-a-flag mentioned\n  -h, --help\n  -V, --version\n"),
+        help_flags(
+            "Options:\n      --listen <ADDR:PORT>\n          The --not-a-flag mentioned\n  -h, --help\n  -V, --version\n"
+        ),
         ["--help", "--listen", "--version"].into_iter().map(String::from).collect()
     );
     assert_eq!(long_flag("--service-port PORT\\|FIRST-LAST").as_deref(), Some("--service-port"));
