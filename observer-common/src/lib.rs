@@ -403,6 +403,7 @@ pub struct Settings {
     /// Parameters of `tcp:tcp_retransmit_skb` (3 from 6.13: an error code).
     pub tcp_retransmit_args: u32,
 }
+const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 
 /// Payload bytes from the kernel's TCP sequence counters: `bytes_acked` counts
 /// an acknowledged SYN this host sent and an acknowledged FIN, `bytes_received`
@@ -470,6 +471,12 @@ pub mod tcp_state {
     }
 }
 
+/// `aya::Pod`: aya copies these to and from maps and rings as raw bytes, which
+/// is sound for a type whose every byte pattern is a valid value and which has
+/// no padding bytes (they would be read uninitialised). Each type below is
+/// `repr(C)` of integers and integer arrays with any padding spelled out as
+/// `_pad` fields; the size asserted next to its definition fails the build if
+/// a field added later leaves a gap.
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -487,7 +494,7 @@ mod pod {
     unsafe impl aya::Pod for UdpRelease {}
     // SAFETY: repr(C), a flow key, a u32 and explicit padding, size asserted.
     unsafe impl aya::Pod for UdpSocketFlows {}
-    // SAFETY: repr(C), a u64 and four u32s, no padding.
+    // SAFETY: repr(C), a u64 and four u32s, no padding, size asserted.
     unsafe impl aya::Pod for Settings {}
     // SAFETY: repr(C), four u32 fields, size asserted.
     unsafe impl aya::Pod for DropKey {}

@@ -23,7 +23,9 @@ pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(
 #[inline(always)]
 fn count(key: &DropKey) {
     if let Some(slot) = DROPS.get_ptr_mut(key) {
-        // Per-CPU value: no other program writes this CPU's slot concurrently.
+        // SAFETY: this CPU's value of `key` from a successful lookup (see
+        // `maps`, "Map values"). No other CPU writes this CPU's copy; a
+        // program nested on this CPU at worst loses one count.
         unsafe { *slot += 1 };
         return;
     }
@@ -33,6 +35,7 @@ fn count(key: &DropKey) {
         // now exists, and this CPU's slot of it is zero.
         Err(e) if e == -EEXIST => {
             if let Some(slot) = DROPS.get_ptr_mut(key) {
+                // SAFETY: as above, the value a successful lookup returned.
                 unsafe { *slot += 1 };
             }
         }

@@ -6,9 +6,13 @@
 //! to start when one is missing, so programs can trust these values. `.rodata`
 //! is frozen before the programs load, so the verifier reads these offsets as
 //! constants: that is what lets `Btf` load fields directly.
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_skc_to_tcp_sock};
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
+};
 use observer_common::{KernelOffsets, Settings};
 
+// SAFETY: no other symbol of the object is named `OFFSETS`; the loader finds
+// this one by that name to write the offsets into it.
 #[unsafe(no_mangle)]
 pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_acked: 0,
@@ -45,6 +49,7 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
 };
 
 /// Program settings the loader wrote (see `Settings`).
+// SAFETY: the only symbol named `SETTINGS`, which the loader writes by name.
 #[unsafe(no_mangle)]
 static SETTINGS: Settings = Settings {
     active_gap_ns: 0,
@@ -56,6 +61,9 @@ static SETTINGS: Settings = Settings {
 
 #[inline(always)]
 pub fn settings() -> Settings {
+    // SAFETY: a reference to a static is a valid, aligned pointer to an
+    // initialised `Settings`; volatile only so that the compiler reads what
+    // the loader wrote instead of folding the placeholder zeros above.
     unsafe { core::ptr::read_volatile(&SETTINGS) }
 }
 
@@ -66,6 +74,8 @@ pub fn settings() -> Settings {
 /// keeps the compiler from folding the placeholder zeros above into the code.
 macro_rules! offset {
     ($field:ident) => {
+        // SAFETY: a reference to a field of a static: valid, aligned and
+        // initialised (volatile for the reason above).
         unsafe { core::ptr::read_volatile(&$crate::kernel::OFFSETS.$field) }
     };
 }
@@ -107,6 +117,10 @@ pub enum Probe {}
 impl Mem for Probe {
     #[inline(always)]
     fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        // SAFETY: `bpf_probe_read_kernel` copies into a value of our own and
+        // fails (`None`) instead of faulting when the address is unreadable,
+        // so any `base` is sound; `offset` is a field offset of `base`'s
+        // struct from the running kernel's BTF, so the sum stays inside it.
         unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T).ok() }
     }
 
@@ -123,11 +137,19 @@ pub enum Btf {}
 impl Mem for Btf {
     #[inline(always)]
     fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        // SAFETY: `base` is a BTF-typed kernel pointer (a tp_btf or fentry
+        // argument, or a pointer loaded from one's fields) and `offset` one of
+        // its struct's fields (BTF, above). The verifier checks the load
+        // against that type and the JIT turns a faulting one into a read of
+        // zero, so it cannot fault; volatile keeps it one load of `T`'s width.
         Some(unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) })
     }
 
     #[inline(always)]
     fn tcp(sk: *const u8) -> Option<*const u8> {
+        // SAFETY: the helper takes a BTF-typed socket pointer (the verifier
+        // checks that `sk` is one) and returns NULL unless it is a full TCP
+        // socket.
         let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
         if tp.is_null() { None } else { Some(tp) }
     }
@@ -186,7 +208,7 @@ pub fn current_comm(comm: &mut [u8; 16]) {
 /// All-zero bytes must be a valid `T` (plain integers and arrays of them).
 #[inline(always)]
 pub unsafe fn zeroed<T>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8) && core::mem::align_of::<T>() >= 8) };
     let words = slot.as_mut_ptr().cast::<u64>();
     for i in 0..core::mem::size_of::<T>() / 8 {
         // SAFETY: within `slot`, aligned (asserted above).
@@ -194,6 +216,27 @@ pub unsafe fn zeroed<T>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
     }
     // SAFETY: every byte is written; the caller vouches that zero is valid.
     unsafe { slot.assume_init_mut() }
+}
+
+/// `bpf_ktime_get_ns()`: nanoseconds since boot (CLOCK_MONOTONIC).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper that takes no arguments and reads only the clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// `bpf_jiffies64()`: the kernel's jiffies, the clock of TCP's chrono fields.
+#[inline(always)]
+pub fn jiffies() -> u64 {
+    // SAFETY: a helper that takes no arguments and reads only the clock.
+    unsafe { bpf_jiffies64() }
+}
+
+/// `bpf_get_current_cgroup_id()`: the cgroup v2 id of the current task.
+#[inline(always)]
+pub fn current_cgroup_id() -> u64 {
+    // SAFETY: a helper that takes no arguments and reads only the current task.
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 /// Inode of the socket's network namespace, 0 if unreadable.

@@ -36,6 +36,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the one symbol named `LICENSE`, in the section the loader reads the
+// program licence from (GPL-compatible, for GPL-only helpers).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

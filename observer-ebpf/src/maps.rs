@@ -1,5 +1,15 @@
 //! Maps shared by the programs. Sizes here are defaults; the loader overrides
 //! them from the command line (`EbpfLoader::set_max_entries`).
+//!
+//! Map values and soundness: a successful lookup returns a pointer into the
+//! map's element memory, valid and aligned for the rest of the program run.
+//! Every map here is preallocated (hash and LRU maps without
+//! `BPF_F_NO_PREALLOC`, arrays), so element memory is never freed while a
+//! program holds it. What the pointer does not promise is exclusivity: another
+//! CPU may update the element, or delete it and reuse the memory for another
+//! key, meanwhile. The programs accept that: a race can cost a counter an
+//! increment or put a reused entry's values into one record, and no access
+//! ever leaves the element. The `SAFETY` comments at each lookup refer to this.
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -32,7 +42,9 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SOURCES, 
 #[inline(always)]
 pub fn count_lost(source: LostSource) {
     if let Some(slot) = LOST.get_ptr_mut(source as u32) {
-        // Per-CPU slot: no other program writes it concurrently.
+        // SAFETY: this CPU's element of `LOST` from a successful lookup (see
+        // "Map values" above). No other CPU writes this CPU's copy; a program
+        // nested on this CPU (an interrupt) could at worst lose one count.
         unsafe { *slot += 1 };
     }
 }

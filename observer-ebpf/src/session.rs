@@ -1,16 +1,25 @@
 //! TCP session life cycle, shared by every hook tier: birth on the first state
 //! change, owner capture in process context, live payload counters and active
 //! time at each data call, one record at TCP_CLOSE.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go to helpers by address: a borrow hands over the one already on the stack, \
+              while a value moved into `impl Borrow` is stored there again at each call (measured on this crate: \
+              up to 34 more instructions per program)"
+)]
 use core::mem::MaybeUninit;
 
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use observer_common::{
     LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_CLOSE_MISSED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED,
     SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
 };
 
 use crate::{
-    kernel::{Mem, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset, zeroed},
+    kernel::{
+        Mem, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, jiffies, netns_ino, now_ns,
+        offset, zeroed,
+    },
     maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost, wake_flags},
 };
 
@@ -36,7 +45,8 @@ const EMPTY: SessionStart = SessionStart {
 /// A zeroed `SessionStart` to fill, in `slot` (see `zeroed`).
 #[inline(always)]
 fn empty_start(slot: &mut MaybeUninit<SessionStart>) -> &mut SessionStart {
-    // SAFETY: `SessionStart` is plain integers and byte arrays.
+    // SAFETY: all-zero bytes are a valid `SessionStart` (plain integers and
+    // byte arrays), `zeroed`'s one requirement.
     unsafe { zeroed(slot) }
 }
 
@@ -88,14 +98,14 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
     // A birth: the socket leaves CLOSE/LISTEN, or SYN_RECV where the hook does
     // not see a child's birth (`records` lets no other change through).
     let leaves_closed = old == tcp_state::CLOSE || old == tcp_state::LISTEN;
-    if !leaves_closed && unsafe { OPEN_SESSIONS.get(&key) }.is_some() {
+    if !leaves_closed && OPEN_SESSIONS.get_ptr(&key).is_some() {
         // SYN_RECV -> ESTABLISHED of a session already open.
         return;
     }
     let mut slot = MaybeUninit::uninit();
     let start = empty_start(&mut slot);
-    start.birth_ns = unsafe { bpf_ktime_get_ns() };
-    start.birth_jiffies = unsafe { bpf_jiffies64() };
+    start.birth_ns = now_ns();
+    start.birth_jiffies = jiffies();
     if new == tcp_state::SYN_SENT {
         // connect(): the caller is the owner.
         fill_owner(start);
@@ -111,6 +121,8 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
             // absent in the kprobe tier). Report that session from what its
             // entry holds, count it, and start afresh rather than let the new
             // session inherit its birth and owner.
+            // SAFETY: the value of a successful lookup (see `maps`, "Map
+            // values"); its socket is gone, so no hook writes it.
             if let Some(stale) = unsafe { OPEN_SESSIONS.get(&key) } {
                 count_lost(LostSource::SessionCloseMissed);
                 report_missed_close(key, stale);
@@ -140,7 +152,10 @@ fn adopt<M: Mem>(tp: *const u8, start: &mut SessionStart) {
 /// Called only from hooks that run in process context (accept).
 #[inline(always)]
 pub fn claim_owner(sk: *const u8) {
-    if let Some(start) = OPEN_SESSIONS.get_ptr_mut(&(sk as u64)) {
+    if let Some(start) = OPEN_SESSIONS.get_ptr_mut(sk as u64) {
+        // SAFETY: the value of a successful lookup (see `maps`, "Map
+        // values"); the accepted socket has no calls yet, and a close racing
+        // on another CPU at worst leaves an owner in an entry it removed.
         let start = unsafe { &mut *start };
         if start.flags & SESSION_OWNER_KNOWN == 0 {
             fill_owner(start);
@@ -160,11 +175,11 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
         if !tcp_state::adoptable(state) {
             return;
         }
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = now_ns();
         let mut slot = MaybeUninit::uninit();
         let start = empty_start(&mut slot);
         start.birth_ns = now;
-        start.birth_jiffies = unsafe { bpf_jiffies64() };
+        start.birth_jiffies = jiffies();
         start.flags = fin_sent_flag(state);
         adopt::<M>(tp, start);
         fill_owner(start);
@@ -174,6 +189,9 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
         }
         return;
     };
+    // SAFETY: the value of a successful lookup (see `maps`, "Map values").
+    // Two threads calling on one socket may interleave their updates of it;
+    // each field stays one of the values they wrote.
     let start = unsafe { &mut *start };
     if start.flags & SESSION_FIN_SENT == 0 {
         start.flags |= fin_sent_flag(state_of::<M>(tp));
@@ -208,7 +226,7 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
 #[inline(always)]
 fn fill_owner(start: &mut SessionStart) {
     start.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    start.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    start.cgroup_id = current_cgroup_id();
     current_comm(&mut start.comm);
     start.flags |= SESSION_OWNER_KNOWN;
 }
@@ -279,6 +297,8 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
     // before the entry is removed. Copies of the 100-byte start took the
     // programs' stack to 488 bytes, which with the memset/memcpy subprograms
     // exceeds 512 on verifiers that round each frame up to 32 bytes (6.1).
+    // SAFETY: the value of a successful lookup (see `maps`, "Map values");
+    // the socket is closing, so no call writes the entry now.
     let start = unsafe { OPEN_SESSIONS.get(&key) };
     if start.is_none() && (old == tcp_state::LISTEN || old == tcp_state::CLOSE) {
         // A listener or a socket that never connected: not a session.
@@ -291,10 +311,10 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
         }
         return;
     };
-    let record = entry.as_mut_ptr();
-    // SAFETY: `record` points at a reserved, exclusively owned ring-buffer slot
-    // of the right size; every field is written before submit.
-    unsafe { fill_record::<M>(&mut *record, sk, tp, start, old) };
+    // SAFETY: a reserved ring-buffer slot, ours alone until submit, sized and
+    // aligned for a `SessionRecord` (plain integers); `fill_record` writes
+    // every field before submit.
+    fill_record::<M>(unsafe { &mut *entry.as_mut_ptr() }, sk, tp, start, old);
     entry.submit(wake_flags(&SESSIONS, SESSIONS_RING_BYTES));
     if start.is_some() {
         let _ = OPEN_SESSIONS.remove(&key);
@@ -311,8 +331,9 @@ fn report_missed_close(key: u64, s: &SessionStart) {
         count_lost(LostSource::SessionRingFull);
         return;
     };
-    // SAFETY: a reserved, exclusively owned slot of the right size; every
-    // field is written before submit.
+    // SAFETY: a reserved ring-buffer slot, ours alone until submit, sized and
+    // aligned for a `SessionRecord` (plain integers); every field is written
+    // below before submit.
     let r = unsafe { &mut *entry.as_mut_ptr() };
     fill_from_start(r, key, s);
     r.close_ns = if s.last_call_ns > s.birth_ns { s.last_call_ns } else { s.birth_ns };
@@ -345,21 +366,22 @@ fn report_missed_close(key: u64, s: &SessionStart) {
 #[inline(always)]
 pub fn on_destroy<M: Mem>(sk: *const u8) {
     let key = sk as u64;
-    if unsafe { OPEN_SESSIONS.get(&key) }.is_none() {
+    if OPEN_SESSIONS.get_ptr(&key).is_none() {
         return;
     }
     let Some(tp) = M::tcp(sk) else { return };
     on_close::<M>(sk, tp, key, tcp_state::CLOSE);
 }
 
-/// `*dst = *src` for a task name, 8 bytes at a time: the array assignment
+/// `r.comm = s.comm`, 8 bytes at a time: the array assignment
 /// compiles to a call to BPF's byte-at-a-time `memmove`, about 100
-/// instructions at every close. Only for the two `comm` fields asserted below
-/// to be 8-byte aligned.
+/// instructions at every close. Only for these two `comm` fields, asserted
+/// below to be 8-byte aligned.
 #[inline(always)]
-fn copy_comm(dst: &mut [u8; 16], src: &[u8; 16]) {
-    let (d, s) = (dst.as_mut_ptr().cast::<u64>(), src.as_ptr().cast::<u64>());
-    // SAFETY: both arrays are 16 bytes at 8-byte-aligned addresses (below).
+fn copy_comm(r: &mut SessionRecord, s: &SessionStart) {
+    let (d, s) = (r.comm.as_mut_ptr().cast::<u64>(), s.comm.as_ptr().cast::<u64>());
+    // SAFETY: both arrays are 16 bytes at 8-byte-aligned addresses (asserted
+    // below), so two u64 reads and writes stay inside them, aligned.
     unsafe {
         d.write(s.read());
         d.add(1).write(s.add(1).read());
@@ -382,7 +404,7 @@ fn fill_from_start(r: &mut SessionRecord, sock: u64, s: &SessionStart) {
     r.birth_jiffies = s.birth_jiffies;
     r.cgroup_id = s.cgroup_id;
     r.pid = s.pid;
-    copy_comm(&mut r.comm, &s.comm);
+    copy_comm(r, s);
     r.active_ns = s.active_ns;
     r.live_base_tx = s.live_base_tx;
     r.live_base_rx = s.live_base_rx;
@@ -391,18 +413,13 @@ fn fill_from_start(r: &mut SessionRecord, sock: u64, s: &SessionStart) {
 /// What a session seen only at its close starts from.
 static ADOPTED_START: SessionStart = SessionStart { flags: SESSION_ADOPTED, ..EMPTY };
 
+/// Fills every field of `r`, the record of a session closing now.
 #[inline(always)]
-unsafe fn fill_record<M: Mem>(
-    r: &mut SessionRecord,
-    sk: *const u8,
-    tp: *const u8,
-    start: Option<&SessionStart>,
-    old: i32,
-) {
+fn fill_record<M: Mem>(r: &mut SessionRecord, sk: *const u8, tp: *const u8, start: Option<&SessionStart>, old: i32) {
     let s = start.unwrap_or(&ADOPTED_START);
     fill_from_start(r, sk as u64, s);
-    r.close_ns = unsafe { bpf_ktime_get_ns() };
-    r.close_jiffies = unsafe { bpf_jiffies64() };
+    r.close_ns = now_ns();
+    r.close_jiffies = jiffies();
     r.busy_jiffies = busy_jiffies::<M>(tp, r.close_jiffies);
     // The state before CLOSE tells whether a FIN was sent; the destroy
     // backstop, which knows no old state, relies on one seen at a call.

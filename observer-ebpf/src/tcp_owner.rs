@@ -12,6 +12,7 @@ use crate::session::claim_owner;
 /// Index of `inet_csk_accept`'s return value among fexit's arguments: the number
 /// of parameters, which changed in 6.10 (`(sk, arg)` instead of
 /// `(sk, flags, err, kern)`). Written by the loader from the running kernel's BTF.
+// SAFETY: the only symbol named `ACCEPT_RET_ARG`, which the loader writes by name.
 #[unsafe(no_mangle)]
 static ACCEPT_RET_ARG: u32 = 0;
 
@@ -19,6 +20,8 @@ static ACCEPT_RET_ARG: u32 = 0;
 /// returns the accepted child socket, in the accepting process.
 #[fexit(function = "inet_csk_accept")]
 pub fn obs_owner_fexit(ctx: FExitContext) -> i32 {
+    // SAFETY: a reference to a static is a valid, aligned pointer to an
+    // initialised u32; volatile so the loader's value is read, not the zero.
     let n = unsafe { core::ptr::read_volatile(&ACCEPT_RET_ARG) } as usize;
     // 4 parameters is the most any kernel had. One function per index: arms
     // that differ only in the index are merged by LLVM into one load at a

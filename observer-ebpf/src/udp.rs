@@ -3,13 +3,17 @@
 //! A connected socket has one peer (its connected address); an unconnected
 //! socket learns each datagram's peer from the cgroup sendmsg/recvmsg hook that
 //! runs earlier in the same call (`PENDING_PEERS`).
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+#![expect(clippy::needless_borrows_for_generic_args, reason = "map keys and values by reference, as in session.rs")]
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use observer_common::{
     LostSource, PendingKey, PendingPeer, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey, UdpRelease, UdpSocketFlows, tcp_state,
 };
 
 use crate::{
-    kernel::{Mem, Probe, addr_bytes, addresses, advance_active, current_comm, netns_ino, offset, zeroed},
+    kernel::{
+        Mem, Probe, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, netns_ino, now_ns, offset,
+        zeroed,
+    },
     maps::{
         BPF_NOEXIST, EEXIST, PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_RELEASES_RING_BYTES,
         UDP_SOCKETS, count_lost, wake_flags,
@@ -43,8 +47,11 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
         count_lost(LostSource::UdpPeerUnknown);
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     if let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: the value of a successful lookup (see `maps`, "Map
+        // values"). Two calls of one socket on two CPUs may race on these
+        // counters and lose an increment.
         let flow = unsafe { &mut *flow };
         advance_active(&mut flow.last_ns, &mut flow.active_ns, now);
         if send {
@@ -60,7 +67,7 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
         active_ns: 0,
         bytes_tx: if send { bytes } else { 0 },
         bytes_rx: if send { 0 } else { bytes },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id: current_cgroup_id(),
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         flags: if connected { UDP_FLOW_CONNECTED } else { 0 },
         comm: [0; 16],
@@ -94,7 +101,8 @@ fn note_flow(key: &UdpFlowKey) {
         // its flows at the idle timeout, finding the socket absent here.
         count_lost(LostSource::UdpSocketTableFull);
     } else if let Some(known) = UDP_SOCKETS.get_ptr_mut(&key.sk) {
-        // SAFETY: a value of this map; a racing writer only sets `many` too.
+        // SAFETY: the value of a successful lookup (see `maps`, "Map
+        // values"); a racing writer only sets `many` too.
         let known = unsafe { &mut *known };
         // The same key again: its flow ended (idle) and came back.
         if !same_peer(&known.first, key) {
@@ -124,6 +132,9 @@ const _: () =
 /// one has its own peer.
 #[inline(always)]
 fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
+    // SAFETY: this CPU's element of `PENDING_SLOT` from a successful lookup
+    // (see `maps`, "Map values"); only a cgroup hook of this task, earlier in
+    // the same call, writes it otherwise.
     let slot = unsafe { &mut *PENDING_SLOT.get_ptr_mut(0)? };
     if slot.key.sk != sk && connected {
         // The common case (a connected socket, no address named): decided
@@ -140,6 +151,8 @@ fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
         return None;
     }
     let key = PendingKey { sk, pid_tgid };
+    // SAFETY: the value of a successful lookup (see `maps`, "Map values"),
+    // copied at once; if evicted meanwhile, the copy holds another peer.
     let peer = unsafe { PENDING_PEERS.get(&key) }.copied()?;
     let _ = PENDING_PEERS.remove(&key);
     Some(peer)
@@ -152,6 +165,8 @@ fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
 #[inline(always)]
 pub fn on_release(sk: *const u8) {
     let key = sk as u64;
+    // SAFETY: the value of a successful lookup (see `maps`, "Map values"),
+    // copied at once; its socket is being released, so no call changes it.
     let Some(flows) = (unsafe { UDP_SOCKETS.get(&key) }).copied() else {
         return;
     };
@@ -162,12 +177,15 @@ pub fn on_release(sk: *const u8) {
         count_lost(LostSource::UdpReleaseRingFull);
         return;
     };
-    // SAFETY: `UdpRelease` is plain integers and byte arrays.
+    // SAFETY: all-zero bytes are a valid `UdpRelease` (plain integers and byte
+    // arrays), `zeroed`'s one requirement; the slot is ours until submit.
     let release = unsafe { zeroed(&mut *entry) };
     release.sk = key;
-    release.release_ns = unsafe { bpf_ktime_get_ns() };
+    release.release_ns = now_ns();
     release.flows = flows;
     if flows.many == 0
+        // SAFETY: the value of a successful lookup (see `maps`, "Map values"),
+        // copied at once below; its socket is being released.
         && let Some(flow) = unsafe { UDP_FLOWS.get(&flows.first) }
     {
         release.flow = *flow;

@@ -15,8 +15,9 @@ use crate::{
 /// `inet_release` for every inet socket; its context is the socket itself.
 #[cgroup_sock(sock_release)]
 pub fn obs_release_cg(ctx: SockContext) -> i32 {
-    // SAFETY: the kernel hands a valid bpf_sock; the verifier rewrites the
-    // field read into a load from the socket.
+    // SAFETY: `ctx.sock` is the program's context, the `bpf_sock` the kernel
+    // passes (never null); the verifier checks the field read and rewrites it
+    // into a load from the socket itself.
     let protocol = unsafe { core::ptr::read_volatile(&(*ctx.sock).protocol) };
     if protocol == u32::from(IPPROTO_UDP) {
         on_release(ctx.sock as *const u8);

@@ -31,8 +31,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The whole test suite as CI runs it: setup, build, clippy, unit, end-to-end, kernel matrix
-    /// (qemu), bench smoke.
+    /// The whole test suite as CI runs it: setup, rustfmt check, build, clippy (userspace and
+    /// kernel crate), unit, end-to-end, kernel matrix (qemu), bench smoke.
     Test {
         /// Leave out the benchmark smoke run (the last step).
         #[arg(long)]

@@ -29,8 +29,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
     let mut steps: Vec<(&str, StepFn)> = vec![
         ("setup", Box::new(setup::run)),
+        ("fmt", Box::new(fmt)),
         ("release build", Box::new(|| build::observer_release().map(drop))),
         ("clippy", Box::new(clippy)),
+        ("kernel clippy", Box::new(kernel_clippy)),
         ("unit tests", Box::new(unit_tests)),
         ("end-to-end tests", Box::new(|| end_to_end(&args.filter))),
     ];
@@ -83,10 +85,26 @@ pub fn run(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
+fn fmt() -> Result<()> {
+    // Seconds, and a formatting slip is the most common CI failure: checked before the build.
+    util::run_checked(util::cargo().args(["fmt", "--all", "--check"]), "rustfmt check (cargo fmt --all --check)")
+}
+
 fn clippy() -> Result<()> {
     // Default members only: observer-ebpf builds for the bpf target alone, through
     // observer's build script, which this run compiles (and lints) as usual.
     util::run_checked(util::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]), "clippy")
+}
+
+/// Clippy on the kernel crate, which the userspace run above cannot reach: for the bpf
+/// target with the pinned nightly and `core` built from rust-src, as observer's build
+/// script builds it (aya-build). A check only: bpf-linker is not involved.
+fn kernel_clippy() -> Result<()> {
+    let target = if cfg!(target_endian = "big") { "bpfeb-unknown-none" } else { "bpfel-unknown-none" };
+    let mut cmd = util::nightly_cargo()?;
+    cmd.args(["clippy", "-p", "observer-ebpf", "--release", "--target", target, "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]);
+    util::run_checked(&mut cmd, "kernel clippy")
 }
 
 fn unit_tests() -> Result<()> {

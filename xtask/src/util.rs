@@ -2,10 +2,11 @@
 
 use std::env;
 use std::ffi::OsStr;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
 /// The workspace root: xtask lives one level below it.
 pub fn root() -> PathBuf {
@@ -32,6 +33,38 @@ pub fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root()).env_remove("AYA_BUILD_SKIP");
     cmd
+}
+
+/// The nightly toolchain the kernel crate (observer-ebpf) is verified with, as
+/// rustup names it: `[workspace.metadata.toolchain] nightly` in the workspace
+/// Cargo.toml, the one place it is pinned (scripts/setup.sh installs it,
+/// observer's build script builds with it).
+pub fn pinned_nightly() -> Result<String> {
+    let manifest = root().join("Cargo.toml");
+    let text = fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    nightly_pin(&text).with_context(|| manifest.display().to_string())
+}
+
+fn nightly_pin(manifest: &str) -> Result<String> {
+    let table: toml::Table = manifest.parse()?;
+    let pin = table.get("workspace").and_then(|w| w.get("metadata")).and_then(|m| m.get("toolchain"));
+    pin.and_then(|t| t.get("nightly"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no [workspace.metadata.toolchain] nightly pin"))
+}
+
+/// A cargo command of the pinned nightly (`pinned_nightly`) in the workspace root, for
+/// the kernel crate: through `rustup run`, as aya-build builds it, since the cargo that
+/// runs xtask is the stable one itself, not rustup's proxy that `+toolchain` needs.
+/// RUSTC and RUSTC_WORKSPACE_WRAPPER are removed so that the nightly's own rustc runs.
+pub fn nightly_cargo() -> Result<Command> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", &pinned_nightly()?, "cargo"]).current_dir(root());
+    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "AYA_BUILD_SKIP"] {
+        cmd.env_remove(key);
+    }
+    Ok(cmd)
 }
 
 /// Runs `cmd` with inherited stdio, failing with `what` in the message when it fails.
@@ -94,6 +127,14 @@ mod tests {
         let mut cmd = Command::new("cargo");
         cmd.args(["test", "--", "a b", "it's"]).env("X", "1");
         assert_eq!(show(&cmd), r"X=1 cargo test -- 'a b' 'it'\''s'");
+    }
+
+    #[test]
+    fn reads_the_nightly_pin() {
+        assert!(pinned_nightly().unwrap().starts_with("nightly-"));
+        let manifest = "[workspace.metadata.toolchain]\nnightly = \"nightly-2026-05-20\"\n";
+        assert_eq!(nightly_pin(manifest).unwrap(), "nightly-2026-05-20");
+        assert!(nightly_pin("[workspace]\nmembers = []\n").is_err());
     }
 
     #[test]
