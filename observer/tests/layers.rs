@@ -75,9 +75,8 @@ fn violations(src: &Path) -> Vec<String> {
         for target in crate_paths(&fs::read_to_string(&file).unwrap()) {
             match rank(&target) {
                 Some(r) if r > own => found.push(format!("{}: imports crate::{target}", rel.display())),
-                None if !SHARED.contains(&target.as_str()) => {
-                    found.push(format!("{}: crate::{target} is in no layer (add it to LAYERS or SHARED)", rel.display()))
-                }
+                None if !SHARED.contains(&target.as_str()) => found
+                    .push(format!("{}: crate::{target} is in no layer (add it to LAYERS or SHARED)", rel.display())),
                 _ => {}
             }
         }

@@ -4,7 +4,9 @@
 //! server would not catch but a broken rollout would: selectors, named ports,
 //! volumes), the Helm chart is consistent with its values and with the plain
 //! manifests, and the Grafana dashboard queries only metrics the observer
-//! exports. No root needed.
+//! exports. The README stays a page a newcomer reads: at most
+//! [`README_MAX_LINES`] lines, and its flag and metrics tables list every flag
+//! of `observer run` and every metric family the code names. No root needed.
 //!
 //! `helm` is not packaged by Debian, PyPI or npm, so the chart is rendered
 //! with `helm template` only where a `helm` binary is on PATH; otherwise its
@@ -16,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use observer_tests::{run_with_timeout, workspace_root};
+use observer_tests::{observer_bin, run_with_timeout, workspace_root};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -25,12 +27,9 @@ fn deploy_dir() -> PathBuf {
 
 /// Every YAML document of a file, as JSON values (null documents skipped).
 fn yaml_documents(text: &str, origin: &Path) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| {
-            let v: serde_yaml::Value =
-                serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{}: not YAML: {e}", origin.display()));
-            serde_json::to_value(v).unwrap()
-        })
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap_or_else(|e| panic!("{}: not YAML: {e}", origin.display()))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -444,20 +443,128 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// Metric names the README documents (its metrics tables), the reference
-/// operators read: backquoted `observer_*` and `process_*` names in table rows.
-fn documented_metrics() -> BTreeSet<String> {
-    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    let mut names = BTreeSet::new();
+fn readme() -> String {
+    std::fs::read_to_string(workspace_root().join("README.md")).unwrap()
+}
+
+/// Backquoted words in the first cell of README's table rows (rows starting
+/// with "| `"), the names its reference tables are keyed by.
+fn readme_table_keys() -> Vec<String> {
+    let readme = readme();
+    let mut keys = Vec::new();
     for line in readme.lines().filter(|l| l.starts_with("| `")) {
         let first_cell = line.trim_start_matches('|').split('|').next().unwrap_or_default();
-        for part in first_cell.split('`').skip(1).step_by(2) {
-            if part.starts_with("observer_") || part.starts_with("process_") {
-                names.insert(part.to_string());
+        keys.extend(first_cell.split('`').skip(1).step_by(2).map(String::from));
+    }
+    keys
+}
+
+/// Metric names the README documents (its metrics table), the reference
+/// operators read: backquoted `observer_*` and `process_*` names in table rows.
+fn documented_metrics() -> BTreeSet<String> {
+    readme_table_keys().into_iter().filter(|k| k.starts_with("observer_") || k.starts_with("process_")).collect()
+}
+
+/// The README is read, the reference under docs/ is searched: past this, the
+/// README has started collecting reference material again.
+const README_MAX_LINES: usize = 300;
+
+#[test]
+fn readme_stays_short() {
+    let lines = readme().lines().count();
+    assert!(
+        lines <= README_MAX_LINES,
+        "README.md has {lines} lines (at most {README_MAX_LINES}): move detail to docs/"
+    );
+}
+
+/// Long flags in README's flag table: the leading `--name` of a first cell
+/// such as `--listen ADDR:PORT`.
+fn documented_flags() -> BTreeSet<String> {
+    readme_table_keys().iter().filter_map(|k| long_flag(k)).collect()
+}
+
+/// `--name` at the start of `s` (after leading spaces), without its value.
+fn long_flag(s: &str) -> Option<String> {
+    let rest = s.trim_start().strip_prefix("--")?;
+    let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    (!name.is_empty()).then(|| format!("--{name}"))
+}
+
+/// Long flags clap's `--help` output declares: option lines such as
+/// `      --listen <ADDR:PORT>` or `  -h, --help`, not mentions in descriptions.
+fn help_flags(help: &str) -> BTreeSet<String> {
+    help.lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            // `-h, --help`: a short flag, then the long one.
+            let l = match l.as_bytes() {
+                [b'-', c, b',', b' ', ..] if c.is_ascii_alphanumeric() => &l[4..],
+                _ => l,
+            };
+            long_flag(l)
+        })
+        .collect()
+}
+
+#[test]
+fn readme_flag_table_lists_every_run_flag() {
+    let bin = observer_bin();
+    assert!(
+        bin.is_file(),
+        "{} not found: build the observer (AYA_BUILD_SKIP=1 cargo build --release -p observer is enough for \
+         --help) or set OBSERVER_BIN",
+        bin.display()
+    );
+    let out = run_with_timeout(Command::new(&bin).args(["run", "--help"]), Duration::from_secs(30)).unwrap();
+    assert!(out.status.success(), "observer run --help: {out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut flags = help_flags(&help);
+    // clap's own; the README's table is about what the observer does.
+    flags.remove("--help");
+    assert!(flags.len() >= 20 && flags.contains("--listen"), "flags parsed from --help: {flags:?}\n{help}");
+    let documented = documented_flags();
+    let missing: Vec<&String> = flags.difference(&documented).collect();
+    assert!(missing.is_empty(), "flags of `observer run` missing from README's flag table: {missing:?}");
+    let unknown: Vec<&String> = documented.difference(&flags).collect();
+    assert!(unknown.is_empty(), "README's flag table lists flags `observer run` does not have: {unknown:?}");
+}
+
+/// `"observer_..."` string literals in the observer's sources: the metric
+/// families it registers (and their `_count`/`_sum` series in tests).
+fn metric_literals(dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            metric_literals(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (i, _) in text.match_indices("\"observer_") {
+                let name: String =
+                    text[i + 1..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                out.insert(name);
             }
         }
     }
-    names
+}
+
+#[test]
+fn readme_metrics_table_lists_every_metric_family() {
+    let mut named = BTreeSet::new();
+    metric_literals(&workspace_root().join("observer/src"), &mut named);
+    assert!(
+        named.len() >= 30 && named.contains("observer_bytes_total"),
+        "metric names found in observer/src: {named:?}"
+    );
+    let documented = documented_metrics();
+    let missing: Vec<&String> = named
+        .iter()
+        .filter(|n| {
+            let family = ["_bucket", "_count", "_sum"].iter().find_map(|s| n.strip_suffix(s)).unwrap_or(n);
+            !documented.contains(*n) && !documented.contains(family)
+        })
+        .collect();
+    assert!(missing.is_empty(), "metrics named in observer/src but not in README's metrics table: {missing:?}");
 }
 
 /// Metric names in a PromQL expression (ours and the process collector's).
@@ -541,6 +648,13 @@ fn metric_name_extraction() {
         metric_names("sum by (le) (rate(observer_a_bucket{x=\"observer_not\"}[1m])) / process_open_fds"),
         ["observer_a_bucket", "observer_not", "process_open_fds"].into_iter().map(String::from).collect()
     );
+    assert_eq!(
+        help_flags(
+            "Options:\n      --listen <ADDR:PORT>\n          The --not-a-flag mentioned\n  -h, --help\n  -V, --version\n"
+        ),
+        ["--help", "--listen", "--version"].into_iter().map(String::from).collect()
+    );
+    assert_eq!(long_flag("--service-port PORT\\|FIRST-LAST").as_deref(), Some("--service-port"));
     assert_eq!(
         values_references("{{ .Values.gpu.mode }} {{- with .Values.labels }}"),
         ["gpu.mode", "labels"].into_iter().map(String::from).collect()

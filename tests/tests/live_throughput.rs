@@ -1,6 +1,6 @@
 //! While sessions are open: live throughput (`observer_bytes_total`) follows a
 //! long transfer as it runs, active time excludes idle gaps, and a connection
-//! that predates the observer is adopted as the README documents.
+//! that predates the observer is adopted as docs/sessions.md documents.
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -60,7 +60,7 @@ fn bytes_total_grows_at_the_paced_rate_during_a_long_transfer() {
     }
     // Transmit: the sender's acknowledged bytes are read at its send calls; a
     // writer blocked on a full send buffer wakes when a third of it is free,
-    // so its count advances in steps (README, "Live throughput"). Over the
+    // so its count advances in steps (docs/sessions.md, "Live throughput"). Over the
     // whole window the steps average out to the paced rate.
     let (first, last) = (samples[0], samples[samples.len() - 1]);
     within("transmit", last.2 - first.2, (last.0 - first.0).as_secs_f64());
@@ -185,7 +185,7 @@ fn connection_opened_before_the_observer_is_adopted() {
 
     let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--session-log", log.to_str().unwrap()]).unwrap();
     // The first call after the observer started adopts the connection; what
-    // it moved counts as history (README), so keep it small and known.
+    // it moved counts as history (docs/sessions.md), so keep it small and known.
     client.write_all(&[3u8; FIRST_CALL]).unwrap();
     client.write_all(&vec![2u8; AFTER - FIRST_CALL]).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
@@ -198,7 +198,7 @@ fn connection_opened_before_the_observer_is_adopted() {
     // Its byte counts cover its whole life, from the socket's own counters,
     // plus one for its SYN: the kernel keeps no record of which side opened a
     // connection, so an adopted active opener's SYN cannot be told from data
-    // (documented in the README).
+    // (documented in docs/sessions.md).
     assert_eq!(c.bytes_transmitted, (BEFORE + AFTER + 1) as u64, "{c:?}");
     let s = sessions.iter().find(|s| s.remote == local).unwrap();
     assert_eq!(s.bytes_received, (BEFORE + AFTER) as u64, "the accepting side has no SYN to count: {s:?}");

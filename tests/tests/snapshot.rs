@@ -15,7 +15,7 @@ const DOWNLOAD: u64 = 4 * 1024 * 1024;
 /// 14 MB/s, inside the bucket (10, 17.8] MB/s rather than at one of its edges.
 const PACE: Duration = Duration::from_millis(300);
 const TRANSFERS: usize = 3;
-/// Bounds of the goodput histogram (see observer's README): a quarter decade
+/// Bounds of the goodput histogram (see docs/sessions.md): a quarter decade
 /// apart from 1 kB/s, rounded to three significant digits.
 const BOUNDS: [f64; 4] = [1.0, 1.78, 3.16, 5.62];
 

@@ -52,7 +52,7 @@ pub fn load(path: &Path) -> Result<WebConfig, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read web configuration file {file}: {e}"))?;
     // An empty file is valid YAML (null): no TLS, no authentication.
     let parsed: Option<File> =
-        serde_yaml::from_str(&text).map_err(|e| format!("web configuration file {file}: {e}"))?;
+        serde_saphyr::from_str(&text).map_err(|e| format!("web configuration file {file}: {e}"))?;
     let Some(parsed) = parsed else { return Ok(WebConfig::default()) };
     let base = path.parent().unwrap_or(Path::new("."));
     let tls = parsed
