@@ -135,9 +135,37 @@ pub struct SessionStart {
     pub netns_ino: u32,
     pub rx_ifindex: u32,
     pub tx_ifindex: u32,
-    pub _pad0: u32,
+    /// What the send and receive calls learn about the session, one byte each
+    /// (indexed by `session_mark`, 0 or 1), where `flags` holds what was known
+    /// when the entry was made. Calls on two CPUs (threads sharing a socket)
+    /// set these with plain byte stores, which cannot undo each other; setting
+    /// bits of `flags` from both (a read, an or and a write of one word) could
+    /// lose one. `all_flags` folds them into `SESSION_*` flags.
+    pub marks: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<SessionStart>() == 112);
+
+/// Indexes of `SessionStart::marks`, each standing for one `SESSION_*` flag.
+pub mod session_mark {
+    /// `SESSION_FIN_SENT`.
+    pub const FIN_SENT: usize = 0;
+    /// `SESSION_OWNER_KNOWN`.
+    pub const OWNER_KNOWN: usize = 1;
+    /// `SESSION_PLACED`.
+    pub const PLACED: usize = 2;
+}
+
+impl SessionStart {
+    /// `flags` with the flags the calls marked since (`marks`).
+    #[inline(always)]
+    pub fn all_flags(&self) -> u32 {
+        let mark = |i: usize, flag: u32| if self.marks[i] != 0 { flag } else { 0 };
+        self.flags
+            | mark(session_mark::FIN_SENT, SESSION_FIN_SENT)
+            | mark(session_mark::OWNER_KNOWN, SESSION_OWNER_KNOWN)
+            | mark(session_mark::PLACED, SESSION_PLACED)
+    }
+}
 
 /// Byte offsets of the kernel structure fields the programs read, resolved by the
 /// loader from the running kernel's BTF and written into the programs as a
@@ -281,10 +309,18 @@ pub struct DropKey {
     /// Interface index of the packet's device (or its route's device), 0 when
     /// unknown.
     pub ifindex: u32,
-    /// Inode of that device's network namespace, 0 when unknown: interface
-    /// indexes are per namespace.
+    /// Inode of that device's network namespace when it is the observer's
+    /// own (`Settings::own_netns_ino`), 0 when unknown, else
+    /// `DROP_NETNS_OTHER` with `ifindex` 0: interface indexes are per
+    /// namespace, and those of other namespaces are never named, so the
+    /// drops of every other namespace (a pod's) share one key per kind and
+    /// reason. Keyed by their own inode, namespaces that come and go would
+    /// each leave keys behind until the table filled.
     pub netns_ino: u32,
 }
+
+/// `DropKey::netns_ino` of a drop in a namespace other than the observer's.
+pub const DROP_NETNS_OTHER: u32 = u32::MAX;
 const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
 
 /// `sock.sk_protocol` of UDP sockets.
@@ -402,8 +438,12 @@ pub struct Settings {
     pub drop_reason_consumed: u32,
     /// Parameters of `tcp:tcp_retransmit_skb` (3 from 6.13: an error code).
     pub tcp_retransmit_args: u32,
+    /// Inode of the observer's own network namespace: drops in any other one
+    /// are counted under `DROP_NETNS_OTHER` (see `DropKey::netns_ino`).
+    pub own_netns_ino: u32,
+    pub _pad0: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 
 /// Payload bytes from the kernel's TCP sequence counters: `bytes_acked` counts
 /// an acknowledged SYN this host sent and an acknowledged FIN, `bytes_received`
@@ -494,7 +534,7 @@ mod pod {
     unsafe impl aya::Pod for UdpRelease {}
     // SAFETY: repr(C), a flow key, a u32 and explicit padding, size asserted.
     unsafe impl aya::Pod for UdpSocketFlows {}
-    // SAFETY: repr(C), a u64 and four u32s, no padding, size asserted.
+    // SAFETY: repr(C), a u64 and six u32s (one of them explicit padding), size asserted.
     unsafe impl aya::Pod for Settings {}
     // SAFETY: repr(C), four u32 fields, size asserted.
     unsafe impl aya::Pod for DropKey {}

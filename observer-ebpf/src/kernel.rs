@@ -57,6 +57,8 @@ static SETTINGS: Settings = Settings {
     drop_reason_not_dropped: 0,
     drop_reason_consumed: 0,
     tcp_retransmit_args: 0,
+    own_netns_ino: 0,
+    _pad0: 0,
 };
 
 #[inline(always)]
@@ -252,13 +254,58 @@ pub fn netns_ino<M: Mem>(sk: *const u8) -> u32 {
     M::deref(sk, offset!(skc_net)).and_then(|net| M::read::<u32>(net, offset!(net_ns_inum))).unwrap_or(0)
 }
 
-/// Adds the time since the previous data call to `active` when the gap is
-/// short enough to count as the same burst of activity.
+/// Adds `n` to a counter in a map value that calls on other CPUs may update
+/// at the same moment (two threads or processes sharing one socket), as one
+/// atomic add: neither CPU's increment is lost. The sum is not fetched, so this
+/// is BPF's plain atomic add (`lock *(u64 *)(r + off) += n`, `BPF_XADD`), which
+/// every kernel's verifier accepts; the fetching forms (and atomic and, or,
+/// exchange) need 5.12, and a 5.10 verifier refuses a program that holds one
+/// anywhere, even in a branch it would prune.
 #[inline(always)]
-pub fn advance_active(last: &mut u64, active: &mut u64, now: u64) {
-    let gap = now.saturating_sub(*last);
-    if *last != 0 && gap <= settings().active_gap_ns {
-        *active += gap;
+pub fn add_shared(counter: *mut u64, n: u64) {
+    // SAFETY: `counter` points into the value of a successful map lookup (see
+    // `maps`, "Map values"): valid for the program run and 8-byte aligned (a
+    // u64 field of a repr(C) value whose alignment is 8). Every writer of it
+    // that may run concurrently goes through this atomic add.
+    // `AtomicU64::fetch_add` does not exist for a target without
+    // compare-and-swap, which BPF before 5.12 is; the intrinsic is the
+    // atomic add itself, and its result (the fetch) is left unused.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+/// Raises a value in a map value that calls on other CPUs may write at the
+/// same moment to `new`, if `new` is larger: a later reading never goes back
+/// to an older one. Without compare-and-swap (5.12) two writers racing here
+/// can still leave the smaller of their two values until the next call.
+#[inline(always)]
+pub fn raise_shared(value: *mut u64, new: u64) {
+    // SAFETY: as in `add_shared`; a plain aligned load and store of a u64,
+    // each one instruction, so no reader sees half of a write.
+    unsafe {
+        if new > value.read_volatile() {
+            value.write_volatile(new);
+        }
     }
-    *last = now;
+}
+
+/// Adds the time since the previous data call to `active` when the gap is
+/// short enough to count as the same burst of activity; `last` becomes `now`.
+/// Both live in a map value that calls on other CPUs update at the same
+/// moment: the add is atomic (`add_shared`) and `last` only moves forward, so
+/// a call that finds a later one already recorded adds nothing. Two calls that
+/// read the same `last` in the few instructions before either stores both
+/// count their gap from it: without an atomic exchange (5.12) that overlap,
+/// at most one active gap per such race, is the one inexactness left.
+#[inline(always)]
+pub fn advance_active(last: *mut u64, active: *mut u64, now: u64) {
+    // SAFETY: as in `add_shared`; plain aligned u64 load and store.
+    let prev = unsafe { last.read_volatile() };
+    if now <= prev {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { last.write_volatile(now) };
+    if prev != 0 && now - prev <= settings().active_gap_ns {
+        add_shared(active, now - prev);
+    }
 }

@@ -17,6 +17,10 @@
 //! limit, so a program of ours can be recognised in the kernel's program list.
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_xadd`: the atomic add `kernel::add_shared` needs,
+// which `AtomicU64` does not offer on a target without compare-and-swap.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for the atomic add above")]
 
 mod diag;
 mod drops;

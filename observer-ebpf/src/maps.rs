@@ -10,6 +10,7 @@
 //! key, meanwhile. The programs accept that: a race can cost a counter an
 //! increment or put a reused entry's values into one record, and no access
 //! ever leaves the element. The `SAFETY` comments at each lookup refer to this.
+#![expect(clippy::needless_borrows_for_generic_args, reason = "map keys and values by reference, as in session.rs")]
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -47,6 +48,72 @@ pub fn count_lost(source: LostSource) {
         // nested on this CPU (an interrupt) could at worst lose one count.
         unsafe { *slot += 1 };
     }
+}
+
+/// Sockets whose session (`OPEN_SESSIONS`) or new UDP flow (`UDP_FLOWS`)
+/// found its table full, with the time of that attempt (ns, the caller's
+/// clock). Their calls skip the insert for `NO_ROOM_RETRY_NS` after it, so a
+/// full table costs a call on such a socket one lookup here instead of building
+/// a value and failing to insert it, and the loss is counted once per socket
+/// (when its mark is made), not once per call. LRU: with more such sockets
+/// than it holds, the oldest marks go and their sockets count again.
+#[map(name = "NO_ROOM")]
+pub static NO_ROOM: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// How long a socket marked in `NO_ROOM` waits before it tries its table again
+/// (which may have room by then).
+const NO_ROOM_RETRY_NS: u64 = 1_000_000_000;
+
+/// What `NO_ROOM` says of a socket not in its table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// No mark: try the table (most sockets; one failed lookup, only on the
+    /// path of a socket the table does not hold).
+    None,
+    /// Its table was full less than `NO_ROOM_RETRY_NS` ago: leave the socket
+    /// untracked for this call, at the cost of this one lookup.
+    Waiting,
+    /// Marked longer ago: try again; the mark is cleared if it now fits.
+    Retry,
+}
+
+/// `sk`'s mark in `NO_ROOM` as of `now`.
+#[inline(always)]
+pub fn no_room(sk: u64, now: u64) -> NoRoom {
+    // SAFETY: the value of a successful lookup (see "Map values"), copied at once.
+    match unsafe { NO_ROOM.get(&sk) } {
+        None => NoRoom::None,
+        Some(&since) if now.wrapping_sub(since) < NO_ROOM_RETRY_NS => NoRoom::Waiting,
+        Some(_) => NoRoom::Retry,
+    }
+}
+
+/// `sk`'s insert found its table full at `now`: marks it (or renews its mark).
+/// Returns whether the socket had no mark, i.e. whether this loss is the
+/// socket's first and is to be counted.
+#[inline(always)]
+pub fn mark_no_room(sk: u64, now: u64) -> bool {
+    // An LRU map makes room by evicting: an insert does not fail for space.
+    // BPF_NOEXIST: of two CPUs marking one socket at once, one counts.
+    match NO_ROOM.insert(&sk, &now, BPF_NOEXIST) {
+        Ok(()) => true,
+        Err(_) => {
+            if let Some(since) = NO_ROOM.get_ptr_mut(&sk) {
+                // SAFETY: the value of a successful lookup (see "Map values");
+                // a racing writer stores a time as close.
+                unsafe { *since = now };
+            }
+            false
+        }
+    }
+}
+
+/// `sk` has an entry in its table now, or is gone: a mark it may have would
+/// only delay the next socket at its address. Called where that is rare
+/// (a retry that found room, the close of an untracked session).
+#[inline(always)]
+pub fn clear_no_room(sk: u64) {
+    let _ = NO_ROOM.remove(&sk);
 }
 
 /// UDP flows (a socket and one peer), updated at every data call; userspace

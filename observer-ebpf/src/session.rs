@@ -12,16 +12,19 @@ use core::mem::MaybeUninit;
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use observer_common::{
     LostSource, SESSION_ACTIVE_OPEN, SESSION_ADOPTED, SESSION_CLOSE_MISSED, SESSION_FIN_ACKED, SESSION_FIN_RECEIVED,
-    SESSION_FIN_SENT, SESSION_OWNER_KNOWN, SESSION_PLACED, SessionRecord, SessionStart, payload_bytes, tcp_state,
+    SESSION_FIN_SENT, SessionRecord, SessionStart, payload_bytes, session_mark, tcp_state,
 };
 
 use crate::{
     diag,
     kernel::{
         Mem, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, jiffies, netns_ino, now_ns,
-        offset, ports, zeroed,
+        offset, ports, raise_shared, zeroed,
     },
-    maps::{BPF_NOEXIST, EEXIST, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, count_lost, wake_flags},
+    maps::{
+        BPF_NOEXIST, EEXIST, NoRoom, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, clear_no_room, count_lost,
+        mark_no_room, no_room, wake_flags,
+    },
 };
 
 const EMPTY: SessionStart = SessionStart {
@@ -40,7 +43,7 @@ const EMPTY: SessionStart = SessionStart {
     netns_ino: 0,
     rx_ifindex: 0,
     tx_ifindex: 0,
-    _pad0: 0,
+    marks: [0; 4],
 };
 
 /// A zeroed `SessionStart` to fill, in `slot` (see `zeroed`).
@@ -136,6 +139,9 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
         other => other,
     };
     if inserted.is_err() {
+        // Counted here, once: the socket's calls then leave it untracked
+        // without trying the table at each one (`NO_ROOM`).
+        mark_no_room(key, start.birth_ns);
         count_lost(LostSource::SessionTableFull);
         if diag::on() {
             let (local, remote) = ports::<M>(tp);
@@ -165,7 +171,7 @@ pub fn claim_owner(sk: *const u8) {
         // values"); the accepted socket has no calls yet, and a close racing
         // on another CPU at worst leaves an owner in an entry it removed.
         let start = unsafe { &mut *start };
-        if start.flags & SESSION_OWNER_KNOWN == 0 {
+        if start.marks[session_mark::OWNER_KNOWN] == 0 {
             fill_owner(start);
         }
     }
@@ -175,72 +181,113 @@ pub fn claim_owner(sk: *const u8) {
 /// owner, advances active time and the live payload counters, and notes a
 /// FIN sent (from the state). A connection that predates the observer is
 /// adopted here at its first call. `tp` is `sk` as `M::tcp` gave it.
+///
+/// Threads (or processes) sharing the socket call this on several CPUs at
+/// once, outside the socket's lock: what two calls may both change is
+/// changed so that neither undoes the other (`marks`, `advance_active`,
+/// `raise_shared`); the owner and placement fields take one of the values
+/// written, which are the same but for the thread's name.
 #[inline(always)]
 pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     let key = sk as u64;
-    let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
-        let state = state_of::<M>(tp);
-        if !tcp_state::adoptable(state) {
-            if state != tcp_state::CLOSE && diag::on() {
-                let (local, remote) = ports::<M>(tp);
-                diag::unexpected_state(local, remote, state);
-            }
-            return;
-        }
-        let now = now_ns();
-        let mut slot = MaybeUninit::uninit();
-        let start = empty_start(&mut slot);
-        start.birth_ns = now;
-        start.birth_jiffies = jiffies();
-        start.flags = fin_sent_flag(state);
-        adopt::<M>(tp, start);
-        fill_owner(start);
-        start.last_call_ns = now;
-        let inserted = OPEN_SESSIONS.insert(&key, start, 0);
-        if inserted.is_err() {
-            count_lost(LostSource::SessionTableFull);
-        }
-        if diag::on() {
-            let (local, remote) = ports::<M>(tp);
-            match inserted {
-                Ok(()) => diag::adopted(local, remote, state),
-                Err(_) => diag::session_table_full(local, remote, state),
-            }
-        }
-        return;
-    };
-    // SAFETY: the value of a successful lookup (see `maps`, "Map values").
-    // Two threads calling on one socket may interleave their updates of it;
-    // each field stays one of the values they wrote.
-    let start = unsafe { &mut *start };
-    if start.flags & SESSION_FIN_SENT == 0 {
-        start.flags |= fin_sent_flag(state_of::<M>(tp));
-    }
-    if start.flags & SESSION_OWNER_KNOWN == 0 {
-        fill_owner(start);
-    }
     // The time of this call is the clock reading TCP itself just took for
     // this socket (`tcp_clock_cache`, refreshed by the send and by the receive
     // call before their tracepoints run; a send that only queued data leaves
     // the previous packet's time, within an RTT): the same clock as
     // `bpf_ktime_get_ns()`, which costs as much again as the rest of a call.
     let now = M::read::<u64>(tp, offset!(tcp_clock_cache)).unwrap_or(0);
-    if now > start.last_call_ns {
-        advance_active(&mut start.last_call_ns, &mut start.active_ns, now);
+    let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
+        adopt_at_call::<M>(tp, key, now);
+        return;
+    };
+    // SAFETY: the value of a successful lookup (see `maps`, "Map values").
+    // Calls on other CPUs update it meanwhile, each only in the ways
+    // described above.
+    let start = unsafe { &mut *start };
+    if start.all_flags() & SESSION_FIN_SENT == 0 && tcp_state::fin_sent(state_of::<M>(tp)) {
+        set_mark(start, session_mark::FIN_SENT);
     }
-    let (tx, rx, _) = current_payload::<M>(tp, start.flags);
-    start.live_tx = tx;
-    start.live_rx = rx;
+    if start.marks[session_mark::OWNER_KNOWN] == 0 {
+        fill_owner(start);
+    }
+    advance_active(&raw mut start.last_call_ns, &raw mut start.active_ns, now);
+    let (tx, rx, _) = current_payload::<M>(tp, start.all_flags());
+    raise_shared(&raw mut start.live_tx, tx);
+    raise_shared(&raw mut start.live_rx, rx);
     // Once per session: these are for the --iface filter of live bytes, and
     // the close record reads them again anyway. Re-reading them at every call
     // (the receive interface of an active opener stays 0) costs a pointer
     // chase per send and receive.
-    if start.flags & SESSION_PLACED == 0 {
-        start.flags |= SESSION_PLACED;
+    if start.marks[session_mark::PLACED] == 0 {
         start.netns_ino = netns_ino::<M>(tp);
         start.rx_ifindex = M::read::<u32>(tp, offset!(rx_dst_ifindex)).unwrap_or(0);
         start.tx_ifindex = tx_ifindex::<M>(tp);
+        set_mark(start, session_mark::PLACED);
     }
+}
+
+/// A call on a TCP socket with no entry: adopts the connection if it is one
+/// (open before the observer started, or born while the table was full). A
+/// socket whose session found no room is left alone until its retry
+/// (`NO_ROOM`): one lookup per call, not a record built and refused each time,
+/// and its loss counted once.
+#[inline(always)]
+fn adopt_at_call<M: Mem>(tp: *const u8, key: u64, clock: u64) {
+    let state = state_of::<M>(tp);
+    if !tcp_state::adoptable(state) {
+        if state != tcp_state::CLOSE && diag::on() {
+            let (local, remote) = ports::<M>(tp);
+            diag::unexpected_state(local, remote, state);
+        }
+        return;
+    }
+    let mark = no_room(key, clock);
+    if mark == NoRoom::Waiting {
+        return;
+    }
+    let now = now_ns();
+    let mut slot = MaybeUninit::uninit();
+    let start = empty_start(&mut slot);
+    start.birth_ns = now;
+    start.birth_jiffies = jiffies();
+    start.flags = fin_sent_flag(state);
+    adopt::<M>(tp, start);
+    fill_owner(start);
+    start.last_call_ns = now;
+    // Only where no entry is: a call on another CPU may adopt the socket at
+    // the same moment, and its entry (maybe already updated) wins.
+    let inserted = OPEN_SESSIONS.insert(&key, start, BPF_NOEXIST);
+    let first_loss = match inserted {
+        Ok(()) => {
+            if mark == NoRoom::Retry {
+                clear_no_room(key);
+            }
+            false
+        }
+        Err(e) if e == -EEXIST => return,
+        Err(_) => mark_no_room(key, clock),
+    };
+    if first_loss {
+        count_lost(LostSource::SessionTableFull);
+    }
+    if diag::on() {
+        let (local, remote) = ports::<M>(tp);
+        match inserted {
+            Ok(()) => diag::adopted(local, remote, state),
+            Err(_) if first_loss => diag::session_table_full(local, remote, state),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Sets one of a session's `marks` (see `SessionStart::marks`): a byte store
+/// of its own, which a call on another CPU setting another mark cannot undo.
+#[inline(always)]
+fn set_mark(start: &mut SessionStart, mark: usize) {
+    // SAFETY: a byte of `start.marks` (`mark` is one of `session_mark`'s
+    // indexes, below 4); volatile so the store stays one byte wide and is not
+    // merged with a read of its neighbours.
+    unsafe { start.marks.as_mut_ptr().add(mark & 3).write_volatile(1) };
 }
 
 #[inline(always)]
@@ -248,7 +295,7 @@ fn fill_owner(start: &mut SessionStart) {
     start.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     start.cgroup_id = current_cgroup_id();
     current_comm(&mut start.comm);
-    start.flags |= SESSION_OWNER_KNOWN;
+    set_mark(start, session_mark::OWNER_KNOWN);
 }
 
 /// FIN facts only the kernel can see now, as `SESSION_FIN_*` flags.
@@ -324,6 +371,10 @@ fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
         // A listener or a socket that never connected: not a session.
         return;
     }
+    if start.is_none() {
+        // Its session may have found no room: the mark goes with the socket.
+        clear_no_room(key);
+    }
     let Some(mut entry) = SESSIONS.reserve::<SessionRecord>(0) else {
         count_lost(LostSource::SessionRingFull);
         if start.is_some() {
@@ -364,7 +415,7 @@ fn report_missed_close(key: u64, s: &SessionStart) {
     r.netns_ino = s.netns_ino;
     r.rx_ifindex = s.rx_ifindex;
     r.tx_ifindex = s.tx_ifindex;
-    r.flags = s.flags | SESSION_CLOSE_MISSED;
+    r.flags = s.all_flags() | SESSION_CLOSE_MISSED;
     r.retransmits = 0;
     // The addresses were the socket's, which is now another one's.
     r.family = 0;
@@ -443,7 +494,7 @@ fn fill_record<M: Mem>(r: &mut SessionRecord, sk: *const u8, tp: *const u8, star
     r.busy_jiffies = busy_jiffies::<M>(tp, r.close_jiffies);
     // The state before CLOSE tells whether a FIN was sent; the destroy
     // backstop, which knows no old state, relies on one seen at a call.
-    let (tx, rx, flags) = current_payload::<M>(tp, s.flags | fin_sent_flag(old));
+    let (tx, rx, flags) = current_payload::<M>(tp, s.all_flags() | fin_sent_flag(old));
     r.flags = flags;
     r.bytes_acked = tx;
     r.bytes_received = rx;

@@ -12,12 +12,12 @@ use observer_common::{
 use crate::{
     diag,
     kernel::{
-        Mem, Probe, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, netns_ino, now_ns, offset,
-        zeroed,
+        Mem, Probe, add_shared, addr_bytes, addresses, advance_active, current_cgroup_id, current_comm, netns_ino,
+        now_ns, offset, zeroed,
     },
     maps::{
-        BPF_NOEXIST, EEXIST, PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_RELEASES_RING_BYTES,
-        UDP_SOCKETS, count_lost, wake_flags,
+        BPF_NOEXIST, EEXIST, NoRoom, PENDING_PEERS, PENDING_SLOT, UDP_FLOWS, UDP_RELEASES, UDP_RELEASES_RING_BYTES,
+        UDP_SOCKETS, clear_no_room, count_lost, mark_no_room, no_room, wake_flags,
     },
 };
 
@@ -50,16 +50,12 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
     }
     let now = now_ns();
     if let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) {
-        // SAFETY: the value of a successful lookup (see `maps`, "Map
-        // values"). Two calls of one socket on two CPUs may race on these
-        // counters and lose an increment.
-        let flow = unsafe { &mut *flow };
-        advance_active(&mut flow.last_ns, &mut flow.active_ns, now);
-        if send {
-            flow.bytes_tx += bytes;
-        } else {
-            flow.bytes_rx += bytes;
-        }
+        count_call(flow, bytes, send, now);
+        return;
+    }
+    if no_room(key.sk, now) == NoRoom::Waiting {
+        // This socket's last new flow found the table full a moment ago:
+        // counted then, not again at each call.
         return;
     }
     let mut flow = UdpFlow {
@@ -80,14 +76,46 @@ pub fn on_udp_call<M: Mem>(sk: *const u8, ret: i32, send: bool, counted: bool) {
         local_addr: addr_bytes(local),
     };
     current_comm(&mut flow.comm);
-    if UDP_FLOWS.insert(&key, &flow, 0).is_err() {
-        count_lost(LostSource::UdpFlowTableFull);
-        if diag::on() {
-            diag::udp_flow_table_full(flow.local_port, key.peer_port);
+    // Only where no entry is: a call of the same socket and peer on another
+    // CPU may create the flow between the lookup above and here, and
+    // overwriting its entry would lose that call's bytes.
+    match UDP_FLOWS.insert(&key, &flow, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            // The other CPU's flow won: this call's bytes go into it.
+            if let Some(winner) = UDP_FLOWS.get_ptr_mut(&key) {
+                count_call(winner, bytes, send, now);
+            }
+            return;
         }
-        return;
+        Err(_) => {
+            // Once per socket (`NO_ROOM`): a datagram of a socket that found
+            // no room is not counted again until its retry finds room.
+            if mark_no_room(key.sk, now) {
+                count_lost(LostSource::UdpFlowTableFull);
+                if diag::on() {
+                    diag::udp_flow_table_full(flow.local_port, key.peer_port);
+                }
+            }
+            return;
+        }
     }
     note_flow(&key, flow.local_port);
+}
+
+/// One call's bytes into an existing flow, which calls on other CPUs (threads
+/// or processes sharing the socket) may be updating at the same moment: every
+/// counter is advanced atomically.
+#[inline(always)]
+fn count_call(flow: *mut UdpFlow, bytes: u64, send: bool, now: u64) {
+    // SAFETY: `flow` is the value of a successful lookup (see `maps`, "Map
+    // values"), valid for this program run; `&raw mut` takes the fields'
+    // addresses without a reference that would claim exclusive access.
+    let (last, active, tx, rx) = unsafe {
+        (&raw mut (*flow).last_ns, &raw mut (*flow).active_ns, &raw mut (*flow).bytes_tx, &raw mut (*flow).bytes_rx)
+    };
+    advance_active(last, active, now);
+    add_shared(if send { tx } else { rx }, bytes);
 }
 
 /// Records a new flow of its socket in `UDP_SOCKETS`: the first flow's key, or
@@ -172,6 +200,9 @@ fn take_pending(sk: u64, connected: bool) -> Option<PendingPeer> {
 #[inline(always)]
 pub fn on_release(sk: *const u8) {
     let key = sk as u64;
+    // A mark of a flow that found no room must not outlive its socket: the
+    // next socket at this address would not count its own.
+    clear_no_room(key);
     // SAFETY: the value of a successful lookup (see `maps`, "Map values"),
     // copied at once; its socket is being released, so no call changes it.
     let Some(flows) = (unsafe { UDP_SOCKETS.get(&key) }).copied() else {
