@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::BtfTracePointContext,
 };
-use observer_common::{DROP_REASON_UNKNOWN, DropKey, LostSource, drop_kind};
+use observer_common::{DROP_NETNS_OTHER, DROP_REASON_UNKNOWN, DropKey, LostSource, drop_kind};
 
 use crate::{
     diag,
@@ -15,9 +15,11 @@ use crate::{
     maps::{BPF_NOEXIST, EEXIST, count_lost},
 };
 
-/// Counters by `DropKey`. Entries are never deleted: the key space is small
-/// (reasons x interfaces), and userspace keeps per-key totals to add deltas.
-/// Preallocated (flags 0) like the other hash maps, for older kernels.
+/// Counters by `DropKey`. The key space stays small under namespace churn:
+/// every namespace but the observer's shares one key per kind and reason
+/// (`key`); keys of the observer's interfaces that are gone are deleted by
+/// userspace once it has read them. Userspace keeps per-key totals to add
+/// deltas. Preallocated (flags 0) like the other hash maps, for older kernels.
 #[map(name = "DROPS")]
 pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
@@ -47,6 +49,16 @@ fn count(key: &DropKey) {
             }
         }
     }
+}
+
+/// The key of a drop of `kind` and `reason` at (ifindex, netns inode): a
+/// namespace other than the observer's is folded into `DROP_NETNS_OTHER`.
+#[inline(always)]
+fn key(kind: u32, reason: u32, (ifindex, netns_ino): (u32, u32)) -> DropKey {
+    if netns_ino != 0 && netns_ino != settings().own_netns_ino {
+        return DropKey { kind, reason, ifindex: 0, netns_ino: DROP_NETNS_OTHER };
+    }
+    DropKey { kind, reason, ifindex, netns_ino }
 }
 
 /// (ifindex, netns inode) of a network device, zeros when unreadable. `M`:
@@ -113,8 +125,7 @@ pub fn obs_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     if skb.is_null() {
         return 0;
     }
-    let (ifindex, netns_ino) = skb_device(skb);
-    count(&DropKey { kind: drop_kind::DROP, reason, ifindex, netns_ino });
+    count(&key(drop_kind::DROP, reason, skb_device(skb)));
     0
 }
 
@@ -133,8 +144,7 @@ pub fn obs_tcp_retrans(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    let (ifindex, netns_ino) = sock_device(sk);
-    count(&DropKey { kind: drop_kind::TCP_RETRANSMIT, reason: 0, ifindex, netns_ino });
+    count(&key(drop_kind::TCP_RETRANSMIT, 0, sock_device(sk)));
     0
 }
 
@@ -146,14 +156,14 @@ pub fn obs_tcp_retrans(ctx: BtfTracePointContext) -> i32 {
 pub fn obs_tcp_rst_tx(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let skb: *const u8 = ctx.arg(1);
-    let (ifindex, netns_ino) = if !skb.is_null() {
+    let place = if !skb.is_null() {
         skb_device(skb)
     } else if !sk.is_null() {
         sock_device(sk)
     } else {
         (0, 0)
     };
-    count(&DropKey { kind: drop_kind::TCP_RESET_SENT, reason: 0, ifindex, netns_ino });
+    count(&key(drop_kind::TCP_RESET_SENT, 0, place));
     0
 }
 
@@ -164,7 +174,6 @@ pub fn obs_tcp_rst_rx(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    let (ifindex, netns_ino) = sock_device(sk);
-    count(&DropKey { kind: drop_kind::TCP_RESET_RECEIVED, reason: 0, ifindex, netns_ino });
+    count(&key(drop_kind::TCP_RESET_RECEIVED, 0, sock_device(sk)));
     0
 }

@@ -22,8 +22,15 @@ pub fn settings(btf: &KernelBtf) -> Settings {
         drop_reason_not_dropped: reason("SKB_NOT_DROPPED_YET"),
         drop_reason_consumed: reason("SKB_CONSUMED"),
         tcp_retransmit_args: btf.tracepoint_params("tcp_retransmit_skb").map_or(0, |n| n as u32),
+        own_netns_ino: own_netns_ino(),
         ..Settings::default()
     }
+}
+
+/// Inode of the observer's network namespace (0 if unreadable): the kernel
+/// keys drops by interface only there, and userspace names only its interfaces.
+fn own_netns_ino() -> u32 {
+    fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino() as u32)
 }
 
 /// Whether this kernel's `tcp:tcp_send_reset` tracepoint also fires for
@@ -67,30 +74,45 @@ pub struct DropCounters {
     seen: HashMap<DropKey, u64>,
     reasons: HashMap<u32, String>,
     /// The observer's own network namespace: interface indexes of other
-    /// namespaces cannot be named here.
+    /// namespaces cannot be named here (the kernel folds them, see
+    /// `DropKey::netns_ino`).
     own_netns: u32,
 }
 
 impl DropCounters {
     pub fn new(map: PerCpuHashMap<MapData, DropKey, u64>, btf: &KernelBtf) -> Self {
-        let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino() as u32);
-        Self { map, seen: HashMap::new(), reasons: reason_names(btf), own_netns }
+        Self { map, seen: HashMap::new(), reasons: reason_names(btf), own_netns: own_netns_ino() }
     }
 
     /// Adds every key's growth since the last call to the metrics. Keys whose
     /// interface is not selected with --iface are tracked but not reported.
+    /// A key of an interface that is gone is deleted once read, with its
+    /// total here: interfaces come and go with pods (a veth per pod on the
+    /// host), and their keys would otherwise fill the table. What it counted
+    /// is exported already, and the counters stay monotonic: a new interface
+    /// that reuses the index starts a new key from zero.
     pub fn sync(&mut self, filter: &IfaceFilter, metrics: &Metrics) {
         // Bounded walk: a key space larger than the table cannot exist.
         let capacity = self.map.map().info().map_or(4096, |info| info.max_entries() as usize);
         let keys: Vec<DropKey> = self.map.keys().take(2 * capacity).filter_map(Result::ok).collect();
-        metrics.telemetry.map_usage("drops", keys.len(), capacity);
+        let mut entries = keys.len();
         for key in keys {
             let Ok(values) = self.map.get(&key, 0) else { continue };
             let total: u64 = values.iter().sum();
             let seen = self.seen.entry(key).or_insert(0);
             let delta = total.saturating_sub(*seen);
             *seen = total;
-            if delta == 0 || !filter.accepts_interfaces(key.netns_ino, key.ifindex, key.ifindex) {
+            if delta == 0 {
+                // Only an idle key can be a gone interface's. A drop counted
+                // between the read above and the delete would be lost: the
+                // interface is gone, so none is expected.
+                if self.interface_gone(&key) && self.map.remove(&key).is_ok() {
+                    self.seen.remove(&key);
+                    entries -= 1;
+                }
+                continue;
+            }
+            if !filter.accepts_interfaces(key.netns_ino, key.ifindex, key.ifindex) {
                 continue;
             }
             let iface = self.iface_name(&key);
@@ -102,6 +124,13 @@ impl DropCounters {
                 _ => {}
             }
         }
+        metrics.telemetry.map_usage("drops", entries, capacity);
+    }
+
+    /// Whether `key` names an interface of the observer's namespace that no
+    /// longer exists.
+    fn interface_gone(&self, key: &DropKey) -> bool {
+        key.ifindex != 0 && key.netns_ino == self.own_netns && index_to_name(key.ifindex).is_none()
     }
 
     fn reason(&self, value: u32) -> String {
