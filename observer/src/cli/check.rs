@@ -5,6 +5,7 @@ use crate::{
     cli::KernelArgs,
     kernel::btf::KernelBtf,
     kernel::detect,
+    kernel::diagnostics as kernel_diagnostics,
     kernel::loader,
     kernel::privileges,
     kernel::probes::{self, Concern, KernelFacts, Tier},
@@ -59,20 +60,24 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
         }
     }
 
-    // fentry is only known by loading a program, which needs privileges.
-    let fentry = if !privileged {
-        Err("not probed: loading a test program needs the privileges above".to_string())
+    // fentry is only known by loading a program, which needs privileges;
+    // so is what the verifier says of the others. Loaded as `run` loads them
+    // (settings, table sizes, the diagnostics switch this log filter gives).
+    let mut kernel = if !privileged {
+        Err("loading a program needs the privileges above".to_string())
     } else {
-        match loader::load(
+        loader::load(
             &btf,
-            observer_common::Settings::default(),
+            drops::settings(&btf),
             crate::cli::DEFAULT_MAX_SESSIONS,
             crate::cli::DEFAULT_MAX_UDP_FLOWS,
-            false,
-        ) {
-            Ok(mut kernel) => kernel.probe_fentry(),
-            Err(e) => Err(format!("not probed: {}", loader::chain(&e))),
-        }
+            kernel_diagnostics::wanted(),
+        )
+        .map_err(|e| loader::chain(&e))
+    };
+    let fentry = match &mut kernel {
+        Ok(kernel) => kernel.probe_fentry(),
+        Err(why) => Err(format!("not probed: {why}")),
     };
     let facts = detect::kernel_facts(&btf, fentry);
     write_tiers(&mut out, &facts);
@@ -89,6 +94,7 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
             }
         }
     }
+    ok &= write_verified(&mut out, kernel.as_mut().map(|k| k.verify(&plan)).map_err(|why| &*why));
     // A hook that attaches but sees less on this kernel than on newer ones.
     if plan.serves(Concern::TcpErrors)
         && let Some(limit) = drops::sent_resets_limit(&btf)
@@ -98,6 +104,30 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
     ok &= plan.missing_required().is_empty();
     let _ = writeln!(out, "result: {}", if ok { "run would work" } else { "run cannot work here" });
     (out, ok)
+}
+
+/// One line per program of the chosen hooks with the verifier's answer;
+/// false if a required concern's program was refused (`run` would stop).
+fn write_verified(out: &mut String, verified: Result<Vec<loader::Verified>, &String>) -> bool {
+    let verified = match verified {
+        Ok(verified) => verified,
+        Err(why) => {
+            let _ = writeln!(out, "programs: not verified: {why}");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for v in &verified {
+        let concern = v.concern.as_str();
+        let _ = match &v.result {
+            Ok(()) => writeln!(out, "program {} ({concern}): verifier accepted", v.program),
+            Err(why) => {
+                ok &= !v.concern.required();
+                writeln!(out, "program {} ({concern}): verifier refused: {why}", v.program)
+            }
+        };
+    }
+    ok
 }
 
 fn write_tiers(out: &mut String, facts: &KernelFacts) {

@@ -26,10 +26,40 @@ pub enum BtfError {
     NoField { ty: String, field: String },
     #[error("kernel BTF: `{ty}.{field}` is a bitfield; the programs can only read whole fields")]
     Bitfield { ty: String, field: String },
+    #[error(
+        "kernel BTF: `{ty}.{field}` is {found} in this kernel, where the programs read {want}: reading it would give wrong numbers"
+    )]
+    Mismatch { ty: String, field: String, want: Field, found: String },
     #[error("kernel BTF: `{ty}.{field}` lies at {offset} bytes, beyond what the programs address")]
     TooFar { ty: String, field: String, offset: u64 },
     #[error("kernel BTF: {0}")]
     Parse(#[from] btf_rs::Error),
+}
+
+/// What the programs read at a field, checked against the kernel's type of
+/// it: a field that changed size or kind (a counter widened, an address
+/// turned into something else) is refused, not read wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// An integer of this many bytes.
+    Int(usize),
+    /// A pointer, or a struct that holds only one (`possible_net_t`).
+    Ptr,
+    /// A struct or union of this many bytes, read whole (`struct in6_addr`).
+    Bytes(usize),
+    /// An array of `.1` integers of `.0` bytes each.
+    Array(usize, usize),
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Int(n) => write!(f, "a {n}-byte integer"),
+            Field::Ptr => write!(f, "a pointer"),
+            Field::Bytes(n) => write!(f, "a {n}-byte struct"),
+            Field::Array(size, n) => write!(f, "an array of {n} {size}-byte integers"),
+        }
+    }
 }
 
 /// The running kernel's BTF.
@@ -76,14 +106,53 @@ impl KernelBtf {
         Err(BtfError::NoType { ty: format!("function {name}") })
     }
 
+    /// Byte offset of `path` inside `struct ty` (see `member_offset`), once
+    /// the field's type is found to be `want`.
+    pub fn field(&self, ty: &str, path: &str, want: Field) -> Result<u32, BtfError> {
+        let (offset, found) = self.member(ty, path)?;
+        let found = self.describe(&found)?;
+        if found.0 != Some(want) {
+            return Err(BtfError::Mismatch { ty: ty.to_owned(), field: path.to_owned(), want, found: found.1 });
+        }
+        Ok(offset)
+    }
+
+    /// `ty` as a `Field` if it is one of those, and in words.
+    fn describe(&self, ty: &Type) -> Result<(Option<Field>, String), BtfError> {
+        Ok(match ty {
+            Type::Int(int) => (Some(Field::Int(int.size())), format!("a {}-byte integer", int.size())),
+            Type::Ptr(_) => (Some(Field::Ptr), "a pointer".into()),
+            Type::Struct(s) | Type::Union(s) => {
+                let one_pointer = s.members.len() == 1
+                    && matches!(self.strip(self.btf.resolve_chained_type(&s.members[0])?)?, Type::Ptr(_));
+                let field = if one_pointer { Field::Ptr } else { Field::Bytes(s.size()) };
+                (Some(field), format!("a {}-byte {}", s.size(), ty.name()))
+            }
+            Type::Array(a) => match self.strip(self.btf.resolve_chained_type(a)?)? {
+                Type::Int(int) => (
+                    Some(Field::Array(int.size(), a.len())),
+                    format!("an array of {} {}-byte integers", a.len(), int.size()),
+                ),
+                other => (None, format!("an array of {} {}", a.len(), other.name())),
+            },
+            Type::Enum(e) => (None, format!("a {}-byte enum", e.size())),
+            other => (None, format!("a {}", other.name())),
+        })
+    }
+
     /// Byte offset of `path` (dot-separated member names, e.g.
     /// `__sk_common.skc_family`) inside `struct ty`, looking through anonymous
-    /// structs and unions the way C does.
+    /// structs and unions the way C does. The field's size is not checked:
+    /// for what the programs read, `field` is the lookup that does.
     pub fn member_offset(&self, ty: &str, path: &str) -> Result<u32, BtfError> {
+        self.member(ty, path).map(|(offset, _)| offset)
+    }
+
+    /// Byte offset and (stripped) type of `path` inside `struct ty`.
+    fn member(&self, ty: &str, path: &str) -> Result<(u32, Type), BtfError> {
         let mut current = self.named_struct(ty)?;
         let mut bits: u64 = 0;
-        let mut parts = path.split('.').peekable();
-        while let Some(name) = parts.next() {
+        for name in path.split('.') {
             let (offset, bitfield, member_ty) = self
                 .find_member(&current, name)?
                 .ok_or_else(|| BtfError::NoField { ty: ty.to_owned(), field: path.to_owned() })?;
@@ -91,12 +160,15 @@ impl KernelBtf {
                 return Err(BtfError::Bitfield { ty: ty.to_owned(), field: path.to_owned() });
             }
             bits += offset;
-            if parts.peek().is_some() {
-                current = self.strip(member_ty)?;
-            }
+            current = self.strip(member_ty)?;
         }
         let bytes = bits / 8;
-        u32::try_from(bytes).map_err(|_| BtfError::TooFar { ty: ty.to_owned(), field: path.to_owned(), offset: bytes })
+        let offset = u32::try_from(bytes).map_err(|_| BtfError::TooFar {
+            ty: ty.to_owned(),
+            field: path.to_owned(),
+            offset: bytes,
+        })?;
+        Ok((offset, current))
     }
 
     /// Byte and bit shift (within that byte) of a field of at most 8 bits: a
@@ -163,57 +235,61 @@ impl KernelBtf {
         Ok(None)
     }
 
-    /// Every offset the kernel programs need. A missing field is an error that
-    /// names it: reading a guessed offset would give wrong numbers.
+    /// Every offset the kernel programs need, each field's type checked
+    /// against what they read there (`Field`). A missing or changed field is
+    /// an error that names it: reading a guessed offset, or a field at its
+    /// offset with another width, would give wrong numbers.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
-        let sock = |field: &str| self.member_offset("sock", field);
-        let common = |field: &str| sock(&format!("__sk_common.{field}"));
+        use Field::{Array, Bytes, Int, Ptr};
+        let sock = |field: &str, want| self.field("sock", field, want);
+        let common = |field: &str, want| sock(&format!("__sk_common.{field}"), want);
+        let tcp = |field: &str, want| self.field("tcp_sock", field, want);
         // The receive interface moved from inet_sock to sock in 5.18.
         let rx_dst_ifindex =
-            sock("sk_rx_dst_ifindex").or_else(|_| self.member_offset("inet_sock", "rx_dst_ifindex"))?;
+            sock("sk_rx_dst_ifindex", Int(4)).or_else(|_| self.field("inet_sock", "rx_dst_ifindex", Int(4)))?;
         // sk_protocol was a bitfield before 5.6. The per-call programs read
         // it, and they need 6.3; so do the fentry/kprobe release hooks, to
         // skip sockets that cannot have UDP flows, and flows exist only where
         // the per-call programs run: 0 there is never read where it matters.
-        let sk_protocol = match sock("sk_protocol") {
+        let sk_protocol = match sock("sk_protocol", Int(2)) {
             Ok(off) => off,
             Err(BtfError::Bitfield { .. }) => 0,
             Err(e) => return Err(e),
         };
         let chrono_type = self.bitfield_position("tcp_sock", "chrono_type")?;
         Ok(KernelOffsets {
-            tcp_bytes_acked: self.member_offset("tcp_sock", "bytes_acked")?,
-            tcp_bytes_received: self.member_offset("tcp_sock", "bytes_received")?,
-            skc_family: common("skc_family")?,
-            skc_state: common("skc_state")?,
-            inet_sport: self.member_offset("inet_sock", "inet_sport")?,
-            skc_dport: common("skc_dport")?,
-            skc_rcv_saddr: common("skc_rcv_saddr")?,
-            skc_daddr: common("skc_daddr")?,
-            skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
-            skc_v6_daddr: common("skc_v6_daddr")?,
-            skc_net: common("skc_net")?,
-            net_ns_inum: self.member_offset("net", "ns.inum")?,
+            tcp_bytes_acked: tcp("bytes_acked", Int(8))?,
+            tcp_bytes_received: tcp("bytes_received", Int(8))?,
+            skc_family: common("skc_family", Int(2))?,
+            skc_state: common("skc_state", Int(1))?,
+            inet_sport: self.field("inet_sock", "inet_sport", Int(2))?,
+            skc_dport: common("skc_dport", Int(2))?,
+            skc_rcv_saddr: common("skc_rcv_saddr", Int(4))?,
+            skc_daddr: common("skc_daddr", Int(4))?,
+            skc_v6_rcv_saddr: common("skc_v6_rcv_saddr", Bytes(16))?,
+            skc_v6_daddr: common("skc_v6_daddr", Bytes(16))?,
+            skc_net: common("skc_net", Ptr)?,
+            net_ns_inum: self.field("net", "ns.inum", Int(4))?,
             rx_dst_ifindex,
             sk_protocol,
             // sk_flags moved into sock_common (as skc_flags) in 6.16.
-            sk_flags: sock("sk_flags").or_else(|_| common("skc_flags"))?,
+            sk_flags: sock("sk_flags", Int(8)).or_else(|_| common("skc_flags", Int(8)))?,
             sock_done_bit: self.enum_value("sock_flags", "SOCK_DONE")?,
-            tcp_snd_una: self.member_offset("tcp_sock", "snd_una")?,
-            tcp_write_seq: self.member_offset("tcp_sock", "write_seq")?,
-            sk_dst_cache: sock("sk_dst_cache")?,
-            dst_dev: self.member_offset("dst_entry", "dev")?,
-            netdev_ifindex: self.member_offset("net_device", "ifindex")?,
-            socket_sk: self.member_offset("socket", "sk")?,
-            tcp_chrono_start: self.member_offset("tcp_sock", "chrono_start")?,
-            tcp_chrono_stat: self.member_offset("tcp_sock", "chrono_stat")?,
+            tcp_snd_una: tcp("snd_una", Int(4))?,
+            tcp_write_seq: tcp("write_seq", Int(4))?,
+            sk_dst_cache: sock("sk_dst_cache", Ptr)?,
+            dst_dev: self.field("dst_entry", "dev", Ptr)?,
+            netdev_ifindex: self.field("net_device", "ifindex", Int(4))?,
+            socket_sk: self.field("socket", "sk", Ptr)?,
+            tcp_chrono_start: tcp("chrono_start", Int(4))?,
+            tcp_chrono_stat: tcp("chrono_stat", Array(4, 3))?,
             tcp_chrono_type_byte: chrono_type.0,
             tcp_chrono_type_shift: chrono_type.1,
-            skb_dev: self.member_offset("sk_buff", "dev")?,
-            skb_refdst: self.member_offset("sk_buff", "_skb_refdst")?,
-            netdev_net: self.member_offset("net_device", "nd_net.net")?,
-            tcp_total_retrans: self.member_offset("tcp_sock", "total_retrans")?,
-            tcp_clock_cache: self.member_offset("tcp_sock", "tcp_clock_cache")?,
+            skb_dev: self.field("sk_buff", "dev", Ptr)?,
+            skb_refdst: self.field("sk_buff", "_skb_refdst", Int(8))?,
+            netdev_net: self.field("net_device", "nd_net.net", Ptr)?,
+            tcp_total_retrans: tcp("total_retrans", Int(4))?,
+            tcp_clock_cache: tcp("tcp_clock_cache", Int(8))?,
         })
     }
 
@@ -299,6 +375,29 @@ mod tests {
         let sock_end = btf.member_offset("sock", "sk_rx_dst_ifindex").unwrap_or(0);
         assert!(off.tcp_bytes_acked > sock_end);
         assert_eq!(off.tcp_bytes_acked % 8, 0, "u64 fields are 8-byte aligned");
+    }
+
+    #[test]
+    fn a_field_of_another_size_or_kind_is_refused() {
+        let Some(btf) = kernel() else { return };
+        use Field::*;
+        assert!(btf.field("tcp_sock", "bytes_acked", Int(8)).is_ok());
+        // As if the kernel had narrowed (or the programs widened) a counter.
+        let err = btf.field("tcp_sock", "bytes_acked", Int(4)).unwrap_err();
+        assert!(matches!(err, BtfError::Mismatch { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF: `tcp_sock.bytes_acked` is a 8-byte integer in this kernel, where the programs read a 4-byte \
+             integer: reading it would give wrong numbers"
+        );
+        // A pointer is not an integer of the same width, nor the reverse.
+        assert!(btf.field("sock", "sk_dst_cache", Int(8)).is_err());
+        assert!(btf.field("sk_buff", "_skb_refdst", Ptr).is_err());
+        // possible_net_t (a struct holding one pointer) reads as a pointer.
+        assert!(btf.field("sock", "__sk_common.skc_net", Ptr).is_ok());
+        assert!(btf.field("sock", "__sk_common.skc_v6_daddr", Bytes(16)).is_ok());
+        assert!(btf.field("tcp_sock", "chrono_stat", Array(4, 3)).is_ok());
+        assert!(btf.field("tcp_sock", "chrono_stat", Array(4, 4)).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use observer_common::Settings;
 use crate::{
     error::Error,
     kernel::btf::KernelBtf,
-    kernel::probes::{Attach, Hook, Plan},
+    kernel::probes::{Attach, Concern, Hook, Plan},
 };
 
 /// The kernel programs, compiled by build.rs for the bpf target.
@@ -24,6 +24,30 @@ const FENTRY_PROBE: &str = "obs_state_fe";
 
 /// A hook of the plan and whether it attached (`Err(reason)` if not).
 pub type Attached = (Hook, Result<(), String>);
+
+/// One program loaded by `Kernel::verify`: accepted, or the kernel's reason.
+#[derive(Debug)]
+pub struct Verified {
+    pub concern: Concern,
+    pub program: &'static str,
+    pub result: Result<(), String>,
+}
+
+/// Lines of the verifier's log kept in a refusal's reason: its last ones,
+/// where the verifier says what it refused and why.
+const VERIFIER_LOG_TAIL: usize = 6;
+
+/// A load error on one line: the error chain, with a verifier log cut to its
+/// last lines (a full log runs to thousands).
+fn verifier_reason(e: &ProgramError) -> String {
+    if let ProgramError::LoadError { io_error, verifier_log } = e {
+        let log = verifier_log.to_string();
+        let lines: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(VERIFIER_LOG_TAIL)..].join(" | ");
+        return format!("the kernel refused it: {io_error}; verifier: {tail}");
+    }
+    chain(e)
+}
 
 pub struct Kernel {
     pub ebpf: Ebpf,
@@ -118,6 +142,32 @@ impl Kernel {
             }
         }
         Ok(attached)
+    }
+
+    /// Loads every program of the plan's hooks without attaching any: the
+    /// kernel's verifier accepts or refuses each one as `run` would load it.
+    /// One result per program, in plan order (a program two hooks share is
+    /// listed once), with the verifier's reason for a refusal.
+    pub fn verify(&mut self, plan: &Plan) -> Vec<Verified> {
+        let mut results: Vec<Verified> = Vec::new();
+        for choice in &plan.choices {
+            let Ok(hook) = choice.hook else { continue };
+            for &(name, how) in hook.programs() {
+                if results.iter().any(|v| v.program == name) {
+                    continue;
+                }
+                let result = if self.probed.contains(&name) {
+                    Ok(())
+                } else {
+                    self.load_program(name, how).map_err(|e| verifier_reason(&e))
+                };
+                if result.is_ok() && !self.probed.contains(&name) {
+                    self.probed.push(name);
+                }
+                results.push(Verified { concern: choice.concern, program: name, result });
+            }
+        }
+        results
     }
 
     /// Frees the parsed kernel BTF once every program is attached: loading a
