@@ -193,6 +193,22 @@ impl Enricher {
         self.labels.iter().map(|l| l.name()).collect()
     }
 
+    /// Whether `s` can be labelled now: false while a walk of the cgroup tree
+    /// that may name its owner's workload is due or under way (this asks for
+    /// it). The walk never runs in the caller's thread; the caller labels the
+    /// session later, once [`Enricher::walks`] has moved on.
+    pub fn ready(&mut self, s: &Session) -> bool {
+        match (&mut self.workloads, &s.owner) {
+            (Some(w), Some(owner)) => w.ready(owner.cgroup_id),
+            _ => true,
+        }
+    }
+
+    /// Walks of the cgroup tree done so far (0 without workload labels).
+    pub fn walks(&self) -> u64 {
+        self.workloads.as_ref().map_or(0, Workloads::walks)
+    }
+
     /// The session's label values, in [`Enricher::names`] order, each within
     /// its budget; `overflow` is called with the name of each label whose
     /// value was folded into `other`.
@@ -201,7 +217,8 @@ impl Enricher {
             return Vec::new();
         }
         let workload = match (&mut self.workloads, &s.owner) {
-            (Some(w), Some(owner)) => w.of_cgroup(owner.cgroup_id),
+            // Still pending: labelled without it (see `ready`).
+            (Some(w), Some(owner)) => w.of_cgroup(owner.cgroup_id).unwrap_or_default(),
             _ => Workload::default(),
         };
         let mut values = Vec::with_capacity(self.labels.len());

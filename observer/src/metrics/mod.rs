@@ -59,7 +59,7 @@ fn round_sig(x: f64) -> f64 {
 
 /// Where the observer had to drop data; label values of `observer_events_lost_total`.
 /// The kernel's `LostSource` indexes first, in order; then userspace's own.
-pub const LOST_SOURCES: [&str; observer_common::LOST_SOURCES as usize + 1] = [
+pub const LOST_SOURCES: [&str; observer_common::LOST_SOURCES as usize + 3] = [
     "session_ring_full",
     "session_table_full",
     "udp_flow_table_full",
@@ -69,6 +69,8 @@ pub const LOST_SOURCES: [&str; observer_common::LOST_SOURCES as usize + 1] = [
     "session_close_missed",
     "udp_socket_table_full",
     "session_record_malformed",
+    "session_log_line",
+    "session_labels_behind",
 ];
 
 /// HELP of `observer_drops_total`: what the common reasons mean.
@@ -182,7 +184,7 @@ impl Metrics {
         )?;
         let events_lost = families.counter(
             "observer_events_lost_total",
-            "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP datagrams not counted because the flow table was full; source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead, a connected socket's once the observer finds the socket gone, within two timeouts); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_close_missed: TCP sessions whose close no kernel hook saw (both the state-change program and the socket-destroy hook missed it, or the kprobe tier's one program), found when the next socket at the same address was born and reported then from their table entry: bytes up to their last call, no lifetime (so no duration or goodput), no addresses; source=udp_socket_table_full: new UDP flows whose socket found no room in the kernel's table of sockets with flows, sized by --max-udp-flows (that socket's release will not be seen, so its flows, connected or not, end at the idle timeout); source=session_record_malformed: records userspace could not decode.",
+            "Data the observer had to drop. source=session_ring_full: closed TCP session records lost because the kernel-to-userspace ring buffer was full; source=session_table_full: TCP sessions not tracked from birth because the open-session table was full (reported at close as adopted); source=udp_flow_table_full: UDP sockets whose new flow found the flow table full, once per socket (the datagrams of flows that found no room are not counted; the socket tries again at most once a second); source=udp_release_ring_full: UDP socket releases not seen (their flows end at the idle timeout instead, a connected socket's once the observer finds the socket gone, within two timeouts); source=drop_table_full: drops, retransmits or resets of a new (reason, interface) pair not counted because the kernel's drop table was full; source=udp_peer_unknown: UDP datagrams not counted because their socket is unconnected and the call did not ask for the peer's address; source=session_close_missed: TCP sessions whose close no kernel hook saw (both the state-change program and the socket-destroy hook missed it, or the kprobe tier's one program), found when the next socket at the same address was born and reported then from their table entry: bytes up to their last call, no lifetime (so no duration or goodput), no addresses; source=udp_socket_table_full: new UDP flows whose socket found no room in the kernel's table of sockets with flows, sized by --max-udp-flows (that socket's release will not be seen, so its flows, connected or not, end at the idle timeout); source=session_record_malformed: records userspace could not decode; source=session_log_line: --session-log lines not written, because the log's writer was behind (its queue of 32,768 lines full: a slow disk, a pipe nobody reads) or its write failed (the sessions are in the metrics all the same); source=session_labels_behind: sessions labelled without their workload labels (container, pod, namespace) because 8,192 sessions were already waiting for the walk of the cgroup tree that would name theirs.",
             &["source".to_string()],
         )?;
         let probe_info = GaugeVec::new(

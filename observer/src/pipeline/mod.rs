@@ -102,6 +102,11 @@ struct State {
     tcp_live: LiveCounts<(u64, u64)>,
     session_log: Option<SessionLog>,
     enricher: Enricher,
+    /// Sessions whose labels wait for a walk of the cgroup tree
+    /// (`Enricher::ready`), at most `MAX_WAITING`, and the walks done when
+    /// they were last looked at.
+    waiting: Vec<Session>,
+    waiting_walks: u64,
 }
 
 impl Pipeline {
@@ -122,6 +127,8 @@ impl Pipeline {
                 tcp_live: LiveCounts::default(),
                 session_log: config.session_log,
                 enricher: config.enricher,
+                waiting: Vec::new(),
+                waiting_walks: 0,
             }),
         }
     }
@@ -137,16 +144,39 @@ impl Pipeline {
     /// Reads closed TCP sessions, a batch per wake-up, until `stop`; then
     /// reads what is left in the ring and returns.
     pub async fn run_tcp(self: Arc<Self>, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
-        read_until_stopped(ring, stop, move |bytes| self.tcp_closed(bytes)).await
+        let after = self.clone();
+        read_until_stopped(ring, stop, move |bytes| self.tcp_closed(bytes), move |last| after.after_batch(last)).await
     }
 
     /// Reads UDP socket releases until `stop`, then what is left.
     pub async fn run_udp_releases(self: Arc<Self>, ring: RingBuf<MapData>, stop: Stop) -> Result<(), Error> {
-        read_until_stopped(ring, stop, move |bytes| match read_pod::<UdpRelease>(bytes) {
-            Some(release) => self.udp_released(release),
-            None => self.metrics.lost("session_record_malformed", 1),
-        })
+        let after = self.clone();
+        read_until_stopped(
+            ring,
+            stop,
+            move |bytes| match read_pod::<UdpRelease>(bytes) {
+                Some(release) => self.udp_released(release),
+                None => self.metrics.lost("session_record_malformed", 1),
+            },
+            move |last| after.after_batch(last),
+        )
         .await
+    }
+
+    /// After each batch a ring reader handled (every `RING_POLL` to
+    /// `RING_POLL_IDLE`): sessions whose labels waited for a walk that is
+    /// done now are reported; at the `last` one, at shutdown, all of them,
+    /// with what is known.
+    fn after_batch(&self, last: bool) {
+        let mut state = self.state();
+        if last {
+            let waiting = std::mem::take(&mut state.waiting);
+            for session in &waiting {
+                self.record(&mut state, session);
+            }
+        } else {
+            self.report_waiting(&mut state);
+        }
     }
 
     /// Ends idle UDP flows, checking four times per timeout (every 100 ms to
@@ -268,10 +298,45 @@ impl Pipeline {
         self.report(&mut self.state(), &session);
     }
 
+    /// Labels and records a session, unless its labels wait for a walk of
+    /// the cgroup tree (a cgroup created since the last one): then it waits,
+    /// off the reader's path, and is recorded once the walk is done. With
+    /// `MAX_WAITING` sessions waiting already, it is recorded at once
+    /// without its workload labels, and counted.
     fn report(&self, state: &mut State, session: &Session) {
+        self.report_waiting(state);
+        if state.enricher.ready(session) {
+            self.record(state, session);
+        } else if state.waiting.len() < MAX_WAITING {
+            state.waiting.push(session.clone());
+        } else {
+            self.metrics.lost("session_labels_behind", 1);
+            self.record(state, session);
+        }
+    }
+
+    /// Records the waiting sessions a walk done since the last look has
+    /// made ready.
+    fn report_waiting(&self, state: &mut State) {
+        let walks = state.enricher.walks();
+        if state.waiting.is_empty() || walks == state.waiting_walks {
+            return;
+        }
+        state.waiting_walks = walks;
+        let waiting = std::mem::take(&mut state.waiting);
+        for session in waiting {
+            if state.enricher.ready(&session) {
+                self.record(state, &session);
+            } else {
+                state.waiting.push(session);
+            }
+        }
+    }
+
+    fn record(&self, state: &mut State, session: &Session) {
         let labels = state.enricher.label(session, Instant::now(), |label| self.metrics.label_overflow(label));
         self.metrics.record(session, &labels, self.min_session_bytes);
-        if let Some(log) = &mut state.session_log {
+        if let Some(log) = &state.session_log {
             log.write(session, &state.enricher.names(), &labels);
         }
     }
@@ -290,7 +355,12 @@ impl Pipeline {
         tables.maps.drops.sync(&self.filter, &self.metrics);
         tables.iface_stats.sync(&self.metrics);
         drop(tables);
-        for expired in self.state().enricher.expire(Instant::now()) {
+        let mut state = self.state();
+        self.report_waiting(&mut state);
+        if let Some(lost) = state.session_log.as_ref().map(SessionLog::take_lost).filter(|&n| n > 0) {
+            self.metrics.lost("session_log_line", lost);
+        }
+        for expired in state.enricher.expire(Instant::now()) {
             self.metrics.remove_session_series(&expired);
         }
     }
@@ -421,6 +491,10 @@ const LARGE_COPY: usize = 10_000;
 /// Sessions of a scrape's copy applied per hold of the state lock.
 const APPLY_PART: usize = 1024;
 
+/// Sessions that may wait for a walk of the cgroup tree (`Pipeline::report`):
+/// a few seconds of a busy node's new containers' sessions.
+const MAX_WAITING: usize = 8192;
+
 /// How often the ring readers drain without a wake-up while records keep
 /// coming. The kernel wakes the session reader only when its ring is a
 /// quarter full (observer-ebpf's `on_close`), so in steady state records are
@@ -438,25 +512,34 @@ pub const RING_POLL_IDLE: Duration = Duration::from_millis(250);
 /// Not an async task: one on the two async workers waited whenever those
 /// were busy or blocked (a scrape walking 200,000 open sessions), and a
 /// burst of closes overflowed its ring meanwhile.
+/// `after` runs after each drain, with `true` after the last one.
 async fn read_until_stopped(
     ring: RingBuf<MapData>,
     stop: Stop,
     handle: impl FnMut(&[u8]) + Send + 'static,
+    after: impl FnMut(bool) + Send + 'static,
 ) -> Result<(), Error> {
-    tokio::task::spawn_blocking(move || read_on_this_thread(ring, stop, handle))
+    tokio::task::spawn_blocking(move || read_on_this_thread(ring, stop, handle, after))
         .await
         .map_err(|e| Error::Ring(std::io::Error::other(e)))?
 }
 
-fn read_on_this_thread(mut ring: RingBuf<MapData>, stop: Stop, mut handle: impl FnMut(&[u8])) -> Result<(), Error> {
+fn read_on_this_thread(
+    mut ring: RingBuf<MapData>,
+    stop: Stop,
+    mut handle: impl FnMut(&[u8]),
+    mut after: impl FnMut(bool),
+) -> Result<(), Error> {
     let mut period = RING_POLL;
     loop {
         if stop.is_stopped() {
             drain(&mut ring, &mut handle);
+            after(true);
             return Ok(());
         }
         let woken = wait_readable(ring.as_fd(), stop.wake.as_fd(), period).map_err(Error::Ring)?;
         let read = drain(&mut ring, &mut handle);
+        after(false);
         period = if woken || read > 0 { RING_POLL } else { (period * 2).min(RING_POLL_IDLE) };
     }
 }
