@@ -72,3 +72,24 @@ fn check_without_btf_says_run_cannot_work() {
     assert_eq!(code, 1, "{report}");
     assert!(report.contains("btf: unavailable: cannot read kernel BTF from /nonexistent/vmlinux"), "{report}");
 }
+
+/// `check` loads every program `run` would load here and says what the
+/// verifier answered for each: on a supported kernel, accepted, all of them.
+#[test]
+fn check_lists_every_program_with_the_verifiers_answer() {
+    let (report, code) = stdout(&["check"]);
+    assert_eq!(code, 0, "{report}");
+    let programs: Vec<&str> = report.lines().filter(|l| l.starts_with("program ")).collect();
+    eprintln!("{}", programs.join("\n"));
+    // The chosen tcp_state hook's programs at least, whichever tier.
+    assert!(programs.iter().any(|l| l.contains("(tcp_state): verifier accepted")), "{report}");
+    for line in &programs {
+        assert!(line.ends_with(": verifier accepted"), "{line}\n{report}");
+    }
+    // One line per program of every chosen hook: as many as the concerns
+    // with a hook need (each has at least one program).
+    let chosen = report.lines().filter(|l| l.starts_with("concern ") && l.ends_with("(chosen)")).count();
+    let concerns_verified: std::collections::BTreeSet<&str> =
+        programs.iter().filter_map(|l| l.split(['(', ')']).nth(1)).collect();
+    assert_eq!(concerns_verified.len(), chosen, "{report}");
+}

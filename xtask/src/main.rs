@@ -59,6 +59,11 @@ enum Command {
         /// Bound on one VM's whole run, in seconds.
         #[arg(long, default_value_t = kernels::DEFAULT_VM_TIMEOUT_S)]
         vm_timeout: u64,
+        /// Virtual CPUs per VM. Default 1: the VMs run side by side on the host's cores. More
+        /// for tests of concurrent calls on several CPUs (e.g. `--vcpus 4 --kernel 6.12 --test
+        /// concurrency`), at the cost of slower emulation per vCPU.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        vcpus: u32,
     },
     /// iperf3 over loopback (TCP bulk, TCP and UDP small messages) with the observer on vs off,
     /// then the observer's own CPU and memory, idle and under 10k closed sessions per second.
@@ -117,12 +122,15 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Test { skip_bench, skip_kernels, filter } => {
             test::run(&test::TestArgs { skip_bench, skip_kernels, filter })
         }
-        Command::Kernels { write_readme, kernels: names, tests, vm_timeout } => kernels::run(&kernels::Options {
-            write_readme,
-            kernels: names,
-            tests,
-            vm_timeout: std::time::Duration::from_secs(vm_timeout),
-        }),
+        Command::Kernels { write_readme, kernels: names, tests, vm_timeout, vcpus } => {
+            kernels::run(&kernels::Options {
+                write_readme,
+                kernels: names,
+                tests,
+                vm_timeout: std::time::Duration::from_secs(vm_timeout),
+                vcpus,
+            })
+        }
         Command::Bench { smoke, workload, rounds, seconds, out } => {
             let opts = if smoke {
                 bench::Options::smoke()
@@ -182,11 +190,12 @@ mod tests {
     #[test]
     fn kernels_flags() {
         match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12", "--test", "drops"]) {
-            Command::Kernels { write_readme, kernels, tests, vm_timeout } => {
+            Command::Kernels { write_readme, kernels, tests, vm_timeout, vcpus } => {
                 assert!(write_readme);
                 assert_eq!(kernels, ["6.1", "6.12"]);
                 assert_eq!(tests, ["drops"]);
                 assert_eq!(vm_timeout, kernels::DEFAULT_VM_TIMEOUT_S);
+                assert_eq!(vcpus, 1);
             }
             other => panic!("{other:?}"),
         }

@@ -47,6 +47,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
                     kernels: Vec::new(),
                     tests: Vec::new(),
                     vm_timeout: Duration::from_secs(kernels::DEFAULT_VM_TIMEOUT_S),
+                    vcpus: 1,
                 })
             }),
         ));

@@ -66,6 +66,8 @@ const RULES: &[(&str, Rule)] = &[
     ("self_telemetry", Rule { scope: Scope::EveryTier, needs: &["sock_calls"] }),
     ("udp_sessions", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
     ("live_throughput", Rule { scope: Scope::EveryTier, needs: &["sock_calls"] }),
+    // Flows and live bytes under calls from several CPUs at once.
+    ("concurrency", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
 ];
 
 pub fn rule(test: &str) -> Rule {

@@ -68,6 +68,8 @@ pub struct Options {
     pub tests: Vec<String>,
     /// Bound on one VM's whole run.
     pub vm_timeout: Duration,
+    /// Virtual CPUs per VM.
+    pub vcpus: u32,
 }
 
 pub const DEFAULT_VM_TIMEOUT_S: u64 = 900;
@@ -96,10 +98,10 @@ pub fn run(opts: &Options) -> Result<()> {
     let host_check = host_check(&observer);
     eprintln!("xtask kernels: prepared in {:.0} s; booting {} VMs", started.elapsed().as_secs_f64(), prepared.len());
 
-    // In parallel, one vCPU each: the host has two cores.
+    // In parallel, one vCPU each by default: the host has two cores.
     let (booted, cpu_before) = (Instant::now(), children_cpu());
     let reports: Vec<KernelReport> = std::thread::scope(|s| {
-        let handles: Vec<_> = prepared.iter().map(|p| s.spawn(|| boot(p, opts.vm_timeout))).collect();
+        let handles: Vec<_> = prepared.iter().map(|p| s.spawn(|| boot(p, opts.vm_timeout, opts.vcpus))).collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("the VM thread panicked"))))
@@ -297,8 +299,9 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
     })
 }
 
-fn boot(p: &Prepared, timeout: Duration) -> Result<KernelReport> {
+fn boot(p: &Prepared, timeout: Duration, vcpus: u32) -> Result<KernelReport> {
     let vm = qemu::Vm {
+        vcpus,
         vmlinux: &p.vmlinux,
         initramfs: &p.initramfs,
         work: &p.work,

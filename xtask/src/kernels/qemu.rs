@@ -20,6 +20,8 @@ pub struct Vm<'a> {
     /// Host directory shared writable (mount tag `work`).
     pub work: &'a Path,
     pub memory_mb: u32,
+    /// Virtual CPUs (`-smp`).
+    pub vcpus: u32,
     pub timeout: Duration,
     /// Where qemu writes its pid, so a failed run can be cleaned up.
     pub pidfile: &'a Path,
@@ -42,13 +44,14 @@ pub fn command_line(vm: &Vm) -> Vec<OsString> {
         s(&vm.timeout.as_secs().to_string()),
         s("qemu-system-x86_64"),
         // /dev/kvm here is a paravirtual backend that cannot run a stock kernel:
-        // software emulation, one vCPU (two VMs share the host's two cores).
+        // software emulation, one vCPU unless asked for more (two VMs share
+        // the host's two cores); several run on as many host threads (MTTCG).
         s("-accel"),
         s("tcg"),
         s("-cpu"),
         s("max"),
         s("-smp"),
-        s("1"),
+        s(&vm.vcpus.to_string()),
         s("-m"),
         s(&vm.memory_mb.to_string()),
         // No default devices: no NIC, so the guest has no network beyond its own lo.
@@ -166,6 +169,7 @@ mod tests {
             initramfs: Path::new("/k/initramfs.cpio"),
             work: Path::new("/t/runs/6,1"),
             memory_mb: 2048,
+            vcpus: 1,
             timeout: Duration::from_secs(900),
             pidfile: Path::new("/t/runs/6.1.pid"),
         };
