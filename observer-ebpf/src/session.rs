@@ -190,14 +190,8 @@ pub fn claim_owner(sk: *const u8) {
 #[inline(always)]
 pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     let key = sk as u64;
-    // The time of this call is the clock reading TCP itself just took for
-    // this socket (`tcp_clock_cache`, refreshed by the send and by the receive
-    // call before their tracepoints run; a send that only queued data leaves
-    // the previous packet's time, within an RTT): the same clock as
-    // `bpf_ktime_get_ns()`, which costs as much again as the rest of a call.
-    let now = M::read::<u64>(tp, offset!(tcp_clock_cache)).unwrap_or(0);
     let Some(start) = OPEN_SESSIONS.get_ptr_mut(&key) else {
-        adopt_at_call::<M>(tp, key, now);
+        adopt_at_call::<M>(tp, key);
         return;
     };
     // SAFETY: the value of a successful lookup (see `maps`, "Map values").
@@ -210,7 +204,7 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
     if start.marks[session_mark::OWNER_KNOWN] == 0 {
         fill_owner(start);
     }
-    advance_active(&raw mut start.last_call_ns, &raw mut start.active_ns, now);
+    advance_active(&raw mut start.last_call_ns, &raw mut start.active_ns, call_time::<M>(tp));
     let (tx, rx, _) = current_payload::<M>(tp, start.all_flags());
     raise_shared(&raw mut start.live_tx, tx);
     raise_shared(&raw mut start.live_rx, rx);
@@ -232,7 +226,7 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
 /// (`NO_ROOM`): one lookup per call, not a record built and refused each time,
 /// and its loss counted once.
 #[inline(always)]
-fn adopt_at_call<M: Mem>(tp: *const u8, key: u64, clock: u64) {
+fn adopt_at_call<M: Mem>(tp: *const u8, key: u64) {
     let state = state_of::<M>(tp);
     if !tcp_state::adoptable(state) {
         if state != tcp_state::CLOSE && diag::on() {
@@ -241,6 +235,7 @@ fn adopt_at_call<M: Mem>(tp: *const u8, key: u64, clock: u64) {
         }
         return;
     }
+    let clock = call_time::<M>(tp);
     let mark = no_room(key, clock);
     if mark == NoRoom::Waiting {
         return;
@@ -278,6 +273,16 @@ fn adopt_at_call<M: Mem>(tp: *const u8, key: u64, clock: u64) {
             Err(_) => {}
         }
     }
+}
+
+/// The time of a call on `tp`: the clock reading TCP itself just took for
+/// this socket (`tcp_clock_cache`, refreshed by the send and by the receive
+/// call before their tracepoints run; a send that only queued data leaves
+/// the previous packet's time, within an RTT): the same clock as
+/// `bpf_ktime_get_ns()`, which costs as much again as the rest of a call.
+#[inline(always)]
+fn call_time<M: Mem>(tp: *const u8) -> u64 {
+    M::read::<u64>(tp, offset!(tcp_clock_cache)).unwrap_or(0)
 }
 
 /// Sets one of a session's `marks` (see `SessionStart::marks`): a byte store
