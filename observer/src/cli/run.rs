@@ -235,6 +235,7 @@ async fn shutdown(
         )));
     }
     pipeline.refresh();
+    pipeline.close_session_log(budget.saturating_sub(started.elapsed()));
     tracing::info!(
         detached_ms,
         took_ms = started.elapsed().as_millis() as u64,

@@ -365,6 +365,15 @@ impl Pipeline {
         }
     }
 
+    /// At shutdown, after the last `refresh`: the session log's writer
+    /// writes what is queued, waited for at most `wait`.
+    pub fn close_session_log(&self, wait: Duration) {
+        let Some(log) = self.state().session_log.take() else { return };
+        if !log.close(wait) {
+            tracing::warn!(?wait, "the session log's writer did not finish in time; its queued lines are lost");
+        }
+    }
+
     fn sync_lost(&self, tables: &mut Tables) {
         let Tables { maps, lost_seen, .. } = tables;
         for (index, seen) in lost_seen.iter_mut().enumerate() {

@@ -15,7 +15,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, Receiver, SyncSender, TrySendError},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
     thread,
     time::Duration,
@@ -79,15 +79,26 @@ impl SessionLog {
     pub fn take_lost(&self) -> u64 {
         self.lost.swap(0, Ordering::Relaxed)
     }
+
+    /// No more lines: lets the writer write what is queued and waits for it,
+    /// at most `wait`. A writer blocked for good (a pipe nobody reads) is
+    /// left behind, and ends with the process. Returns whether it finished.
+    pub fn close(mut self, wait: Duration) -> bool {
+        self.finish(wait)
+    }
+
+    fn finish(&mut self, wait: Duration) -> bool {
+        let Some(lines) = self.lines.take() else { return true };
+        // The writer ends once its queue is empty and has no sender.
+        drop(lines);
+        self.finished.recv_timeout(wait) == Err(RecvTimeoutError::Disconnected)
+    }
 }
 
 impl Drop for SessionLog {
-    /// Lets the writer finish what is queued, waiting at most `FINISH_WAIT`:
-    /// a writer blocked for good (a pipe nobody reads) is left behind, and
-    /// ends with the process.
+    /// As `close`, waiting at most `FINISH_WAIT`.
     fn drop(&mut self) {
-        self.lines = None;
-        let _ = self.finished.recv_timeout(FINISH_WAIT);
+        self.finish(FINISH_WAIT);
     }
 }
 
@@ -203,6 +214,29 @@ mod tests {
         assert_eq!(log.take_lost(), 0, "taken once");
         *stuck.0.0.lock().unwrap() = true;
         stuck.0.1.notify_all();
+    }
+
+    #[test]
+    fn close_waits_for_the_queued_lines() {
+        #[derive(Clone, Default)]
+        struct Slow(Arc<Mutex<usize>>);
+        impl Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                thread::sleep(Duration::from_millis(1));
+                *self.0.lock().unwrap() += 1;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let slow = Slow::default();
+        let log = SessionLog::start(Box::new(slow.clone()), 1000).unwrap();
+        for _ in 0..100 {
+            log.write(&session(), &[], &[]);
+        }
+        assert!(log.close(Duration::from_secs(10)), "finished");
+        assert_eq!(*slow.0.lock().unwrap(), 100, "every queued line written");
     }
 
     #[test]
