@@ -5,7 +5,7 @@
 //! `OBSERVER_TEST_CONCURRENCY_RUNS=N` repeats the UDP test N times (default
 //! 10, the "10 consecutive runs").
 use std::{
-    io::{Read, Write},
+    io::{Read, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, RawFd},
     thread,
@@ -16,6 +16,29 @@ use observer_common::SessionStart;
 use observer_tests::{
     KernelMap, NetNs, ObserverProcess, TempDir, read_session_log, scaled, time_scale, wait_sessions, wait_until,
 };
+
+/// A measured figure, on stderr even where the test harness captures the
+/// test's output (`eprintln!` is captured; a write to the stream is not):
+/// the qemu matrix keeps only what a passing test writes that way.
+fn figure(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Raises this process's open-file limit to at least `want` (root may raise
+/// the hard limit): a VM's default of 1,024 is less than the sockets of the
+/// full-table test.
+fn raise_open_file_limit(want: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < want {
+            limit.rlim_cur = want;
+            limit.rlim_max = limit.rlim_max.max(want);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "{}", std::io::Error::last_os_error());
+        }
+    }
+}
 
 /// Processes (or threads) calling at once: one per CPU, at least 2.
 fn parallelism() -> usize {
@@ -133,10 +156,10 @@ fn udp_flows_shared_by_processes_count_every_byte() {
             found[0].bytes_transmitted
         };
         let counted = (of(client), of(server));
-        eprintln!(
+        figure(&format!(
             "run {run}: {} processes, bytes sent (connected, unconnected) {sent:?}, counted {counted:?}",
             parallelism()
-        );
+        ));
         assert_eq!(counted, sent, "run {run}: the flows' bytes equal what the send calls returned");
     }
     // Every run's flows, nothing else, and each once.
@@ -210,6 +233,11 @@ fn a_tcp_connection_written_by_several_threads_counts_every_byte() {
     client.set_nonblocking(true).unwrap();
     let _ = (&client).read(&mut [0u8; 1]);
     let start = busiest_own_session(&table).expect("the writer's open session");
+    figure(&format!(
+        "tcp: {} threads moved {moved} bytes; live bytes of the session {}",
+        parallelism(),
+        start.live_tx - start.live_base_tx
+    ));
     assert_eq!(start.live_tx - start.live_base_tx, moved, "live bytes of the written connection: {start:?}");
     let local = client.local_addr().unwrap();
     drop((client, served));
@@ -225,6 +253,7 @@ fn a_full_session_table_counts_sessions_not_calls() {
     const CONNECTIONS: usize = 1000;
     const CALLS: usize = 100;
     const MAX_SESSIONS: usize = 64;
+    raise_open_file_limit(2 * CONNECTIONS as u64 + 1024);
     let ns = NetNs::new("conc-full").unwrap();
     let max = MAX_SESSIONS.to_string();
     let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--max-sessions", &max]).unwrap();
@@ -252,10 +281,10 @@ fn a_full_session_table_counts_sessions_not_calls() {
     thread::sleep(Duration::from_millis(300));
     let m2 = observer.metrics().unwrap();
     let counted = full(&m2) - before;
-    eprintln!(
+    figure(&format!(
         "session_table_full: {counted} for {sessions} sessions making {} calls, room for {MAX_SESSIONS}",
         CONNECTIONS * CALLS
-    );
+    ));
     // Sessions born elsewhere on the host meanwhile find no room either:
     // a little slack above the test's own.
     assert!(
