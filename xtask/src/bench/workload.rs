@@ -217,7 +217,7 @@ mod tests {
                 assert_ne!(a.heading(), b.heading());
             }
         }
-        // BENCHMARKS.md sections written before workloads existed keep their place.
+        // The section a reader may link to keeps its anchor.
         assert_eq!(Workload::Bulk.heading(), "## TCP bulk throughput (iperf3, loopback)");
     }
 
