@@ -47,11 +47,9 @@ pub struct Scraper<'a> {
 }
 
 impl<'a> Scraper<'a> {
-    /// Connects to the observer at `addr` in `ns` (with a first scrape).
-    pub fn connect(ns: &'a NetNs, addr: SocketAddr) -> Result<Self> {
-        let mut scraper = Scraper { ns, agent: agent(), addr };
-        scraper.metrics().with_context(|| format!("scraping the observer at {addr}"))?;
-        Ok(scraper)
+    /// A scraper of the observer at `addr` in `ns`; it connects at its first scrape.
+    pub fn new(ns: &'a NetNs, addr: SocketAddr) -> Self {
+        Scraper { ns, agent: agent(), addr }
     }
 
     /// The body of `GET /metrics` (the connection kept).

@@ -67,7 +67,7 @@ impl OnRun {
 /// counted of it; `statistics` says whether it runs with the kernel's BPF statistics on.
 pub fn measure_on(ns: &NetNs, observer: &Proc, listen: SocketAddr, seconds: u32, statistics: bool) -> Result<OnRun> {
     let pid = observer.pid();
-    let mut scraper = Scraper::connect(ns, listen)?;
+    let mut scraper = Scraper::new(ns, listen);
     let rss_rest = scrape::rss_bytes(pid)?;
     let before = Counts::read(&mut scraper)?;
     let cpu_before = scrape::cpu_seconds(pid)?;
@@ -166,7 +166,7 @@ pub struct MassClose {
 /// HOLD_MAX_SESSIONS`), scrapes once so that it walks its table of open sessions,
 /// reads its resident memory, then closes them all at once while scraping.
 pub fn measure_held(ns: &NetNs, observer: &Proc, listen: SocketAddr, n: usize) -> Result<Held> {
-    let mut scraper = Scraper::connect(ns, listen)?;
+    let mut scraper = Scraper::new(ns, listen);
     let started = Instant::now();
     let xtask = std::env::current_exe().context("finding xtask's own executable")?;
     let held = connload::open_and_hold(ns, n, &xtask)?;
@@ -207,7 +207,7 @@ fn mass_close(
     held: connload::Held,
     closing: f64,
 ) -> Result<MassClose> {
-    let mut second = Scraper::connect(ns, listen)?;
+    let mut second = Scraper::new(ns, listen);
     let text = scraper.metrics()?;
     let before = Counts::read_from(&text);
     let missed_before = missed_closes(&text);
