@@ -189,8 +189,9 @@ impl Report {
         if let (Some(share), Some(sum)) = (self.programs_cpu_share(), self.summary()) {
             lines.push(format!(
                 "The programs ran {:.2}% of the CPUs' time, which on CPUs the workload keeps busy predicts \
-                 an on/off ratio near {:.3}; the rounds spread {:.3}–{:.3} around that: single 5-second \
-                 measurements on this VM move by tens of percent either way.",
+                 an on/off ratio near {:.3}; the rounds spread {:.3}–{:.3}: single 5-second measurements \
+                 on a small VM move by tens of percent either way, so the programs' share is the steadier \
+                 figure.",
                 share * 100.0,
                 1.0 - share,
                 sum.ratio_min,
