@@ -103,6 +103,9 @@ pub struct Coalescer {
     reuse: Duration,
     /// When the last refresh began; held while one runs.
     last: Arc<Mutex<Option<Instant>>>,
+    /// When the last completed refresh began: an asker it satisfies goes on
+    /// at once, even while a newer refresh runs for later askers.
+    done: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// What [`Coalescer::refresh`] did.
@@ -120,7 +123,11 @@ impl Default for Coalescer {
 
 impl Coalescer {
     pub fn new(reuse: Duration) -> Self {
-        Coalescer { reuse, last: Arc::new(Mutex::new(None)) }
+        Coalescer { reuse, last: Arc::default(), done: Arc::default() }
+    }
+
+    fn fresh(&self, began: Option<Instant>, arrived: Instant) -> bool {
+        began.is_some_and(|began| began + self.reuse >= arrived)
     }
 
     /// Brings the state to at most `reuse` older than `arrived`: runs `work`
@@ -128,13 +135,19 @@ impl Coalescer {
     /// blocking task, so an asker that goes away (its client disconnected)
     /// cannot let a second refresh start beside one still running.
     pub async fn refresh(&self, arrived: Instant, work: impl FnOnce() + Send + 'static) -> Refreshed {
-        let mut last = self.last.clone().lock_owned().await;
-        if last.is_some_and(|began| began + self.reuse >= arrived) {
+        if self.fresh(*self.done.lock().unwrap_or_else(|p| p.into_inner()), arrived) {
             return Refreshed::Reused;
         }
-        *last = Some(Instant::now());
+        let mut last = self.last.clone().lock_owned().await;
+        if self.fresh(*last, arrived) {
+            return Refreshed::Reused;
+        }
+        let began = Instant::now();
+        *last = Some(began);
+        let done = self.done.clone();
         let _ = tokio::task::spawn_blocking(move || {
             work();
+            *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(began);
             drop(last);
         })
         .await;
@@ -191,6 +204,27 @@ mod tests {
         assert_eq!(coalescer.refresh(Instant::now(), w).await, Refreshed::Ran);
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(most.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_asker_satisfied_by_the_last_refresh_does_not_wait_for_a_running_one() {
+        let coalescer = Arc::new(Coalescer::new(Duration::from_millis(300)));
+        let (runs, running, most) = (Arc::default(), Arc::default(), Arc::default());
+        let first = Instant::now();
+        coalescer.refresh(first, work(&runs, &running, &most, Duration::ZERO)).await;
+        // A later asker (beyond `reuse` of the first) starts a slow refresh ...
+        let slow = {
+            let (c, w) = (coalescer.clone(), work(&runs, &running, &most, Duration::from_millis(500)));
+            tokio::spawn(async move { c.refresh(first + Duration::from_millis(400), w).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ... while one the first refresh satisfies goes on at once.
+        let started = Instant::now();
+        let w = work(&runs, &running, &most, Duration::ZERO);
+        assert_eq!(coalescer.refresh(first + Duration::from_millis(100), w).await, Refreshed::Reused);
+        assert!(started.elapsed() < Duration::from_millis(200), "waited {:?}", started.elapsed());
+        assert_eq!(slow.await.unwrap(), Refreshed::Ran);
+        assert_eq!((runs.load(Ordering::SeqCst), most.load(Ordering::SeqCst)), (2, 1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,9 @@ impl ConnState {
 struct Entry {
     peer: IpAddr,
     health_only: bool,
+    /// A health-only connection whose data request waits for a data slot:
+    /// a slot given back goes to it before any newcomer.
+    wants_data: bool,
     conn: Arc<ConnState>,
 }
 
@@ -163,6 +166,12 @@ impl Slots {
         self.entries.values().filter(|e| e.health_only == health_only).count()
     }
 
+    /// Data slots taken, counting those promised to waiting health-only
+    /// connections.
+    fn data_held(&self) -> usize {
+        self.entries.values().filter(|e| !e.health_only || e.wants_data).count()
+    }
+
     /// Whether a connection accepted now would be turned away: every slot,
     /// reserve included, held, and none of them can be freed yet. The accept
     /// loop then leaves connections in the listen backlog.
@@ -174,7 +183,7 @@ impl Slots {
     /// Lets a connection from `peer` in, closing another to make room if
     /// needed (see the module's rules); `None`: no room (close it).
     pub fn admit(&mut self, peer: IpAddr, conn: Arc<ConnState>, now: Instant) -> Option<Admitted> {
-        let health_only = if self.count(false) < self.capacity || self.evict_for(peer, now) {
+        let health_only = if self.data_held() < self.capacity || self.evict_for(peer, now) {
             false
         } else if self.count(true) < self.reserve || self.evict_oldest_health_only(now) {
             true
@@ -183,7 +192,7 @@ impl Slots {
         };
         let id = self.next_id;
         self.next_id += 1;
-        self.entries.insert(id, Entry { peer, health_only, conn });
+        self.entries.insert(id, Entry { peer, health_only, wants_data: false, conn });
         Some(Admitted { id, health_only })
     }
 
@@ -193,17 +202,22 @@ impl Slots {
         let Some(peer) = self.entries.get(&id).filter(|e| e.health_only).map(|e| e.peer) else {
             return self.entries.contains_key(&id);
         };
-        if self.count(false) < self.capacity || self.evict_for(peer, now) {
-            self.entries.get_mut(&id).expect("checked above").health_only = false;
-            true
-        } else {
-            false
-        }
+        let promoted = self.count(false) < self.capacity || self.evict_for(peer, now);
+        // (Its own `wants_data` counts in `data_held`, not here.)
+        let entry = self.entries.get_mut(&id).expect("checked above");
+        entry.health_only = !promoted;
+        entry.wants_data = !promoted;
+        promoted
     }
 
-    /// The connection ended (or was closed by the slots already).
+    /// The connection ended (or was closed by the slots already). A data slot
+    /// given back goes to the oldest health-only connection waiting for one.
     pub fn release(&mut self, id: u64) {
-        self.entries.remove(&id);
+        let freed = self.entries.remove(&id).is_some_and(|e| !e.health_only);
+        if let Some(waiting) = self.entries.values_mut().find(|e| e.wants_data).filter(|_| freed) {
+            waiting.health_only = false;
+            waiting.wants_data = false;
+        }
     }
 
     /// Closes a data connection for a newcomer from `peer`: a waiting one of
@@ -322,6 +336,15 @@ mod tests {
         slots.release(c.id);
         let d = slots.admit(C, conn(later), later).unwrap();
         assert!(!d.health_only);
+        // Full again, with a health-only connection waiting for a data slot:
+        // the next slot given back goes to it, not to a newcomer.
+        let e = slots.admit(C, conn(later), later).unwrap();
+        assert!(e.health_only);
+        assert!(!slots.promote(e.id, later), "every data connection is busy or fresh");
+        slots.release(d.id);
+        assert!(slots.admit(B, conn(later), later).unwrap().health_only, "the freed slot is promised");
+        assert!(slots.promote(e.id, later), "and given to the waiting one");
+        assert_eq!(held(&slots, C), 1);
     }
 
     #[test]
