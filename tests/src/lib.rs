@@ -21,6 +21,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod haproxy;
+pub mod http_client;
 pub mod netns;
 pub mod observer;
 pub mod prom;
@@ -39,6 +40,7 @@ pub use bpf::{
 };
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use haproxy::{Haproxy, HaproxySession};
+pub use http_client::{ProcStatus, connect_from, proc_status, timed_get, v4};
 pub use netns::NetNs;
 pub use observer::{ObserverProcess, Stopped, forced_probes, observer_bin, run_observer_cli, run_observer_cli_in};
 pub use prom::{Histogram, Metrics, Sample};

@@ -11,7 +11,7 @@ use std::{
 };
 
 use prometheus::{
-    CounterVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
+    CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -24,11 +24,18 @@ const SCRAPE_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 /// BPF program of the host (a node with a CNI has hundreds, not thousands).
 const MAX_HOST_PROGRAMS: usize = 16_384;
 
-/// Table usage and scrape duration, updated by the pipeline and the server.
+/// Why the server refused a request (`observer_http_requests_rejected_total`).
+pub const REJECT_REASONS: [&str; 4] = ["scrapes_in_flight", "scrape_wait", "auth_busy", "health_only"];
+
+/// Table usage, scrape duration, refreshes and refused requests, updated by
+/// the pipeline and the server.
 pub struct SelfMetrics {
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
     scrape_duration: Histogram,
+    refreshes: IntCounter,
+    refreshes_in_flight: IntGauge,
+    rejected: IntCounterVec,
 }
 
 impl SelfMetrics {
@@ -52,11 +59,32 @@ impl SelfMetrics {
             )
             .buckets(SCRAPE_BUCKETS.to_vec()),
         )?;
+        let refreshes = IntCounter::new(
+            "observer_scrape_refreshes_total",
+            "Refreshes of kernel-side counters (table walks) run for scrapes. Concurrent scrapes share one, and a scrape reuses one begun less than 200 ms before it arrived, so this grows slower than observer_scrape_duration_seconds_count under many scrapers.",
+        )?;
+        let refreshes_in_flight = IntGauge::new(
+            "observer_scrape_refreshes_in_flight",
+            "Refreshes of kernel-side counters running now: 0 or 1 (they never overlap).",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "observer_http_requests_rejected_total",
+                "Requests answered 503 with Retry-After instead of being served. reason=scrapes_in_flight: too many /metrics and snapshot requests already in flight; scrape_wait: waited too long for a turn; auth_busy: waited too long for a password check; health_only: a data request on a connection admitted only for health probes (every other slot held).",
+            ),
+            &["reason"],
+        )?;
+        for reason in REJECT_REASONS {
+            rejected.with_label_values(&[reason]);
+        }
         registry.register(Box::new(map_entries.clone()))?;
         registry.register(Box::new(map_capacity.clone()))?;
         registry.register(Box::new(scrape_duration.clone()))?;
+        registry.register(Box::new(refreshes.clone()))?;
+        registry.register(Box::new(refreshes_in_flight.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(SelfMetrics { map_entries, map_capacity, scrape_duration })
+        Ok(SelfMetrics { map_entries, map_capacity, scrape_duration, refreshes, refreshes_in_flight, rejected })
     }
 
     /// Records a kernel table's usage (called from the live sweep at scrape).
@@ -67,6 +95,22 @@ impl SelfMetrics {
 
     pub fn observe_scrape(&self, took: Duration) {
         self.scrape_duration.observe(took.as_secs_f64());
+    }
+
+    /// A refresh of kernel-side counters starts: counted, and in flight
+    /// until `refresh_ended`.
+    pub fn refresh_started(&self) {
+        self.refreshes.inc();
+        self.refreshes_in_flight.inc();
+    }
+
+    pub fn refresh_ended(&self) {
+        self.refreshes_in_flight.dec();
+    }
+
+    /// A request was answered 503; `reason` is one of [`REJECT_REASONS`].
+    pub fn request_rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
     }
 }
 
@@ -236,6 +280,9 @@ mod tests {
             r#"observer_bpf_map_entries{map="open_sessions"} 3"#,
             r#"observer_bpf_map_capacity{map="open_sessions"} 65536"#,
             "observer_scrape_duration_seconds_count 1",
+            "observer_scrape_refreshes_total 0",
+            "observer_scrape_refreshes_in_flight 0",
+            r#"observer_http_requests_rejected_total{reason="scrape_wait"} 0"#,
             r#"observer_bpf_program_attached{program="obs_state_tp"} 1"#,
             r#"observer_bpf_program_attached{program="obs_state_fe"} 0"#,
         ] {
