@@ -10,7 +10,8 @@
 //! A scrape never waits on NVML: the sampler publishes a whole snapshot at
 //! the end of each cycle and `/metrics` reads the latest one.
 //!
-//! Layer: a source beside the pipeline; imports enrich (pods) only. Its flags
+//! Layer: a source beside the pipeline; imports enrich (pods) and kernel (its
+//! thread gives up its capabilities as it starts) only. Its flags
 //! are parsed by the command line (cli/gpu_flags.rs) and handed in as a
 //! [`GpuConfig`].
 pub mod metrics;
@@ -120,7 +121,11 @@ impl Gpu {
             let (shared, stop) = (shared.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("nvml-sampler".into())
-                .spawn(move || sampler::run(cfg, shared, stop))
+                .spawn(move || {
+                    // NVML never needs a capability; its own threads inherit these sets.
+                    crate::kernel::privileges::drop_in_this_thread();
+                    sampler::run(cfg, shared, stop)
+                })
                 .map_err(|e| format!("cannot start the GPU sampling thread: {e}"))?
         };
         if let Some(rx) = first_rx {
