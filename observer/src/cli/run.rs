@@ -59,6 +59,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         service_ports: args.service_ports.clone(),
         geoip_db: args.geoip_db.clone(),
         limits: args.label_limits.clone(),
+        max_label_sets: args.max_label_sets,
         series_ttl: args.series_ttl,
         pod_log_dir: args.pod_log_dir.clone(),
         cgroup_root: crate::kernel::cgroup::cgroup2_root(),
