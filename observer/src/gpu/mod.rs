@@ -90,6 +90,7 @@ impl Shared {
 /// for it (it may be inside a blocked NVML call).
 pub struct Gpu {
     shared: Arc<Shared>,
+    interval: Duration,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::Thread>,
 }
@@ -102,7 +103,7 @@ impl Gpu {
         let stop = Arc::new(AtomicBool::new(false));
         if args.mode == GpuMode::Off {
             tracing::info!("GPU statistics off (--gpu off); observer_nvml_up is 0");
-            return Ok(Gpu { shared, stop, thread: None });
+            return Ok(Gpu { shared, interval: args.interval, stop, thread: None });
         }
         let (first, first_rx) = match args.mode {
             GpuMode::Required => {
@@ -142,12 +143,12 @@ impl Gpu {
                 }
             }
         }
-        Ok(Gpu { shared, stop, thread: Some(handle.thread().clone()) })
+        Ok(Gpu { shared, interval: args.interval, stop, thread: Some(handle.thread().clone()) })
     }
 
     /// The collector serving this GPU side's snapshots.
     pub fn collector(&self) -> prometheus::Result<GpuCollector> {
-        GpuCollector::new(self.shared.clone())
+        GpuCollector::new(self.shared.clone(), self.interval)
     }
 }
 
