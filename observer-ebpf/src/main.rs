@@ -8,7 +8,7 @@
 //! |-------------|-------------------------|-----------------------------|--------------------------------------------|
 //! | tcp_state   | fentry `tcp_set_state`  | kprobe `tcp_set_state`      | tp_btf `sock:inet_sock_set_state`          |
 //! | tcp_owner   | fexit `inet_csk_accept` | kretprobe `inet_csk_accept` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
-//! | sock_calls  | fexit `inet{,6}_{send,recv}msg` | kprobe + kretprobe `inet{,6}_{send,recv}msg` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
+//! | sock_calls  | fexit `inet{,6}_{send,recv}msg` | kprobe + kretprobe `inet{,6}_{send,recv}msg`, kprobe `tcp_cleanup_rbuf` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
 //! | udp_release | fentry `inet_release`   | kprobe `inet_release`       | cgroup `sock_release`                      |
 //! | drops       | -                       | -                           | tp_btf `skb:kfree_skb`                     |
 //! | tcp_errors  | -                       | -                           | tp_btf `tcp:tcp_retransmit_skb`, `tcp:tcp_{send,receive}_reset` |

@@ -9,7 +9,10 @@
 //!   for every TCP and UDP socket: the same calls, the same return value;
 //! - kprobe: a kprobe at entry of the same four functions leaves the socket
 //!   (and the receive flags) in `CALLS` under the task, for the kretprobe of
-//!   the same call, which has the return value but no arguments.
+//!   the same call, which has the return value but no arguments. A TCP
+//!   receive is taken at `tcp_cleanup_rbuf` instead, which `tcp_recvmsg` calls
+//!   once it has copied the data: no return probe needed (5.10 often does not
+//!   run a receive's return probe once the call slept).
 //!
 //! Why these functions and what they miss: docs/kernels.md, "sock_calls".
 #![expect(clippy::needless_borrows_for_generic_args, reason = "map keys and values by reference, as in session.rs")]
@@ -157,8 +160,13 @@ fn call_return(ctx: &RetProbeContext, send: bool) {
         return;
     };
     let _ = CALLS.remove(&key);
+    let sk = args.sk as *const u8;
+    if !send && Probe::read::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_TCP) {
+        // Seen at `tcp_cleanup_rbuf` (`obs_rbuf_kp`).
+        return;
+    }
     let ret: i32 = ctx.ret();
-    on_call::<Probe>(args.sk as *const u8, ret, send, args.flags);
+    on_call::<Probe>(sk, ret, send, args.flags);
 }
 
 /// kretprobe of `inet_sendmsg` and `inet6_sendmsg`.
@@ -168,9 +176,20 @@ pub fn obs_send_kret(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// kretprobe of `inet_recvmsg` and `inet6_recvmsg`.
+/// kretprobe of `inet_recvmsg` and `inet6_recvmsg`: UDP receives.
 #[kretprobe]
 pub fn obs_recv_kret(ctx: RetProbeContext) -> u32 {
     call_return(&ctx, false);
+    0
+}
+
+/// kprobe `tcp_cleanup_rbuf`: `void tcp_cleanup_rbuf(struct sock *sk, int copied)`,
+/// at the end of every TCP receive (`tcp_recvmsg`, also `tcp_read_sock`), after
+/// the data was copied: the socket's counters as the call leaves them.
+#[kprobe]
+pub fn obs_rbuf_kp(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<*const u8>(0) {
+        on_call::<Probe>(sk, ctx.arg::<i32>(1).unwrap_or(0), false, 0);
+    }
     0
 }

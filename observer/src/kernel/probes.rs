@@ -267,6 +267,7 @@ impl Hook {
                 ("obs_send_kret", Attach::KRetProbe("inet6_sendmsg")),
                 ("obs_recv_kret", Attach::KRetProbe("inet_recvmsg")),
                 ("obs_recv_kret", Attach::KRetProbe("inet6_recvmsg")),
+                ("obs_rbuf_kp", Attach::KProbe("tcp_cleanup_rbuf")),
                 UDP_PEER_HOOKS[0],
                 UDP_PEER_HOOKS[1],
                 UDP_PEER_HOOKS[2],
@@ -296,7 +297,7 @@ impl Hook {
             Hook::CallsTpBtf => "tp_btf/sock_send_length+sock_recv_length+cgroup/sendmsg+recvmsg",
             Hook::CallsFexit => "fexit/inet_sendmsg+inet6_sendmsg+inet_recvmsg+inet6_recvmsg+cgroup/sendmsg+recvmsg",
             Hook::CallsKprobe => {
-                "kprobe+kretprobe/inet_sendmsg+inet6_sendmsg+inet_recvmsg+inet6_recvmsg+cgroup/sendmsg+recvmsg"
+                "kprobe+kretprobe/inet_sendmsg+inet6_sendmsg+inet_recvmsg+inet6_recvmsg+kprobe/tcp_cleanup_rbuf+cgroup/sendmsg+recvmsg"
             }
             Hook::ReleaseFentry => "fentry/inet_release",
             Hook::ReleaseCgroup => "cgroup/sock_release",
@@ -398,7 +399,7 @@ pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
 mod tests {
     use super::*;
 
-    const ALL_TARGETS: [Target; 17] = [
+    const ALL_TARGETS: [Target; 18] = [
         Target::Tracepoint("kfree_skb"),
         Target::Tracepoint("tcp_retransmit_skb"),
         Target::Tracepoint("tcp_send_reset"),
@@ -415,6 +416,7 @@ mod tests {
         Target::Function("inet6_sendmsg"),
         Target::Function("inet_recvmsg"),
         Target::Function("inet6_recvmsg"),
+        Target::Function("tcp_cleanup_rbuf"),
         Target::Cgroup2,
     ];
 
