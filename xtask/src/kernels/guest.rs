@@ -50,6 +50,11 @@ const RULES: &[(&str, Rule)] = &[
     // every tier; once per kernel keeps the matrix under its time budget.
     ("session_labels", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     ("bad_input", Rule { scope: Scope::OncePerKernel, needs: &[] }),
+    // The metrics server's TLS and basic auth, and the snapshot API's JSON:
+    // userspace over sessions that tcp_sessions checks in every tier. Once per
+    // kernel keeps three kernels' matrix within its time budget.
+    ("web_config", Rule { scope: Scope::OncePerKernel, needs: &[] }),
+    ("snapshot", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     // The fake NVML library and a real Prometheus server: nothing in them
     // depends on the kernel, and Prometheus' median over a handful of sessions
     // is too coarse for the spread of goodputs under emulation.
