@@ -50,7 +50,7 @@ enum Command {
         /// Rewrite README's kernel tables (between its kernels:begin/end markers) from the results.
         #[arg(long)]
         write_readme: bool,
-        /// Only this kernel (6.1, 6.12); repeatable. Default: all.
+        /// Only this kernel (5.10, 6.1, 6.12); repeatable. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
         /// Only this end-to-end test binary (tests/tests/<NAME>.rs); repeatable. Default: all.

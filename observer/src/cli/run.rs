@@ -162,6 +162,11 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     {
         tracing::warn!(concern = "tcp_errors", "{limit}");
     }
+    if plan.serves(Concern::Drops)
+        && let Some(limit) = drops::drop_reason_limit(&btf)
+    {
+        tracing::warn!(concern = "drops", "{limit}");
+    }
     for choice in &plan.choices {
         if let Err(why) = &choice.hook {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
