@@ -313,7 +313,12 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
     let counted = forced_probes().is_none_or(|t| t == "auto" || t == "tracepoint");
 
     let clean = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = observer.scrape_until("the clean session", TIMEOUT, |m| count(m, "false") + count(m, "true") >= 1.0);
+    // The retransmit counter is refreshed for scrapes at most every 200 ms
+    // (REFRESH_REUSE), the session arrives through the ring at once: wait
+    // until the two agree rather than read one that may be 200 ms behind.
+    let m = observer.scrape_until("the clean session", TIMEOUT, |m| {
+        count(m, "false") + count(m, "true") >= 1.0 && (!counted || (retransmits(m) > 0.0) == (count(m, "true") == 1.0))
+    });
     // A clean path rarely retransmits, but a loss probe or retransmit timer
     // can fire before an ACK is processed (under emulation, or when the CPUs
     // are busy): the session is impaired exactly when the client's kernel
@@ -334,7 +339,10 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
         ),
     );
     let lossy = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = observer.scrape_until("the impaired session", TIMEOUT, |m| count(m, "true") >= clean_impaired + 1.0);
+    // As above: wait for the session and the refreshed counter, not one.
+    let m = observer.scrape_until("the impaired session and its retransmits", TIMEOUT, |m| {
+        count(m, "true") >= clean_impaired + 1.0 && (!counted || retransmits(m) > 0.0)
+    });
     assert!(lossy.retransmits > 0, "a tenth of the packets dropped: {lossy:?}");
     let want = (1.0 - clean_impaired, clean_impaired + 1.0);
     assert_eq!((count(&m, "false"), count(&m, "true")), want, "{lossy:?}\n{}", m.raw());
