@@ -317,6 +317,7 @@ fn label_sets_beyond_the_cap_are_all_other_counted_exactly_and_memory_stays_boun
     .unwrap();
     let rss_start = rss_bytes(observer.pid()).unwrap();
     let connections = COMMS * PORTS.len();
+    let skipped = |m: &Metrics| m.sum("observer_bpf_program_recursion_misses_total", &[]);
     let check = |m: &Metrics, rounds: usize| {
         let all_other = [("comm", "other"), ("peer_port", "other")];
         let sets: BTreeSet<(String, String)> = m
@@ -334,19 +335,25 @@ fn label_sets_beyond_the_cap_are_all_other_counted_exactly_and_memory_stays_boun
         assert_eq!(overflow, (rounds * connections - (CAP - 1)) as f64, "{}", m.raw());
         assert_eq!(sessions(m, &all_other), overflow, "each refused session is in the all-other set");
         assert_eq!(m.value("observer_label_overflow_total", &[("label", "comm")]), Some(0.0));
-        assert_eq!(sessions(m, &[]), (2 * rounds * connections) as f64);
+        // A close the kernel ran no program for (a recursion miss) is reported
+        // only at its address's next birth (docs/sessions.md): at most that many
+        // sessions may still be missing here.
+        let total = (2 * rounds * connections) as f64;
+        let n = sessions(m, &[]);
+        assert!(n <= total && n >= total - skipped(m), "{n} sessions of {total}, {} skipped", skipped(m));
     };
 
     connect_from_many_comms(&ns, 0..COMMS, &PORTS);
     let want = (2 * connections) as f64;
-    let m = observer.scrape_until("both ends of 6,000 connections", TIMEOUT, |m| sessions(m, &[]) >= want);
+    let m = observer.scrape_until("both ends of 6,000 connections", TIMEOUT, |m| sessions(m, &[]) + skipped(m) >= want);
     check(&m, 1);
     let rss_one = rss_bytes(observer.pid()).unwrap();
     let series_one = m.samples().len();
 
     // 6,000 more new sets: all refused, and the exposition and memory stay.
     connect_from_many_comms(&ns, COMMS..2 * COMMS, &PORTS);
-    let m = observer.scrape_until("both ends of 12,000 connections", TIMEOUT, |m| sessions(m, &[]) >= 2.0 * want);
+    let m = observer
+        .scrape_until("both ends of 12,000 connections", TIMEOUT, |m| sessions(m, &[]) + skipped(m) >= 2.0 * want);
     check(&m, 2);
     let rss_two = rss_bytes(observer.pid()).unwrap();
     assert!(m.samples().len() <= series_one + 50, "{} series after, {series_one} before", m.samples().len());
