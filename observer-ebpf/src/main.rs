@@ -8,10 +8,13 @@
 //! |-------------|-------------------------|-----------------------------|--------------------------------------------|
 //! | tcp_state   | fentry `tcp_set_state`  | kprobe `tcp_set_state`      | tp_btf `sock:inet_sock_set_state`          |
 //! | tcp_owner   | fexit `inet_csk_accept` | kretprobe `inet_csk_accept` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
-//! | sock_calls  | -                       | -                           | tp_btf `sock:sock_{send,recv}_length` 6.3+, cgroup `sendmsg{4,6}`/`recvmsg{4,6}` |
+//! | sock_calls  | fexit `inet{,6}_{send,recv}msg` | kprobe + kretprobe `inet{,6}_{send,recv}msg`, kprobe `tcp_cleanup_rbuf` | tp_btf `sock:sock_{send,recv}_length` 6.3+ |
 //! | udp_release | fentry `inet_release`   | kprobe `inet_release`       | cgroup `sock_release`                      |
 //! | drops       | -                       | -                           | tp_btf `skb:kfree_skb`                     |
 //! | tcp_errors  | -                       | -                           | tp_btf `tcp:tcp_retransmit_skb`, `tcp:tcp_{send,receive}_reset` |
+//!
+//! sock_calls takes cgroup `sendmsg{4,6}`/`recvmsg{4,6}` in every tier (peers of
+//! unconnected UDP sockets).
 //!
 //! Program names start with `obs_` and stay under the kernel's 16-byte name
 //! limit, so a program of ours can be recognised in the kernel's program list.

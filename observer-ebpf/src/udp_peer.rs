@@ -1,8 +1,8 @@
-//! Peers of unconnected UDP sockets (tracepoint tier): cgroup v2 sock_addr
-//! hooks on the root cgroup see the destination of each sendmsg and the source
-//! of each recvmsg that asks for it, and leave it in `PENDING_PEERS` for the
-//! send/receive tracepoint of the same call (`sock_calls`), which has the
-//! length. They never change the address and always allow the call.
+//! Peers of unconnected UDP sockets (every `sock_calls` tier): cgroup v2
+//! sock_addr hooks on the root cgroup see the destination of each sendmsg and
+//! the source of each recvmsg that asks for it, and leave it in `PENDING_PEERS`
+//! for the send/receive hook that ends the same call (`sock_calls`: tracepoint,
+//! fexit or kretprobe), which has the length. They never change the address and always allow the call.
 #![expect(clippy::needless_borrows_for_generic_args, reason = "map keys and values by reference, as in session.rs")]
 use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::bpf_get_current_pid_tgid, macros::cgroup_sock_addr, programs::SockAddrContext,

@@ -12,8 +12,7 @@
 //!
 //! Usage: `scrape_latency [--series N] [--scrapes N]`; prints one JSON object.
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -61,6 +60,8 @@ const REASONS: [&str; 30] = [
 /// Series each interface adds: one per drop reason, retransmits, resets sent and
 /// received, and packets/bytes/drops per direction.
 const SERIES_PER_IFACE: usize = REASONS.len() + 1 + 2 + 6;
+/// Far above the answer's size (about 1 MiB for 10,000 series).
+const MAX_BODY: u64 = 64 << 20;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut series = 10_000;
@@ -84,13 +85,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     runtime.spawn(serve(listener, router(state), None));
 
-    let mut client = Client::connect(addr)?;
-    let body = client.get_metrics()?;
+    // One kept-alive connection, as Prometheus scrapes (ureq's agent keeps it).
+    let client = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .max_idle_connections_per_host(1)
+        .build()
+        .new_agent();
+    let url = format!("http://{addr}/metrics");
+    let get_metrics = || client.get(&url).call()?.body_mut().with_config().limit(MAX_BODY).read_to_string();
+    let body = get_metrics()?;
     let exported = body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
     let mut ms = Vec::with_capacity(scrapes);
     for _ in 0..scrapes {
+        // From the request to the last byte of the answer.
         let started = Instant::now();
-        client.get_metrics()?;
+        get_metrics()?;
         ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
@@ -137,44 +146,5 @@ fn populate(metrics: &Metrics, series: usize) {
         metrics.add_tcp_resets("received", &iface, 1);
         metrics.add_interface(&iface, "receive", [1, 1500, 0]);
         metrics.add_interface(&iface, "transmit", [1, 1500, 0]);
-    }
-}
-
-/// One kept-alive HTTP/1.1 connection.
-struct Client {
-    reader: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        Ok(Client { reader: BufReader::new(stream) })
-    }
-
-    fn get_metrics(&mut self) -> Result<String, Box<dyn std::error::Error>> {
-        self.reader.get_mut().write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        if !line.starts_with("HTTP/1.1 200") {
-            return Err(format!("GET /metrics answered {line:?}").into());
-        }
-        let mut length = None;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = Some(value.trim().parse::<usize>()?);
-            }
-        }
-        let mut body = vec![0; length.ok_or("no Content-Length")?];
-        self.reader.read_exact(&mut body)?;
-        Ok(String::from_utf8(body)?)
     }
 }

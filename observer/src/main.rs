@@ -15,7 +15,16 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             observer::pipeline::memory::limit_arenas();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            // Before any other thread: what the threads keep once the programs
+            // are attached. The runtime's threads drop to it as they start
+            // (they never load or attach); this one after attaching.
+            observer::kernel::privileges::prepare();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .on_thread_start(observer::kernel::privileges::drop_in_this_thread)
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("observer: error: starting the async runtime: {e}");

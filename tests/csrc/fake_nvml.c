@@ -20,7 +20,9 @@
  *   count=<n>                 number of GPUs, default 0
  *   error.<function>=<code>   that function fails with <code>
  *   sleep.<function>=<ms>     that function sleeps first (a wedged driver)
- *   sleep_marker=<path>       created when a sleep starts, for the test to wait on
+ *   block.<function>=<path>   that function waits while <path> exists (a call that
+ *                             hangs until the test removes the file)
+ *   sleep_marker=<path>       created when a sleep or block starts, for the test to wait on
  *   gpu<N>.uuid / .name / .pci_bus_id
  *   gpu<N>.lost=1             every call on the GPU: NVML_ERROR_GPU_IS_LOST
  *   gpu<N>.util / .mem_util   percent
@@ -242,20 +244,35 @@ static nvmlReturn_t parse_code(const char *s) {
     return (nvmlReturn_t)strtoul(s, NULL, 0);
 }
 
-/* Sleeps if the test asked this function to, then returns the error the test
- * injected for it (NVML_SUCCESS if none). */
+static void touch_sleep_marker(void) {
+    char buf[4096];
+    if (cfg_get("sleep_marker", buf, sizeof buf)) {
+        int fd = open(buf, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+        if (fd >= 0) close(fd);
+    }
+}
+
+static void sleep_ms(unsigned long long ms) {
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* Sleeps or blocks if the test asked this function to, then returns the error
+ * the test injected for it (NVML_SUCCESS if none). */
 static nvmlReturn_t begin(const char *fn) {
     char key[160], buf[4096];
     snprintf(key, sizeof key, "sleep.%s", fn);
     unsigned long long ms;
     if (cfg_ull(key, &ms) && ms > 0) {
-        if (cfg_get("sleep_marker", buf, sizeof buf)) {
-            int fd = open(buf, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
-            if (fd >= 0) close(fd);
-        }
-        struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
-        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-        }
+        touch_sleep_marker();
+        sleep_ms(ms);
+    }
+    snprintf(key, sizeof key, "block.%s", fn);
+    struct stat st;
+    if (cfg_get(key, buf, sizeof buf) && stat(buf, &st) == 0) {
+        touch_sleep_marker();
+        while (stat(buf, &st) == 0) sleep_ms(10);
     }
     snprintf(key, sizeof key, "error.%s", fn);
     if (cfg_get(key, buf, sizeof buf)) return parse_code(buf);

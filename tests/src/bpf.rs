@@ -34,7 +34,10 @@ const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 /// UAPI, only ever extended at the end.
 const PROG_INFO_TYPE: usize = 0;
 const PROG_INFO_ID: usize = 4;
+const PROG_INFO_XLATED_LEN: usize = 20;
 const PROG_INFO_NAME: usize = 64;
+/// `verified_insns` (5.16+; zero before).
+const PROG_INFO_VERIFIED_INSNS: usize = 216;
 const OBJ_NAME_LEN: usize = 16;
 /// Offsets into `struct bpf_link_info`.
 const LINK_INFO_TYPE: usize = 0;
@@ -56,6 +59,11 @@ pub struct KernelProgram {
     pub prog_type: u32,
     /// At most 15 bytes (kernel truncation).
     pub name: String,
+    /// Instructions after the verifier's rewriting (`xlated_prog_len` / 8).
+    pub xlated_insns: u32,
+    /// Instructions the verifier walked to prove it safe, on kernels that
+    /// say (5.16+).
+    pub verified_insns: Option<u32>,
 }
 
 /// A BPF link (an attachment that owns a program reference).
@@ -168,6 +176,8 @@ pub fn kernel_programs() -> Result<Vec<KernelProgram>> {
                 id: u32_at(&b, PROG_INFO_ID),
                 prog_type: u32_at(&b, PROG_INFO_TYPE),
                 name: name_at(&b, PROG_INFO_NAME),
+                xlated_insns: u32_at(&b, PROG_INFO_XLATED_LEN) / 8,
+                verified_insns: Some(u32_at(&b, PROG_INFO_VERIFIED_INSNS)).filter(|&n| n > 0),
             });
         }
     }

@@ -20,15 +20,19 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod fake_nvml;
 pub mod haproxy;
+pub mod http_client;
 pub mod netns;
 pub mod observer;
+pub mod procfs;
 pub mod prom;
 pub mod prometheus_server;
 pub mod scrape;
 pub mod session_log;
 pub mod traffic;
 pub mod util;
+pub mod web;
 
 #[cfg(test)]
 mod selftest;
@@ -38,12 +42,16 @@ pub use bpf::{
     wait_no_kernel_objects,
 };
 pub use cgroup::{TestCgroup, cgroup2_root};
+pub use fake_nvml::FakeNvml;
 pub use haproxy::{Haproxy, HaproxySession};
+pub use http_client::{ProcStatus, connect_from, proc_status, timed_get, v4};
 pub use netns::NetNs;
 pub use observer::{ObserverProcess, Stopped, forced_probes, observer_bin, run_observer_cli, run_observer_cli_in};
+pub use procfs::{ThreadCaps, rss_bytes, set_thread_comm, thread_caps};
 pub use prom::{Histogram, Metrics, Sample};
 pub use prometheus_server::{PrometheusServer, prometheus_bin, promtool_bin};
 pub use scrape::{Response, Scraper};
-pub use session_log::{ObservedSession, by_local, read_session_log, wait_sessions};
+pub use session_log::{ObservedSession, by_local, read_session_log, session_between, wait_sessions};
 pub use traffic::{HEADER_LEN, ServerConn, TcpServer, TransferStats, transfer, transfer_in};
 pub use util::{TempDir, is_root, run_with_timeout, scaled, time_scale, wait_until, workspace_root};
+pub use web::{CurlAnswer, TlsWebConfig, WEB_PASSWORD, WEB_USER, curl};

@@ -84,6 +84,14 @@ pub fn by_local(sessions: &[ObservedSession], local: SocketAddr) -> Result<&Obse
     }
 }
 
+/// The one session from `local` to `remote` (a UDP socket has one per peer);
+/// panics, listing the log, unless there is exactly one.
+pub fn session_between(log: &[ObservedSession], local: SocketAddr, remote: SocketAddr) -> &ObservedSession {
+    let found: Vec<_> = log.iter().filter(|s| s.local == local && s.remote == remote).collect();
+    assert_eq!(found.len(), 1, "one session {local} -> {remote} in {log:#?}");
+    found[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

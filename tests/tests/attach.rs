@@ -3,7 +3,7 @@
 //! per tier): an optional hook the kernel refuses at load or attach time is
 //! only a warning in the log, and would otherwise pass unnoticed wherever no
 //! test needs that concern.
-use observer_tests::{NetNs, ObserverProcess, forced_probes, run_observer_cli};
+use observer_tests::{NetNs, ObserverProcess, forced_probes, kernel_programs, run_observer_cli};
 
 /// (concern, hook) of every `concern NAME (...): HOOK (chosen)` line.
 fn chosen(report: &str) -> Vec<(String, String)> {
@@ -40,6 +40,20 @@ fn every_hook_check_chooses_is_attached() {
             "check chose {hook} for {concern}, run did not attach it\n{report}\n{}",
             observer.log()
         );
+    }
+    // What each attached program costs per run, for docs/kernels.md: its
+    // size after verification (`cargo xtask kernels` runs tests with
+    // --show-output, so this lands in each tier's result file).
+    let mut programs = kernel_programs().unwrap();
+    programs.retain(|p| {
+        p.name.starts_with("obs_")
+            && m.value_exact("observer_bpf_program_attached", &[("program", &p.name)]) == Some(1.0)
+    });
+    programs.sort_by(|a, b| a.name.cmp(&b.name));
+    programs.dedup_by(|a, b| a.name == b.name);
+    for p in &programs {
+        let verified = p.verified_insns.map_or("-".to_owned(), |n| n.to_string());
+        println!("program {}: {} instructions after verification, verifier walked {verified}", p.name, p.xlated_insns);
     }
     let attached = m.matching("observer_probe_info", &[]);
     assert_eq!(attached.len(), hooks.len(), "run attached hooks check did not choose: {attached:?}\n{report}");

@@ -138,6 +138,8 @@ fn validate(objects: &[Value]) -> Report {
         let want_api = match o["kind"].as_str().unwrap_or_default() {
             "Namespace" | "ServiceAccount" | "Service" => "v1",
             "DaemonSet" => "apps/v1",
+            // The chart's kube-rbac-proxy option.
+            "ClusterRole" | "ClusterRoleBinding" => "rbac.authorization.k8s.io/v1",
             "ServiceMonitor" => "monitoring.coreos.com/v1",
             other => {
                 r.0.push(format!("{at}: unexpected kind {other}"));
@@ -189,8 +191,16 @@ fn validate(objects: &[Value]) -> Report {
             r.check(HOST_PATH_TYPES.contains(&ty), || format!("{at}: volume {}: hostPath.type {ty:?}", v["name"]));
         }
         let containers = pod["containers"].as_array().cloned().unwrap_or_default();
-        r.check(!containers.is_empty(), || format!("{at}: at least one container"));
-        for c in &containers {
+        r.check(containers.iter().any(|c| c["name"] == "observer"), || format!("{at}: a container named observer"));
+        // The chart's kube-rbac-proxy sidecar serves the metrics port for the
+        // observer, which then listens on the node's loopback only.
+        let proxied = containers.iter().any(|c| c["name"] == "kube-rbac-proxy");
+        for p in containers.iter().filter(|c| c["name"] != "observer").flat_map(|c| c["ports"].as_array()).flatten() {
+            container_ports
+                .insert((p["name"].as_str().unwrap_or_default().to_string(), p["containerPort"].as_u64().unwrap_or(0)));
+        }
+        // The rest is about the observer's container.
+        for c in containers.iter().filter(|c| c["name"] == "observer") {
             let cname = c["name"].as_str().unwrap_or_default();
             let at = format!("{at}: container {cname}");
             r.keys(c, CONTAINER_KEYS, &at);
@@ -202,9 +212,15 @@ fn validate(objects: &[Value]) -> Report {
             r.check(args.first() == Some(&"run"), || {
                 format!("{at}: args must start with the run subcommand: {args:?}")
             });
-            r.check(args.iter().any(|a| a.starts_with("--listen=") && !a.starts_with("--listen=127.")), || {
-                format!("{at}: --listen must be reachable by Prometheus: {args:?}")
+            // Host PIDs are for GPU processes only (NVML names them by host PID).
+            let gpu_on = args.iter().find_map(|a| a.strip_prefix("--gpu=")).unwrap_or("auto") != "off";
+            r.check(pod["hostPID"].as_bool() == Some(gpu_on), || {
+                format!("{at}: hostPID must be {gpu_on} with {args:?}: only GPU sampling needs host PIDs")
             });
+            r.check(
+                args.iter().any(|a| a.starts_with("--listen=") && (proxied || !a.starts_with("--listen=127."))),
+                || format!("{at}: --listen must be reachable by Prometheus: {args:?}"),
+            );
             let mut port_names = BTreeSet::new();
             for p in c["ports"].as_array().into_iter().flatten() {
                 let n = p["containerPort"].as_u64().unwrap_or(0);
@@ -233,6 +249,10 @@ fn validate(objects: &[Value]) -> Report {
             }
             let sc = &c["securityContext"];
             r.keys(sc, SECURITY_CONTEXT_KEYS, &format!("{at}: securityContext"));
+            let seccomp = get(sc, "seccompProfile.type").as_str().unwrap_or_default();
+            r.check(seccomp == "RuntimeDefault", || {
+                format!("{at}: seccompProfile.type {seccomp:?}: RuntimeDefault allows bpf() and perf_event_open() with BPF and PERFMON")
+            });
             r.check(sc["privileged"] == false, || format!("{at}: privileged must stay a documented fallback"));
             let add: Vec<&str> =
                 get(sc, "capabilities.add").as_array().into_iter().flatten().filter_map(Value::as_str).collect();
@@ -264,9 +284,11 @@ fn validate(objects: &[Value]) -> Report {
                 r.check(mounts.iter().any(|m| m["name"] == *v), || format!("{at}: volume {v} is never mounted"));
             }
             let paths: Vec<&str> = mounts.iter().filter_map(|m| m["mountPath"].as_str()).collect();
-            for need in ["/sys/kernel/btf", "/sys/fs/bpf", "/sys/fs/cgroup", "/var/log/pods"] {
+            for need in ["/sys/kernel/btf", "/sys/fs/cgroup", "/var/log/pods"] {
                 r.check(paths.contains(&need), || format!("{at}: {need} must be mounted from the host"));
             }
+            // Nothing is pinned: the programs end with the process.
+            r.check(!paths.contains(&"/sys/fs/bpf"), || format!("{at}: /sys/fs/bpf is mounted but nothing uses it"));
         }
     }
 
@@ -353,6 +375,8 @@ fn validator_catches_broken_manifests() {
         ("targetPort: metrics", "targetPort: web", "targetPort \"web\" names no container port"),
         ("serviceAccountName: observer", "serviceAccountName: other", "serviceAccountName \"other\""),
         ("          imagePullPolicy", "          imagePullPolicyy", "unknown field \"imagePullPolicyy\""),
+        ("--gpu=auto", "--gpu=off", "hostPID must be false"),
+        ("type: RuntimeDefault", "type: Unconfined", "seccompProfile.type \"Unconfined\""),
     ] {
         assert!(good.contains(from), "{from}");
         let mut objects = yaml_documents(&good.replacen(from, to, 1), &path);
@@ -410,30 +434,63 @@ fn helm_chart() {
         kinds.extend(text.lines().filter_map(|l| l.strip_prefix("kind: ")).map(str::to_string));
     }
     let want: BTreeSet<String> =
-        ["DaemonSet", "ServiceAccount", "Service", "ServiceMonitor"].into_iter().map(String::from).collect();
+        ["DaemonSet", "ServiceAccount", "Service", "ServiceMonitor", "ClusterRole", "ClusterRoleBinding"]
+            .into_iter()
+            .map(String::from)
+            .collect();
     assert_eq!(kinds, want, "the chart's templates");
 
     // The plain manifests are the chart's defaults: same capabilities, same
     // host mounts.
     let daemonset = std::fs::read_to_string(chart.join("templates/daemonset.yaml")).unwrap();
     let plain = std::fs::read_to_string(deploy_dir().join("kubernetes/observer.yaml")).unwrap();
-    for line in ["- BPF", "- PERFMON", "- NET_ADMIN", "hostNetwork: true", "hostPID: true", "drop: [\"ALL\"]"] {
+    for line in ["- BPF", "- PERFMON", "- NET_ADMIN", "hostNetwork: true", "drop: [\"ALL\"]"] {
         assert!(daemonset.contains(line) && plain.contains(line), "{line}");
     }
-    for path in ["/sys/kernel/btf", "/sys/fs/bpf", "/sys/fs/cgroup"] {
+    for path in ["/sys/kernel/btf", "/sys/fs/cgroup"] {
         assert!(daemonset.contains(&format!("path: {path}")), "{path}");
+    }
+    assert!(!daemonset.contains("/sys/fs/bpf") && !plain.contains("/sys/fs/bpf"), "bpffs is not mounted");
+    // Conditionals: host PIDs only with GPU sampling (the plain manifest's
+    // default is --gpu=auto, so true there); the seccomp profile from values
+    // (RuntimeDefault by default, as in the plain manifest).
+    assert!(daemonset.contains("hostPID: {{ ne .Values.gpu.mode \"off\" }}"), "hostPID follows gpu.mode");
+    assert!(plain.contains("hostPID: true") && plain.contains("--gpu=auto"));
+    assert_eq!(get(values, "seccompProfile.type"), "RuntimeDefault");
+    assert!(daemonset.contains("seccompProfile:") && plain.contains("type: RuntimeDefault"));
+    // kube-rbac-proxy: off by default; when on, the observer listens on the
+    // node's loopback only, the proxy takes the metrics port, and the RBAC
+    // objects it needs exist only then.
+    assert_eq!(get(values, "kubeRbacProxy.enabled"), false);
+    assert!(daemonset.contains("- --listen=127.0.0.1:{{ .Values.listen.port }}"));
+    assert!(daemonset.contains("--upstream=http://127.0.0.1:{{ .Values.listen.port }}/"));
+    let rbac = std::fs::read_to_string(chart.join("templates/rbac.yaml")).unwrap();
+    assert!(rbac.starts_with("{{- if .Values.kubeRbacProxy.enabled }}"), "RBAC objects only with the proxy");
+    for resource in ["tokenreviews", "subjectaccessreviews"] {
+        assert!(rbac.contains(resource), "{resource}");
     }
 
     match which("helm") {
         Some(helm) => {
             let out = run_with_timeout(
-                Command::new(helm).args(["template", "observer", "--namespace", "observer"]).arg(&chart),
+                Command::new(&helm).args(["template", "observer", "--namespace", "observer"]).arg(&chart),
                 Duration::from_secs(60),
             )
             .unwrap();
             assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
             let rendered = String::from_utf8(out.stdout).unwrap();
             assert_valid(&yaml_documents(&rendered, &chart), "helm template");
+            let out = run_with_timeout(
+                Command::new(&helm)
+                    .args(["template", "observer", "--namespace", "observer"])
+                    .args(["--set", "gpu.mode=off", "--set", "kubeRbacProxy.enabled=true"])
+                    .arg(&chart),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+            assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+            let objects = yaml_documents(&String::from_utf8(out.stdout).unwrap(), &chart);
+            assert_valid(&objects, "helm template --set gpu.mode=off,kubeRbacProxy.enabled=true");
         }
         None => eprintln!("helm is not installed: rendering skipped, static checks only"),
     }
@@ -530,6 +587,10 @@ fn readme_flag_table_lists_every_run_flag() {
     assert!(unknown.is_empty(), "README's flag table lists flags `observer run` does not have: {unknown:?}");
 }
 
+/// `"observer_..."` string literals of the observer's sources that are not
+/// metric names: the log target of the kernel programs' diagnostics.
+const NOT_METRICS: [&str; 1] = ["observer_ebpf"];
+
 /// `"observer_..."` string literals in the observer's sources: the metric
 /// families it registers (and their `_count`/`_sum` series in tests).
 fn metric_literals(dir: &Path, out: &mut BTreeSet<String>) {
@@ -542,7 +603,9 @@ fn metric_literals(dir: &Path, out: &mut BTreeSet<String>) {
             for (i, _) in text.match_indices("\"observer_") {
                 let name: String =
                     text[i + 1..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-                out.insert(name);
+                if !NOT_METRICS.contains(&name.as_str()) {
+                    out.insert(name);
+                }
             }
         }
     }

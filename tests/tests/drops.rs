@@ -38,8 +38,26 @@ fn ip(ns: &NetNs, args: &[&str]) {
     assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Drops under `reason` on `iface`. Where `observer check` says the kernel's
+/// kfree_skb carries no reason (before 5.17), every drop is counted under
+/// `reason="unknown"` (docs/kernels.md), and that is where these are.
 fn drops(m: &Metrics, reason: &str, iface: &str) -> f64 {
+    let reason = if drop_reasons_unknown() { "unknown" } else { reason };
     m.value_exact("observer_drops_total", &[("reason", reason), ("iface", iface)]).unwrap_or(0.0)
+}
+
+/// Whether `observer check` prints `limit drops:` (no drop reason on this
+/// kernel); asked once.
+fn drop_reasons_unknown() -> bool {
+    static UNKNOWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNKNOWN.get_or_init(|| {
+        let out = run_observer_cli(&["check"]).unwrap();
+        let limited = String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("limit drops: "));
+        if limited {
+            eprintln!("observer check: this kernel's drops carry no reason; expecting reason=\"unknown\"");
+        }
+        limited
+    })
 }
 
 /// Sends `n` datagrams to `to` from inside the namespace; send errors (an
@@ -80,7 +98,10 @@ fn netfilter_drops_on_loopback_counted_exactly() {
     assert_eq!(drops(&m, "netfilter_drop", "lo"), before + N as f64, "{}", m.raw());
     assert_eq!(drops(&again, "netfilter_drop", "lo"), before + N as f64, "{}", again.raw());
     assert_eq!(again.metric_type("observer_drops_total"), Some("counter"));
-    assert!(again.help("observer_drops_total").unwrap().contains("netfilter_drop: a firewall"));
+    // The help names the reasons the kernel has (none before 5.17).
+    if !drop_reasons_unknown() {
+        assert!(again.help("observer_drops_total").unwrap().contains("netfilter_drop: a firewall"));
+    }
     assert_eq!(again.value_exact("observer_events_lost_total", &[("source", "drop_table_full")]), Some(0.0));
     assert_eq!(
         again.value_exact("observer_probe_info", &[("concern", "drops"), ("hook", "tp_btf/kfree_skb")]),
@@ -292,7 +313,12 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
     let counted = forced_probes().is_none_or(|t| t == "auto" || t == "tracepoint");
 
     let clean = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = observer.scrape_until("the clean session", TIMEOUT, |m| count(m, "false") + count(m, "true") >= 1.0);
+    // The retransmit counter is refreshed for scrapes at most every 200 ms
+    // (REFRESH_REUSE), the session arrives through the ring at once: wait
+    // until the two agree rather than read one that may be 200 ms behind.
+    let m = observer.scrape_until("the clean session", TIMEOUT, |m| {
+        count(m, "false") + count(m, "true") >= 1.0 && (!counted || (retransmits(m) > 0.0) == (count(m, "true") == 1.0))
+    });
     // A clean path rarely retransmits, but a loss probe or retransmit timer
     // can fire before an ACK is processed (under emulation, or when the CPUs
     // are busy): the session is impaired exactly when the client's kernel
@@ -313,7 +339,10 @@ fn lossy_path_retransmits_and_marks_the_session_impaired() {
         ),
     );
     let lossy = transfer_in(&client_ns, server.addr(), BYTES, 0, None).unwrap();
-    let m = observer.scrape_until("the impaired session", TIMEOUT, |m| count(m, "true") >= clean_impaired + 1.0);
+    // As above: wait for the session and the refreshed counter, not one.
+    let m = observer.scrape_until("the impaired session and its retransmits", TIMEOUT, |m| {
+        count(m, "true") >= clean_impaired + 1.0 && (!counted || retransmits(m) > 0.0)
+    });
     assert!(lossy.retransmits > 0, "a tenth of the packets dropped: {lossy:?}");
     let want = (1.0 - clean_impaired, clean_impaired + 1.0);
     assert_eq!((count(&m, "false"), count(&m, "true")), want, "{lossy:?}\n{}", m.raw());

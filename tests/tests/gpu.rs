@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{Metrics, NetNs, ObserverProcess, TcpServer, TempDir, run_observer_cli, transfer, wait_until};
+use observer_tests::{FakeNvml, Metrics, NetNs, ObserverProcess, TcpServer, run_observer_cli, transfer, wait_until};
 
 const UUID0: &str = "GPU-5e1b9c1a-7d2e-4f30-8a41-b52c63d74e85";
 const UUID1: &str = "GPU-0c9d8e7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f";
@@ -65,54 +65,6 @@ gpu1.mig=1
 gpu1.xid=0
 "
     )
-}
-
-/// A private copy of the fake library and its configuration.
-struct FakeNvml {
-    dir: TempDir,
-    lib: PathBuf,
-}
-
-impl FakeNvml {
-    fn new(tag: &str, conf: &str) -> Self {
-        let dir = TempDir::new(tag).unwrap();
-        let lib = dir.path().join("libnvidia-ml.so.1");
-        fs::copy(env!("FAKE_NVML_LIB"), &lib).unwrap();
-        fs::create_dir_all(dir.path().join("pods")).unwrap();
-        let fake = FakeNvml { dir, lib };
-        fake.set(conf);
-        fake
-    }
-
-    /// Replaces the configuration atomically (the fake re-reads it when its
-    /// inode changes, and never sees half a file).
-    fn set(&self, conf: &str) {
-        let tmp = self.dir.path().join("fake-nvml.conf.new");
-        fs::write(&tmp, conf).unwrap();
-        fs::rename(&tmp, self.dir.path().join("fake-nvml.conf")).unwrap();
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `observer run` with this library, sampling every 100 ms.
-    fn start(&self, ns: &NetNs, extra: &[&str]) -> ObserverProcess {
-        let lib = self.lib.to_str().unwrap();
-        let pods = self.path("pods");
-        let mut args = vec![
-            "--iface",
-            "lo",
-            "--gpu-interval",
-            "100ms",
-            "--nvml-lib",
-            lib,
-            "--pod-log-dir",
-            pods.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        ObserverProcess::start(ns, &args).unwrap()
-    }
 }
 
 fn wait_metrics(obs: &mut ObserverProcess, what: &str, cond: impl Fn(&Metrics) -> bool) -> Metrics {
@@ -677,10 +629,19 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
     let mut stamps = Vec::new();
     let mut counted_while_blocked = false;
     while blocked_at.elapsed() < Duration::from_secs(4) {
+        let since_block = blocked_at.elapsed();
         let (took, m) = scrape(&mut obs);
         assert!(took < Duration::from_secs(1), "a scrape took {took:?} while NVML was blocked");
-        assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0), "the last snapshot is served");
-        assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "7"), Some(0.5));
+        // The last cycle completed at most one interval (100 ms) before the
+        // block began: its snapshot is served while younger than 3 intervals,
+        // and withdrawn once older (issue 27; it used to be served for good).
+        if since_block < Duration::from_millis(150) {
+            assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0), "the last snapshot is served");
+            assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "7"), Some(0.5));
+        } else if since_block > Duration::from_millis(350) {
+            assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(0.0), "stale after 3 intervals: {since_block:?}");
+            assert!(gpu_series(&m).is_empty(), "stale GPU series withdrawn: {:?}", gpu_series(&m));
+        }
         stamps.push(m.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]).unwrap());
         counted_while_blocked |= sessions(&m) >= sessions_before + 2.0;
         during.push(took);
@@ -709,6 +670,68 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
     assert!(cycle.median < Duration::from_millis(50), "{cycle}");
     // Blocked scrapes are as fast as free ones (the bound absorbs CI noise).
     assert!(during.median < before.max + Duration::from_millis(20), "free {before}, blocked {during}");
+}
+
+/// Issue 27: a sample older than 3 intervals turns `observer_nvml_up` to 0
+/// and withdraws the stale GPU series; they return when sampling does. The
+/// fake blocks one NVML call until the test removes a file.
+#[test]
+fn a_blocked_nvml_call_turns_nvml_down_within_3_intervals_and_back() {
+    const INTERVAL: Duration = Duration::from_millis(100);
+    let fake = FakeNvml::new("gpu-stale", &two_gpus());
+    let ns = NetNs::new("gpu-stale").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let before = wait_metrics(&mut obs, "both GPUs sampled", |m| gpu(m, "observer_gpu_up", "1") == Some(1.0));
+    assert_eq!(gpu(&before, "observer_gpu_utilization_ratio", "0"), Some(0.37));
+
+    let hold = fake.path("hold");
+    let marker = fake.path("blocked");
+    fs::write(&hold, "").unwrap();
+    fake.set(&format!(
+        "{}block.nvmlDeviceGetUtilizationRates={}\nsleep_marker={}\n",
+        two_gpus(),
+        hold.display(),
+        marker.display()
+    ));
+    wait_until("NVML blocked", WAIT, Duration::from_millis(2), || Ok(marker.exists().then_some(()))).unwrap();
+    let blocked_at = Instant::now();
+    let down = wait_until("observer_nvml_up 0", WAIT, Duration::from_millis(10), || {
+        let m = obs.metrics()?;
+        Ok((m.value_exact("observer_nvml_up", &[]) == Some(0.0)).then_some(m))
+    })
+    .unwrap();
+    let went_down = blocked_at.elapsed();
+    // The last cycle completed before the block began, so its sample is 3
+    // intervals old at the latest 3 intervals after; the allowance is for
+    // the scrape that sees it.
+    assert!(went_down <= 3 * INTERVAL + Duration::from_millis(50), "observer_nvml_up 0 only after {went_down:?}");
+    assert!(gpu_series(&down).is_empty(), "stale GPU series still served: {:?}", gpu_series(&down));
+    let stamp = down.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]);
+    assert!(stamp.is_some(), "when the last cycle completed stays: {down:?}");
+    // It stays down while the call is blocked.
+    for _ in 0..10 {
+        std::thread::sleep(INTERVAL);
+        let m = obs.metrics().unwrap();
+        assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(0.0));
+        assert!(gpu_series(&m).is_empty());
+        assert_eq!(m.value_exact("observer_nvml_last_sample_timestamp_seconds", &[]), stamp);
+    }
+
+    fake.set(&two_gpus());
+    fs::remove_file(&hold).unwrap();
+    let released_at = Instant::now();
+    let back = wait_metrics(&mut obs, "sampling recovered", |m| {
+        m.value_exact("observer_nvml_up", &[]) == Some(1.0) && gpu(m, "observer_gpu_utilization_ratio", "0").is_some()
+    });
+    let came_back = released_at.elapsed();
+    assert_eq!(gpu(&back, "observer_gpu_utilization_ratio", "0"), Some(0.37));
+    assert_eq!(gpu(&back, "observer_gpu_up", "1"), Some(1.0));
+    let log = plain_log(&obs);
+    assert!(log.contains("no GPU sampling cycle completed for 3 intervals"), "{log}");
+    assert!(log.contains("GPU sampling completes again"), "{log}");
+    eprintln!(
+        "nvml staleness (100 ms interval): observer_nvml_up 0 {went_down:?} after the block began, 1 again {came_back:?} after it ended"
+    );
 }
 
 struct Stats {

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use observer_tests::{NetNs, ObservedSession, ObserverProcess, TempDir, read_session_log, wait_sessions};
+use observer_tests::{NetNs, ObserverProcess, TempDir, read_session_log, session_between, wait_sessions};
 
 const DATAGRAM: usize = 1000;
 const ROUNDS: usize = 1200; // 1.2 MB each way: over the 1 MB goodput floor
@@ -26,12 +26,6 @@ fn ping_pong(a: &UdpSocket, b: &UdpSocket, rounds: usize, size_a: usize, size_b:
 
 fn timeout(s: &UdpSocket) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-}
-
-fn session_between(log: &[ObservedSession], local: SocketAddr, remote: SocketAddr) -> &ObservedSession {
-    let found: Vec<_> = log.iter().filter(|s| s.local == local && s.remote == remote).collect();
-    assert_eq!(found.len(), 1, "one session {local} -> {remote} in {log:#?}");
-    found[0]
 }
 
 #[test]

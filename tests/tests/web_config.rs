@@ -2,44 +2,25 @@
 //! bcrypt-hashed user, the metrics are served over HTTPS only, to the right
 //! password only; health endpoints need none. A bad file exits 2.
 //! The client is curl, a real TLS and HTTP implementation no one here wrote.
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
-use observer_tests::{NetNs, ObserverProcess, TempDir, run_observer_cli, run_with_timeout, wait_until};
-
-const USER: &str = "prometheus";
-const PASSWORD: &str = "s3cret pass";
+use observer_tests::{
+    NetNs, ObserverProcess, TempDir, TlsWebConfig, WEB_PASSWORD, WEB_USER, run_observer_cli, wait_until,
+};
 
 /// curl's view of one request: the HTTP status (0 when there was no HTTP
 /// answer at all) and its exit code.
 fn curl(ns: &NetNs, cacert: &Path, url: &str, credentials: Option<&str>) -> (u16, i32) {
-    let mut cmd: Command = ns.command_setns("curl");
-    cmd.args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"]).arg(cacert);
-    if let Some(c) = credentials {
-        cmd.args(["-u", c]);
-    }
-    let out = run_with_timeout(cmd.arg(url), Duration::from_secs(20)).unwrap();
-    let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
-    (code, out.status.code().unwrap_or(-1))
+    let answer = observer_tests::curl(ns, cacert, url, credentials).unwrap();
+    (answer.status, answer.exit)
 }
 
 #[test]
 fn https_and_basic_auth_from_a_web_config_file() {
     let ns = NetNs::new("webcfg").unwrap();
-    let tmp = TempDir::new("web-config").unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    std::fs::write(tmp.path().join("server.crt"), cert.cert.pem()).unwrap();
-    std::fs::write(tmp.path().join("server.key"), cert.signing_key.serialize_pem()).unwrap();
-    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
-    let web = tmp.path().join("web.yml");
     // Relative paths are read from the file's directory, as exporters do.
-    std::fs::write(
-        &web,
-        format!(
-            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\nbasic_auth_users:\n  {USER}: '{hash}'\n"
-        ),
-    )
-    .unwrap();
-    let cacert = tmp.path().join("server.crt");
+    let tls = TlsWebConfig::new().unwrap();
+    let (web, cacert) = (&tls.file, &tls.cacert);
 
     let mut observer =
         ObserverProcess::spawn(&ns, &["--iface", "lo", "--web-config-file", web.to_str().unwrap()]).unwrap();
@@ -49,22 +30,26 @@ fn https_and_basic_auth_from_a_web_config_file() {
         if let Some(status) = observer.try_status()? {
             anyhow::bail!("observer exited ({status}): {}", observer.log());
         }
-        Ok((curl(&ns, &cacert, &url("/readyz"), None).0 == 200).then_some(()))
+        Ok((curl(&ns, cacert, &url("/readyz"), None).0 == 200).then_some(()))
     })
     .unwrap();
 
-    let right = format!("{USER}:{PASSWORD}");
+    let right = TlsWebConfig::credentials();
     for path in ["/metrics", "/api/v1/snapshot"] {
-        assert_eq!(curl(&ns, &cacert, &url(path), Some(&right)).0, 200, "{path} with the password");
-        assert_eq!(curl(&ns, &cacert, &url(path), None).0, 401, "{path} without credentials");
-        assert_eq!(curl(&ns, &cacert, &url(path), Some(&format!("{USER}:wrong"))).0, 401, "{path} wrong password");
-        assert_eq!(curl(&ns, &cacert, &url(path), Some(&format!("nobody:{PASSWORD}"))).0, 401, "{path} unknown user");
+        assert_eq!(curl(&ns, cacert, &url(path), Some(&right)).0, 200, "{path} with the password");
+        assert_eq!(curl(&ns, cacert, &url(path), None).0, 401, "{path} without credentials");
+        assert_eq!(curl(&ns, cacert, &url(path), Some(&format!("{WEB_USER}:wrong"))).0, 401, "{path} wrong password");
+        assert_eq!(
+            curl(&ns, cacert, &url(path), Some(&format!("nobody:{WEB_PASSWORD}"))).0,
+            401,
+            "{path} unknown user"
+        );
     }
-    assert_eq!(curl(&ns, &cacert, &url("/healthz"), None).0, 200, "health needs no password");
+    assert_eq!(curl(&ns, cacert, &url("/healthz"), None).0, 200, "health needs no password");
     // Plain HTTP gets no HTTP answer: the server expects a TLS handshake.
-    let (status, exit) = curl(&ns, &cacert, &format!("http://{addr}/metrics"), Some(&right));
+    let (status, exit) = curl(&ns, cacert, &format!("http://{addr}/metrics"), Some(&right));
     assert!(status == 0 && exit != 0, "plain HTTP answered {status} (curl exit {exit})");
-    assert_eq!(curl(&ns, &cacert, &url("/metrics"), Some(&right)).0, 200, "still serving afterwards");
+    assert_eq!(curl(&ns, cacert, &url("/metrics"), Some(&right)).0, 200, "still serving afterwards");
 
     let stopped = observer.stop().unwrap();
     assert_eq!(stopped.status.code(), Some(0), "{}", observer.log());

@@ -4,12 +4,14 @@
 //! then the scrape latency with 10,000 series (scrape_latency.rs) and the observer's
 //! own footprint, idle and under a churn of sessions (footprint.rs).
 //!
-//! The method is written out in the report itself (report.rs), so that BENCHMARKS.md
-//! always says how its numbers were made.
+//! A run of every workload writes BENCHMARKS.md whole (doc.rs): the targets table,
+//! judged from this run's figures, then each workload's section with its method in
+//! brief (report.rs and the workloads' own files). The smoke form writes nothing.
 
 mod baseline;
 mod churn;
 mod connload;
+mod doc;
 mod footprint;
 mod iperf;
 mod progs;
@@ -22,7 +24,6 @@ mod sys;
 mod workload;
 
 use std::fs;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,7 +51,7 @@ const CLIENT_SLACK: Duration = Duration::from_secs(30);
 pub struct Options {
     pub rounds: u32,
     pub seconds: u32,
-    /// Where to put each workload's section; None prints them only.
+    /// Where to write the whole document; None prints the sections only.
     pub out: Option<PathBuf>,
     pub smoke: bool,
     pub workload: Selection,
@@ -71,6 +72,7 @@ pub enum Prepare {
 }
 
 pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
+    let started = Instant::now();
     if !util::is_root() {
         bail!(
             "the benchmark needs root (network namespace, kernel.bpf_stats_enabled, eBPF \
@@ -132,6 +134,8 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         pin: cpus >= 2,
     };
     let mut reports = Vec::new();
+    // Each section as printed, in the order measured.
+    let mut sections = Vec::new();
     for workload in workloads {
         eprintln!("xtask bench: workload {}", workload.name());
         let machine = machine();
@@ -146,12 +150,9 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         }
         let mut report = bench.workload(workload, opts, &machine)?;
         report.machine.load_end = load_average();
-        println!("\n{}", report.markdown());
-        // Written as each workload ends, so that a later failure keeps what was measured.
-        if let Some(out) = &opts.out {
-            write_section(out, workload.heading(), &report.markdown())?;
-            eprintln!("xtask bench: wrote section \"{}\" of {}", workload.heading(), out.display());
-        }
+        let section = report.markdown();
+        println!("\n{section}");
+        sections.push(section);
         reports.push(report);
     }
     server.stop(Duration::from_secs(5))?;
@@ -162,15 +163,38 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         machine.load_end = load_average();
         let section = scrape.markdown(&machine, opts.smoke);
         println!("\n{section}");
-        if let Some(out) = &opts.out {
-            write_section(out, scrape_latency::HEADING, &section)?;
-        }
+        sections.push(section);
         Some(scrape)
     } else {
         None
     };
-    if matches!(opts.workload, Selection::All | Selection::Footprint) {
-        bench.footprint(opts)?;
+    let footprint = if matches!(opts.workload, Selection::All | Selection::Footprint) {
+        let footprint = bench.footprint(opts)?;
+        let section = footprint.markdown();
+        println!("\n{section}");
+        sections.push(section);
+        Some(footprint)
+    } else {
+        None
+    };
+
+    if let Some(out) = &opts.out {
+        let run = doc::Run {
+            machine: &machine(),
+            reports: &reports,
+            scrape: scrape.as_ref(),
+            footprint: footprint.as_ref(),
+            elapsed: started.elapsed(),
+        };
+        let text = run.markdown(&sections);
+        fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+        println!("\n{}", doc::targets_table(&run.targets()));
+        eprintln!(
+            "xtask bench: wrote {} ({} lines) in {:.0} s",
+            out.display(),
+            text.lines().count(),
+            started.elapsed().as_secs_f64()
+        );
     }
 
     if opts.smoke {
@@ -415,18 +439,10 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// The observer's footprint section (footprint.rs), printed and written like a
-    /// workload's.
-    fn footprint(&self, opts: &Options) -> Result<()> {
+    /// The observer's own footprint (footprint.rs).
+    fn footprint(&self, opts: &Options) -> Result<footprint::Footprint> {
         let durations = if opts.smoke { footprint::Durations::smoke() } else { footprint::Durations::full() };
         let measured = footprint::measure(self, &durations)?;
-        let machine = machine();
-        let section = measured.markdown(&machine.date, machine.cpus, &machine.kernel);
-        println!("\n{section}");
-        if let Some(out) = &opts.out {
-            write_section(out, footprint::HEADING, &section)?;
-            eprintln!("xtask bench: wrote section \"{}\" of {}", footprint::HEADING, out.display());
-        }
         ensure!(
             measured.sessions_per_sec > 0.0 && measured.udp_sessions_per_sec > 0.0 && measured.idle.rss_mib > 0.0,
             "footprint: nothing measured ({} TCP sessions/s, {} UDP sessions/s, {} MiB)",
@@ -434,17 +450,18 @@ impl Bench<'_> {
             measured.udp_sessions_per_sec,
             measured.idle.rss_mib
         );
-        Ok(())
+        Ok(measured)
     }
 
     fn wait_ready(&self, observer: &mut Proc) -> Result<()> {
         let addr = listen_addr();
+        let agent = scrape::agent();
         let started = Instant::now();
         loop {
             if let Some(status) = observer.exited()? {
                 bail!("the observer exited ({status}) before it was ready\n{}", observer.log_tail(20));
             }
-            let last = match self.ns.run_in(|| sys::http_get_status(addr, "/readyz", Duration::from_secs(1)))? {
+            let last = match self.ns.run_in(|| scrape::get(&agent, addr, "/readyz"))?.map(|(status, _)| status) {
                 Ok(200) => {
                     eprintln!("xtask bench: observer ready after {:.1} s", started.elapsed().as_secs_f64());
                     return Ok(());
@@ -487,35 +504,9 @@ fn load_average() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn write_section(path: &Path, heading: &str, section: &str) -> Result<()> {
-    let doc = match fs::read_to_string(path) {
-        Ok(doc) => doc,
-        Err(err) if err.kind() == ErrorKind::NotFound => String::new(),
-        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
-    };
-    let doc = report::replace_section(&doc, heading, section);
-    fs::write(path, doc).with_context(|| format!("writing {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn write_section_creates_then_replaces() {
-        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("BENCHMARKS.md");
-        let _ = fs::remove_file(&path);
-        let section = |w: Workload, body: &str| format!("{}\n\n{body}\n", w.heading());
-        let (bulk, udp) = (Workload::Bulk, Workload::UdpSmall);
-        write_section(&path, bulk.heading(), &section(bulk, "one")).unwrap();
-        write_section(&path, udp.heading(), &section(udp, "u")).unwrap();
-        write_section(&path, bulk.heading(), &section(bulk, "two")).unwrap();
-        let text = fs::read_to_string(&path).unwrap();
-        assert_eq!(text, format!("# Benchmarks\n\n{}\n{}", section(bulk, "two"), section(udp, "u")));
-        fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn observer_address_parses() {

@@ -50,7 +50,7 @@ enum Command {
         /// Rewrite README's kernel tables (between its kernels:begin/end markers) from the results.
         #[arg(long)]
         write_readme: bool,
-        /// Only this kernel (6.1, 6.12); repeatable. Default: all.
+        /// Only this kernel (5.10, 6.1, 6.12); repeatable. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
         /// Only this end-to-end test binary (tests/tests/<NAME>.rs); repeatable. Default: all.
@@ -81,8 +81,9 @@ enum Command {
         /// Seconds per iperf3 measurement.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         seconds: u32,
-        /// Markdown file whose benchmark section is replaced (default: BENCHMARKS.md at the
-        /// workspace root).
+        /// Where to write the whole document: the targets table, then each section measured.
+        /// Default: BENCHMARKS.md at the workspace root for `--workload all`; for one workload,
+        /// no file (its section is printed).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -138,7 +139,7 @@ fn dispatch(command: Command) -> Result<()> {
                 bench::Options {
                     rounds,
                     seconds,
-                    out: Some(out.unwrap_or_else(|| util::root().join("BENCHMARKS.md"))),
+                    out: bench_out(workload, out),
                     smoke: false,
                     workload,
                     hold: bench::HOLD_CONNECTIONS,
@@ -148,6 +149,12 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::HoldConnections { port, count, first } => bench::hold_connections(port, count, first),
     }
+}
+
+/// Where `cargo xtask bench` writes: `--out`, else BENCHMARKS.md for a run of every
+/// workload; a run of one workload must not replace the whole file with its section.
+fn bench_out(workload: bench::Selection, out: Option<PathBuf>) -> Option<PathBuf> {
+    out.or_else(|| (workload == bench::Selection::All).then(|| util::root().join("BENCHMARKS.md")))
 }
 
 #[cfg(test)]
@@ -219,5 +226,9 @@ mod tests {
             Command::Bench { workload: bench::Selection::TcpSmall, .. }
         ));
         assert!(Cli::try_parse_from(["xtask", "bench", "--workload", "tcp"]).is_err());
+        assert_eq!(bench_out(bench::Selection::All, None), Some(util::root().join("BENCHMARKS.md")));
+        assert_eq!(bench_out(bench::Selection::Bulk, None), None);
+        let mine = PathBuf::from("/tmp/b.md");
+        assert_eq!(bench_out(bench::Selection::Bulk, Some(mine.clone())), Some(mine));
     }
 }

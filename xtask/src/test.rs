@@ -37,7 +37,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         ("end-to-end tests", Box::new(|| end_to_end(&args.filter))),
     ];
     if !args.skip_kernels {
-        // The same end-to-end tests on Debian's 6.1 and 6.12 in qemu, every
+        // The same end-to-end tests on Debian's 5.10, 6.1 and 6.12 in qemu, every
         // hook tier: the fentry and kprobe tiers run nowhere else.
         steps.push((
             "kernel matrix (qemu)",

@@ -101,6 +101,11 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
     {
         let _ = writeln!(out, "limit tcp_errors: {limit}");
     }
+    if plan.serves(Concern::Drops)
+        && let Some(limit) = drops::drop_reason_limit(&btf)
+    {
+        let _ = writeln!(out, "limit drops: {limit}");
+    }
     ok &= plan.missing_required().is_empty();
     let _ = writeln!(out, "result: {}", if ok { "run would work" } else { "run cannot work here" });
     (out, ok)

@@ -39,18 +39,21 @@ fn parse_filter(s: &str) -> Result<String, String> {
 /// Installs the process-wide subscriber (and the bridge from the `log` crate,
 /// which aya logs through).
 pub fn init(args: &LogArgs) {
-    if let Err(e) = subscriber(args, std::io::stderr).try_init() {
+    // Colour only for a person at a terminal: escape codes in a file or a log
+    // collector's stream are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Err(e) = subscriber(args, std::io::stderr, ansi).try_init() {
         eprintln!("observer: cannot install the logger: {e}");
     }
 }
 
-fn subscriber<W>(args: &LogArgs, writer: W) -> Box<dyn Subscriber + Send + Sync>
+fn subscriber<W>(args: &LogArgs, writer: W, ansi: bool) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     // Validated by clap already; a bad filter cannot reach here.
     let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new(DEFAULT_LEVEL));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match args.log_format {
         LogFormat::Text => Box::new(builder.finish()),
         LogFormat::Json => Box::new(builder.json().finish()),
@@ -82,7 +85,7 @@ mod tests {
         let buffer = Buffer::default();
         let args = LogArgs { log_format: format, log_level: level.into() };
         let out = buffer.clone();
-        tracing::subscriber::with_default(subscriber(&args, move || out.clone()), || {
+        tracing::subscriber::with_default(subscriber(&args, move || out.clone(), false), || {
             tracing::info!(listen = "127.0.0.1:9470", "ready");
             tracing::warn!(concern = "drops", reason = "a \"quoted\" reason\nover two lines", "no hook");
             tracing::debug!("hidden at info");
@@ -108,7 +111,10 @@ mod tests {
     fn kernel_diagnostics_follow_the_filter() {
         let wanted = |level: &str| {
             let args = LogArgs { log_format: LogFormat::Text, log_level: level.into() };
-            tracing::subscriber::with_default(subscriber(&args, std::io::sink), crate::kernel::diagnostics::wanted)
+            tracing::subscriber::with_default(
+                subscriber(&args, std::io::sink, false),
+                crate::kernel::diagnostics::wanted,
+            )
         };
         // A directive's target matches by prefix: `observer` covers `observer_ebpf`.
         for level in ["debug", "trace", "info,observer_ebpf=debug", "warn,observer_ebpf=trace", "info,observer=debug"] {
@@ -123,6 +129,7 @@ mod tests {
     fn text_is_the_default_and_the_filter_applies() {
         let text = logged(LogFormat::Text, "info");
         assert!(text.contains("INFO") && text.contains("ready") && !text.contains("hidden"), "{text}");
+        assert!(!text.contains('\x1b'), "escape codes in a log that is not a terminal: {text:?}");
         assert!(logged(LogFormat::Text, "debug").contains("hidden at info"));
         assert!(parse_filter("info,observer=debug").is_ok());
         assert!(parse_filter("info,=[").unwrap_err().contains("not a log filter"));

@@ -170,6 +170,11 @@ pub struct RunArgs {
     /// Repeatable; defaults in README.
     #[arg(long = "label-limit", value_name = "NAME=N", value_parser = parse_label_limit)]
     pub label_limits: Vec<(SessionLabel, usize)>,
+    /// Most distinct session label sets (combinations of values) exported at
+    /// once; a session with a further set is reported with every label
+    /// `other` (counted in observer_label_overflow_total{label="label_set"}).
+    #[arg(long, value_name = "N", default_value_t = crate::enrich::DEFAULT_MAX_LABEL_SETS, value_parser = parse_max_label_sets, allow_hyphen_values = true)]
+    pub max_label_sets: usize,
     /// Session label values with no session for this long leave the
     /// exposition (and free their place in the label's budget).
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_SERIES_TTL, value_parser = parse_duration)]
@@ -242,6 +247,13 @@ fn parse_min_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_max_label_sets(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of label sets, at least 1")),
+    }
+}
+
 fn parse_max_sessions(s: &str) -> Result<u32, String> {
     parse_table_size(s, TableSize { what: "sessions", table: "open sessions", max: MAX_MAX_SESSIONS, bytes: 200 })
 }
@@ -299,6 +311,7 @@ mod tests {
         assert_eq!(r.series_ttl, Duration::from_secs(1800));
         assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(r.max_sessions, 65_536);
+        assert_eq!(r.max_label_sets, 1000);
     }
 
     #[test]
@@ -357,6 +370,7 @@ mod tests {
             (&["--peer-group", "10.0.0.0/40=x"][..], "not a CIDR network"),
             (&["--service-port", "0"][..], "not a port"),
             (&["--label-limit", "peer_port=none"][..], "at least 1"),
+            (&["--max-label-sets", "0"][..], "whole number of label sets, at least 1"),
             (&["--series-ttl", "10"][..], "has no unit"),
             (&["--max-sessions", "0"][..], "at least 1"),
             (&["--max-sessions", "-1"][..], "not a whole number"),

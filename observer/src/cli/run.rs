@@ -60,6 +60,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         service_ports: args.service_ports.clone(),
         geoip_db: args.geoip_db.clone(),
         limits: args.label_limits.clone(),
+        max_label_sets: args.max_label_sets,
         series_ttl: args.series_ttl,
         pod_log_dir: args.pod_log_dir.clone(),
         cgroup_root: crate::kernel::cgroup::cgroup2_root(),
@@ -161,6 +162,11 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     {
         tracing::warn!(concern = "tcp_errors", "{limit}");
     }
+    if plan.serves(Concern::Drops)
+        && let Some(limit) = drops::drop_reason_limit(&btf)
+    {
+        tracing::warn!(concern = "drops", "{limit}");
+    }
     for choice in &plan.choices {
         if let Err(why) = &choice.hook {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
@@ -180,6 +186,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     drop(btf);
     kernel.release_btf();
     crate::pipeline::memory::release_free();
+    give_up_capabilities()?;
     state.ready.store(true, Ordering::Release);
     println!("observer: serving metrics on {scheme}://{local}/metrics");
     tracing::info!(listen = %local, "ready");
@@ -241,6 +248,26 @@ async fn shutdown(
         took_ms = started.elapsed().as_millis() as u64,
         "stopped; kernel programs detached, queued sessions read"
     );
+    Ok(())
+}
+
+/// Everything is loaded, attached and open: from here on no thread holds a
+/// capability (kernel/privileges.rs says how, and what a kernel before 5.19
+/// keeps).
+fn give_up_capabilities() -> Result<(), Error> {
+    let dropped = privileges::drop_after_attach().map_err(Error::Other)?;
+    for thread in &dropped.holding {
+        tracing::warn!(thread = %thread, "a thread still holds capabilities after attach");
+    }
+    if dropped.kept.is_empty() {
+        tracing::info!(threads = dropped.threads, "capabilities given up in every thread; no_new_privs set");
+    } else {
+        tracing::info!(
+            threads = dropped.threads,
+            kept = %dropped.kept,
+            "capabilities given up in every thread but the one this kernel checks on every map read; no_new_privs set"
+        );
+    }
     Ok(())
 }
 

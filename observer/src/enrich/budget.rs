@@ -30,19 +30,37 @@ impl Budget {
         Budget { limit, seen: HashMap::new() }
     }
 
+    /// Admits `value` and notes it seen at `now`, or folds it.
     pub fn admit(&mut self, value: String, now: Instant) -> Admitted {
-        if value.is_empty() || value == OTHER {
-            return Admitted::Value(value);
+        let admitted = self.check(value);
+        if let Admitted::Value(v) = &admitted {
+            self.commit(v, now);
         }
-        if let Some(last) = self.seen.get_mut(&value) {
-            *last = now;
-            return Admitted::Value(value);
+        admitted
+    }
+
+    /// What [`Budget::admit`] would decide, without taking a place: a
+    /// session whose whole label set is then refused (the label set cap)
+    /// must not use up places of values that are never exported.
+    pub fn check(&self, value: String) -> Admitted {
+        if free(&value) || self.seen.contains_key(&value) || self.seen.len() < self.limit {
+            Admitted::Value(value)
+        } else {
+            Admitted::Folded
         }
-        if self.seen.len() >= self.limit {
-            return Admitted::Folded;
+    }
+
+    /// Notes a value [`Budget::check`] admitted as seen at `now`.
+    pub fn commit(&mut self, value: &str, now: Instant) {
+        if free(value) {
+            return;
         }
-        self.seen.insert(value.clone(), now);
-        Admitted::Value(value)
+        match self.seen.get_mut(value) {
+            Some(last) => *last = now,
+            None => {
+                self.seen.insert(value.to_owned(), now);
+            }
+        }
     }
 
     /// Forgets values last seen more than `ttl` before `now`.
@@ -57,6 +75,11 @@ impl Budget {
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
+}
+
+/// Values that cost nothing: empty and `other`.
+fn free(value: &str) -> bool {
+    value.is_empty() || value == OTHER
 }
 
 #[cfg(test)]
@@ -78,5 +101,18 @@ mod tests {
         b.expire(t0 + Duration::from_secs(12), Duration::from_secs(10));
         assert_eq!(b.len(), 1);
         assert_eq!(b.admit("c".into(), t0 + Duration::from_secs(12)), Admitted::Value("c".into()));
+    }
+
+    #[test]
+    fn a_check_takes_no_place_until_committed() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(1);
+        assert_eq!(b.check("a".into()), Admitted::Value("a".into()));
+        assert_eq!(b.check("b".into()), Admitted::Value("b".into()), "nothing taken yet");
+        b.commit("b", t0);
+        assert_eq!(b.check("a".into()), Admitted::Folded);
+        assert_eq!(b.check("b".into()), Admitted::Value("b".into()));
+        b.commit(OTHER, t0);
+        assert_eq!(b.len(), 1);
     }
 }

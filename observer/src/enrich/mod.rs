@@ -117,17 +117,47 @@ pub fn parse_label_limit(arg: &str) -> Result<(SessionLabel, usize), String> {
     }
 }
 
+/// Default `--max-label-sets`. A label set costs up to about 170 series per
+/// protocol (the goodput and duration histograms' buckets), so this bounds a
+/// node's session series at a few hundred thousand in the worst case, while
+/// leaving room for a few hundred pods times a few peer groups.
+pub const DEFAULT_MAX_LABEL_SETS: usize = 1000;
+
+/// `observer_label_overflow_total{label}` of sessions whose whole label set
+/// was refused by the `--max-label-sets` cap (the session labels' own names
+/// are the other values).
+pub const LABEL_SET_OVERFLOW: &str = "label_set";
+
 /// Everything the labels are computed from, from the command line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EnrichConfig {
     pub labels: Vec<SessionLabel>,
     pub peer_groups: Vec<PeerGroup>,
     pub service_ports: Vec<RangeInclusive<u16>>,
     pub geoip_db: Option<PathBuf>,
     pub limits: Vec<(SessionLabel, usize)>,
+    /// Most distinct label sets exported at once; further sets are reported
+    /// as all `other` (which is never refused).
+    pub max_label_sets: usize,
     pub series_ttl: Duration,
     pub pod_log_dir: PathBuf,
     pub cgroup_root: Option<PathBuf>,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        EnrichConfig {
+            labels: Vec::new(),
+            peer_groups: Vec::new(),
+            service_ports: Vec::new(),
+            geoip_db: None,
+            limits: Vec::new(),
+            max_label_sets: DEFAULT_MAX_LABEL_SETS,
+            series_ttl: Duration::ZERO,
+            pod_log_dir: PathBuf::new(),
+            cgroup_root: None,
+        }
+    }
 }
 
 /// Computes the session labels of closed sessions.
@@ -142,6 +172,9 @@ pub struct Enricher {
     /// Only when a workload label is on: it reads the cgroup tree.
     workloads: Option<Workloads>,
     series: SeriesAges,
+    max_label_sets: usize,
+    /// Every label `other`: where sessions beyond `max_label_sets` go.
+    all_other: Vec<String>,
     series_ttl: Duration,
 }
 
@@ -177,13 +210,15 @@ impl Enricher {
         let workloads =
             labels.iter().any(|l| l.is_workload()).then(|| Workloads::new(config.cgroup_root, &config.pod_log_dir));
         Ok(Enricher {
-            labels,
             budgets,
             peer_groups: PeerGroups::new(config.peer_groups),
             service_ports: ServicePorts::new(config.service_ports),
             geoip,
             workloads,
             series: SeriesAges::default(),
+            max_label_sets: config.max_label_sets,
+            all_other: vec![OTHER.to_owned(); labels.len()],
+            labels,
             series_ttl: config.series_ttl,
         })
     }
@@ -210,8 +245,9 @@ impl Enricher {
     }
 
     /// The session's label values, in [`Enricher::names`] order, each within
-    /// its budget; `overflow` is called with the name of each label whose
-    /// value was folded into `other`.
+    /// its budget, the set within the label set cap; `overflow` is called
+    /// with the name of each label whose value was folded into `other`, or
+    /// once with [`LABEL_SET_OVERFLOW`] when the whole set was (all `other`).
     pub fn label(&mut self, s: &Session, now: Instant, mut overflow: impl FnMut(&'static str)) -> Vec<String> {
         if self.labels.is_empty() {
             return Vec::new();
@@ -221,7 +257,10 @@ impl Enricher {
             (Some(w), Some(owner)) => w.of_cgroup(owner.cgroup_id).unwrap_or_default(),
             _ => Workload::default(),
         };
+        // Each value against its label's budget first, taking no place yet:
+        // if the set is refused, its values are not exported either.
         let mut values = Vec::with_capacity(self.labels.len());
+        let mut folded = Vec::new();
         for (i, label) in self.labels.iter().enumerate() {
             let raw = match label {
                 SessionLabel::Comm => s.owner.as_ref().map(|o| o.comm.clone()).unwrap_or_default(),
@@ -235,16 +274,35 @@ impl Enricher {
                 }
                 SessionLabel::PeerPort => self.service_ports.fold(s.remote.port()),
             };
-            values.push(match self.budgets[i].admit(raw, now) {
+            values.push(match self.budgets[i].check(raw) {
                 Admitted::Value(v) => v,
                 Admitted::Folded => {
-                    overflow(label.name());
+                    folded.push(label.name());
                     OTHER.to_owned()
                 }
             });
         }
+        if !self.set_admitted(&values) {
+            overflow(LABEL_SET_OVERFLOW);
+            self.series.touch(&self.all_other, now);
+            return self.all_other.clone();
+        }
+        for (budget, value) in self.budgets.iter_mut().zip(&values) {
+            budget.commit(value, now);
+        }
+        folded.into_iter().for_each(&mut overflow);
         self.series.touch(&values, now);
         values
+    }
+
+    /// Whether `values` is exported: a set already exported, the all-`other`
+    /// set, or a new one while fewer than `max_label_sets` others are.
+    fn set_admitted(&self, values: &[String]) -> bool {
+        if *values == *self.all_other || self.series.contains(values) {
+            return true;
+        }
+        let others = self.series.len() - usize::from(self.series.contains(&self.all_other));
+        others < self.max_label_sets
     }
 
     /// Label sets not seen for the series TTL, forgotten here (their budget
@@ -325,6 +383,37 @@ mod tests {
         assert_eq!(overflowed, ["peer_port"]);
         assert!(e.expire(now).is_empty());
         assert_eq!(e.expire(now + Duration::from_secs(61)).len(), 3);
+    }
+
+    #[test]
+    fn label_sets_beyond_the_cap_are_all_other_and_take_no_budget() {
+        let mut c = config(&[SessionLabel::Comm, SessionLabel::PeerPort]);
+        c.service_ports = vec![peers::parse_service_ports("20000-20099").unwrap()];
+        c.max_label_sets = 2;
+        c.limits = vec![(SessionLabel::Comm, 3)];
+        let mut e = Enricher::new(c).unwrap();
+        let t0 = Instant::now();
+        let label = |e: &mut Enricher, comm: &str, remote: &str, at: Instant| {
+            let mut overflowed = Vec::new();
+            let values = e.label(&session(remote, comm), at, |l| overflowed.push(l));
+            (values, overflowed)
+        };
+        let set = |values: [&str; 2]| values.map(String::from).to_vec();
+        let none: Vec<&str> = Vec::new();
+        assert_eq!(label(&mut e, "a", "10.0.0.2:20000", t0), (set(["a", "20000"]), none.clone()));
+        assert_eq!(label(&mut e, "b", "10.0.0.2:20000", t0), (set(["b", "20000"]), none.clone()));
+        assert_eq!(label(&mut e, "a", "10.0.0.2:20000", t0).0, ["a", "20000"], "a set already exported");
+        let refused = (set(["other", "other"]), vec![LABEL_SET_OVERFLOW]);
+        assert_eq!(label(&mut e, "c", "10.0.0.2:20000", t0), refused, "a third set");
+        assert_eq!(label(&mut e, "a", "10.0.0.2:20001", t0), refused, "known values, new set");
+        assert_eq!(label(&mut e, "x", "10.0.0.2:45000", t0), refused);
+        assert_eq!(e.budgets[0].len(), 2, "refused sets take no place in the comm budget: a and b only");
+        // An expired set frees its place for a new one.
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(label(&mut e, "b", "10.0.0.2:20000", later - Duration::from_secs(30)).0, ["b", "20000"]);
+        assert_eq!(e.expire(later).len(), 2, "(a, 20000) and the all-other set");
+        assert_eq!(label(&mut e, "c", "10.0.0.2:20000", later), (set(["c", "20000"]), none));
+        assert_eq!(label(&mut e, "d", "10.0.0.2:20000", later), refused);
     }
 
     #[test]

@@ -35,6 +35,10 @@ impl SeriesAges {
         old
     }
 
+    pub fn contains(&self, values: &[String]) -> bool {
+        self.last_seen.contains_key(values)
+    }
+
     pub fn len(&self) -> usize {
         self.last_seen.len()
     }

@@ -4,7 +4,14 @@
 //! vanish when its value becomes unavailable (a lost GPU, an unsupported
 //! field, a pod that ended), and rebuilding a few dozen series from an
 //! immutable snapshot is cheaper and simpler than tracking removals.
-use std::{collections::HashMap, sync::Arc, time::UNIX_EPOCH};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, UNIX_EPOCH},
+};
 
 use prometheus::{
     core::{Collector, Desc},
@@ -59,7 +66,7 @@ const DEFS: [Def; 20] = [
     gauge(
         "observer_nvml_up",
         &[],
-        "1 when NVML is loaded and initialised and answered the last GPU sampling cycle; 0 otherwise: no library, no driver, no permission, --gpu off, or re-initialising after a failure (the log says why).",
+        "1 when NVML is loaded and initialised and answered the last GPU sampling cycle, completed within the last 3 --gpu-interval; 0 otherwise: no library, no driver, no permission, --gpu off, re-initialising after a failure, or an NVML call blocked for longer than 3 intervals, when the stale GPU series are removed until sampling recovers (the log says why).",
     ),
     gauge(
         "observer_gpu_info",
@@ -142,18 +149,26 @@ const DEFS: [Def; 20] = [
     gauge(
         "observer_nvml_last_sample_timestamp_seconds",
         &[],
-        "Unix time at which the last GPU sampling cycle completed. Much older than --gpu-interval means an NVML call is blocked; scrapes keep answering with the last snapshot.",
+        "Unix time at which the last GPU sampling cycle completed. Much older than --gpu-interval means an NVML call is blocked; past 3 intervals observer_nvml_up is 0 and the GPU series are absent until a cycle completes.",
     ),
 ];
+
+/// A snapshot older than this many `--gpu-interval`s is stale: its values
+/// are withdrawn and `observer_nvml_up` is 0 until a cycle completes.
+pub const STALE_AFTER_INTERVALS: u32 = 3;
 
 /// Serves the sampler's latest snapshot as Prometheus families.
 pub struct GpuCollector {
     shared: Arc<Shared>,
     descs: Vec<Desc>,
+    /// [`STALE_AFTER_INTERVALS`] sampling intervals.
+    stale_after: Duration,
+    /// Whether the last scrape found the snapshot stale, to log the changes once.
+    was_stale: AtomicBool,
 }
 
 impl GpuCollector {
-    pub(super) fn new(shared: Arc<Shared>) -> prometheus::Result<Self> {
+    pub(super) fn new(shared: Arc<Shared>, interval: Duration) -> prometheus::Result<Self> {
         let descs = DEFS
             .iter()
             .map(|d| {
@@ -165,7 +180,30 @@ impl GpuCollector {
                 )
             })
             .collect::<Result<_, _>>()?;
-        Ok(GpuCollector { shared, descs })
+        Ok(GpuCollector {
+            shared,
+            descs,
+            stale_after: interval * STALE_AFTER_INTERVALS,
+            was_stale: AtomicBool::new(false),
+        })
+    }
+
+    /// The latest snapshot, or what is left of it once stale: a blocked NVML
+    /// call must not keep the last values served as if current.
+    fn current(&self) -> Snapshot {
+        let latest = self.shared.latest();
+        let stale = latest.stale(Instant::now(), self.stale_after);
+        if stale != self.was_stale.swap(stale, Ordering::Relaxed) {
+            if stale {
+                tracing::warn!(
+                    max_age = ?self.stale_after,
+                    "no GPU sampling cycle completed for 3 intervals (an NVML call is blocked?); observer_nvml_up is 0 and the GPU series are withdrawn until one does"
+                );
+            } else {
+                tracing::info!("GPU sampling completes again; GPU series are back");
+            }
+        }
+        if stale { latest.down() } else { (*latest).clone() }
     }
 }
 
@@ -175,7 +213,7 @@ impl Collector for GpuCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        families(&self.shared.latest())
+        families(&self.current())
     }
 }
 
@@ -330,6 +368,7 @@ mod tests {
             pods: vec![PodMemory { uuid: "GPU-a".into(), namespace: "ns".into(), pod: "p".into(), bytes: 1 << 20 }],
             sampled_at: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             cycle: Some(Duration::from_millis(3)),
+            completed: None,
         };
         let t = text(&s);
         for line in [
@@ -371,7 +410,48 @@ mod tests {
     fn every_family_registers() {
         let shared = Arc::new(Shared::new(Snapshot::default()));
         let registry = prometheus::Registry::new();
-        registry.register(Box::new(GpuCollector::new(shared).unwrap())).unwrap();
+        registry.register(Box::new(GpuCollector::new(shared, Duration::from_secs(5)).unwrap())).unwrap();
         assert_eq!(registry.gather().len(), 1, "only observer_nvml_up without NVML");
+    }
+
+    #[test]
+    fn a_snapshot_older_than_3_intervals_is_withdrawn_and_returns_when_fresh() {
+        let fresh = Snapshot {
+            nvml_up: true,
+            driver_version: "550.54.15".into(),
+            gpus: vec![GpuState { index: 0, uuid: "GPU-a".into(), up: true, ..GpuState::default() }],
+            pods: vec![PodMemory { uuid: "GPU-a".into(), namespace: "ns".into(), pod: "p".into(), bytes: 1 }],
+            sampled_at: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            cycle: Some(Duration::from_millis(3)),
+            completed: Some(Instant::now()),
+        };
+        let shared = Arc::new(Shared::new(fresh.clone()));
+        let interval = Duration::from_millis(20);
+        let collector = GpuCollector::new(shared.clone(), interval).unwrap();
+        let samples = |c: &GpuCollector| {
+            let mut buf = Vec::new();
+            TextEncoder::new().encode(&families(&c.current()), &mut buf).unwrap();
+            String::from_utf8(buf)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert!(samples(&collector).contains(&"observer_nvml_up 1".to_string()));
+        assert!(samples(&collector).iter().any(|l| l.starts_with("observer_gpu_up")));
+        std::thread::sleep(interval * STALE_AFTER_INTERVALS + Duration::from_millis(10));
+        assert_eq!(
+            samples(&collector),
+            [
+                "observer_nvml_up 0",
+                "observer_nvml_sample_duration_seconds 0.003",
+                "observer_nvml_last_sample_timestamp_seconds 1700000000"
+            ],
+            "stale: only when the last cycle completed"
+        );
+        shared.publish(Snapshot { completed: Some(Instant::now()), ..fresh });
+        assert!(samples(&collector).contains(&"observer_nvml_up 1".to_string()), "a new cycle: fresh again");
+        assert!(!Snapshot::default().stale(Instant::now() + Duration::from_secs(60), interval), "down is not stale");
     }
 }

@@ -10,7 +10,8 @@
 //! A scrape never waits on NVML: the sampler publishes a whole snapshot at
 //! the end of each cycle and `/metrics` reads the latest one.
 //!
-//! Layer: a source beside the pipeline; imports enrich (pods) only. Its flags
+//! Layer: a source beside the pipeline; imports enrich (pods) and kernel (its
+//! thread gives up its capabilities as it starts) only. Its flags
 //! are parsed by the command line (cli/gpu_flags.rs) and handed in as a
 //! [`GpuConfig`].
 pub mod metrics;
@@ -89,6 +90,7 @@ impl Shared {
 /// for it (it may be inside a blocked NVML call).
 pub struct Gpu {
     shared: Arc<Shared>,
+    interval: Duration,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::Thread>,
 }
@@ -101,7 +103,7 @@ impl Gpu {
         let stop = Arc::new(AtomicBool::new(false));
         if args.mode == GpuMode::Off {
             tracing::info!("GPU statistics off (--gpu off); observer_nvml_up is 0");
-            return Ok(Gpu { shared, stop, thread: None });
+            return Ok(Gpu { shared, interval: args.interval, stop, thread: None });
         }
         let (first, first_rx) = match args.mode {
             GpuMode::Required => {
@@ -120,7 +122,11 @@ impl Gpu {
             let (shared, stop) = (shared.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("nvml-sampler".into())
-                .spawn(move || sampler::run(cfg, shared, stop))
+                .spawn(move || {
+                    // NVML never needs a capability; its own threads inherit these sets.
+                    crate::kernel::privileges::drop_in_this_thread();
+                    sampler::run(cfg, shared, stop)
+                })
                 .map_err(|e| format!("cannot start the GPU sampling thread: {e}"))?
         };
         if let Some(rx) = first_rx {
@@ -137,12 +143,12 @@ impl Gpu {
                 }
             }
         }
-        Ok(Gpu { shared, stop, thread: Some(handle.thread().clone()) })
+        Ok(Gpu { shared, interval: args.interval, stop, thread: Some(handle.thread().clone()) })
     }
 
     /// The collector serving this GPU side's snapshots.
     pub fn collector(&self) -> prometheus::Result<GpuCollector> {
-        GpuCollector::new(self.shared.clone())
+        GpuCollector::new(self.shared.clone(), self.interval)
     }
 }
 

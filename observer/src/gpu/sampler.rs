@@ -251,6 +251,7 @@ impl Sampler {
             pods,
             sampled_at: Some(SystemTime::now()),
             cycle: Some(started.elapsed()),
+            completed: Some(Instant::now()),
         })
     }
 
@@ -281,8 +282,8 @@ impl Sampler {
     /// NVML is down: only `observer_nvml_up 0`, and when the last cycle
     /// completed.
     fn publish_down(&self) {
-        let last = self.shared.latest();
-        self.shared.publish(Snapshot { sampled_at: last.sampled_at, cycle: last.cycle, ..Snapshot::default() });
+        let down = self.shared.latest().down();
+        self.shared.publish(down);
     }
 
     /// Sleeps until `deadline`; false when asked to stop.

@@ -5,7 +5,7 @@
 //! `None` means NVML could not give the value for this GPU (not supported,
 //! no permission, a transient error): the series is omitted, never exported
 //! as zero.
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -17,6 +17,22 @@ pub struct Snapshot {
     /// End of the last completed cycle, and how long it took.
     pub sampled_at: Option<SystemTime>,
     pub cycle: Option<Duration>,
+    /// End of the last completed cycle on the monotonic clock, for its age.
+    pub completed: Option<Instant>,
+}
+
+impl Snapshot {
+    /// NVML down: no GPU values, only when the last cycle completed.
+    pub fn down(&self) -> Snapshot {
+        Snapshot { sampled_at: self.sampled_at, cycle: self.cycle, completed: self.completed, ..Snapshot::default() }
+    }
+
+    /// Whether this snapshot says NVML is up but its cycle ended longer than
+    /// `max_age` before `now`: an NVML call is blocked, and its values are
+    /// no longer the GPUs' state.
+    pub fn stale(&self, now: Instant, max_age: Duration) -> bool {
+        self.nvml_up && self.completed.is_some_and(|t| now.saturating_duration_since(t) > max_age)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

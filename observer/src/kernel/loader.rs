@@ -54,8 +54,9 @@ pub struct Kernel {
     pub btf: AyaBtf,
     /// Programs loaded while probing, kept so they are not loaded twice.
     probed: Vec<&'static str>,
-    /// Programs attached so far: two hooks may share programs.
-    attached: Vec<&'static str>,
+    /// Programs attached so far, with where: two hooks may share programs,
+    /// and one kprobe program may be attached to several functions.
+    attached: Vec<(&'static str, Attach)>,
 }
 
 /// Loads the object with the running kernel's field offsets written into it.
@@ -190,10 +191,10 @@ impl Kernel {
     }
 
     fn attach_program(&mut self, name: &'static str, how: Attach) -> Result<(), ProgramError> {
-        if self.attached.contains(&name) {
+        if self.attached.contains(&(name, how)) {
             return Ok(());
         }
-        if !self.probed.contains(&name) {
+        if !self.probed.contains(&name) && !self.attached.iter().any(|(n, _)| *n == name) {
             self.load_program(name, how)?;
         }
         let program = self.ebpf.program_mut(name).ok_or(ProgramError::UnexpectedProgramType)?;
@@ -212,7 +213,7 @@ impl Kernel {
                 <&mut CgroupSock>::try_from(program)?.attach(cgroup_root()?, CgroupAttachMode::default()).map(drop)
             }
         }?;
-        self.attached.push(name);
+        self.attached.push((name, how));
         Ok(())
     }
 }

@@ -98,14 +98,17 @@ impl Concern {
     /// least and sees the handshake's child sockets, which `tcp_set_state` hooks
     /// only see from ESTABLISHED on. tcp_owner: one call per accept (fexit,
     /// kretprobe) beats one call per send and receive (tracepoints).
-    /// sock_calls: only the tracepoint tier exists so far (6.3+). udp_release:
+    /// sock_calls: the tracepoint (6.3+) runs in the socket layer's own send
+    /// and receive path; fexit on the inet functions below it costs a
+    /// trampoline more; a kprobe and a kretprobe per call cost most (two
+    /// exceptions and a table write and delete per call). udp_release:
     /// fentry and the cgroup hook cost about the same; fentry first for a
     /// consistent tier, the cgroup hook where trampolines are refused.
     pub fn candidates(self) -> &'static [Hook] {
         match self {
             Concern::TcpState => &[Hook::StateTpBtf, Hook::StateFentry, Hook::StateKprobe],
             Concern::TcpOwner => &[Hook::OwnerFexit, Hook::OwnerKretprobe, Hook::OwnerTpBtf],
-            Concern::SockCalls => &[Hook::CallsTpBtf],
+            Concern::SockCalls => &[Hook::CallsTpBtf, Hook::CallsFexit, Hook::CallsKprobe],
             Concern::UdpRelease => &[Hook::ReleaseFentry, Hook::ReleaseCgroup, Hook::ReleaseKprobe],
             // Tracepoints carry the drop reason and fire only on the drop
             // path; a function hook on kfree_skb_reason would see the same
@@ -171,6 +174,14 @@ impl fmt::Display for Target {
 const SOCK_CALL_TRACEPOINTS: [(&str, Attach); 2] =
     [("obs_send", Attach::BtfTracepoint("sock_send_length")), ("obs_recv", Attach::BtfTracepoint("sock_recv_length"))];
 
+/// The peers of unconnected UDP sockets, for `sock_calls` in every tier.
+const UDP_PEER_HOOKS: [(&str, Attach); 4] = [
+    ("obs_sendmsg4", Attach::CgroupSockAddr),
+    ("obs_sendmsg6", Attach::CgroupSockAddr),
+    ("obs_recvmsg4", Attach::CgroupSockAddr),
+    ("obs_recvmsg6", Attach::CgroupSockAddr),
+];
+
 /// One way to serve a concern: a set of programs of one tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -181,6 +192,8 @@ pub enum Hook {
     OwnerKretprobe,
     OwnerTpBtf,
     CallsTpBtf,
+    CallsFexit,
+    CallsKprobe,
     ReleaseFentry,
     ReleaseCgroup,
     ReleaseKprobe,
@@ -198,12 +211,13 @@ impl Hook {
             | Hook::ReleaseCgroup
             | Hook::DropsTpBtf
             | Hook::TcpErrorsTpBtf => Tier::Tracepoint,
-            Hook::StateFentry | Hook::OwnerFexit | Hook::ReleaseFentry => Tier::Fentry,
-            Hook::StateKprobe | Hook::OwnerKretprobe | Hook::ReleaseKprobe => Tier::Kprobe,
+            Hook::StateFentry | Hook::OwnerFexit | Hook::CallsFexit | Hook::ReleaseFentry => Tier::Fentry,
+            Hook::StateKprobe | Hook::OwnerKretprobe | Hook::CallsKprobe | Hook::ReleaseKprobe => Tier::Kprobe,
         }
     }
 
-    /// The programs (name in the object, how to attach) this hook loads.
+    /// The programs (name in the object, how to attach) this hook loads. A
+    /// kprobe program may be listed more than once, attached to each function.
     pub fn programs(self) -> &'static [(&'static str, Attach)] {
         match self {
             // Each state hook comes with a backstop at socket destruction for
@@ -227,10 +241,37 @@ impl Hook {
             Hook::CallsTpBtf => &[
                 SOCK_CALL_TRACEPOINTS[0],
                 SOCK_CALL_TRACEPOINTS[1],
-                ("obs_sendmsg4", Attach::CgroupSockAddr),
-                ("obs_sendmsg6", Attach::CgroupSockAddr),
-                ("obs_recvmsg4", Attach::CgroupSockAddr),
-                ("obs_recvmsg6", Attach::CgroupSockAddr),
+                UDP_PEER_HOOKS[0],
+                UDP_PEER_HOOKS[1],
+                UDP_PEER_HOOKS[2],
+                UDP_PEER_HOOKS[3],
+            ],
+            // The functions `sock_sendmsg`/`sock_recvmsg` call through an
+            // inet socket's ops (docs/kernels.md, "sock_calls").
+            Hook::CallsFexit => &[
+                ("obs_send_fx4", Attach::FExit("inet_sendmsg")),
+                ("obs_send_fx6", Attach::FExit("inet6_sendmsg")),
+                ("obs_recv_fx4", Attach::FExit("inet_recvmsg")),
+                ("obs_recv_fx6", Attach::FExit("inet6_recvmsg")),
+                UDP_PEER_HOOKS[0],
+                UDP_PEER_HOOKS[1],
+                UDP_PEER_HOOKS[2],
+                UDP_PEER_HOOKS[3],
+            ],
+            Hook::CallsKprobe => &[
+                ("obs_call_kp", Attach::KProbe("inet_sendmsg")),
+                ("obs_call_kp", Attach::KProbe("inet6_sendmsg")),
+                ("obs_call_kp", Attach::KProbe("inet_recvmsg")),
+                ("obs_call_kp", Attach::KProbe("inet6_recvmsg")),
+                ("obs_send_kret", Attach::KRetProbe("inet_sendmsg")),
+                ("obs_send_kret", Attach::KRetProbe("inet6_sendmsg")),
+                ("obs_recv_kret", Attach::KRetProbe("inet_recvmsg")),
+                ("obs_recv_kret", Attach::KRetProbe("inet6_recvmsg")),
+                ("obs_rbuf_kp", Attach::KProbe("tcp_cleanup_rbuf")),
+                UDP_PEER_HOOKS[0],
+                UDP_PEER_HOOKS[1],
+                UDP_PEER_HOOKS[2],
+                UDP_PEER_HOOKS[3],
             ],
             Hook::ReleaseFentry => &[("obs_release_fe", Attach::FEntry("inet_release"))],
             Hook::ReleaseCgroup => &[("obs_release_cg", Attach::CgroupSock)],
@@ -254,6 +295,10 @@ impl Hook {
             Hook::OwnerKretprobe => "kretprobe/inet_csk_accept",
             Hook::OwnerTpBtf => "tp_btf/sock_send_length+sock_recv_length",
             Hook::CallsTpBtf => "tp_btf/sock_send_length+sock_recv_length+cgroup/sendmsg+recvmsg",
+            Hook::CallsFexit => "fexit/inet_sendmsg+inet6_sendmsg+inet_recvmsg+inet6_recvmsg+cgroup/sendmsg+recvmsg",
+            Hook::CallsKprobe => {
+                "kprobe+kretprobe/inet_sendmsg+inet6_sendmsg+inet_recvmsg+inet6_recvmsg+kprobe/tcp_cleanup_rbuf+cgroup/sendmsg+recvmsg"
+            }
             Hook::ReleaseFentry => "fentry/inet_release",
             Hook::ReleaseCgroup => "cgroup/sock_release",
             Hook::ReleaseKprobe => "kprobe/inet_release",
@@ -354,7 +399,7 @@ pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
 mod tests {
     use super::*;
 
-    const ALL_TARGETS: [Target; 13] = [
+    const ALL_TARGETS: [Target; 18] = [
         Target::Tracepoint("kfree_skb"),
         Target::Tracepoint("tcp_retransmit_skb"),
         Target::Tracepoint("tcp_send_reset"),
@@ -367,6 +412,11 @@ mod tests {
         Target::Function("tcp_v4_destroy_sock"),
         Target::Function("inet_csk_accept"),
         Target::Function("inet_release"),
+        Target::Function("inet_sendmsg"),
+        Target::Function("inet6_sendmsg"),
+        Target::Function("inet_recvmsg"),
+        Target::Function("inet6_recvmsg"),
+        Target::Function("tcp_cleanup_rbuf"),
         Target::Cgroup2,
     ];
 
@@ -428,15 +478,60 @@ mod tests {
     }
 
     #[test]
-    fn per_call_hooks_exist_only_in_the_tracepoint_tier() {
+    fn per_call_hooks_exist_in_every_tier() {
         let full = facts(true, true, true, &ALL_TARGETS);
-        let plan = select(&full, ProbeMode::Fentry);
-        assert_eq!(chosen(&plan, Concern::SockCalls), Err("no fentry hook exists for this".into()));
-        assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseFentry));
-        let plan = select(&full, ProbeMode::Kprobe);
-        assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseKprobe));
+        for (mode, calls, release) in [
+            (ProbeMode::Fentry, Hook::CallsFexit, Hook::ReleaseFentry),
+            (ProbeMode::Kprobe, Hook::CallsKprobe, Hook::ReleaseKprobe),
+            (ProbeMode::Tracepoint, Hook::CallsTpBtf, Hook::ReleaseCgroup),
+        ] {
+            let plan = select(&full, mode);
+            assert_eq!(chosen(&plan, Concern::SockCalls), Ok(calls), "{mode:?}");
+            assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(release), "{mode:?}");
+            assert_eq!(calls.tier(), release.tier());
+        }
+    }
+
+    #[test]
+    fn per_call_hooks_before_6_3_take_fexit_then_kprobes() {
+        // 5.10 to 6.2: no sock_send_length tracepoint.
+        let old: Vec<Target> = ALL_TARGETS
+            .iter()
+            .copied()
+            .filter(|t| !matches!(t, Target::Tracepoint("sock_send_length" | "sock_recv_length")))
+            .collect();
+        let plan = select(&facts(true, true, true, &old), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsFexit));
+        let plan = select(&facts(false, true, true, &old), ProbeMode::Auto);
+        assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsKprobe));
+        // Forced tracepoints there: the reason names the missing tracepoint.
+        let plan = select(&facts(true, true, true, &old), ProbeMode::Tracepoint);
+        let why = chosen(&plan, Concern::SockCalls).unwrap_err();
+        assert!(why.contains("kernel has no tracepoint sock:sock_send_length"), "{why}");
+        // A kernel without IPv6 in its image (a module) has no inet6_* in vmlinux's BTF.
+        let no_v6: Vec<Target> = old.iter().copied().filter(|t| *t != Target::Function("inet6_recvmsg")).collect();
+        let plan = select(&facts(true, true, true, &no_v6), ProbeMode::Auto);
+        let why = chosen(&plan, Concern::SockCalls).unwrap_err();
+        assert!(why.contains("fexit/inet_sendmsg+") && why.contains("kprobe+kretprobe/inet_sendmsg+"), "{why}");
+        assert!(why.contains("kernel has no function inet6_recvmsg"), "{why}");
+        // Every tier needs the cgroup hooks for unconnected UDP peers.
+        let no_cg: Vec<Target> = old.iter().copied().filter(|t| *t != Target::Cgroup2).collect();
+        let plan = select(&facts(true, true, true, &no_cg), ProbeMode::Auto);
+        assert!(chosen(&plan, Concern::SockCalls).unwrap_err().contains("no cgroup v2 hierarchy mounted"));
         // Optional concerns never block a run.
         assert!(plan.missing_required().is_empty());
+    }
+
+    #[test]
+    fn a_kprobe_program_attached_to_several_functions_is_one_program() {
+        let programs = Hook::CallsKprobe.programs();
+        let entry: Vec<&Attach> = programs.iter().filter(|(n, _)| *n == "obs_call_kp").map(|(_, a)| a).collect();
+        assert_eq!(entry.len(), 4);
+        for (name, how) in programs {
+            if let Attach::KRetProbe(f) = how {
+                assert!(entry.contains(&&Attach::KProbe(f)), "{name}: a return probe without its entry probe on {f}");
+            }
+        }
     }
 
     #[test]

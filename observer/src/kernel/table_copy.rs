@@ -11,6 +11,7 @@ use std::{
     io,
     mem::size_of,
     os::fd::{AsFd, AsRawFd},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use aya::{
@@ -138,8 +139,13 @@ fn copy_by_key<K: Pod + Eq + Hash, V: Pod, T>(
     out
 }
 
-/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, from uapi `linux/bpf.h`.
+/// Commands on one element, from uapi `linux/bpf.h`.
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// The kernel's own "not supported" (`ENOTSUPP`, not a libc errno): what
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash table returns before 5.14.
+const ENOTSUPP: i32 = 524;
 
 /// The `elem` member of uapi `union bpf_attr`.
 #[repr(C)]
@@ -152,29 +158,60 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// Removes `key`'s entry and returns its value as it was when removed, in one
-/// system call: nothing the kernel adds between a read and a delete is lost,
-/// and an ended UDP flow costs one call instead of two. `None`: no such entry.
-/// Hash tables support it since Linux 5.14, older than the per-call
-/// tracepoints (6.3) without which there are no UDP flows to take.
-pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Result<Option<V>> {
-    let mut value = std::mem::MaybeUninit::<V>::uninit();
+/// Whether this kernel refused `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash
+/// table once: then `take` reads and deletes in two calls from the start.
+static NO_LOOKUP_AND_DELETE: AtomicBool = AtomicBool::new(false);
+
+/// `cmd` on `key`'s element, with `value` (a buffer of the map's value size,
+/// or null); `Ok(false)`: no such entry.
+fn elem<K: Pod, V: Pod>(
+    cmd: libc::c_long,
+    map: &BpfHashMap<MapData, K, V>,
+    key: &K,
+    value: *mut V,
+) -> io::Result<bool> {
     let mut attr = ElemAttr {
         map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         key: (key as *const K) as u64,
-        value: value.as_mut_ptr() as u64,
+        value: value as u64,
         ..ElemAttr::default()
     };
-    // SAFETY: the attribute points at a key and a value buffer of the map's
-    // sizes (K and V are the map's types), ours and alive for the call.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr as *mut ElemAttr, size_of::<ElemAttr>())
-    };
+    // SAFETY: the attribute points at a key and (if any) a value buffer of
+    // the map's sizes (K and V are the map's types), alive for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut ElemAttr, size_of::<ElemAttr>()) };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENOENT) { Ok(false) } else { Err(e) };
     }
-    // SAFETY: the kernel wrote the whole value; V is plain old data.
+    Ok(true)
+}
+
+/// Removes `key`'s entry and returns its value as it was when removed, in one
+/// system call: nothing the kernel adds between a read and a delete is lost,
+/// and an ended UDP flow costs one call instead of two. `None`: no such entry.
+/// Hash tables support that since Linux 5.14; before, the entry is read and
+/// then deleted, and a datagram the kernel counts in between (on a flow that
+/// has been idle for the whole timeout, or whose socket is being released)
+/// is lost. Only the delete that succeeds returns the value, so a flow
+/// another path took out meanwhile is never reported twice.
+pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    if !NO_LOOKUP_AND_DELETE.load(Ordering::Relaxed) {
+        match elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, value.as_mut_ptr()) {
+            Err(e) if e.raw_os_error() == Some(ENOTSUPP) => NO_LOOKUP_AND_DELETE.store(true, Ordering::Relaxed),
+            Err(e) => return Err(e),
+            Ok(false) => return Ok(None),
+            // SAFETY: the kernel wrote the whole value; V is plain old data.
+            Ok(true) => return Ok(Some(unsafe { value.assume_init() })),
+        }
+    }
+    if !elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr())? {
+        return Ok(None);
+    }
+    if !elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut())? {
+        return Ok(None);
+    }
+    // SAFETY: the lookup wrote the whole value; V is plain old data.
     Ok(Some(unsafe { value.assume_init() }))
 }
 

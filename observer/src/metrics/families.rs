@@ -5,8 +5,8 @@
 //! scrape by copying every series into a protobuf `MetricFamily` (label pairs,
 //! buckets), sorting them, encoding the copies and freeing them. With 10,000
 //! series (a node with a few hundred interfaces, or many session label sets)
-//! that was 11-17 ms of a 2-CPU node per scrape (BENCHMARKS.md, "Scrape
-//! latency"). Here a series' label text is rendered once, when the series is
+//! that was 11-17 ms of a 2-CPU node per scrape, measured before this module
+//! existed (today's figure: BENCHMARKS.md, "Scrape latency"). Here a series' label text is rendered once, when the series is
 //! created, and a scrape appends lines from it. The text is the crate's own
 //! format: label names in alphabetical order, values escaped alike, numbers
 //! printed alike. Families of a fixed, small size (info gauges, the observer's

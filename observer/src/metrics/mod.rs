@@ -216,10 +216,11 @@ impl Metrics {
         let interface = [a?, b?, c?];
         let label_overflow = families.counter(
             "observer_label_overflow_total",
-            "Closed sessions whose value of a session label was reported as \"other\" because the label already had its budget of distinct values (--label-limit). A value gives its place back when its series are removed after --series-ttl without sessions.",
+            "Closed sessions whose session labels were reported as \"other\". label=<a session label>: its value, because the label already had its budget of distinct values (--label-limit); label=label_set: every label, because --max-label-sets distinct label sets were already exported (such a session counts only here). A value or set gives its place back when its series are removed after --series-ttl without sessions.",
             &["label".to_string()],
         )?;
-        for label in session_labels {
+        let set_overflow = (!session_labels.is_empty()).then_some(crate::enrich::LABEL_SET_OVERFLOW);
+        for label in session_labels.iter().copied().chain(set_overflow) {
             label_overflow.with_label_values(&[label]);
         }
         let build_info = GaugeVec::new(
@@ -556,6 +557,7 @@ mod tests {
         let text = m.encode().unwrap();
         assert!(!text.contains("observer_sessions_total{"), "no series before a session: {text}");
         assert!(text.contains(r#"observer_label_overflow_total{label="peer_port"} 0"#), "{text}");
+        assert!(text.contains(r#"observer_label_overflow_total{label="label_set"} 0"#), "{text}");
         let curl = vec!["curl".to_string(), "443".to_string()];
         m.record(&session(2_000_000, 0, Some(1)), &curl, 1_000_000);
         m.record(&session(10, 0, Some(1)), &["wget".to_string(), "other".to_string()], 1_000_000);

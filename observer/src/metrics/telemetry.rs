@@ -4,14 +4,14 @@
 //! metrics. Operators need these to show that a node agent does not hurt the
 //! node, and to see a table filling up before it drops data.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Mutex,
     time::Duration,
 };
 
 use prometheus::{
-    CounterVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
+    CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -20,15 +20,18 @@ use prometheus::{
 /// millisecond or two; seconds mean a blocked lock or a huge table.
 const SCRAPE_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// Upper bound on programs walked per scrape when looking ours up among every
-/// BPF program of the host (a node with a CNI has hundreds, not thousands).
-const MAX_HOST_PROGRAMS: usize = 16_384;
+/// Why the server refused a request (`observer_http_requests_rejected_total`).
+pub const REJECT_REASONS: [&str; 4] = ["scrapes_in_flight", "scrape_wait", "auth_busy", "health_only"];
 
-/// Table usage and scrape duration, updated by the pipeline and the server.
+/// Table usage, scrape duration, refreshes and refused requests, updated by
+/// the pipeline and the server.
 pub struct SelfMetrics {
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
     scrape_duration: Histogram,
+    refreshes: IntCounter,
+    refreshes_in_flight: IntGauge,
+    rejected: IntCounterVec,
 }
 
 impl SelfMetrics {
@@ -52,11 +55,32 @@ impl SelfMetrics {
             )
             .buckets(SCRAPE_BUCKETS.to_vec()),
         )?;
+        let refreshes = IntCounter::new(
+            "observer_scrape_refreshes_total",
+            "Refreshes of kernel-side counters (table walks) run for scrapes. Concurrent scrapes share one, and a scrape reuses one begun less than 200 ms before it arrived, so this grows slower than observer_scrape_duration_seconds_count under many scrapers.",
+        )?;
+        let refreshes_in_flight = IntGauge::new(
+            "observer_scrape_refreshes_in_flight",
+            "Refreshes of kernel-side counters running now: 0 or 1 (they never overlap).",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "observer_http_requests_rejected_total",
+                "Requests answered 503 with Retry-After instead of being served. reason=scrapes_in_flight: too many /metrics and snapshot requests already in flight; scrape_wait: waited too long for a turn; auth_busy: waited too long for a password check; health_only: a data request on a connection admitted only for health probes (every other slot held).",
+            ),
+            &["reason"],
+        )?;
+        for reason in REJECT_REASONS {
+            rejected.with_label_values(&[reason]);
+        }
         registry.register(Box::new(map_entries.clone()))?;
         registry.register(Box::new(map_capacity.clone()))?;
         registry.register(Box::new(scrape_duration.clone()))?;
+        registry.register(Box::new(refreshes.clone()))?;
+        registry.register(Box::new(refreshes_in_flight.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(SelfMetrics { map_entries, map_capacity, scrape_duration })
+        Ok(SelfMetrics { map_entries, map_capacity, scrape_duration, refreshes, refreshes_in_flight, rejected })
     }
 
     /// Records a kernel table's usage (called from the live sweep at scrape).
@@ -67,6 +91,22 @@ impl SelfMetrics {
 
     pub fn observe_scrape(&self, took: Duration) {
         self.scrape_duration.observe(took.as_secs_f64());
+    }
+
+    /// A refresh of kernel-side counters starts: counted, and in flight
+    /// until `refresh_ended`.
+    pub fn refresh_started(&self) {
+        self.refreshes.inc();
+        self.refreshes_in_flight.inc();
+    }
+
+    pub fn refresh_ended(&self) {
+        self.refreshes_in_flight.dec();
+    }
+
+    /// A request was answered 503; `reason` is one of [`REJECT_REASONS`].
+    pub fn request_rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
     }
 }
 
@@ -85,12 +125,13 @@ pub fn enable_bpf_stats() -> Option<OwnedFd> {
     }
 }
 
-/// One of our programs: its name in the object, its kernel id once loaded,
-/// and whether it is attached.
-#[derive(Clone, Debug)]
+/// One of our programs: its name in the object, a descriptor of it once
+/// loaded (its statistics are read through it, which needs no capability,
+/// unlike looking programs up by id), and whether it is attached.
+#[derive(Debug)]
 pub struct ProgramEntry {
     pub name: String,
-    pub id: Option<u32>,
+    pub fd: Option<OwnedFd>,
     pub attached: bool,
 }
 
@@ -102,9 +143,9 @@ pub struct BpfPrograms {
     runs: IntCounterVec,
     recursion_misses: IntCounterVec,
     attached: IntGaugeVec,
-    /// Last (run time, run count, recursion misses) seen per kernel id: the
-    /// counters advance by the difference.
-    last: Mutex<HashMap<u32, (Duration, u64, u64)>>,
+    /// Last statistics seen per program name: the counters advance by the
+    /// difference.
+    last: Mutex<HashMap<String, ProgramStats>>,
 }
 
 impl BpfPrograms {
@@ -139,7 +180,7 @@ impl BpfPrograms {
         )?;
         for p in &programs {
             attached.with_label_values(&[&p.name]).set(i64::from(p.attached));
-            if p.id.is_some() {
+            if p.fd.is_some() {
                 run_seconds.with_label_values(&[&p.name]);
                 runs.with_label_values(&[&p.name]);
                 recursion_misses.with_label_values(&[&p.name]);
@@ -148,33 +189,18 @@ impl BpfPrograms {
         Ok(BpfPrograms { programs, run_seconds, runs, recursion_misses, attached, last: Mutex::new(HashMap::new()) })
     }
 
-    /// Reads our programs' statistics from the kernel's list of programs.
+    /// Reads our programs' statistics through their descriptors.
     fn refresh(&self) {
-        let ids: HashSet<u32> = self.programs.iter().filter_map(|p| p.id).collect();
-        if ids.is_empty() {
-            return;
-        }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let mut found = 0;
-        for info in aya::programs::loaded_programs().take(MAX_HOST_PROGRAMS) {
-            let Ok(info) = info else { continue };
-            if !ids.contains(&info.id()) {
-                continue;
-            }
-            let Some(entry) = self.programs.iter().find(|p| p.id == Some(info.id())) else { continue };
-            let (time, count) = (info.run_time(), info.run_count());
-            // Not in the info struct aya decodes: the kernel prints it in the
-            // program descriptor's fdinfo.
-            let misses = info.fd().ok().and_then(|fd| recursion_misses(fd.as_fd().as_raw_fd())).unwrap_or(0);
-            let (prev_time, prev_count, prev_misses) =
-                last.insert(info.id(), (time, count, misses)).unwrap_or_default();
-            self.run_seconds.with_label_values(&[&entry.name]).inc_by(time.saturating_sub(prev_time).as_secs_f64());
-            self.runs.with_label_values(&[&entry.name]).inc_by(count.saturating_sub(prev_count));
-            self.recursion_misses.with_label_values(&[&entry.name]).inc_by(misses.saturating_sub(prev_misses));
-            found += 1;
-            if found == ids.len() {
-                break;
-            }
+        for p in &self.programs {
+            let Some(now) = p.fd.as_ref().and_then(|fd| program_stats(fd.as_fd().as_raw_fd())) else { continue };
+            let prev = last.insert(p.name.clone(), now).unwrap_or_default();
+            let run_ns = now.run_time_ns.saturating_sub(prev.run_time_ns);
+            self.run_seconds.with_label_values(&[&p.name]).inc_by(Duration::from_nanos(run_ns).as_secs_f64());
+            self.runs.with_label_values(&[&p.name]).inc_by(now.run_count.saturating_sub(prev.run_count));
+            self.recursion_misses
+                .with_label_values(&[&p.name])
+                .inc_by(now.recursion_misses.saturating_sub(prev.recursion_misses));
         }
     }
 }
@@ -191,13 +217,27 @@ impl Collector for BpfPrograms {
     }
 }
 
-/// `recursion_misses` of a program descriptor, from `/proc/self/fdinfo`.
-fn recursion_misses(fd: i32) -> Option<u64> {
-    parse_recursion_misses(&std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?)
+/// A program's run time, run count and skipped runs, as the kernel prints
+/// them in its descriptor's fdinfo (`recursion_misses` from 5.12).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ProgramStats {
+    run_time_ns: u64,
+    run_count: u64,
+    recursion_misses: u64,
 }
 
-fn parse_recursion_misses(fdinfo: &str) -> Option<u64> {
-    fdinfo.lines().find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok())
+fn program_stats(fd: i32) -> Option<ProgramStats> {
+    parse_program_stats(&std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?)
+}
+
+fn parse_program_stats(fdinfo: &str) -> Option<ProgramStats> {
+    let field =
+        |name: &str| fdinfo.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse::<u64>().ok());
+    Some(ProgramStats {
+        run_time_ns: field("run_time_ns")?,
+        run_count: field("run_cnt")?,
+        recursion_misses: field("recursion_misses").unwrap_or(0),
+    })
 }
 
 /// Our programs as loaded in `ebpf`, with the names of those attached.
@@ -206,7 +246,7 @@ pub fn program_entries(ebpf: &aya::Ebpf, attached: &[&str]) -> Vec<ProgramEntry>
         .programs()
         .map(|(name, program)| ProgramEntry {
             name: name.to_string(),
-            id: program.info().ok().map(|i| i.id()),
+            fd: program.fd().ok().and_then(|fd| fd.as_fd().try_clone_to_owned().ok()),
             attached: attached.contains(&name),
         })
         .collect();
@@ -225,8 +265,8 @@ mod tests {
         m.map_usage("open_sessions", 3, 65_536);
         m.observe_scrape(Duration::from_millis(2));
         let programs = vec![
-            ProgramEntry { name: "obs_state_tp".into(), id: None, attached: true },
-            ProgramEntry { name: "obs_state_fe".into(), id: None, attached: false },
+            ProgramEntry { name: "obs_state_tp".into(), fd: None, attached: true },
+            ProgramEntry { name: "obs_state_fe".into(), fd: None, attached: false },
         ];
         registry.register(Box::new(BpfPrograms::new(programs).unwrap())).unwrap();
         let mut buf = Vec::new();
@@ -236,6 +276,9 @@ mod tests {
             r#"observer_bpf_map_entries{map="open_sessions"} 3"#,
             r#"observer_bpf_map_capacity{map="open_sessions"} 65536"#,
             "observer_scrape_duration_seconds_count 1",
+            "observer_scrape_refreshes_total 0",
+            "observer_scrape_refreshes_in_flight 0",
+            r#"observer_http_requests_rejected_total{reason="scrape_wait"} 0"#,
             r#"observer_bpf_program_attached{program="obs_state_tp"} 1"#,
             r#"observer_bpf_program_attached{program="obs_state_fe"} 0"#,
         ] {
@@ -245,9 +288,17 @@ mod tests {
     }
 
     #[test]
-    fn recursion_misses_from_fdinfo() {
+    fn program_statistics_from_fdinfo() {
         let fdinfo = "pos:\t0\nflags:\t02000000\nprog_type:\t26\nrun_time_ns:\t5\nrun_cnt:\t1\nrecursion_misses:\t226\nverified_insns:\t1459\n";
-        assert_eq!(parse_recursion_misses(fdinfo), Some(226));
-        assert_eq!(parse_recursion_misses("pos:\t0\n"), None, "kernels before 5.12");
+        assert_eq!(
+            parse_program_stats(fdinfo),
+            Some(ProgramStats { run_time_ns: 5, run_count: 1, recursion_misses: 226 })
+        );
+        let before_5_12 = "pos:\t0\nrun_time_ns:\t7\nrun_cnt:\t2\n";
+        assert_eq!(
+            parse_program_stats(before_5_12),
+            Some(ProgramStats { run_time_ns: 7, run_count: 2, recursion_misses: 0 })
+        );
+        assert_eq!(parse_program_stats("pos:\t0\n"), None);
     }
 }

@@ -53,6 +53,15 @@ pub fn sent_resets_limit(btf: &KernelBtf) -> Option<&'static str> {
     )
 }
 
+/// What `observer_drops_total` leaves out on this kernel, for `observer
+/// check` and the start-up log; `None` when nothing.
+pub fn drop_reason_limit(btf: &KernelBtf) -> Option<&'static str> {
+    btf.tracepoint_params("kfree_skb").is_ok_and(|n| n < 3).then_some(
+        "this kernel's skb:kfree_skb carries no drop reason (kernels before 5.17): every drop is counted with \
+         reason=\"unknown\"",
+    )
+}
+
 /// Label value of a reason enumerator: `SKB_DROP_REASON_NETFILTER_DROP` ->
 /// `netfilter_drop`.
 pub fn reason_label(enumerator: &str) -> String {

@@ -69,36 +69,51 @@ pub struct Pipeline {
     filter: IfaceFilter,
     min_session_bytes: u64,
     udp_idle_timeout: Duration,
-    /// Lock order: `tables`, then `state`; never `tables` while holding `state`.
-    tables: Mutex<Tables>,
+    /// The kernel's session and flow tables. Every operation on them (copy,
+    /// lookup, take) goes through the map's descriptor and needs no lock:
+    /// a scrape copies them while the readers keep reading.
+    open_sessions: BpfHashMap<MapData, u64, SessionStart>,
+    udp_flows: BpfHashMap<MapData, UdpFlowKey, UdpFlow>,
+    udp_sockets: BpfHashMap<MapData, u64, UdpSocketFlows>,
+    /// Lock order: `refresh`, then `udp`, then `state`; each held briefly
+    /// except `refresh`, which no reader takes.
+    refresh: Mutex<Refresh>,
+    udp: Mutex<UdpLive>,
     state: Mutex<State>,
 }
 
-/// The kernel's tables and what only the tasks that walk them use: the
-/// scrape, the UDP release reader and the UDP expiry. Held for whole copies
-/// of a table (about 30 ms per 100,000 open sessions in batches, a second
-/// key by key), which is why the TCP session reader never takes it: its ring
-/// would fill meanwhile.
-struct Tables {
-    maps: KernelMaps,
+/// What only a scrape's refresh uses: held for a whole refresh, so two never
+/// run at once, and taken by nothing else. The ring readers and the UDP expiry
+/// never wait for it (a scrape used to walk the tables under the lock the UDP
+/// release reader needed, and releases piled up in their ring meanwhile).
+struct Refresh {
+    lost: PerCpuArray<MapData, u64>,
     lost_seen: [u64; KERNEL_LOST_SOURCES as usize],
-    /// UDP flows by (flow key, first datagram time): a flow key is reused by
-    /// later flows, the pair is not. Only touched with the tables held, so a
-    /// release, an expiry pass and a scrape never count the same bytes twice.
-    udp_live: LiveCounts<(UdpFlowKey, u64)>,
-    /// When `expire_udp` last looked for idle connected flows whose socket is
-    /// gone from `UDP_SOCKETS` (monotonic ns).
-    orphans_checked_ns: u64,
+    drops: DropCounters,
     iface_stats: InterfaceStats,
 }
 
+/// What the UDP release reader, the UDP expiry and the scrape share; held for
+/// one flow's end or a part of a scrape's copy, never for a copy of a table.
+struct UdpLive {
+    /// UDP flows by (flow key, first datagram time): a flow key is reused by
+    /// later flows, the pair is not. A flow ended while a scrape's copy was
+    /// being taken is left out of that copy (`LiveCounts::copy_started`), so
+    /// a release, an expiry pass and a scrape never count the same bytes twice.
+    live: LiveCounts<(UdpFlowKey, u64)>,
+    /// When `expire_udp` last looked for idle connected flows whose socket is
+    /// gone from `UDP_SOCKETS` (monotonic ns).
+    orphans_checked_ns: u64,
+}
+
 /// What every ended session needs; held briefly (one record, one flow, or
-/// 1,024 sessions of a scrape's copy of the open ones).
+/// [`APPLY_PART`] sessions of a scrape's copy of the open ones).
 struct State {
     /// TCP sessions by (socket address, birth time), for the same reason as
-    /// `udp_live`. The scrape copies the open sessions without this lock and
-    /// applies the copy under it a part at a time (`LiveCounts::copy_started`),
-    /// so a close read meanwhile is not counted twice.
+    /// `UdpLive::live`. The scrape copies the open sessions without this lock
+    /// and applies the copy under it a part at a time
+    /// (`LiveCounts::copy_started`), so a close read meanwhile is not counted
+    /// twice.
     tcp_live: LiveCounts<(u64, u64)>,
     session_log: Option<SessionLog>,
     enricher: Enricher,
@@ -111,18 +126,22 @@ struct State {
 
 impl Pipeline {
     pub fn new(metrics: Arc<Metrics>, config: PipelineConfig, maps: KernelMaps) -> Self {
+        let KernelMaps { lost, open_sessions, udp_flows, udp_sockets, drops } = maps;
         Pipeline {
             metrics,
             filter: config.filter,
             min_session_bytes: config.min_session_bytes,
             udp_idle_timeout: config.udp_idle_timeout,
-            tables: Mutex::new(Tables {
-                maps,
+            open_sessions,
+            udp_flows,
+            udp_sockets,
+            refresh: Mutex::new(Refresh {
+                lost,
                 lost_seen: [0; KERNEL_LOST_SOURCES as usize],
-                udp_live: LiveCounts::default(),
-                orphans_checked_ns: 0,
+                drops,
                 iface_stats: InterfaceStats::new(config.ifaces),
             }),
+            udp: Mutex::new(UdpLive { live: LiveCounts::default(), orphans_checked_ns: 0 }),
             state: Mutex::new(State {
                 tcp_live: LiveCounts::default(),
                 session_log: config.session_log,
@@ -133,8 +152,8 @@ impl Pipeline {
         }
     }
 
-    fn tables(&self) -> MutexGuard<'_, Tables> {
-        self.tables.lock()
+    fn udp(&self) -> MutexGuard<'_, UdpLive> {
+        self.udp.lock()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -193,8 +212,8 @@ impl Pipeline {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    // Waits for the tables, which a scrape may hold for a
-                    // whole walk: off the async workers.
+                    // Copies the flow table (milliseconds per 10,000
+                    // flows): off the async workers.
                     let pipeline = self.clone();
                     let _ = tokio::task::spawn_blocking(move || pipeline.expire_udp(monotonic_ns())).await;
                 }
@@ -226,7 +245,6 @@ impl Pipeline {
     }
 
     fn udp_released(&self, release: UdpRelease) {
-        let mut tables = self.tables();
         let end = Some(release.release_ns);
         if release.taken != 0 {
             // The socket's one flow, which the kernel took out of its table
@@ -234,11 +252,11 @@ impl Pipeline {
             // every flow per release: with a resolver's thousands of one-query
             // sockets per second beside tens of thousands of flows, more than
             // the reader could ever do.
-            self.report_udp_flow(&mut tables, &release.flows.first, &release.flow, end);
+            self.report_udp_flow(&release.flows.first, &release.flow, end);
         } else if release.flows.many != 0 {
-            let keys = table_copy::copy_as(&tables.maps.udp_flows, |key, _| key);
+            let keys = table_copy::copy_as(&self.udp_flows, |key, _| key);
             for key in keys.iter().filter(|k| k.sk == release.sk) {
-                self.end_udp_flow(&mut tables, key, end);
+                self.end_udp_flow(key, end);
             }
         }
         // One flow, not taken: it had ended already (idle), or the expiry
@@ -254,20 +272,23 @@ impl Pipeline {
     /// node with many quiet long-lived sockets.
     fn expire_udp(&self, now_ns: u64) {
         let timeout = self.udp_idle_timeout.as_nanos() as u64;
-        let mut tables = self.tables();
-        let check_orphans = now_ns.saturating_sub(tables.orphans_checked_ns) >= timeout;
-        if check_orphans {
-            tables.orphans_checked_ns = now_ns;
-        }
-        let flows = table_copy::copy(&tables.maps.udp_flows);
+        let check_orphans = {
+            let mut udp = self.udp();
+            let due = now_ns.saturating_sub(udp.orphans_checked_ns) >= timeout;
+            if due {
+                udp.orphans_checked_ns = now_ns;
+            }
+            due
+        };
+        let flows = table_copy::copy(&self.udp_flows);
         for (key, flow) in flows {
             if now_ns.saturating_sub(flow.last_ns) <= timeout {
                 continue;
             }
             let ended = flow.flags & UDP_FLOW_CONNECTED == 0
-                || (check_orphans && matches!(tables.maps.udp_sockets.get(&key.sk, 0), Err(MapError::KeyNotFound)));
+                || (check_orphans && matches!(self.udp_sockets.get(&key.sk, 0), Err(MapError::KeyNotFound)));
             if ended {
-                self.end_udp_flow(&mut tables, &key, None);
+                self.end_udp_flow(&key, None);
             }
         }
     }
@@ -275,25 +296,26 @@ impl Pipeline {
     /// Takes the flow out of the kernel's table and reports it, with its
     /// values as the delete found them, so a datagram counted since a copy of
     /// the table was made is not lost. A flow no longer in the table is not
-    /// reported: whoever took it out (a release, the expiry) did.
-    fn end_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, end_ns: Option<u64>) {
-        match table_copy::take(&tables.maps.udp_flows, key) {
-            Ok(Some(last)) => self.report_udp_flow(tables, key, &last, end_ns),
+    /// reported: whoever took it out (a release, the expiry) did. The take
+    /// is atomic in the kernel, so two enders never both get the flow.
+    fn end_udp_flow(&self, key: &UdpFlowKey, end_ns: Option<u64>) {
+        match table_copy::take(&self.udp_flows, key) {
+            Ok(Some(last)) => self.report_udp_flow(key, &last, end_ns),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot take an ended UDP flow out of the kernel's table"),
         }
     }
 
     /// Reports a UDP flow taken out of the kernel's table.
-    fn report_udp_flow(&self, tables: &mut Tables, key: &UdpFlowKey, last: &UdpFlow, end_ns: Option<u64>) {
+    fn report_udp_flow(&self, key: &UdpFlowKey, last: &UdpFlow, end_ns: Option<u64>) {
         let session = Session::from_udp_flow(key, last, end_ns);
         let live_key = (*key, last.first_ns);
         if !self.filter.accepts(&session) {
-            tables.udp_live.finish(&live_key, 0, 0);
+            self.udp().live.finish(&live_key, 0, 0);
             self.metrics.record_ignored("iface");
             return;
         }
-        let rest = tables.udp_live.finish(&live_key, last.bytes_tx, last.bytes_rx);
+        let rest = self.udp().live.finish(&live_key, last.bytes_tx, last.bytes_rx);
         self.add_live(Protocol::Udp, rest);
         self.report(&mut self.state(), &session);
     }
@@ -346,15 +368,19 @@ impl Pipeline {
         self.metrics.add_live(protocol, Direction::Receive, rx);
     }
 
-    /// Brings kernel-side counters into the metrics: called at every scrape.
+    /// Brings kernel-side counters into the metrics: called at every scrape
+    /// that does not reuse a recent refresh (`server::scrape`). One at a time
+    /// (a second waits for the first); the ring readers and the UDP expiry
+    /// never wait for a whole refresh, only for the brief holds of its parts.
     pub fn refresh(&self) {
-        let mut tables = self.tables();
-        self.sync_lost(&mut tables);
-        self.sweep_tcp(&tables);
-        self.sweep_udp(&mut tables);
-        tables.maps.drops.sync(&self.filter, &self.metrics);
-        tables.iface_stats.sync(&self.metrics);
-        drop(tables);
+        let mut refresh = self.refresh.lock();
+        self.sync_lost(&mut refresh);
+        self.sweep_tcp();
+        self.sweep_udp();
+        let Refresh { drops, iface_stats, .. } = &mut *refresh;
+        drops.sync(&self.filter, &self.metrics);
+        iface_stats.sync(&self.metrics);
+        drop(refresh);
         let mut state = self.state();
         self.report_waiting(&mut state);
         if let Some(lost) = state.session_log.as_ref().map(SessionLog::take_lost).filter(|&n| n > 0) {
@@ -374,10 +400,10 @@ impl Pipeline {
         }
     }
 
-    fn sync_lost(&self, tables: &mut Tables) {
-        let Tables { maps, lost_seen, .. } = tables;
+    fn sync_lost(&self, refresh: &mut Refresh) {
+        let Refresh { lost, lost_seen, .. } = refresh;
         for (index, seen) in lost_seen.iter_mut().enumerate() {
-            let Ok(values) = maps.lost.get(&(index as u32), 0) else { continue };
+            let Ok(values) = lost.get(&(index as u32), 0) else { continue };
             let total: u64 = values.iter().sum();
             if total > *seen {
                 self.metrics.lost(LOST_SOURCES[index], total - *seen);
@@ -392,14 +418,14 @@ impl Pipeline {
     /// from its ring for over a second, and a burst of closes meanwhile
     /// overflowed the ring (found with 100,000 connections closed at once
     /// while /metrics was scraped: 125,641 of 200,000 records lost).
-    fn sweep_tcp(&self, tables: &Tables) {
+    fn sweep_tcp(&self) {
         self.state().tcp_live.copy_started();
-        let open = table_copy::copy_as(&tables.maps.open_sessions, |sk, s| {
+        let open = table_copy::copy_as(&self.open_sessions, |sk, s| {
             let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
             let moved = (s.live_tx.saturating_sub(s.live_base_tx), s.live_rx.saturating_sub(s.live_base_rx));
             ((sk, s.birth_ns), counted.then_some(moved))
         });
-        let capacity = table_copy::map_capacity(&tables.maps.open_sessions);
+        let capacity = table_copy::map_capacity(&self.open_sessions);
         self.metrics.telemetry.map_usage("open_sessions", open.len(), capacity);
         let mut delta = (0, 0);
         for part in open.chunks(APPLY_PART) {
@@ -419,16 +445,24 @@ impl Pipeline {
         }
     }
 
-    /// Adds what open UDP flows moved since the last scrape.
-    fn sweep_udp(&self, tables: &mut Tables) {
-        let open = table_copy::copy_as(&tables.maps.udp_flows, |key, f| {
+    /// Adds what open UDP flows moved since the last scrape: copied without
+    /// the lock the release reader and the expiry take to end a flow, then
+    /// applied a part at a time, like the TCP sessions.
+    fn sweep_udp(&self) {
+        self.udp().live.copy_started();
+        let open = table_copy::copy_as(&self.udp_flows, |key, f| {
             let counted = self.filter.accepts_namespace(f.netns_ino);
             ((key, f.first_ns), counted.then_some((f.bytes_tx, f.bytes_rx)))
         });
-        self.metrics.telemetry.map_usage("udp_flows", open.len(), table_copy::map_capacity(&tables.maps.udp_flows));
-        // Under the tables' lock, which every end of a UDP flow holds too:
-        // in one part.
-        let delta = tables.udp_live.apply_copy(&open);
+        self.metrics.telemetry.map_usage("udp_flows", open.len(), table_copy::map_capacity(&self.udp_flows));
+        let mut delta = (0, 0);
+        for part in open.chunks(APPLY_PART) {
+            let mut udp = self.udp();
+            let d = udp.live.apply_copy_part(part);
+            MutexGuard::unlock_fair(udp);
+            delta = (delta.0 + d.0, delta.1 + d.1);
+        }
+        self.udp().live.copy_applied();
         self.add_live(Protocol::Udp, delta);
     }
 }

@@ -1,6 +1,9 @@
 //! The HTTP endpoints: /metrics (Prometheus text format), /healthz, /readyz,
 //! /api/v1/snapshot (JSON summary, see [`crate::server::snapshot`]), served by a hardened connection loop (see [`serve`]),
 //! optionally over TLS and behind basic authentication (see [`web_config`]).
+//! Data requests are bounded and share refreshes of the kernel tables (see
+//! [`scrape`]); connection slots are shared fairly, with a reserve for the
+//! health probes (see [`slots`]).
 //!
 //! Layer: above metrics and pipeline (a scrape asks the pipeline for live
 //! bytes, then renders the metrics); below cli only.
@@ -25,10 +28,13 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::{metrics::Metrics, pipeline::Pipeline};
 
 mod conn;
+pub mod scrape;
+pub mod slots;
 pub mod snapshot;
 pub mod web_config;
 
-pub use conn::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, serve};
+pub use conn::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_HEADER_BYTES, WRITE_TIMEOUT, serve};
+pub use slots::{EVICTABLE_AFTER, HEALTH_RESERVE, MAX_CONNECTIONS};
 
 pub struct AppState {
     pub metrics: Arc<Metrics>,
@@ -42,27 +48,74 @@ pub struct AppState {
     pub auth: Option<Arc<web_config::BasicAuth>>,
 }
 
+/// What the handlers share: the application's state, and the bounds on
+/// data requests.
+struct Served {
+    app: Arc<AppState>,
+    gate: scrape::Gate,
+    coalescer: scrape::Coalescer,
+}
+
 /// The endpoints. Only GET (and HEAD, which axum derives from GET) is routed:
 /// other methods get 405 with an `Allow` header, unknown paths 404. With
 /// basic authentication configured, the data endpoints require it; the health
 /// endpoints do not (they tell nothing about the node, and the kubelet's
-/// probes carry no credentials).
+/// probes carry no credentials). The health endpoints answer at once, never
+/// waiting for a refresh, a password check or a data slot.
 pub fn router(state: Arc<AppState>) -> Router {
+    let served =
+        Arc::new(Served { app: state, gate: scrape::Gate::default(), coalescer: scrape::Coalescer::default() });
     let data = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/v1/snapshot", get(snapshot))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(served.clone(), authenticate))
+        .route_layer(middleware::from_fn_with_state(served.clone(), data_slot));
     let health = Router::new()
         .route("/healthz", get(|| async { no_store("ok\n").into_response() }))
         .route("/readyz", get(readyz));
-    hardened(data.merge(health).with_state(state))
+    hardened(data.merge(health).with_state(served))
 }
 
-async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let Some(auth) = state.auth.clone() else { return next.run(request).await };
+/// 503 with Retry-After, counted by `reason`.
+fn busy(served: &Served, reason: &'static str, close: bool) -> Response {
+    served.app.metrics.telemetry.request_rejected(reason);
+    let retry = (header::RETRY_AFTER, HeaderValue::from(scrape::RETRY_AFTER_SECONDS));
+    let body = format!("busy ({reason}): try again later\n");
+    if close {
+        (StatusCode::SERVICE_UNAVAILABLE, [retry, (header::CONNECTION, HeaderValue::from_static("close"))], body)
+            .into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, [retry], body).into_response()
+    }
+}
+
+/// A data request on a connection admitted to the health reserve waits for a
+/// data slot, or is answered 503 and the connection closed.
+async fn data_slot(State(served): State<Arc<Served>>, request: Request, next: Next) -> Response {
+    match request.extensions().get::<conn::HealthOnly>() {
+        Some(health_only) if !health_only.promote(scrape::SCRAPE_WAIT).await => busy(&served, "health_only", true),
+        _ => next.run(request).await,
+    }
+}
+
+async fn authenticate(State(served): State<Arc<Served>>, request: Request, next: Next) -> Response {
+    let Some(auth) = served.app.auth.clone() else { return next.run(request).await };
     let header = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
-    // bcrypt takes tens of milliseconds by design: off the async workers.
-    let allowed = tokio::task::spawn_blocking(move || auth.allows(header.as_deref())).await.unwrap_or(false);
+    let allowed = match auth.cached(header.as_deref()) {
+        web_config::Cached::Allowed => true,
+        web_config::Cached::Malformed => false,
+        web_config::Cached::Unknown => {
+            let Some(turn) = auth.bcrypt_turn().await else { return busy(&served, "auth_busy", false) };
+            // bcrypt takes tens of milliseconds by design: off the async
+            // workers, holding the turn until it is done.
+            tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                auth.allows(header.as_deref())
+            })
+            .await
+            .unwrap_or(false)
+        }
+    };
     if allowed {
         next.run(request).await
     } else {
@@ -83,13 +136,25 @@ fn no_store(body: impl IntoResponse) -> impl IntoResponse {
     ([(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], body)
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(served): State<Arc<Served>>) -> Response {
     let started = Instant::now();
+    let _turn = match served.gate.enter().await {
+        Ok(turn) => turn,
+        Err(refused) => return busy(&served, refused.reason(), false),
+    };
+    let state = &served.app;
     if let Some(pipeline) = state.pipeline.get().cloned() {
         // Walking the kernel's tables is blocking work (a system call per
         // entry, over a second with 200,000 open sessions): off the two async
-        // workers, which keep answering other requests (/healthz) meanwhile.
-        let _ = tokio::task::spawn_blocking(move || pipeline.refresh()).await;
+        // workers, which keep answering other requests (/healthz) meanwhile;
+        // shared by the scrapes that arrive while it runs.
+        let metrics = state.metrics.clone();
+        let refresh = move || {
+            metrics.telemetry.refresh_started();
+            pipeline.refresh();
+            metrics.telemetry.refresh_ended();
+        };
+        served.coalescer.refresh(started, refresh).await;
     }
     let response = match state.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
@@ -101,13 +166,17 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 /// Reads the histograms as they are: sessions are accounted when they close,
 /// so there is no kernel state to refresh first (unlike `/metrics`).
-async fn snapshot(State(state): State<Arc<AppState>>) -> Response {
-    let body = crate::server::snapshot::build(&state.metrics.gather()).to_string();
+async fn snapshot(State(served): State<Arc<Served>>) -> Response {
+    let _turn = match served.gate.enter().await {
+        Ok(turn) => turn,
+        Err(refused) => return busy(&served, refused.reason(), false),
+    };
+    let body = crate::server::snapshot::build(&served.app.metrics.gather()).to_string();
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
+async fn readyz(State(served): State<Arc<Served>>) -> Response {
+    if served.app.ready.load(Ordering::Acquire) {
         no_store((StatusCode::OK, "ready\n")).into_response()
     } else {
         no_store((StatusCode::SERVICE_UNAVAILABLE, "not ready: kernel programs are not attached\n")).into_response()

@@ -13,15 +13,27 @@
 //! Only these two sections exist here; any other key is refused by name, so a
 //! setting the operator believes active is never silently ignored.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use base64::Engine as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+
+/// Successful checks remembered, so a scraper's every request does not cost
+/// a bcrypt verification (tens of milliseconds of CPU at cost 10). As in
+/// Prometheus' exporter-toolkit: keyed by a hash of user, password and stored
+/// hash (no password is kept), at most this many; one is forgotten to make room.
+pub const AUTH_CACHE_SIZE: usize = 100;
+/// bcrypt verifications run at once; further requests wait for one up to
+/// [`BCRYPT_WAIT`], then are answered 503.
+pub const BCRYPT_AT_ONCE: usize = 2;
+pub const BCRYPT_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,9 +97,25 @@ fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Users and their bcrypt password hashes.
+/// Users and their bcrypt password hashes, the checks that succeeded lately
+/// and the bound on bcrypt work.
 pub struct BasicAuth {
     users: BTreeMap<String, String>,
+    /// SHA-256 of (user, password, stored hash) of successful checks; a
+    /// changed password hash (a new file) never matches an old entry.
+    cache: Mutex<HashSet<[u8; 32]>>,
+    bcrypt: Arc<Semaphore>,
+}
+
+/// What the cache says about an `Authorization` header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// These credentials passed a bcrypt check before.
+    Allowed,
+    /// No user and password in it: refused without a bcrypt check.
+    Malformed,
+    /// Needs a bcrypt verification ([`BasicAuth::allows`]).
+    Unknown,
 }
 
 impl BasicAuth {
@@ -99,16 +127,47 @@ impl BasicAuth {
             hash.parse::<bcrypt::HashParts>()
                 .map_err(|e| format!("user `{user}`: the password must be a bcrypt hash ($2y$...): {e}"))?;
         }
-        Ok(BasicAuth { users })
+        Ok(BasicAuth { users, cache: Mutex::new(HashSet::new()), bcrypt: Arc::new(Semaphore::new(BCRYPT_AT_ONCE)) })
     }
 
-    /// Whether an `Authorization` header value names a user with the right
+    /// Whether the header is settled without bcrypt: cheap, on any thread.
+    pub fn cached(&self, authorization: Option<&[u8]>) -> Cached {
+        let Some((user, password)) = authorization.and_then(decode_basic) else { return Cached::Malformed };
+        match self.users.get(&user) {
+            Some(hash) if self.cache().contains(&cache_key(&user, &password, hash)) => Cached::Allowed,
+            _ => Cached::Unknown,
+        }
+    }
+
+    /// A turn to run bcrypt, waiting up to [`BCRYPT_WAIT`]; `None`: too many
+    /// verifications are running (answer 503). Hold it until `allows` returns.
+    pub async fn bcrypt_turn(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(BCRYPT_WAIT, self.bcrypt.clone().acquire_owned()).await.ok()?.ok()
+    }
+
+    /// Whether an `Authorization` header names a user with the right
     /// password. Costs one bcrypt verification (tens of milliseconds at the
-    /// usual cost 10): call it off the async workers.
+    /// usual cost 10) unless these credentials passed before: call it off the
+    /// async workers, holding a [`BasicAuth::bcrypt_turn`].
     pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
         let Some((user, password)) = authorization.and_then(decode_basic) else { return false };
         match self.users.get(&user) {
-            Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
+            Some(hash) => {
+                let key = cache_key(&user, &password, hash);
+                if self.cache().contains(&key) {
+                    return true;
+                }
+                let ok = bcrypt::verify(password, hash).unwrap_or(false);
+                if ok {
+                    let mut cache = self.cache();
+                    if cache.len() >= AUTH_CACHE_SIZE {
+                        let any = *cache.iter().next().expect("a full cache has an entry");
+                        cache.remove(&any);
+                    }
+                    cache.insert(key);
+                }
+                ok
+            }
             None => {
                 // Same work for an unknown user, so the time taken does not
                 // tell which users exist.
@@ -118,6 +177,21 @@ impl BasicAuth {
             }
         }
     }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// SHA-256 of the three, each length-prefixed so that no two triples share
+/// an input.
+fn cache_key(user: &str, password: &str, hash: &str) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [user, password, hash] {
+        ctx.update(&(part.len() as u64).to_le_bytes());
+        ctx.update(part.as_bytes());
+    }
+    ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// `Basic base64(user:password)` as (user, password).
@@ -156,6 +230,50 @@ mod tests {
         assert!(!auth.allows(Some(b"Basic !!!")));
         assert!(!auth.allows(Some(b"Bearer abc")));
         assert!(!auth.allows(None));
+    }
+
+    #[test]
+    fn successful_checks_are_cached_and_bounded() {
+        let hash = bcrypt::hash("secret", 4).unwrap();
+        let auth = BasicAuth::new([("alice".to_string(), hash)].into()).unwrap();
+        let header = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        let good = header("alice:secret");
+        assert_eq!(auth.cached(Some(good.as_bytes())), Cached::Unknown, "not checked yet");
+        assert_eq!(auth.cached(Some(b"Bearer abc")), Cached::Malformed);
+        assert!(auth.allows(Some(good.as_bytes())));
+        assert_eq!(auth.cached(Some(good.as_bytes())), Cached::Allowed);
+        // Failures are not remembered (they would let anyone fill the cache).
+        let bad = header("alice:wrong");
+        assert!(!auth.allows(Some(bad.as_bytes())));
+        assert_eq!(auth.cached(Some(bad.as_bytes())), Cached::Unknown);
+        assert_eq!(auth.cache().len(), 1);
+        // The key covers the stored hash: a new hash for the same password
+        // is verified again.
+        let rehashed = BasicAuth::new([("alice".to_string(), bcrypt::hash("secret", 4).unwrap())].into()).unwrap();
+        *rehashed.cache() = auth.cache().clone();
+        assert_eq!(rehashed.cached(Some(good.as_bytes())), Cached::Unknown);
+        // Bounded: many users' successes keep at most AUTH_CACHE_SIZE entries.
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = (0..AUTH_CACHE_SIZE + 20).map(|i| (format!("u{i}"), hash.clone())).collect();
+        let many = BasicAuth::new(users).unwrap();
+        for i in 0..AUTH_CACHE_SIZE + 20 {
+            assert!(many.allows(Some(header(&format!("u{i}:pw")).as_bytes())));
+        }
+        assert_eq!(many.cache().len(), AUTH_CACHE_SIZE);
+    }
+
+    #[tokio::test]
+    async fn bcrypt_turns_are_bounded() {
+        let auth = BasicAuth::new([("alice".to_string(), bcrypt::hash("x", 4).unwrap())].into()).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..BCRYPT_AT_ONCE {
+            held.push(auth.bcrypt_turn().await.expect("a free turn"));
+        }
+        let started = std::time::Instant::now();
+        assert!(auth.bcrypt_turn().await.is_none(), "all turns held: refused");
+        assert!(started.elapsed() >= BCRYPT_WAIT, "after waiting BCRYPT_WAIT");
+        held.pop();
+        assert!(auth.bcrypt_turn().await.is_some());
     }
 
     #[test]

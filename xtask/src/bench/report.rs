@@ -1,4 +1,4 @@
-//! The benchmark's markdown report and its place in BENCHMARKS.md.
+//! One on/off workload's section of BENCHMARKS.md: its rounds, summary, targets and programs.
 
 use std::fmt::Write as _;
 
@@ -149,21 +149,90 @@ impl Report {
         s
     }
 
+    /// The on/off target: the median of the per-round ratios at least the workload's
+    /// `target_ratio` (None without rounds).
+    pub fn ratio_met(&self) -> Option<bool> {
+        Some(self.summary()?.ratio_of_rounds >= self.workload.target_ratio())
+    }
+
+    /// ns per run of each of `PER_CALL_HOOKS`, all of them, where they all ran.
+    pub fn hook_ns(&self) -> Option<Vec<f64>> {
+        PER_CALL_HOOKS.iter().map(|h| self.ns_per_run(h)).collect()
+    }
+
+    /// The per-call target: every hook at most `target_hook_ns`; None where the
+    /// workload has no such target or a hook did not run.
+    pub fn hooks_met(&self) -> Option<bool> {
+        let bar = self.workload.target_hook_ns()?;
+        Some(self.hook_ns()?.iter().all(|&ns| ns <= bar))
+    }
+
+    /// ns per run of the empty reference program on `hook`'s tracepoint.
+    fn empty_ns(&self, hook: &str) -> Option<f64> {
+        let empty = format!("empty_{}", hook.trim_start_matches("obs_"));
+        self.reference.iter().find(|r| r.name == empty).and_then(ProgStats::ns_per_run)
+    }
+
+    /// Kernel programs' run time per connection over the "on+stats" measurements
+    /// (short connections only).
+    fn kernel_ns_per_connection(&self) -> Option<f64> {
+        let short = self.short.as_ref()?;
+        let connections: u64 = short.on_runs.iter().filter(|r| r.statistics).map(|r| r.run.connections).sum();
+        let run_ns: u64 = self.progs.iter().map(|p| p.run_time_ns).sum();
+        (connections > 0 && run_ns > 0).then(|| run_ns as f64 / connections as f64)
+    }
+
+    /// A few lines that read the figures: what the programs' share predicts, and
+    /// where the per-call cost stands against an empty program's.
+    fn interpretation(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let (Some(share), Some(sum)) = (self.programs_cpu_share(), self.summary()) {
+            lines.push(format!(
+                "The programs ran {:.2}% of the CPUs' time, which on CPUs the workload keeps busy predicts \
+                 an on/off ratio near {:.3}; the rounds spread {:.3}–{:.3}: single 5-second measurements \
+                 on a small VM move by tens of percent either way, so the programs' share is the steadier \
+                 figure.",
+                share * 100.0,
+                1.0 - share,
+                sum.ratio_min,
+                sum.ratio_max
+            ));
+        }
+        if let Some(per_conn) = self.kernel_ns_per_connection() {
+            lines.push(format!(
+                "Kernel programs per connection: {:.2} µs (both ends, with statistics).",
+                per_conn / 1e3
+            ));
+        }
+        if self.workload.target_hook_ns().is_some() {
+            let above: Vec<String> = PER_CALL_HOOKS
+                .iter()
+                .filter_map(|h| {
+                    Some(format!(
+                        "`{h}` {:.0} ns above an empty program's {:.0}",
+                        self.ns_per_run(h)? - self.empty_ns(h)?,
+                        self.empty_ns(h)?
+                    ))
+                })
+                .collect();
+            if !above.is_empty() {
+                lines.push(format!(
+                    "Per call: {}; the empty program (dispatch and the statistics' own clock reads) \
+                     is the floor any hook pays here.",
+                    above.join(", ")
+                ));
+            }
+        }
+        lines
+    }
+
     fn write_markdown(&self, s: &mut String) -> std::fmt::Result {
         let w = self.workload;
         let n = self.rounds.len();
         let secs = self.seconds;
-        let target = w.target_ratio();
         let unit = w.display_unit();
-        let (pin, pin_why) = if self.pinned {
-            (
-                " -A 0,1",
-                " `-A 0,1` pins the client to CPU 0 and the server to CPU 1, so that runs \
-                 do not differ by where the scheduler happened to put them.",
-            )
-        } else {
-            ("", "")
-        };
+        let target = w.target_ratio();
+        let pin = if self.pinned { " -A 0,1" } else { "" };
         let args: String = w.client_args().iter().map(|a| format!(" {a}")).collect();
         writeln!(s, "{}\n", w.heading())?;
         writeln!(s, "{}", w.intro())?;
@@ -178,36 +247,23 @@ impl Report {
         let setup = match &self.short {
             Some(short) => shortconn::method(secs, short.hold),
             None => format!(
-                "one `iperf3 -s` on 127.0.0.1 in it; each measurement is `iperf3 -c 127.0.0.1 \
-                 -t {secs} -J{args}{pin}` in that namespace; {}{pin_why}",
+                "Each measurement is `iperf3 -c 127.0.0.1 -t {secs} -J{args}{pin}`{}; {}",
+                if self.pinned { " (client on CPU 0, server on CPU 1)" } else { "" },
                 w.figure_method()
             ),
         };
-        writeln!(
-            s,
-            "Method (`cargo xtask bench --workload {} --rounds {n} --seconds {secs}`): a \
-             network namespace of its own with only `lo` up; {setup} \"On\" measurements run \
-             while `observer run --iface lo --bpf-stats=false` (release build) runs in the same \
-             namespace: started before the measurement, ready on `/readyz`, stopped with \
-             SIGTERM after it; the kernel's BPF statistics are off, as in the DaemonSet. \
-             \"On+stats\" measurements run `observer run --iface lo`, whose default \
-             `--bpf-stats=true` turns the statistics on while it runs: the kernel then reads \
-             its clock before and after every program run, which that measurement is charged \
-             for, and counts each program's runs and run time, which give the programs' CPU \
-             share and table below. \"Off\" measurements run without an observer. Each round \
-             has one of each, back to back, \"on\" in the middle and the other two taking \
-             turns at the ends, so drift hits both ratios alike.",
-            w.name(),
-        )?;
-        writeln!(s)?;
         let m = &self.machine;
         writeln!(
             s,
-            "Machine: {} CPUs, Linux {} ({}), 1-minute load average {} at the start and {} \
-             at the end. Date: {}.",
-            m.cpus, m.kernel, m.arch, m.load, m.load_end, m.date
+            "`cargo xtask bench --workload {} --rounds {n} --seconds {secs}`, in a network namespace of its own \
+             with only `lo` up. {setup} Each round measures \"off\" (no observer), \"on\" (`observer run \
+             --iface lo --bpf-stats=false`, as deployed: the targets judge this one) and \"on+stats\" (kernel \
+             BPF statistics on, which give the programs' table), back to back, \"on\" in the middle. Load \
+             average {} at the start, {} at the end.",
+            w.name(),
+            m.load,
+            m.load_end,
         )?;
-
         writeln!(s)?;
         writeln!(s, "| round | order | off ({unit}) | on ({unit}) | on+stats ({unit}) | on/off | on+stats/off |")?;
         writeln!(s, "|---:|---|---:|---:|---:|---:|---:|")?;
@@ -243,7 +299,7 @@ impl Report {
             writeln!(s, "| on/off, median of per-round ratios | {:.3} |", sum.ratio_of_rounds)?;
             writeln!(s, "| on/off, median on / median off | {:.3} |", sum.ratio_of_medians)?;
             writeln!(s, "| on/off spread over rounds (min–max) | {:.3}–{:.3} |", sum.ratio_min, sum.ratio_max)?;
-            writeln!(s, "| target on/off ≥ {target} | {} |", verdict(sum.ratio_of_rounds >= target))?;
+            writeln!(s, "| target on/off ≥ {target} | {} |", verdict(self.ratio_met() == Some(true)))?;
             writeln!(s, "| median on+stats | {} {unit} |", w.show(sum.median_on_stats))?;
             writeln!(s, "| on+stats/off, median of per-round ratios | {:.3} |", sum.stats_ratio_of_rounds)?;
             if let Some(share) = self.programs_cpu_share() {
@@ -259,7 +315,6 @@ impl Report {
                 )?;
             }
             if let Some(bar) = w.target_hook_ns() {
-                let per: Vec<f64> = PER_CALL_HOOKS.iter().filter_map(|h| self.ns_per_run(h)).collect();
                 for h in PER_CALL_HOOKS {
                     let ns = self.ns_per_run(h).map_or_else(|| "did not run".to_owned(), |ns| format!("{ns:.0}"));
                     writeln!(s, "| ns per `{h}` run | {ns} |")?;
@@ -268,11 +323,9 @@ impl Report {
                 // the same tracepoint (`obs_send` -> `empty_send`), which is the
                 // trampoline and the statistics' clock reads that any program pays.
                 for h in PER_CALL_HOOKS {
-                    let empty = format!("empty_{}", h.trim_start_matches("obs_"));
-                    let floor = self.reference.iter().find(|r| r.name == empty).and_then(ProgStats::ns_per_run);
-                    if let (Some(ns), Some(floor)) = (self.ns_per_run(h), floor) {
-                        let above = ns - floor;
-                        writeln!(s, "| ns per `{h}` run above the empty program's (`{empty}`) | {above:.0} |")?;
+                    if let (Some(ns), Some(floor)) = (self.ns_per_run(h), self.empty_ns(h)) {
+                        let empty = format!("empty_{}", h.trim_start_matches("obs_"));
+                        writeln!(s, "| ns per `{h}` run above the empty program's (`{empty}`) | {:.0} |", ns - floor)?;
                     }
                 }
                 for r in &self.reference {
@@ -288,10 +341,9 @@ impl Report {
                         r.name
                     )?;
                 }
-                let judged = if per.len() < PER_CALL_HOOKS.len() {
-                    "not judged (not all of them ran)"
-                } else {
-                    verdict(per.iter().all(|&ns| ns <= bar))
+                let judged = match self.hooks_met() {
+                    None => "not judged (not all of them ran)",
+                    Some(met) => verdict(met),
                 };
                 let names = PER_CALL_HOOKS.map(|h| format!("`{h}`")).join(", ");
                 writeln!(s, "| target ≤ {bar} ns per run of {names} | {judged} |")?;
@@ -301,17 +353,21 @@ impl Report {
             }
         }
 
+        let lines = self.interpretation();
+        if !lines.is_empty() && !self.smoke {
+            writeln!(s)?;
+            writeln!(s, "{}", lines.join(" "))?;
+        }
+
         writeln!(s)?;
         if self.progs.is_empty() {
             writeln!(s, "No `obs_*` eBPF program statistics could be read from the observer process.")?;
         } else {
             writeln!(
                 s,
-                "eBPF programs, kernel statistics summed over the \"on+stats\" measurements \
-                 (machine-wide: they count every event on the host, not only the workload's). \
-                 Runs skipped (recursion): the kernel did not run the program because it was \
-                 already running on that CPU (the hook hit again from an interrupt); each is \
-                 an event the observer did not see:\n"
+                "eBPF programs over the \"on+stats\" measurements (kernel statistics, machine-wide). \
+                 Runs skipped: the kernel did not run the program because it was already running on \
+                 that CPU (hit again from an interrupt):\n"
             )?;
             writeln!(
                 s,
@@ -326,28 +382,6 @@ impl Report {
         }
         Ok(())
     }
-}
-
-/// Replaces the level-2 section that starts with `heading` (up to the next level-2
-/// heading) with `section`, or appends `section` if there is none.
-pub fn replace_section(doc: &str, heading: &str, section: &str) -> String {
-    let section = section.trim_end_matches('\n');
-    let lines: Vec<&str> = doc.lines().collect();
-    let start = lines.iter().position(|l| l.trim_end() == heading);
-    let Some(start) = start else {
-        let body = doc.trim_end_matches('\n');
-        return if body.is_empty() { format!("# Benchmarks\n\n{section}\n") } else { format!("{body}\n\n{section}\n") };
-    };
-    let end = lines[start + 1..].iter().position(|l| l.starts_with("## ")).map_or(lines.len(), |i| start + 1 + i);
-    let mut out: Vec<&str> = lines[..start].to_vec();
-    out.push(section);
-    if end < lines.len() {
-        out.push("");
-        out.extend(&lines[end..]);
-    }
-    let mut text = out.join("\n");
-    text.push('\n');
-    text
 }
 
 /// YYYY-MM-DD for a Unix time, in UTC (Howard Hinnant's days-to-civil algorithm).
@@ -442,10 +476,9 @@ mod tests {
         let md_busy = busy.markdown();
         assert!(md_busy.contains("share of all CPUs' time (2 CPUs × 2 × 5 s) | 1.00% |"), "{md_busy}");
         assert!(Report { progs: vec![], ..busy }.programs_cpu_share().is_none());
-        assert!(md.contains(
-            "Machine: 2 CPUs, Linux 6.18.0 (x86_64), 1-minute load average 0.05 at the \
-             start and 0.10 at the end. Date: 2025-01-02."
-        ));
+        assert!(md.contains("Load average 0.05 at the start, 0.10 at the end."), "{md}");
+        // The programs' share (1%) predicts the ratio; the spread is the rounds'.
+        assert!(md_busy.contains("predicts an on/off ratio near 0.990; the rounds spread 0.976–0.995"), "{md_busy}");
         assert!(!md.contains("Smoke"));
         assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -A 0,1`"), "{md}");
         assert!(md.contains("`cargo xtask bench --workload bulk --rounds 2"), "{md}");
@@ -478,16 +511,20 @@ mod tests {
         assert!(md.contains("| ns per `obs_send` run | 50 |"), "{md}");
         assert!(md.contains("| ns per `obs_recv` run | 45 |"), "{md}");
         assert!(md.contains("| target ≤ 50 ns per run of `obs_send`, `obs_recv` | met |"), "{md}");
+        assert_eq!(report.hooks_met(), Some(true));
+        assert!(md.contains("`obs_send` 20 ns above an empty program's 30"), "{md}");
         assert!(md.contains("`iperf3 -c 127.0.0.1 -t 5 -J -l 1024 -N`"), "{md}");
         assert!(md.contains("/ 8192"), "{md}");
 
         report.progs[0].run_time_ns = 10_100;
         let md = report.markdown();
         assert!(md.contains("`obs_recv` | NOT met |"), "{md}");
+        assert_eq!(report.hooks_met(), Some(false), "101 ns > 50");
         report.progs.remove(0);
         let md = report.markdown();
         assert!(md.contains("| ns per `obs_recv` run | did not run |"), "{md}");
         assert!(md.contains("| not judged (not all of them ran) |"), "{md}");
+        assert_eq!(report.hooks_met(), None);
 
         report.workload = Workload::UdpSmall;
         let md = report.markdown();
@@ -515,70 +552,6 @@ mod tests {
         assert!(md.contains("**Smoke run**"), "{md}");
         assert!(md.contains("not judged (smoke run)"), "{md}");
         assert!(md.contains("No `obs_*` eBPF program statistics"), "{md}");
-    }
-
-    const NEW: &str = "## TCP bulk throughput (iperf3, loopback)\n\nnew body\n";
-
-    #[test]
-    fn replaces_existing_section_only() {
-        let doc = "# Benchmarks\n\nintro\n\n\
-            ## TCP bulk throughput (iperf3, loopback)\n\nold body\n### detail\nold\n\n\
-            ## Latency\n\nkept\n";
-        assert_eq!(
-            replace_section(doc, Workload::Bulk.heading(), NEW),
-            "# Benchmarks\n\nintro\n\n\
-             ## TCP bulk throughput (iperf3, loopback)\n\nnew body\n\n\
-             ## Latency\n\nkept\n"
-        );
-    }
-
-    #[test]
-    fn replaces_last_section() {
-        let doc = "# B\n\n## Other\n\nx\n\n## TCP bulk throughput (iperf3, loopback)\n\nold\n";
-        assert_eq!(
-            replace_section(doc, Workload::Bulk.heading(), NEW),
-            "# B\n\n## Other\n\nx\n\n## TCP bulk throughput (iperf3, loopback)\n\nnew body\n"
-        );
-    }
-
-    #[test]
-    fn appends_when_absent_and_creates_when_empty() {
-        assert_eq!(
-            replace_section("# B\n\n## Other\n\nx\n", Workload::Bulk.heading(), NEW),
-            "# B\n\n## Other\n\nx\n\n## TCP bulk throughput (iperf3, loopback)\n\nnew body\n"
-        );
-        assert_eq!(
-            replace_section("", Workload::Bulk.heading(), NEW),
-            "# Benchmarks\n\n## TCP bulk throughput (iperf3, loopback)\n\nnew body\n"
-        );
-    }
-
-    #[test]
-    fn replacing_twice_is_stable() {
-        let h = Workload::Bulk.heading();
-        let once = replace_section("# B\n\n## Z\n\nz\n", h, NEW);
-        assert_eq!(replace_section(&once, h, NEW), once);
-    }
-
-    /// Three workloads' sections in one document: each run replaces its own only, in
-    /// place, whatever order they were written in.
-    #[test]
-    fn workload_sections_replace_only_their_own() {
-        let section = |w: Workload, body: &str| format!("{}\n\n{body}\n", w.heading());
-        let [bulk, tcp, udp, _] = Workload::ALL;
-        let mut doc = String::new();
-        for (w, body) in [(udp, "u1"), (bulk, "b1\n\n| t |"), (tcp, "t1")] {
-            doc = replace_section(&doc, w.heading(), &section(w, body));
-        }
-        let expected = |u: &str, b: &str, t: &str| {
-            format!("# Benchmarks\n\n{}\n{}\n{}", section(udp, u), section(bulk, b), section(tcp, t))
-        };
-        assert_eq!(doc, expected("u1", "b1\n\n| t |", "t1"));
-        doc = replace_section(&doc, bulk.heading(), &section(bulk, "b2"));
-        assert_eq!(doc, expected("u1", "b2", "t1"));
-        doc = replace_section(&doc, tcp.heading(), &section(tcp, "t2\n\nmore"));
-        doc = replace_section(&doc, udp.heading(), &section(udp, "u2"));
-        assert_eq!(doc, expected("u2", "b2", "t2\n\nmore"));
     }
 
     #[test]

@@ -2,58 +2,61 @@
 //! and its process's CPU time and memory from /proc.
 //!
 //! One connection for all of a measurement's scrapes: a new connection per scrape
-//! would itself be a session the observer counts (two, on loopback).
+//! would itself be a session the observer counts (two, on loopback). ureq's agent
+//! keeps the connection between requests; each request runs on a thread inside the
+//! benchmark's namespace, so that a connection it opens is opened there.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::sys::NetNs;
 
-pub struct Scraper {
-    reader: BufReader<TcpStream>,
+/// Bound on one request, connecting included: a scrape of 200,000 open sessions
+/// takes a fraction of a second.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Larger than any /metrics answer of the benchmark (about 1 MiB with 10,000 series).
+const MAX_BODY: u64 = 64 << 20;
+
+/// An HTTP client for the observer: ureq's, with bounded timeouts, answering every
+/// status (the caller judges it) and keeping one idle connection.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(REQUEST_TIMEOUT))
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .http_status_as_error(false)
+        .max_idle_connections_per_host(1)
+        .build()
+        .new_agent()
+}
+
+/// The status and body of `GET path` with `agent`, from the calling thread.
+pub fn get(agent: &ureq::Agent, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut answer = agent.get(format!("http://{addr}{path}")).call().with_context(|| format!("GET {addr}{path}"))?;
+    let body = answer.body_mut().with_config().limit(MAX_BODY).read_to_string();
+    Ok((answer.status().as_u16(), body.with_context(|| format!("reading the answer to GET {addr}{path}"))?))
+}
+
+pub struct Scraper<'a> {
+    ns: &'a NetNs,
+    agent: ureq::Agent,
     addr: SocketAddr,
 }
 
-impl Scraper {
-    pub fn connect(ns: &NetNs, addr: SocketAddr) -> Result<Self> {
-        let stream = ns
-            .run_in(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
-            .with_context(|| format!("connecting to the observer at {addr}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Scraper { reader: BufReader::new(stream), addr })
+impl<'a> Scraper<'a> {
+    /// A scraper of the observer at `addr` in `ns`; it connects at its first scrape.
+    pub fn new(ns: &'a NetNs, addr: SocketAddr) -> Self {
+        Scraper { ns, agent: agent(), addr }
     }
 
-    /// The body of `GET /metrics` (HTTP/1.1, the connection kept).
+    /// The body of `GET /metrics` (the connection kept).
     pub fn metrics(&mut self) -> Result<String> {
-        let request = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr);
-        self.reader.get_mut().write_all(request.as_bytes())?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        if super::sys::parse_status_line(&line) != Some(200) {
-            bail!("GET /metrics answered {:?}", line.trim_end());
-        }
-        let mut length = None;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse::<usize>().ok();
-            }
-        }
-        let length = length.context("the /metrics answer has no Content-Length")?;
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body)?;
-        String::from_utf8(body).context("the /metrics answer is not UTF-8")
+        let (status, body) = self.ns.run_in(|| get(&self.agent, self.addr, "/metrics"))??;
+        anyhow::ensure!(status == 200, "GET /metrics answered {status}: {}", body.trim());
+        Ok(body)
     }
 }
 
@@ -132,6 +135,37 @@ mod tests {
         assert_eq!(sample(TEXT, "observer_build_info", &[("commit", "abc")]), 1.0);
         assert_eq!(sample(TEXT, "process_resident_memory_bytes", &[]), 1.2e7);
         assert_eq!(sample(TEXT, "observer_sessions", &[]), 0.0);
+    }
+
+    /// One connection for both requests, whatever the status; the body whole.
+    #[test]
+    fn gets_over_one_kept_connection() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut requests = Vec::new();
+            for answer in [
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\nnot ready",
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nup\n",
+            ] {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                requests.push(line.trim_end().to_owned());
+                while line != "\r\n" {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                }
+                (&conn).write_all(answer.as_bytes()).unwrap();
+            }
+            requests
+        });
+        let agent = agent();
+        assert_eq!(get(&agent, addr, "/readyz").unwrap(), (503, "not ready".to_owned()));
+        assert_eq!(get(&agent, addr, "/metrics").unwrap(), (200, "up\n".to_owned()));
+        assert_eq!(server.join().unwrap(), ["GET /readyz HTTP/1.1", "GET /metrics HTTP/1.1"]);
     }
 
     #[test]

@@ -5,8 +5,6 @@
 //! leaves the machine as it was.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -281,31 +279,6 @@ impl Drop for BpfStats {
     }
 }
 
-/// The HTTP status of `GET path`, with an HTTP/1.0 request so the server closes the
-/// connection and the whole answer is read without parsing lengths.
-pub fn http_get_status(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    // One write: write! on a stream sends each piece on its own, and a server that
-    // answers at its first read would then reset the connection under the rest.
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes())?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer)?;
-    parse_status_line(&String::from_utf8_lossy(&answer))
-        .with_context(|| format!("not an HTTP answer from {addr}{path}"))
-}
-
-pub fn parse_status_line(answer: &str) -> Option<u16> {
-    let line = answer.lines().next()?;
-    let mut words = line.split_whitespace();
-    if !words.next()?.starts_with("HTTP/") {
-        return None;
-    }
-    words.next()?.parse().ok()
-}
-
 /// Whether a /proc/net/tcp or tcp6 table has a socket listening on `port`.
 pub fn tcp_table_listens(table: &str, port: u16) -> bool {
     const LISTEN: &str = "0A";
@@ -380,14 +353,6 @@ mod tests {
     }
 
     #[test]
-    fn status_lines() {
-        assert_eq!(parse_status_line("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"), Some(200));
-        assert_eq!(parse_status_line("HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
-        assert_eq!(parse_status_line("SSH-2.0-OpenSSH\r\n"), None);
-        assert_eq!(parse_status_line(""), None);
-    }
-
-    #[test]
     fn finds_listening_sockets_in_proc_net_tcp() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 0100007F:1451 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0\n\
@@ -397,23 +362,6 @@ mod tests {
         assert!(!tcp_table_listens(table, 41668));
         assert!(!tcp_table_listens(table, 80));
         assert!(!tcp_table_listens("", 5201));
-    }
-
-    #[test]
-    fn http_status_from_a_local_server() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).unwrap();
-            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
-            conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nready").unwrap();
-            request
-        });
-        let status = http_get_status(addr, "/readyz", Duration::from_secs(5)).unwrap();
-        assert_eq!(status, 200);
-        assert!(server.join().unwrap().starts_with("GET /readyz HTTP/1.0\r\n"));
     }
 
     #[test]

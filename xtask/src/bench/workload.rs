@@ -78,6 +78,16 @@ impl Workload {
         }
     }
 
+    /// Its name in the targets table.
+    pub fn title(self) -> &'static str {
+        match self {
+            Workload::Bulk => "TCP bulk throughput",
+            Workload::TcpSmall => "TCP small messages",
+            Workload::UdpSmall => "UDP small datagrams",
+            Workload::ShortConn => "short TCP connections",
+        }
+    }
+
     /// iperf3 client arguments beyond `-c`, `-p`, `-t`, `-J` and `-A`.
     pub fn client_args(self) -> &'static [&'static str] {
         match self {
@@ -143,31 +153,25 @@ impl Workload {
                  ratios)."
             ),
             Workload::TcpSmall => format!(
-                "What a running observer costs a TCP stream of small messages: 1 KiB per \
-                 send(2), as fast as they go, so the per-call hooks (`obs_send`, `obs_recv`) \
-                 run once per KiB rather than once per 128 KiB as in bulk. Target: messages \
-                 per second with the observer on are at least {ratio} of off (median of the \
-                 per-round on/off ratios), and each run of `obs_send` and `obs_recv` takes at \
-                 most {} ns.",
+                "What a running observer costs a TCP stream of 1 KiB messages, as fast as they go: \
+                 the per-call hooks (`obs_send`, `obs_recv`) run once per KiB rather than once per \
+                 128 KiB as in bulk. Targets: messages per second on / off at least {ratio} (median of \
+                 the per-round ratios), and each run of `obs_send` and `obs_recv` at most {} ns.",
                 self.target_hook_ns().unwrap_or_default()
             ),
             Workload::UdpSmall => format!(
-                "What a running observer costs a UDP flow of small datagrams: 1 KiB each, \
-                 sent as fast as they go, so the per-call hooks (`obs_send`, `obs_recv`) run \
-                 once per datagram. Target: datagrams received per second with the observer \
-                 on are at least {ratio} of off (median of the per-round on/off ratios), and \
-                 each run of `obs_send` and `obs_recv` takes at most {} ns.",
+                "What a running observer costs a UDP flow of 1 KiB datagrams, as fast as they go: the \
+                 per-call hooks run once per datagram. Targets: datagrams received per second on / off \
+                 at least {ratio} (median of the per-round ratios), and each run of `obs_send` and \
+                 `obs_recv` at most {} ns.",
                 self.target_hook_ns().unwrap_or_default()
             ),
             Workload::ShortConn => format!(
                 "What a running observer costs a host that opens and closes many short TCP \
-                 connections, and whether it keeps up: every connection is two sessions \
-                 (both ends on loopback), each born, closed and sent to userspace as one \
-                 ring-buffer record. Targets: connections per second with the observer on are \
-                 at least {ratio} of off (median of the per-round on/off ratios) at {} or more \
-                 connections per second, with no session lost; the observer process uses less \
-                 than {}% of a core at 10,000 closed sessions per second and less than {} MiB \
-                 of resident memory with {} connections open.",
+                 connections, and whether it keeps up: each connection is two sessions, each one \
+                 ring-buffer record. Targets: connections per second on / off at least {ratio} at {} or \
+                 more per second with no session lost; the observer under {}% of a core at 10,000 closed \
+                 sessions per second and under {} MiB with {} connections open.",
                 shortconn::TARGET_RATE,
                 shortconn::TARGET_CORE_SHARE * 100.0,
                 shortconn::TARGET_RSS_BYTES >> 20,
@@ -181,19 +185,13 @@ impl Workload {
         match self {
             Workload::Bulk => "its figure is `end.sum_received.bits_per_second`.",
             Workload::TcpSmall => {
-                "`-l 1024` makes every send(2) 1 KiB and the server read at most 1 KiB per \
-                 recv(2); `-N` (TCP_NODELAY) sends each message at once instead of letting \
-                 Nagle's algorithm wait to fill a segment (loopback autocorking may still \
-                 merge segments: the hooks run per call, not per segment, so that does not \
-                 change what is measured). Its figure is messages per second, \
+                "`-N` (TCP_NODELAY) sends each message at once; the figure is messages per second, \
                  `end.sum_received.bits_per_second` / 8192."
             }
             Workload::ShortConn => "its figure is connections per second.",
             Workload::UdpSmall => {
-                "`-u -b 0 -l 1024` sends 1 KiB datagrams with no rate limit; the sender \
-                 outruns the receiver, so datagrams are dropped at the receiving socket and \
-                 the figure is the receiver's: datagrams received per second, \
-                 (`end.sum_received.packets` − `end.sum_received.lost_packets`) / \
+                "the sender outruns the receiver, so the figure is the receiver's: datagrams received \
+                 per second, (`end.sum_received.packets` − `end.sum_received.lost_packets`) / \
                  `end.sum_received.seconds`."
             }
         }
@@ -219,7 +217,7 @@ mod tests {
                 assert_ne!(a.heading(), b.heading());
             }
         }
-        // BENCHMARKS.md sections written before workloads existed keep their place.
+        // The section a reader may link to keeps its anchor.
         assert_eq!(Workload::Bulk.heading(), "## TCP bulk throughput (iperf3, loopback)");
     }
 

@@ -3,6 +3,11 @@
 //! so they are never written down here); its `-unsigned` twin is downloaded
 //! with `apt-get download` and unpacked with `dpkg -x` into the cache, which a
 //! later run reuses as long as the meta package resolves to the same version.
+//!
+//! A kernel of the host's own Debian release resolves through the host's apt
+//! lists; one of another release (Debian 11's 5.10) through package lists of
+//! its own (`Apt::private`), so the host's apt sources stay as they are and
+//! its packages never come from that release.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,24 +66,88 @@ pub fn image_dependency(depends: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn apt_show(package: &str) -> Result<String> {
-    let out =
-        Command::new("apt-cache").args(["show", "--no-all-versions", package]).output().context("running apt-cache")?;
-    if !out.status.success() {
-        bail!("apt-cache show {package}: {}", String::from_utf8_lossy(&out.stderr).trim());
+/// The package lists apt resolves and downloads from: the host's, or a
+/// private set for one Debian release (`-o` options for every apt command).
+pub struct Apt {
+    options: Vec<String>,
+}
+
+impl Apt {
+    /// The host's own sources and lists.
+    pub fn host() -> Self {
+        Self { options: Vec::new() }
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+
+    /// Lists of `sources` (a sources.list text) only, kept in `dir`: its own
+    /// sources file, lists and cache; the host's dpkg status is only read.
+    pub fn private(dir: &Path, sources: &str) -> Result<Self> {
+        let lists = dir.join("lists");
+        std::fs::create_dir_all(lists.join("partial"))?;
+        let list = dir.join("sources.list");
+        if std::fs::read_to_string(&list).ok().as_deref() != Some(sources) {
+            std::fs::write(&list, sources)?;
+            // Other sources: the lists held are stale.
+            std::fs::remove_dir_all(&lists)?;
+            std::fs::create_dir_all(lists.join("partial"))?;
+        }
+        let apt = Self { options: private_options(dir) };
+        let has_lists = std::fs::read_dir(&lists)?.filter_map(|e| e.ok()).any(|e| e.path().is_file());
+        if !has_lists {
+            apt.update()?;
+        }
+        Ok(apt)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        for o in &self.options {
+            cmd.args(["-o", o]);
+        }
+        cmd
+    }
+
+    /// `apt-get update` of these lists.
+    pub fn update(&self) -> Result<()> {
+        util::run_checked(self.command("apt-get").args(["update", "-qq"]), "apt-get update")
+    }
+
+    fn show(&self, package: &str) -> Result<String> {
+        let out = self
+            .command("apt-cache")
+            .args(["show", "--no-all-versions", package])
+            .output()
+            .context("running apt-cache")?;
+        if !out.status.success() {
+            bail!("apt-cache show {package}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// apt's `-o` options for lists of their own under `dir`.
+fn private_options(dir: &Path) -> Vec<String> {
+    let d = dir.display();
+    vec![
+        format!("Dir::Etc::SourceList={d}/sources.list"),
+        // No drop-in sources (the host's), no preferences pinning the host's release.
+        "Dir::Etc::SourceParts=/nonexistent".to_owned(),
+        "Dir::Etc::Preferences=/nonexistent".to_owned(),
+        "Dir::Etc::PreferencesParts=/nonexistent".to_owned(),
+        format!("Dir::State::Lists={d}/lists"),
+        format!("Dir::Cache={d}/cache"),
+        "APT::Get::List-Cleanup=0".to_owned(),
+    ]
 }
 
 /// Resolves `meta` (e.g. `linux-image-amd64`) to its `-unsigned` image
-/// package through apt's package lists.
-pub fn resolve(meta: &str) -> Result<Resolved> {
-    let depends = control_field(&apt_show(meta)?, "Depends").with_context(|| format!("{meta} has no Depends"))?;
+/// package through `apt`'s package lists.
+pub fn resolve(apt: &Apt, meta: &str) -> Result<Resolved> {
+    let depends = control_field(&apt.show(meta)?, "Depends").with_context(|| format!("{meta} has no Depends"))?;
     let image =
         image_dependency(&depends).with_context(|| format!("{meta} depends on no linux-image package: {depends}"))?;
     let package = format!("{image}-unsigned");
     let version =
-        control_field(&apt_show(&package)?, "Version").with_context(|| format!("{package} has no Version"))?;
+        control_field(&apt.show(&package)?, "Version").with_context(|| format!("{package} has no Version"))?;
     Ok(Resolved { package, version })
 }
 
@@ -95,7 +164,7 @@ const STAMP: &str = "package";
 
 /// The kernel of `r` in `dir`, downloaded and unpacked unless the cache
 /// already holds that exact version.
-pub fn fetch(r: &Resolved, dir: &Path) -> Result<Unpacked> {
+pub fn fetch(apt: &Apt, r: &Resolved, dir: &Path) -> Result<Unpacked> {
     let root = dir.join("root");
     let vmlinux = dir.join("vmlinux");
     let cached = std::fs::read_to_string(dir.join(STAMP)).is_ok_and(|s| s == r.stamp());
@@ -107,7 +176,7 @@ pub fn fetch(r: &Resolved, dir: &Path) -> Result<Unpacked> {
         }
         let dl = dir.join("download");
         std::fs::create_dir_all(&dl)?;
-        let mut get = Command::new("apt-get");
+        let mut get = apt.command("apt-get");
         // The sandbox user (_apt) cannot write into a root-owned target dir.
         get.args(["download", "-q", "-o", "APT::Sandbox::User=root"])
             .arg(format!("{}={}", r.package, r.version))
@@ -182,6 +251,15 @@ Depends: linux-image-6.1.0-48-amd64 (= 6.1.176-1)
             Some("linux-image-6.12.117+deb12-amd64")
         );
         assert_eq!(image_dependency("kmod, initramfs-tools"), None);
+    }
+
+    #[test]
+    fn private_lists_leave_the_hosts_sources_out() {
+        let o = private_options(Path::new("/t/kernels/apt-5.10"));
+        assert!(o.contains(&"Dir::Etc::SourceList=/t/kernels/apt-5.10/sources.list".to_owned()), "{o:?}");
+        assert!(o.contains(&"Dir::Etc::SourceParts=/nonexistent".to_owned()), "{o:?}");
+        assert!(o.contains(&"Dir::State::Lists=/t/kernels/apt-5.10/lists".to_owned()), "{o:?}");
+        assert!(Apt::host().options.is_empty());
     }
 
     #[test]

@@ -50,6 +50,11 @@ const RULES: &[(&str, Rule)] = &[
     // every tier; once per kernel keeps the matrix under its time budget.
     ("session_labels", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     ("bad_input", Rule { scope: Scope::OncePerKernel, needs: &[] }),
+    // The metrics server's TLS and basic auth, and the snapshot API's JSON:
+    // userspace over sessions that tcp_sessions checks in every tier. Once per
+    // kernel keeps three kernels' matrix within its time budget.
+    ("web_config", Rule { scope: Scope::OncePerKernel, needs: &[] }),
+    ("snapshot", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     // The fake NVML library and a real Prometheus server: nothing in them
     // depends on the kernel, and Prometheus' median over a handful of sessions
     // is too coarse for the spread of goodputs under emulation.
@@ -66,6 +71,8 @@ const RULES: &[(&str, Rule)] = &[
     ("self_telemetry", Rule { scope: Scope::EveryTier, needs: &["sock_calls"] }),
     ("udp_sessions", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
     ("live_throughput", Rule { scope: Scope::EveryTier, needs: &["sock_calls"] }),
+    // Every send and receive call, TCP and UDP: UDP flows end at release.
+    ("sock_calls", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
     // Flows and live bytes under calls from several CPUs at once.
     ("concurrency", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
 ];
@@ -193,7 +200,7 @@ t() {{
   done
   say "tier $tier: $test"
   t0=$(date +%s)
-  OBSERVER_TEST_PROBES=$tier timeout -k 10 {limit} "$bin" --test-threads=1 > "$out" 2>&1
+  OBSERVER_TEST_PROBES=$tier timeout -k 10 {limit} "$bin" --test-threads=1 --show-output > "$out" 2>&1
   rc=$?
   # Once more after a failure that was not a timeout: emulation stretches
   # timings 5 to 20 times, and the first attempt is kept and reported.
@@ -201,7 +208,7 @@ t() {{
     mv "$out" "$out.first"
     echo $rc > "$out.first.rc"
     say "tier $tier: $test: exit $rc; running it once more"
-    OBSERVER_TEST_PROBES=$tier timeout -k 10 {limit} "$bin" --test-threads=1 > "$out" 2>&1
+    OBSERVER_TEST_PROBES=$tier timeout -k 10 {limit} "$bin" --test-threads=1 --show-output > "$out" 2>&1
     rc=$?
   fi
   echo $(( $(date +%s) - t0 )) > "$out.secs"
@@ -295,7 +302,7 @@ mod tests {
         assert!(s.contains("\ncheck auto\ncheck fentry --probes fentry\ncheck kprobe --probes kprobe\ncheck tracepoint --probes tracepoint\n"));
         assert!(s.contains("\nt kprobe tcp_sessions '/t/tcp_sessions-0123'\n"));
         assert!(s.contains("\nt fentry udp_sessions '/t/udp_sessions-0123' sock_calls udp_release\n"));
-        assert!(s.contains(r#"OBSERVER_TEST_PROBES=$tier timeout -k 10 300 "$bin" --test-threads=1"#));
+        assert!(s.contains(r#"OBSERVER_TEST_PROBES=$tier timeout -k 10 300 "$bin" --test-threads=1 --show-output"#));
         assert!(s.contains("mount -t tmpfs none /sys/bus/event_source/devices/kprobe ||"));
         assert!(s.contains(r#""$OBS" run --listen 127.0.0.1:0 --probes kprobe > "$W/broken/no-kprobes.run""#));
         assert!(s.contains(r#""$OBS" check --btf /nonexistent/vmlinux >> "$W/broken/no-btf.check""#));
