@@ -30,14 +30,16 @@ use std::{
 
 use observer_common::{SESSION_ACTIVE_OPEN, SESSION_PLACED, SessionStart};
 use observer_tests::{
-    KernelMap, Metrics, NetNs, ObserverProcess, kernel_links_named, kernel_programs_named, scaled, traffic::IO_TIMEOUT,
+    KernelMap, Metrics, NetNs, ObserverProcess, kernel_links_named, kernel_programs_named, traffic::IO_TIMEOUT,
 };
 
 const CLIENTS: usize = 3;
 const SERVERS: usize = 2;
 const REQUEST: [u8; 64] = [7; 64];
 /// Churn at least this long, and until the state program was skipped at
-/// least once or `MAX_CHURN` passed.
+/// least once or `MAX_CHURN` passed. Not stretched under emulation: it bounds
+/// the work, not a tolerance, and a one-vCPU guest may never see a skip (5.10
+/// churned 200 s for none); the count is exact either way.
 const MIN_CHURN: Duration = Duration::from_secs(2);
 const MAX_CHURN: Duration = Duration::from_secs(20);
 
@@ -136,7 +138,7 @@ fn every_session_is_reported_under_churn_even_when_the_state_program_is_skipped(
     let clients: Vec<JoinHandle<()>> = (0..CLIENTS).map(|_| churn(&ns, addr, stop.clone(), done.clone())).collect();
     let started = Instant::now();
     let mut skips = 0.0;
-    while started.elapsed() < scaled(MAX_CHURN) {
+    while started.elapsed() < MAX_CHURN {
         std::thread::sleep(Duration::from_millis(500));
         skips = state_skips(&observer.metrics().unwrap()) - skips_before;
         if skips > 0.0 && started.elapsed() >= MIN_CHURN {

@@ -44,7 +44,7 @@ enum Command {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Boot Debian's 6.1 and 6.12 kernels in qemu and run the end-to-end tests there in every
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels in qemu and run the end-to-end tests there in every
     /// hook tier (fentry, kprobe, tracepoint, auto), with `observer check` per tier.
     Kernels {
         /// Rewrite README's kernel tables (between its kernels:begin/end markers) from the results.

@@ -62,6 +62,11 @@ const RULES: &[(&str, Rule)] = &[
     ("prometheus", Rule { scope: Scope::HostOnly, needs: &[] }),
     // The metrics server under abuse and the deployment files: no kernel hook involved.
     ("http", Rule { scope: Scope::HostOnly, needs: &[] }),
+    ("http_pressure", Rule { scope: Scope::HostOnly, needs: &[] }),
+    // Capabilities are given up by userspace after attach, whatever the tier
+    // (CAP_BPF kept before 5.19 is a kernel matter, once per kernel covers
+    // it); what it measures afterwards includes a UDP flow.
+    ("privileges", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
     ("deploy", Rule { scope: Scope::HostOnly, needs: &[] }),
     ("drops", Rule { scope: Scope::EveryTier, needs: &["drops", "tcp_errors"] }),
     // Asserts the owner of haproxy's accepted sockets.
