@@ -278,9 +278,17 @@ pub enum LostSource {
     /// flow's socket was not noted, so its release will not be reported; its
     /// flows end at the idle timeout instead, connected or not.
     UdpSocketTableFull = 7,
+    /// kprobe tier: a send or receive call whose return probe never ran (the
+    /// kernel had no return-probe instance free: more tasks inside the
+    /// function at once than its `maxactive`: one per possible CPU on kernels
+    /// built without CONFIG_PREEMPTION, such as Debian's 5.10, else
+    /// max(10, 2 x possible CPUs); or a BPF program was running on the CPU
+    /// already). Found at the task's next call; the call's bytes are not
+    /// counted.
+    SockCallReturnMissed = 8,
 }
 /// Number of `LostSource` values (the `LOST` array's length).
-pub const LOST_SOURCES: u32 = 8;
+pub const LOST_SOURCES: u32 = 9;
 
 /// `DropKey::kind`: what the kernel counted.
 pub mod drop_kind {

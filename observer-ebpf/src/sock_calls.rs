@@ -22,10 +22,11 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use observer_common::{IPPROTO_TCP, IPPROTO_UDP};
+use observer_common::{IPPROTO_TCP, IPPROTO_UDP, LostSource};
 
 use crate::{
     kernel::{Btf, Mem, Probe, offset},
+    maps::{BPF_NOEXIST, count_lost},
     session::on_tcp_call,
     udp::on_udp_call,
 };
@@ -145,8 +146,14 @@ pub fn obs_call_kp(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let args = CallArgs { sk: sk as u64, flags: ctx.arg::<i32>(3).unwrap_or(0), _pad0: 0 };
-    // An LRU map makes room by evicting; an insert does not fail for space.
-    let _ = CALLS.insert(&bpf_get_current_pid_tgid(), &args, 0);
+    let task = bpf_get_current_pid_tgid();
+    // An entry of this task's still there: its previous call's return probe
+    // never ran, and that call is lost. Counted, then overwritten. An LRU map
+    // makes room by evicting; an insert does not fail for space.
+    if CALLS.insert(&task, &args, BPF_NOEXIST).is_err() {
+        count_lost(LostSource::SockCallReturnMissed);
+        let _ = CALLS.insert(&task, &args, 0);
+    }
     0
 }
 

@@ -46,7 +46,9 @@ pub use fake_nvml::FakeNvml;
 pub use haproxy::{Haproxy, HaproxySession};
 pub use http_client::{ProcStatus, connect_from, proc_status, timed_get, v4};
 pub use netns::NetNs;
-pub use observer::{ObserverProcess, Stopped, forced_probes, observer_bin, run_observer_cli, run_observer_cli_in};
+pub use observer::{
+    ObserverProcess, Stopped, concern_hooked, forced_probes, observer_bin, run_observer_cli, run_observer_cli_in,
+};
 pub use procfs::{ThreadCaps, rss_bytes, set_thread_comm, thread_caps};
 pub use prom::{Histogram, Metrics, Sample};
 pub use prometheus_server::{PrometheusServer, prometheus_bin, promtool_bin};

@@ -56,6 +56,22 @@ pub fn run_observer_cli(args: &[&str]) -> Result<Output> {
     run_with_timeout(Command::new(checked_bin()?).args(args), CLI_TIMEOUT)
 }
 
+/// Whether `observer check`, in the tier the tests force (`auto` if none),
+/// gives `concern` a hook: a test of what only that concern measures skips
+/// where it has none (UDP sessions without `sock_calls` before 6.3 in the
+/// tracepoint tier, for one).
+pub fn concern_hooked(concern: &str) -> Result<bool> {
+    let probes = forced_probes().unwrap_or_else(|| "auto".to_string());
+    let out = run_observer_cli(&["check", "--probes", &probes])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("concern {concern} ");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .with_context(|| format!("observer check names no concern {concern}:\n{text}"))?;
+    Ok(line.ends_with("(chosen)"))
+}
+
 /// Like [`run_observer_cli`], inside `ns`.
 pub fn run_observer_cli_in(ns: &NetNs, args: &[&str]) -> Result<Output> {
     run_with_timeout(ns.command_setns(checked_bin()?).args(args), CLI_TIMEOUT)

@@ -14,7 +14,8 @@ use std::{
 
 use observer_common::SessionStart;
 use observer_tests::{
-    KernelMap, NetNs, ObserverProcess, TempDir, read_session_log, scaled, time_scale, wait_sessions, wait_until,
+    KernelMap, Metrics, NetNs, ObserverProcess, TempDir, forced_probes, read_session_log, scaled, time_scale,
+    wait_sessions, wait_until,
 };
 
 /// A measured figure, on stderr even where the test harness captures the
@@ -124,15 +125,18 @@ fn send_from_processes(connected: RawFd, unconnected: RawFd, to: SocketAddr) -> 
 /// N processes share one connected UDP socket and one unconnected socket and
 /// send on both at once: each flow's bytes (in the session log, at the
 /// sockets' release) equal what the send calls returned, exactly, run after
-/// run.
+/// run. In the kprobe tier a call whose return probe the kernel skipped is
+/// lost instead, but counted (`sock_call_return_missed`).
 #[test]
 fn udp_flows_shared_by_processes_count_every_byte() {
     let runs: usize = std::env::var("OBSERVER_TEST_CONCURRENCY_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let ns = NetNs::new("conc-udp").unwrap();
     let tmp = TempDir::new("conc-udp").unwrap();
     let log = tmp.path().join("sessions.jsonl");
-    let _observer = ObserverProcess::start(&ns, &["--iface", "lo", "--session-log", log.to_str().unwrap()]).unwrap();
+    let mut observer = ObserverProcess::start(&ns, &["--iface", "lo", "--session-log", log.to_str().unwrap()]).unwrap();
+    let kprobe_tier = forced_probes().as_deref() == Some("kprobe");
     for run in 1..=runs {
+        let missed_before = missed_returns(&observer.metrics().unwrap());
         let (client, server, peer, sent) = ns.run(|| {
             // Nobody reads: the sends succeed, the receiver drops what does
             // not fit; only what the calls returned counts.
@@ -160,11 +164,35 @@ fn udp_flows_shared_by_processes_count_every_byte() {
             "run {run}: {} processes, bytes sent (connected, unconnected) {sent:?}, counted {counted:?}",
             parallelism()
         ));
-        assert_eq!(counted, sent, "run {run}: the flows' bytes equal what the send calls returned");
+        if kprobe_tier && counted != sent {
+            // The kprobe tier loses the calls whose return probe the kernel
+            // did not run (out of return-probe instances: one per CPU on
+            // 5.10); each is counted at its task's next call, so only each
+            // process's last call may be lost uncounted. Never silent.
+            assert!(counted.0 <= sent.0 && counted.1 <= sent.1, "run {run}: counted {counted:?} of {sent:?}");
+            let lost = (sent.0 + sent.1 - counted.0 - counted.1) as usize;
+            assert_eq!(lost % DATAGRAM, 0, "run {run}: whole datagrams lost");
+            let uncounted = parallelism();
+            let m = observer.scrape_until("the lost calls counted", scaled(Duration::from_secs(10)), |m| {
+                (missed_returns(m) - missed_before) as usize + uncounted >= lost / DATAGRAM
+            });
+            figure(&format!(
+                "run {run}: kprobe tier: {} calls lost, {} counted as sock_call_return_missed",
+                lost / DATAGRAM,
+                missed_returns(&m) - missed_before
+            ));
+        } else {
+            assert_eq!(counted, sent, "run {run}: the flows' bytes equal what the send calls returned");
+        }
     }
     // Every run's flows, nothing else, and each once.
     let all = read_session_log(&log).unwrap();
     assert_eq!(all.iter().filter(|s| s.protocol == "udp").count(), 2 * runs, "{all:#?}");
+}
+
+/// Calls whose return probe did not run (kprobe tier), machine-wide.
+fn missed_returns(m: &Metrics) -> f64 {
+    m.value_exact("observer_events_lost_total", &[("source", "sock_call_return_missed")]).unwrap_or(0.0)
 }
 
 /// The `OPEN_SESSIONS` entry of this process's session that has sent the

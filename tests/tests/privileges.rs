@@ -10,8 +10,8 @@ use std::{
 };
 
 use observer_tests::{
-    FakeNvml, Metrics, NetNs, ObserverProcess, TcpServer, ThreadCaps, TlsWebConfig, forced_probes, run_observer_cli,
-    scaled, set_thread_comm, thread_caps, transfer, wait_no_kernel_objects, wait_until,
+    FakeNvml, Metrics, NetNs, ObserverProcess, TcpServer, TempDir, ThreadCaps, TlsWebConfig, forced_probes,
+    run_observer_cli, scaled, set_thread_comm, thread_caps, transfer, wait_no_kernel_objects, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -72,7 +72,11 @@ fn after_attach_no_thread_holds_a_capability_and_everything_is_still_measured() 
     let tls = TlsWebConfig::new().unwrap();
     let fake =
         FakeNvml::new("privs-nvml", "count=1\ngpu0.uuid=GPU-00000000-0000-4000-8000-000000000027\ngpu0.util=42\n");
+    // A session log: its writer is a thread of its own, started before attach.
+    let log_dir = TempDir::new("privs-log").unwrap();
+    let log = log_dir.path().join("sessions.jsonl");
     let mut args = vec!["--iface", "lo", "--session-label", "comm", "--web-config-file", tls.file.to_str().unwrap()];
+    args.extend(["--session-log", log.to_str().unwrap()]);
     let gpu_args = fake.args("100ms");
     args.extend(gpu_args.iter().map(String::as_str));
     let mut observer = ObserverProcess::spawn(&ns, &args).unwrap();
@@ -95,7 +99,7 @@ fn after_attach_no_thread_holds_a_capability_and_everything_is_still_measured() 
     let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();
     eprintln!("threads after /readyz: {names:?}, kept {kept:#x}");
     assert!(threads.len() >= 5, "main, two runtime workers, two ring readers, the GPU sampler: {names:?}");
-    assert!(names.contains(&"nvml-sampler"), "{names:?}");
+    assert!(names.contains(&"nvml-sampler") && names.contains(&"session-log"), "{names:?}");
     assert_no_capabilities(&threads, kept, bounding_cleared, "after /readyz");
     assert!(observer.log().contains("capabilities given up in every thread"), "{}", observer.log());
     assert!(!observer.log().contains("still holds capabilities"), "{}", observer.log());

@@ -59,6 +59,9 @@ impl SessionLog {
         let lost = Arc::new(AtomicU64::new(0));
         let writer_lost = lost.clone();
         thread::Builder::new().name("session-log".into()).spawn(move || {
+            // Started before the programs are attached: give up what the
+            // main thread holds now, which a writer of lines never needs.
+            crate::kernel::privileges::drop_in_this_thread();
             write_lines(out, &rx, &writer_lost);
             drop(done_tx);
         })?;

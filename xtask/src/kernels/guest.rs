@@ -68,7 +68,11 @@ const RULES: &[(&str, Rule)] = &[
     // it); what it measures afterwards includes a UDP flow.
     ("privileges", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
     ("deploy", Rule { scope: Scope::HostOnly, needs: &[] }),
-    ("drops", Rule { scope: Scope::EveryTier, needs: &["drops", "tcp_errors"] }),
+    // The drop and TCP error hooks are the tracepoint tier's only, which
+    // `auto` takes for them on every kernel: the forced tier would repeat it.
+    ("drops", Rule { scope: Scope::OncePerKernel, needs: &["drops", "tcp_errors"] }),
+    // The session log's writer and its queue: userspace over UDP sessions.
+    ("session_log_pipe", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
     // Asserts the owner of haproxy's accepted sockets.
     ("haproxy", Rule { scope: Scope::EveryTier, needs: &["tcp_owner"] }),
     // Asserts an open session in the table for the scrape connection, which
