@@ -182,6 +182,7 @@ impl RefProg {
             Attach::FExit(_) => (BPF_PROG_TYPE_TRACING, BPF_TRACE_FEXIT, target_btf_id(at)?),
             Attach::KProbe(_) | Attach::KRetProbe(_) => (BPF_PROG_TYPE_KPROBE, 0, 0),
         };
+        raise_memlock();
         let license = CString::new("GPL").expect("no NUL inside");
         let mut prog_name = [0u8; 16];
         let short = &name.as_bytes()[..name.len().min(15)];
@@ -236,6 +237,16 @@ impl RefProg {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.prog.as_fd()
     }
+}
+
+/// Before 5.11 a program's memory counts against `RLIMIT_MEMLOCK`, shared by every
+/// process of the user: with an observer's tables loaded, the default limit makes
+/// the kernel refuse a load with EPERM. Lifted as libbpf does; a no-op later.
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads the struct, which lives across the call. Without the
+    // privilege it fails, and the load then says why.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
 /// A perf event of the kprobe PMU on `func` (its return if `ret`), running `prog`.

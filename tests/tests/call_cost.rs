@@ -22,8 +22,12 @@ use observer_tests::{
     scaled,
 };
 
-/// Rounds of one send and the receives that take it, UDP then TCP.
-const ROUNDS: u64 = 2_000;
+/// Batches of rounds of one send and the receives that take it (UDP, then TCP).
+/// Each batch is timed apart and the median batch reported: under emulation a
+/// vCPU preempted while a program runs adds milliseconds to that run, which
+/// would move a mean over all runs.
+const BATCHES: usize = 9;
+const ROUNDS: u64 = 250;
 const DATAGRAM: usize = 100;
 const SEGMENT: usize = 1_000;
 
@@ -92,57 +96,68 @@ fn pairs(hook: &str) -> &'static [Pair] {
     tiers.into_iter().find(|(prefix, _)| hook.starts_with(prefix)).map_or(&[], |(_, p)| p)
 }
 
-/// One send and the nonblocking receives that take it, `ROUNDS` times over a
-/// connected UDP pair and a TCP connection on 127.0.0.1. No receive sleeps:
-/// a kretprobe may miss a call that slept (docs/kernels.md, 5.10).
-fn traffic() -> Calls {
-    let mut calls = Calls::default();
-    let deadline = Instant::now() + scaled(Duration::from_secs(30));
-    let mut buf = vec![0u8; 65_536];
-    // Counts one receive call; false while nothing had arrived.
-    let took = |r: std::io::Result<usize>, count: &mut u64| -> Option<usize> {
-        *count += 1;
-        match r {
-            Ok(n) => Some(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "loopback traffic stalled");
-                std::thread::yield_now();
-                None
-            }
-            Err(e) => panic!("receive: {e}"),
-        }
-    };
+/// A connected UDP pair and a TCP connection on 127.0.0.1, receiving
+/// nonblocking: no receive sleeps, as a kretprobe may miss a call that slept
+/// (docs/kernels.md, 5.10).
+struct Traffic {
+    a: UdpSocket,
+    b: UdpSocket,
+    client: TcpStream,
+    server: TcpStream,
+}
 
-    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-    a.connect(b.local_addr().unwrap()).unwrap();
-    b.connect(a.local_addr().unwrap()).unwrap();
-    b.set_nonblocking(true).unwrap();
-    for _ in 0..ROUNDS {
-        assert_eq!(a.send(&[1; DATAGRAM]).unwrap(), DATAGRAM);
-        calls.udp_send += 1;
-        while took(b.recv(&mut buf), &mut calls.udp_recv).map(|n| assert_eq!(n, DATAGRAM)).is_none() {}
+impl Traffic {
+    fn new() -> Self {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.connect(b.local_addr().unwrap()).unwrap();
+        b.connect(a.local_addr().unwrap()).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        Traffic { a, b, client, server }
     }
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
-    server.set_nonblocking(true).unwrap();
-    for _ in 0..ROUNDS {
-        let mut sent = 0;
-        while sent < SEGMENT {
-            sent += client.write(&[2; SEGMENT][sent..]).unwrap();
-            calls.tcp_send += 1;
+    /// `ROUNDS` of one UDP send and the receives that take it, then as many of
+    /// one TCP send (or more, if it took part) and the receives that take it.
+    fn batch(&mut self, calls: &mut Calls) {
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
+        let mut buf = vec![0u8; 65_536];
+        // Counts one receive call; None while nothing had arrived.
+        let took = |r: std::io::Result<usize>, count: &mut u64| -> Option<usize> {
+            *count += 1;
+            match r {
+                Ok(n) => Some(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "loopback traffic stalled");
+                    std::thread::yield_now();
+                    None
+                }
+                Err(e) => panic!("receive: {e}"),
+            }
+        };
+        for _ in 0..ROUNDS {
+            assert_eq!(self.a.send(&[1; DATAGRAM]).unwrap(), DATAGRAM);
+            calls.udp_send += 1;
+            while took(self.b.recv(&mut buf), &mut calls.udp_recv).map(|n| assert_eq!(n, DATAGRAM)).is_none() {}
         }
-        let mut got = 0;
-        while got < SEGMENT {
-            if let Some(n) = took(server.read(&mut buf[..SEGMENT - got]), &mut calls.tcp_recv) {
-                assert!(n > 0, "the connection closed");
-                got += n;
+        for _ in 0..ROUNDS {
+            let mut sent = 0;
+            while sent < SEGMENT {
+                sent += self.client.write(&[2; SEGMENT][sent..]).unwrap();
+                calls.tcp_send += 1;
+            }
+            let mut got = 0;
+            while got < SEGMENT {
+                if let Some(n) = took(self.server.read(&mut buf[..SEGMENT - got]), &mut calls.tcp_recv) {
+                    assert!(n > 0, "the connection closed");
+                    got += n;
+                }
             }
         }
     }
-    calls
 }
 
 /// `after` less `before`: what the traffic's calls ran.
@@ -154,8 +169,14 @@ fn delta(before: &KernelProgram, after: &KernelProgram) -> (u64, u64, u64) {
     )
 }
 
-fn ns_per_run(runs: u64, ns: u64) -> f64 {
-    if runs == 0 { 0.0 } else { ns as f64 / runs as f64 }
+/// Runs, ns/run of the median batch, and runs the kernel skipped, of one
+/// program over the batches (`(runs, ns, missed)` each).
+fn summary(batches: &[(u64, u64, u64)]) -> (u64, f64, u64) {
+    let mut per: Vec<f64> =
+        batches.iter().map(|&(runs, ns, _)| if runs == 0 { 0.0 } else { ns as f64 / runs as f64 }).collect();
+    per.sort_by(f64::total_cmp);
+    let median = per.get(per.len() / 2).copied().unwrap_or(0.0);
+    (batches.iter().map(|b| b.0).sum(), median, batches.iter().map(|b| b.2).sum())
 }
 
 #[test]
@@ -185,7 +206,8 @@ fn per_call_programs_next_to_empty_ones() {
             r
         })
         .collect();
-    let snapshot = |observer: &ObserverProcess| {
+    // Per pair: the observer's program and its empty twin, with their counters now.
+    let snapshot = || {
         let ours = programs_of_process(observer.pid()).unwrap();
         pairs
             .iter()
@@ -198,28 +220,38 @@ fn per_call_programs_next_to_empty_ones() {
             .collect::<Vec<_>>()
     };
 
-    let before = snapshot(&observer);
-    let calls = ns.run(traffic);
-    let after = snapshot(&observer);
+    let mut traffic = ns.run(Traffic::new);
+    let mut calls = Calls::default();
+    // Per pair, per batch: the program's and the empty one's (runs, ns, missed).
+    let mut batches: Vec<(Vec<_>, Vec<_>)> = vec![(Vec::new(), Vec::new()); pairs.len()];
+    for _ in 0..BATCHES {
+        let before = snapshot();
+        traffic.batch(&mut calls);
+        for (i, (after, before)) in snapshot().iter().zip(&before).enumerate() {
+            batches[i].0.push(delta(&before.0, &after.0));
+            batches[i].1.push(delta(&before.1, &after.1));
+        }
+    }
+    let sizes = snapshot();
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("call_cost: kernel {}, sock_calls hook {hook}", kernel.trim());
     println!(
-        "call_cost: calls: UDP {} sends, {} receives; TCP {} sends, {} receives (IPv4, 127.0.0.1)",
+        "call_cost: calls: UDP {} sends, {} receives; TCP {} sends, {} receives (IPv4, 127.0.0.1), \
+         in {BATCHES} batches; ns/run of the median batch",
         calls.udp_send, calls.udp_recv, calls.tcp_send, calls.tcp_recv
     );
     println!("cost | program | insns | runs | ns/run | empty program at | runs | ns/run | ratio | ns over empty |");
     let mut problems = Vec::new();
-    for ((p, e), ((prog0, empty0), (prog1, empty1))) in pairs.iter().zip(&empties).zip(before.iter().zip(&after)) {
-        let (runs, ns, missed) = delta(prog0, prog1);
-        let (e_runs, e_ns, e_missed) = delta(empty0, empty1);
-        let (per, e_per) = (ns_per_run(runs, ns), ns_per_run(e_runs, e_ns));
+    for (((p, e), (prog, empty)), size) in pairs.iter().zip(&empties).zip(&batches).zip(&sizes) {
+        let (runs, per, missed) = summary(prog);
+        let (e_runs, e_per, e_missed) = summary(empty);
         let ratio = if e_per > 0.0 { format!("{:.2}", per / e_per) } else { "-".to_owned() };
         let places: Vec<String> = p.empty_at.iter().map(|a| a.to_string()).collect();
         println!(
             "cost | {} | {} | {runs} | {per:.0} | {} | {e_runs} | {e_per:.0} | {ratio} | {:.0} |",
             p.program,
-            prog1.xlated_insns,
+            size.0.xlated_insns,
             places.join(" + "),
             per - e_per
         );
@@ -230,7 +262,7 @@ fn per_call_programs_next_to_empty_ones() {
                 problems.push(format!("{name} ran {ran} times (missed {missed}) for {want} calls"));
             }
         }
-        if e_runs > 0 && e_ns == 0 {
+        if e_runs > 0 && e_per == 0.0 {
             problems.push(format!("{} ran with no time counted: BPF statistics are off", e.name()));
         }
     }
