@@ -12,10 +12,10 @@
 //! so right after the observer exits its programs may still be listed for a
 //! moment: use [`wait_no_kernel_objects`] instead of checking once.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::util::wait_until;
 
@@ -36,6 +36,11 @@ const PROG_INFO_TYPE: usize = 0;
 const PROG_INFO_ID: usize = 4;
 const PROG_INFO_XLATED_LEN: usize = 20;
 const PROG_INFO_NAME: usize = 64;
+/// BPF statistics (`kernel.bpf_stats_enabled`): time and runs (5.1+), runs
+/// skipped for recursion (5.12+; zero before).
+const PROG_INFO_RUN_TIME_NS: usize = 192;
+const PROG_INFO_RUN_CNT: usize = 200;
+const PROG_INFO_RECURSION_MISSES: usize = 208;
 /// `verified_insns` (5.16+; zero before).
 const PROG_INFO_VERIFIED_INSNS: usize = 216;
 const OBJ_NAME_LEN: usize = 16;
@@ -64,6 +69,10 @@ pub struct KernelProgram {
     /// Instructions the verifier walked to prove it safe, on kernels that
     /// say (5.16+).
     pub verified_insns: Option<u32>,
+    /// BPF statistics, counted while they are on (the observer's `--bpf-stats`).
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+    pub recursion_misses: u64,
 }
 
 /// A BPF link (an attachment that owns a program reference).
@@ -140,7 +149,7 @@ fn fd_by_id(fd_cmd: libc::c_long, id: u32) -> Result<Option<OwnedFd>> {
 }
 
 /// Info struct bytes of the object behind `fd`.
-fn fd_info(fd: &OwnedFd) -> Result<[u8; INFO_BUF]> {
+fn fd_info(fd: BorrowedFd) -> Result<[u8; INFO_BUF]> {
     let mut buf = [0u8; INFO_BUF];
     let raw = fd.as_raw_fd() as u32;
     let mut attr = Attr { a: raw, b: INFO_BUF as u32, c: buf.as_mut_ptr() as u64, ..Default::default() };
@@ -152,13 +161,19 @@ fn fd_info(fd: &OwnedFd) -> Result<[u8; INFO_BUF]> {
 
 /// Info struct bytes of the object with `id`, or `None` if it vanished.
 fn info(fd_cmd: libc::c_long, id: u32) -> Result<Option<[u8; INFO_BUF]>> {
-    fd_by_id(fd_cmd, id)?.map(|fd| fd_info(&fd)).transpose()
+    fd_by_id(fd_cmd, id)?.map(|fd| fd_info(fd.as_fd())).transpose()
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&b[off..off + 4]);
     u32::from_ne_bytes(w)
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[off..off + 8]);
+    u64::from_ne_bytes(w)
 }
 
 fn name_at(b: &[u8], off: usize) -> String {
@@ -172,13 +187,47 @@ pub fn kernel_programs() -> Result<Vec<KernelProgram>> {
     let mut out = Vec::new();
     for id in ids(BPF_PROG_GET_NEXT_ID)? {
         if let Some(b) = info(BPF_PROG_GET_FD_BY_ID, id)? {
-            out.push(KernelProgram {
-                id: u32_at(&b, PROG_INFO_ID),
-                prog_type: u32_at(&b, PROG_INFO_TYPE),
-                name: name_at(&b, PROG_INFO_NAME),
-                xlated_insns: u32_at(&b, PROG_INFO_XLATED_LEN) / 8,
-                verified_insns: Some(u32_at(&b, PROG_INFO_VERIFIED_INSNS)).filter(|&n| n > 0),
-            });
+            out.push(program_from_info(&b));
+        }
+    }
+    Ok(out)
+}
+
+fn program_from_info(b: &[u8]) -> KernelProgram {
+    KernelProgram {
+        id: u32_at(b, PROG_INFO_ID),
+        prog_type: u32_at(b, PROG_INFO_TYPE),
+        name: name_at(b, PROG_INFO_NAME),
+        xlated_insns: u32_at(b, PROG_INFO_XLATED_LEN) / 8,
+        verified_insns: Some(u32_at(b, PROG_INFO_VERIFIED_INSNS)).filter(|&n| n > 0),
+        run_time_ns: u64_at(b, PROG_INFO_RUN_TIME_NS),
+        run_cnt: u64_at(b, PROG_INFO_RUN_CNT),
+        recursion_misses: u64_at(b, PROG_INFO_RECURSION_MISSES),
+    }
+}
+
+/// The program behind `fd` (one this process loaded), with its counters now.
+pub fn program_of_fd(fd: BorrowedFd) -> Result<KernelProgram> {
+    Ok(program_from_info(&fd_info(fd)?))
+}
+
+/// The programs process `pid` holds open (fdinfo's `prog_id`), with their
+/// counters now: another process's programs of the same name stay out.
+pub fn programs_of_process(pid: u32) -> Result<Vec<KernelProgram>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids: Vec<u32> = Vec::new();
+    // An fd can close between listing and reading; such entries are skipped.
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))?.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let id = text.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok());
+        if let Some(id) = id.filter(|id| !ids.contains(id)) {
+            ids.push(id);
+        }
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        if let Some(b) = info(BPF_PROG_GET_FD_BY_ID, id)? {
+            out.push(program_from_info(&b));
         }
     }
     Ok(out)
@@ -246,7 +295,7 @@ impl KernelMap {
         let name = &name[..name.len().min(OBJ_NAME_LEN - 1)];
         for id in ids(BPF_MAP_GET_NEXT_ID)?.into_iter().rev() {
             let Some(fd) = fd_by_id(BPF_MAP_GET_FD_BY_ID, id)? else { continue };
-            let b = fd_info(&fd)?;
+            let b = fd_info(fd.as_fd())?;
             if name_at(&b, MAP_INFO_NAME) == name {
                 let (key_size, value_size) = (u32_at(&b, MAP_INFO_KEY_SIZE), u32_at(&b, MAP_INFO_VALUE_SIZE));
                 return Ok(KernelMap { fd, key_size: key_size as usize, value_size: value_size as usize });

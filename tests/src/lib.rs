@@ -28,6 +28,7 @@ pub mod observer;
 pub mod procfs;
 pub mod prom;
 pub mod prometheus_server;
+pub mod refprog;
 pub mod scrape;
 pub mod session_log;
 pub mod traffic;
@@ -39,7 +40,7 @@ mod selftest;
 
 pub use bpf::{
     KernelLink, KernelMap, KernelProgram, kernel_links, kernel_links_named, kernel_programs, kernel_programs_named,
-    wait_no_kernel_objects,
+    program_of_fd, programs_of_process, wait_no_kernel_objects,
 };
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use fake_nvml::FakeNvml;

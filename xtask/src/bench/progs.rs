@@ -342,7 +342,7 @@ mod tests {
 
     /// Loads `r0 = 0; exit` as a socket filter named `name`; None without privileges.
     fn load_trivial_prog(name: &str) -> Option<OwnedFd> {
-        use crate::bench::baseline::{BPF_PROG_LOAD, ProgLoadAttr, bpf};
+        use crate::bench::baseline::refprog::{BPF_PROG_LOAD, ProgLoadAttr, bpf};
         const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
         // mov64 r0, 0 (opcode 0xb7); exit (0x95).
         let insns: [u64; 2] = [0xb7, 0x95];

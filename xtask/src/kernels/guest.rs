@@ -28,6 +28,8 @@ pub enum Scope {
     OncePerKernel,
     /// Not run in the VMs: nothing in them depends on the kernel.
     HostOnly,
+    /// Only in these forced tiers: measurements of what the host cannot run.
+    OnlyIn(&'static [&'static str]),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +86,10 @@ const RULES: &[(&str, Rule)] = &[
     ("sock_calls", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
     // Flows and live bytes under calls from several CPUs at once.
     ("concurrency", Rule { scope: Scope::EveryTier, needs: &["sock_calls", "udp_release"] }),
+    // ns per run of the per-call programs next to empty ones of the same attach
+    // type (docs/kernels.md): the tiers the host has neither trampolines nor
+    // kprobes for; the tracepoint tier is measured on the host.
+    ("call_cost", Rule { scope: Scope::OnlyIn(&["fentry", "kprobe"]), needs: &["sock_calls"] }),
 ];
 
 pub fn rule(test: &str) -> Rule {
@@ -119,6 +125,7 @@ pub fn plan(tests: &[TestBin], tiers: &[&'static str]) -> Vec<Run> {
                 Scope::EveryTier => true,
                 Scope::OncePerKernel => tier == AUTO,
                 Scope::HostOnly => false,
+                Scope::OnlyIn(tiers) => tiers.contains(&tier),
             };
             if runs_here {
                 runs.push(Run { tier, test: t.name.clone(), path: t.path.clone(), needs: r.needs });
@@ -293,6 +300,16 @@ mod tests {
         let udp = p.iter().find(|r| r.test == "udp_sessions").unwrap();
         assert_eq!(udp.needs, ["sock_calls", "udp_release"]);
         assert_eq!(p.iter().find(|r| r.test == "burst").unwrap().path, Path::new("/t/burst-0123"));
+    }
+
+    #[test]
+    fn a_test_for_some_tiers_runs_in_those_only() {
+        let p = plan(&bins(&["call_cost", "tcp_sessions"]), &TIERS);
+        let cost: Vec<&str> = p.iter().filter(|r| r.test == "call_cost").map(|r| r.tier).collect();
+        assert_eq!(cost, ["fentry", "kprobe"]);
+        assert_eq!(p.iter().find(|r| r.test == "call_cost").unwrap().needs, ["sock_calls"]);
+        let p = plan(&bins(&["call_cost"]), &["kprobe", "tracepoint"]);
+        assert_eq!(p.iter().map(|r| r.tier).collect::<Vec<_>>(), ["kprobe"]);
     }
 
     #[test]
