@@ -449,7 +449,10 @@ pub struct Settings {
     /// Inode of the observer's own network namespace: drops in any other one
     /// are counted under `DROP_NETNS_OTHER` (see `DropKey::netns_ino`).
     pub own_netns_ino: u32,
-    pub _pad0: u32,
+    /// Nonzero: send and receive calls on UDP sockets are not measured (no
+    /// UDP flows), because `--disable` switched off `udp_release`, which
+    /// ends them (see `Disabled` in observer's kernel/probes.rs).
+    pub skip_udp: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 

@@ -58,7 +58,7 @@ static SETTINGS: Settings = Settings {
     drop_reason_consumed: 0,
     tcp_retransmit_args: 0,
     own_netns_ino: 0,
-    _pad0: 0,
+    skip_udp: 0,
 };
 
 #[inline(always)]
@@ -67,6 +67,15 @@ pub fn settings() -> Settings {
     // initialised `Settings`; volatile only so that the compiler reads what
     // the loader wrote instead of folding the placeholder zeros above.
     unsafe { core::ptr::read_volatile(&SETTINGS) }
+}
+
+/// Whether UDP sockets' calls are left alone (`Settings::skip_udp`). Read as
+/// one field of the frozen `.rodata`, so the verifier knows it as a constant
+/// and prunes the UDP path when it is set.
+#[inline(always)]
+pub fn skip_udp() -> bool {
+    // SAFETY: as in `settings`, a field of a static.
+    unsafe { core::ptr::read_volatile(&SETTINGS.skip_udp) != 0 }
 }
 
 /// One offset the loader wrote, as `offset!(skc_state)`. Read field by field

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use observer_common::{IPPROTO_TCP, IPPROTO_UDP, LostSource};
 
 use crate::{
-    kernel::{Btf, Mem, Probe, offset},
+    kernel::{Btf, Mem, Probe, offset, skip_udp},
     maps::{BPF_NOEXIST, count_lost},
     session::on_tcp_call,
     udp::on_udp_call,
@@ -48,7 +48,8 @@ fn on_call<M: Mem>(sk: *const u8, ret: i32, send: bool, flags: i32) {
                 on_tcp_call::<M>(sk, tp);
             }
         }
-        Some(IPPROTO_UDP) => on_udp_call::<M>(sk, ret, send, send || flags & MSG_PEEK == 0),
+        // UDP flows not measured (`--disable udp_release` or `sock_calls`).
+        Some(IPPROTO_UDP) if !skip_udp() => on_udp_call::<M>(sk, ret, send, send || flags & MSG_PEEK == 0),
         _ => {}
     }
 }

@@ -76,6 +76,22 @@ fn unusable_listen_address() {
 }
 
 #[test]
+fn disabling_a_required_or_unknown_concern() {
+    let valid = "concerns that can be switched off: tcp_owner, sock_calls, udp_release, drops, tcp_errors";
+    assert_usage_error(
+        &["--disable", "tcp_state"],
+        &["invalid value 'tcp_state' for '--disable <CONCERN>'", "tcp_state cannot be switched off", valid],
+    );
+    assert_usage_error(&["--disable", "drops,tcp_state"], &["tcp_state cannot be switched off"]);
+    assert_usage_error(&["--disable", "sockcalls"], &["`sockcalls` is not a concern", valid]);
+    // `check` takes the same flag, and refuses the same way.
+    let out = run_observer_cli(&["check", "--disable", "tcp_state"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("tcp_state cannot be switched off"), "{stderr}");
+}
+
+#[test]
 fn forcing_a_tier_the_kernel_lacks_fails_with_the_reason() {
     let report = String::from_utf8_lossy(&run_observer_cli(&["check"]).unwrap().stdout).into_owned();
     // The tcp_state hook of each tier, as `observer_probe_info{hook}` names it.

@@ -461,6 +461,11 @@ fn helm_chart() {
     // kube-rbac-proxy: off by default; when on, the observer listens on the
     // node's loopback only, the proxy takes the metrics port, and the RBAC
     // objects it needs exist only then.
+    // Optional concerns: none switched off by default (as in the plain
+    // manifest, where the line is commented out), passed as one --disable.
+    assert_eq!(get(values, "disable"), &Value::Array(Vec::new()));
+    assert!(daemonset.contains("{{- with .Values.disable }}\n            - --disable={{ join \",\" . }}"));
+    assert!(plain.contains("# - --disable=") && !plain.contains("\n            - --disable"));
     assert_eq!(get(values, "kubeRbacProxy.enabled"), false);
     assert!(daemonset.contains("- --listen=127.0.0.1:{{ .Values.listen.port }}"));
     assert!(daemonset.contains("--upstream=http://127.0.0.1:{{ .Values.listen.port }}/"));
@@ -480,16 +485,20 @@ fn helm_chart() {
             assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
             let rendered = String::from_utf8(out.stdout).unwrap();
             assert_valid(&yaml_documents(&rendered, &chart), "helm template");
+            assert!(!rendered.contains("--disable"), "no concern is switched off by default");
             let out = run_with_timeout(
                 Command::new(&helm)
                     .args(["template", "observer", "--namespace", "observer"])
                     .args(["--set", "gpu.mode=off", "--set", "kubeRbacProxy.enabled=true"])
+                    .args(["--set", "disable={drops,tcp_errors}"])
                     .arg(&chart),
                 Duration::from_secs(60),
             )
             .unwrap();
             assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
-            let objects = yaml_documents(&String::from_utf8(out.stdout).unwrap(), &chart);
+            let rendered = String::from_utf8(out.stdout).unwrap();
+            assert!(rendered.contains("- --disable=drops,tcp_errors\n"), "{rendered}");
+            let objects = yaml_documents(&rendered, &chart);
             assert_valid(&objects, "helm template --set gpu.mode=off,kubeRbacProxy.enabled=true");
         }
         None => eprintln!("helm is not installed: rendering skipped, static checks only"),

@@ -1,6 +1,8 @@
 //! `observer check`: what `run` would attach on this kernel, or why it could not.
 use std::fmt::Write as _;
 
+use observer_common::Settings;
+
 use crate::{
     cli::KernelArgs,
     kernel::btf::KernelBtf,
@@ -15,6 +17,7 @@ use crate::{
 /// The report and whether `run` would work.
 pub fn check(args: &KernelArgs) -> (String, bool) {
     let mut out = String::new();
+    let disabled = args.disabled();
     let mut ok = true;
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = writeln!(out, "kernel: {}", release.trim());
@@ -68,7 +71,7 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
     } else {
         loader::load(
             &btf,
-            drops::settings(&btf),
+            Settings { skip_udp: u32::from(!disabled.measures_udp()), ..drops::settings(&btf) },
             crate::cli::DEFAULT_MAX_SESSIONS,
             crate::cli::DEFAULT_MAX_UDP_FLOWS,
             kernel_diagnostics::wanted(),
@@ -82,12 +85,16 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
     let facts = detect::kernel_facts(&btf, fentry);
     write_tiers(&mut out, &facts);
 
-    let plan = probes::select(&facts, args.probes);
+    let plan = probes::select(&facts, args.probes, &disabled);
     for choice in &plan.choices {
         let need = if choice.concern.required() { "required" } else { "optional" };
         match &choice.hook {
             Ok(hook) => {
-                let _ = writeln!(out, "concern {} ({need}): {} (chosen)", choice.concern.as_str(), hook.describe());
+                let _ =
+                    writeln!(out, "concern {} ({need}): {} (chosen)", choice.concern.as_str(), disabled.label(*hook));
+            }
+            Err(why) if choice.disabled => {
+                let _ = writeln!(out, "concern {} ({need}): disabled: {why}", choice.concern.as_str());
             }
             Err(why) => {
                 let _ = writeln!(out, "concern {} ({need}): none: {why}", choice.concern.as_str());

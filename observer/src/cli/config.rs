@@ -261,6 +261,7 @@ mod tests {
             udp-idle-timeout = "10s"
             gpu = "off"
             probes = "tracepoint"
+            disable = ["drops", "tcp_errors"]
             "#,
         );
         let r = run_args(Some(&f), &[]).unwrap();
@@ -270,6 +271,8 @@ mod tests {
         assert_eq!(r.udp_idle_timeout, Duration::from_secs(10));
         assert_eq!(r.gpu.mode, crate::gpu::GpuMode::Off);
         assert_eq!(r.kernel.probes, crate::kernel::probes::ProbeMode::Tracepoint);
+        use crate::kernel::probes::Concern;
+        assert_eq!(r.kernel.disable, [Concern::Drops, Concern::TcpErrors]);
     }
 
     /// The one test that sets environment variables (they are process-wide).
@@ -283,7 +286,9 @@ mod tests {
         // test binary reads these variables.
         unsafe { std::env::set_var(&env, "7000") };
         unsafe { std::env::set_var("OBSERVER_UDP_IDLE_TIMEOUT", "9s") };
+        unsafe { std::env::set_var("OBSERVER_DISABLE", "sock_calls,drops") };
         let from_env = run_args(Some(&f), &[]);
+        unsafe { std::env::remove_var("OBSERVER_DISABLE") };
         let from_cli = run_args(Some(&f), &["--min-session-bytes", "9000", "--label", "region=us"]);
         unsafe { std::env::set_var(&env, "zero") };
         let bad_env_value = run_args(None, &[]).map(|_| ());
@@ -294,6 +299,8 @@ mod tests {
         assert_eq!(r.min_session_bytes, 7000, "environment over file");
         assert_eq!(r.active_gap, Duration::from_secs(2), "file over default");
         assert_eq!(r.udp_idle_timeout, Duration::from_secs(9), "environment over default");
+        use crate::kernel::probes::Concern;
+        assert_eq!(r.kernel.disable, [Concern::SockCalls, Concern::Drops], "a comma list from the environment");
         let r = from_cli.unwrap();
         assert_eq!(r.min_session_bytes, 9000, "command line over environment");
         assert_eq!(r.labels.len(), 1, "a repeatable flag given on the command line replaces the file's list");

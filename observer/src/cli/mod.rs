@@ -21,7 +21,7 @@ use crate::{
         peers::{PeerGroup, parse_peer_group, parse_service_ports},
     },
     kernel::btf::DEFAULT_BTF_PATH,
-    kernel::probes::ProbeMode,
+    kernel::probes::{Concern, Disabled, ProbeMode},
     metrics::labels::{StaticLabel, parse_label},
 };
 
@@ -111,6 +111,20 @@ pub struct KernelArgs {
     /// Kernel BTF to resolve structure offsets from.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BTF_PATH)]
     pub btf: PathBuf,
+    /// Optional concerns to switch off (comma-separated or repeated):
+    /// tcp_owner, sock_calls, udp_release, drops, tcp_errors. Nothing of
+    /// theirs is loaded, their metrics are absent, and observer_probe_info
+    /// shows hook="disabled". Without sock_calls or udp_release there are no
+    /// UDP sessions (docs/kernels.md says what each one costs).
+    #[arg(long, value_name = "CONCERN", value_delimiter = ',', value_parser = parse_disable)]
+    pub disable: Vec<Concern>,
+}
+
+impl KernelArgs {
+    /// The concerns `--disable` switches off, with those that follow.
+    pub fn disabled(&self) -> Disabled {
+        Disabled::new(&self.disable)
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -239,6 +253,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A concern `--disable` may switch off: an optional one, by the name
+/// `observer check` prints.
+fn parse_disable(s: &str) -> Result<Concern, String> {
+    let valid = format!("concerns that can be switched off: {}", Concern::optional_names());
+    match Concern::from_name(s) {
+        Some(c) if c.required() => Err(format!(
+            "{s} cannot be switched off: it is every TCP session's birth and close, without which nothing is measured ({valid})"
+        )),
+        Some(c) => Ok(c),
+        None if s.is_empty() => Err(format!("an empty concern name ({valid})")),
+        None => Err(format!("`{s}` is not a concern ({valid}; `observer check` lists them)")),
+    }
+}
+
 fn parse_min_bytes(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(0) => Err("must be at least 1 byte (0 would record every session, even empty ones)".into()),
@@ -321,6 +349,20 @@ mod tests {
     }
 
     #[test]
+    fn disable_comma_separated_or_repeated() {
+        assert!(run_args(&[]).unwrap().kernel.disable.is_empty());
+        let r = run_args(&["--disable", "sock_calls,drops", "--disable", "tcp_errors"]).unwrap();
+        assert_eq!(r.kernel.disable, [Concern::SockCalls, Concern::Drops, Concern::TcpErrors]);
+        assert_eq!(
+            r.kernel.disabled().concerns(),
+            [Concern::SockCalls, Concern::UdpRelease, Concern::Drops, Concern::TcpErrors]
+        );
+        let check = Cli::try_parse_from(["observer", "check", "--disable", "udp_release"]).unwrap();
+        let Command::Check(check) = check.command else { unreachable!() };
+        assert_eq!(check.kernel.disable, [Concern::UdpRelease]);
+    }
+
+    #[test]
     fn max_sessions() {
         assert_eq!(run_args(&["--max-sessions", "262144"]).unwrap().max_sessions, 262_144);
         assert_eq!(run_args(&["--max-sessions", "4194304"]).unwrap().max_sessions, MAX_MAX_SESSIONS);
@@ -379,6 +421,10 @@ mod tests {
             (&["--max-udp-flows", "0"][..], "table of UDP flows cannot be empty"),
             (&["--max-udp-flows", "many"][..], "not a whole number of flows"),
             (&["--max-udp-flows", "2097153"][..], "about 300 bytes an entry"),
+            (&["--disable", "tcp_state"][..], "tcp_state cannot be switched off"),
+            (&["--disable", "drops,tcp_state"][..], "sock_calls, udp_release, drops, tcp_errors"),
+            (&["--disable", "drop"][..], "`drop` is not a concern (concerns that can be switched off: tcp_owner,"),
+            (&["--disable", "drops,"][..], "an empty concern name"),
         ] {
             let err = run_args(args).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");

@@ -88,8 +88,21 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     let server = tokio::spawn(serve(listener, router(state.clone()), web.tls));
 
+    let disabled = args.kernel.disabled();
+    if !disabled.concerns().is_empty() {
+        let names: Vec<&str> = disabled.concerns().iter().map(|c| c.as_str()).collect();
+        tracing::info!(
+            concerns = %names.join(","),
+            udp_sessions = disabled.measures_udp(),
+            "switched off with --disable: nothing of theirs is loaded, their metrics are absent"
+        );
+    }
     let btf = KernelBtf::open(&args.kernel.btf)?;
-    let settings = Settings { active_gap_ns: args.active_gap.as_nanos() as u64, ..drops::settings(&btf) };
+    let settings = Settings {
+        active_gap_ns: args.active_gap.as_nanos() as u64,
+        skip_udp: u32::from(!disabled.measures_udp()),
+        ..drops::settings(&btf)
+    };
     // Held until the process exits: BPF run-time statistics stay on while
     // the observer runs, and the kernel restores the previous state then.
     let _bpf_stats = if args.bpf_stats {
@@ -99,12 +112,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         None
     };
     let diagnostics = kernel_diagnostics::wanted();
-    let mut kernel = loader::load(&btf, settings, args.max_sessions, args.max_udp_flows, diagnostics)?;
+    // No UDP flow is ever added without UDP measured: its tables keep one entry.
+    let max_udp_flows = if disabled.measures_udp() { args.max_udp_flows } else { 1 };
+    let mut kernel = loader::load(&btf, settings, args.max_sessions, max_udp_flows, diagnostics)?;
     // Read from now on, before any program runs; ends with the runtime.
     let _kernel_log = if diagnostics { kernel_diagnostics::start(&mut kernel.ebpf) } else { None };
     let fentry = kernel.probe_fentry();
     let facts = detect::kernel_facts(&btf, fentry);
-    let plan = probes::select(&facts, args.kernel.probes);
+    let plan = probes::select(&facts, args.kernel.probes, &disabled);
     if let Some(missing) = plan.missing_required().first() {
         return Err(Error::NoHook {
             concern: missing.concern.as_str(),
@@ -147,15 +162,21 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
 
     let attached = kernel.attach(&plan)?;
     for (hook, result) in &attached {
-        let concern =
-            plan.choices.iter().find(|c| c.hook.as_ref().ok() == Some(hook)).map_or("", |c| c.concern.as_str());
+        let Some(concern) = plan.choices.iter().find(|c| c.hook.as_ref().ok() == Some(hook)).map(|c| c.concern) else {
+            continue;
+        };
         match result {
             Ok(()) => {
-                metrics.set_probe(concern, *hook);
-                tracing::info!(concern, hook = hook.describe(), "attached");
+                metrics.set_probe(concern, plan.disabled.label(*hook));
+                tracing::info!(concern = concern.as_str(), hook = plan.disabled.label(*hook), "attached");
             }
-            Err(why) => tracing::warn!(concern, hook = hook.describe(), error = %why, "not attached"),
+            Err(why) => {
+                tracing::warn!(concern = concern.as_str(), hook = plan.disabled.label(*hook), error = %why, "not attached")
+            }
         }
+    }
+    for concern in plan.disabled.concerns() {
+        metrics.set_probe_disabled(concern);
     }
     if plan.serves(Concern::TcpErrors)
         && let Some(limit) = drops::sent_resets_limit(&btf)
@@ -167,7 +188,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     {
         tracing::warn!(concern = "drops", "{limit}");
     }
-    for choice in &plan.choices {
+    for choice in plan.choices.iter().filter(|c| !c.disabled) {
         if let Err(why) = &choice.hook {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
         }
@@ -175,7 +196,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let attached_programs: Vec<&str> = attached
         .iter()
         .filter(|(_, result)| result.is_ok())
-        .flat_map(|(hook, _)| hook.programs().iter().map(|(name, _)| *name))
+        .flat_map(|(hook, _)| plan.disabled.programs(*hook).map(|(name, _)| name))
         .collect();
     telemetry::BpfPrograms::new(telemetry::program_entries(&kernel.ebpf, &attached_programs))
         .and_then(|c| metrics.register(Box::new(c)))

@@ -113,16 +113,17 @@ impl Kernel {
         }
     }
 
-    /// Attaches every hook of the plan. A required concern's failure is an
+    /// Attaches every hook of the plan (the programs `plan.disabled` leaves
+    /// it, see `Disabled::programs`). A required concern's failure is an
     /// error; an optional one is logged and left out (returned as `Err`).
     pub fn attach(&mut self, plan: &Plan) -> Result<Vec<Attached>, Error> {
         let mut attached = Vec::new();
         for choice in &plan.choices {
             let Ok(hook) = choice.hook else { continue };
-            let result = hook
-                .programs()
-                .iter()
-                .try_for_each(|&(name, how)| self.attach_program(name, how).map_err(|e| (name, e)));
+            let result = plan
+                .disabled
+                .programs(hook)
+                .try_for_each(|(name, how)| self.attach_program(name, how).map_err(|e| (name, e)));
             match result {
                 Ok(()) => attached.push((hook, Ok(()))),
                 Err((program, source)) if choice.concern.required() => {
@@ -130,14 +131,14 @@ impl Kernel {
                 }
                 Err((program, source)) => {
                     let why = format!("{program}: {}", chain(&source));
-                    tracing::warn!(concern = choice.concern.as_str(), hook = hook.describe(), error = %why, "optional hook not attached; continuing without it");
+                    tracing::warn!(concern = choice.concern.as_str(), hook = plan.disabled.label(hook), error = %why, "optional hook not attached; continuing without it");
                     attached.push((hook, Err(why)));
                 }
             }
         }
         // A probe program that was not chosen should not stay loaded.
         for name in std::mem::take(&mut self.probed) {
-            let chosen = plan.hooks().any(|h| h.programs().iter().any(|(n, _)| *n == name));
+            let chosen = plan.hooks().any(|h| plan.disabled.programs(h).any(|(n, _)| n == name));
             if !chosen && let Some(Ok(p)) = self.ebpf.program_mut(name).map(<&mut FEntry>::try_from) {
                 let _ = p.unload();
             }
@@ -153,7 +154,7 @@ impl Kernel {
         let mut results: Vec<Verified> = Vec::new();
         for choice in &plan.choices {
             let Ok(hook) = choice.hook else { continue };
-            for &(name, how) in hook.programs() {
+            for (name, how) in plan.disabled.programs(hook) {
                 if results.iter().any(|v| v.program == name) {
                     continue;
                 }

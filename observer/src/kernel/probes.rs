@@ -94,6 +94,17 @@ impl Concern {
         matches!(self, Concern::TcpState)
     }
 
+    /// The concern `observer check` names `name`.
+    pub fn from_name(name: &str) -> Option<Concern> {
+        Concern::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Concerns `--disable` may switch off, comma-separated, for messages.
+    pub fn optional_names() -> String {
+        let names: Vec<&str> = Concern::ALL.iter().filter(|c| !c.required()).map(|c| c.as_str()).collect();
+        names.join(", ")
+    }
+
     /// Candidate hooks, cheapest first per session. tcp_state: a tracepoint costs
     /// least and sees the handshake's child sockets, which `tcp_set_state` hooks
     /// only see from ESTABLISHED on. tcp_owner: one call per accept (fexit,
@@ -173,6 +184,10 @@ impl fmt::Display for Target {
 
 const SOCK_CALL_TRACEPOINTS: [(&str, Attach); 2] =
     [("obs_send", Attach::BtfTracepoint("sock_send_length")), ("obs_recv", Attach::BtfTracepoint("sock_recv_length"))];
+
+/// The end of the `sock_calls` hooks' labels ([`Hook::describe`]) naming the
+/// UDP peer hooks, left out where UDP flows are not measured.
+const UDP_PEER_LABEL: &str = "+cgroup/sendmsg+recvmsg";
 
 /// The peers of unconnected UDP sockets, for `sock_calls` in every tier.
 const UDP_PEER_HOOKS: [(&str, Attach); 4] = [
@@ -308,6 +323,69 @@ impl Hook {
     }
 }
 
+/// The optional concerns switched off with `--disable`, and what follows from
+/// them: `udp_release` only ends the UDP flows `sock_calls` measures, so it
+/// is off with `sock_calls`; without `udp_release` nothing would end a
+/// connected flow or free its socket's entry, so `sock_calls` then measures
+/// no UDP (TCP calls only, without the UDP peer hooks, with the kernel
+/// programs told to skip UDP sockets); `tcp_owner` cannot use the per-call
+/// tracepoints when `sock_calls` is off, as they are `sock_calls`' programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Disabled {
+    /// As the user named them (never `tcp_state`: the flag refuses it).
+    asked: BTreeSet<Concern>,
+}
+
+impl Disabled {
+    pub fn new(asked: &[Concern]) -> Self {
+        Self { asked: asked.iter().copied().filter(|c| !c.required()).collect() }
+    }
+
+    /// Why `concern` is off, or `None` if it is not.
+    pub fn why(&self, concern: Concern) -> Option<String> {
+        if self.asked.contains(&concern) {
+            return Some("switched off with --disable".into());
+        }
+        (concern == Concern::UdpRelease && self.asked.contains(&Concern::SockCalls))
+            .then(|| "switched off with sock_calls (--disable): it only ends the UDP flows sock_calls measures".into())
+    }
+
+    /// Every concern that is off, asked for or following, in `Concern::ALL` order.
+    pub fn concerns(&self) -> Vec<Concern> {
+        Concern::ALL.into_iter().filter(|&c| self.why(c).is_some()).collect()
+    }
+
+    /// Whether UDP flows are measured: `sock_calls` and `udp_release` both on.
+    pub fn measures_udp(&self) -> bool {
+        self.why(Concern::UdpRelease).is_none()
+    }
+
+    /// The programs `hook` loads: [`Hook::programs`] without the UDP peer
+    /// hooks when UDP flows are not measured.
+    pub fn programs(&self, hook: Hook) -> impl Iterator<Item = (&'static str, Attach)> + '_ {
+        hook.programs().iter().copied().filter(move |p| self.measures_udp() || !UDP_PEER_HOOKS.contains(p))
+    }
+
+    /// The label of `hook` for `observer_probe_info{hook}` and `observer
+    /// check`: [`Hook::describe`], without the UDP peer hooks when they are
+    /// not attached.
+    pub fn label(&self, hook: Hook) -> &'static str {
+        let full = hook.describe();
+        if self.measures_udp() { full } else { full.strip_suffix(UDP_PEER_LABEL).unwrap_or(full) }
+    }
+
+    /// Why `hook` (of another concern) cannot be used: it runs the
+    /// programs of `sock_calls`, which is off.
+    fn shares_switched_off(&self, hook: Hook) -> Option<String> {
+        if !self.asked.contains(&Concern::SockCalls) {
+            return None;
+        }
+        let calls = Concern::SockCalls.candidates().iter().flat_map(|h| h.programs());
+        let shared = calls.map(|(name, _)| name).any(|name| hook.programs().iter().any(|(n, _)| n == name));
+        shared.then(|| format!("{}: these are sock_calls' programs, switched off with --disable", hook.describe()))
+    }
+}
+
 /// What the running kernel offers, as found by `detect`.
 #[derive(Clone, Debug, Default)]
 pub struct KernelFacts {
@@ -322,10 +400,11 @@ impl KernelFacts {
         self.tiers.iter().find(|(t, _)| *t == tier).map(|(_, r)| r.clone()).unwrap_or_else(|| Err("not probed".into()))
     }
 
-    /// Why `hook` cannot be used here, or `Ok` if it can.
-    fn usable(&self, hook: Hook) -> Result<(), String> {
+    /// Why `hook`, loading `disabled.programs(hook)`, cannot be used here,
+    /// or `Ok` if it can.
+    fn usable(&self, hook: Hook, disabled: &Disabled) -> Result<(), String> {
         self.tier(hook.tier()).map_err(|why| format!("{} unavailable: {why}", hook.tier().as_str()))?;
-        for (_, attach) in hook.programs() {
+        for (_, attach) in disabled.programs(hook) {
             let target = attach.target();
             if !self.targets.contains(&target) {
                 return Err(format!("kernel has no {target}"));
@@ -339,13 +418,18 @@ impl KernelFacts {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Choice {
     pub concern: Concern,
-    /// The chosen hook, or why each candidate was refused.
+    /// The chosen hook, or why each candidate was refused, or why the
+    /// concern is switched off (then `disabled`).
     pub hook: Result<Hook, String>,
+    /// Switched off with `--disable` (or following one that is, see
+    /// [`Disabled`]): no hook was looked for.
+    pub disabled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub choices: Vec<Choice>,
+    pub disabled: Disabled,
 }
 
 impl Plan {
@@ -364,20 +448,27 @@ impl Plan {
     }
 }
 
-/// Picks a hook for every concern: the first usable candidate in preference
-/// order, restricted to one tier when `mode` forces it.
-pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
+/// Picks a hook for every concern not `disabled`: the first usable
+/// candidate in preference order, restricted to one tier when `mode` forces it.
+pub fn select(facts: &KernelFacts, mode: ProbeMode, disabled: &Disabled) -> Plan {
     let forced = Tier::forced_by(mode);
     let choices = Concern::ALL
         .iter()
         .map(|&concern| {
+            if let Some(why) = disabled.why(concern) {
+                return Choice { concern, hook: Err(why), disabled: true };
+            }
             let mut refused = Vec::new();
             let mut chosen = None;
             for &hook in concern.candidates() {
                 if forced.is_some_and(|t| t != hook.tier()) {
                     continue;
                 }
-                match facts.usable(hook) {
+                if let Some(why) = disabled.shares_switched_off(hook) {
+                    refused.push(why);
+                    continue;
+                }
+                match facts.usable(hook, disabled) {
                     Ok(()) => {
                         chosen = Some(hook);
                         break;
@@ -389,10 +480,10 @@ pub fn select(facts: &KernelFacts, mode: ProbeMode) -> Plan {
                 Some(t) if refused.is_empty() => format!("no {} hook exists for this", t.as_str()),
                 _ => refused.join("; "),
             });
-            Choice { concern, hook }
+            Choice { concern, hook, disabled: false }
         })
         .collect();
-    Plan { choices }
+    Plan { choices, disabled: disabled.clone() }
 }
 
 #[cfg(test)]
@@ -432,13 +523,18 @@ mod tests {
         }
     }
 
+    /// Every concern on, as without `--disable`.
+    fn select_all(facts: &KernelFacts, mode: ProbeMode) -> Plan {
+        select(facts, mode, &Disabled::default())
+    }
+
     fn chosen(plan: &Plan, concern: Concern) -> Result<Hook, String> {
         plan.choices.iter().find(|c| c.concern == concern).unwrap().hook.clone()
     }
 
     #[test]
     fn auto_on_a_full_kernel_prefers_tracepoint_for_state_and_fexit_for_owner() {
-        let plan = select(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
         assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerFexit));
         assert!(plan.missing_required().is_empty());
@@ -447,7 +543,7 @@ mod tests {
     #[test]
     fn auto_on_this_machine_tracepoints_only() {
         // 6.18 VM: fentry refused, no kprobes, tp_btf works.
-        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Auto);
+        let plan = select_all(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
         assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerTpBtf));
         assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsTpBtf));
@@ -455,7 +551,7 @@ mod tests {
         assert_eq!(chosen(&plan, Concern::Drops), Ok(Hook::DropsTpBtf));
         assert_eq!(chosen(&plan, Concern::TcpErrors), Ok(Hook::TcpErrorsTpBtf));
         assert!(plan.serves(Concern::TcpErrors));
-        let forced = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
+        let forced = select_all(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
         assert!(!forced.serves(Concern::TcpErrors) && !forced.serves(Concern::TcpState));
     }
 
@@ -463,16 +559,16 @@ mod tests {
     fn drops_need_the_kfree_skb_tracepoint_and_are_optional() {
         let targets: Vec<Target> =
             ALL_TARGETS.iter().copied().filter(|t| *t != Target::Tracepoint("kfree_skb")).collect();
-        let plan = select(&facts(false, false, true, &targets), ProbeMode::Auto);
+        let plan = select_all(&facts(false, false, true, &targets), ProbeMode::Auto);
         let why = chosen(&plan, Concern::Drops).unwrap_err();
         assert!(why.contains("tp_btf/kfree_skb: kernel has no tracepoint"), "{why}");
         assert!(plan.missing_required().is_empty());
         // Forcing a function tier leaves drops without a hook, not the run.
-        let plan = select(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Fentry);
+        let plan = select_all(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Fentry);
         assert_eq!(chosen(&plan, Concern::Drops), Err("no fentry hook exists for this".into()));
         assert!(plan.missing_required().is_empty());
         // Without BTF tracepoints, neither drops nor TCP errors are measured.
-        let plan = select(&facts(true, true, false, &ALL_TARGETS), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, false, &ALL_TARGETS), ProbeMode::Auto);
         assert!(chosen(&plan, Concern::Drops).unwrap_err().contains("tracepoint unavailable: no BTF"));
         assert!(chosen(&plan, Concern::TcpErrors).is_err());
     }
@@ -485,7 +581,7 @@ mod tests {
             (ProbeMode::Kprobe, Hook::CallsKprobe, Hook::ReleaseKprobe),
             (ProbeMode::Tracepoint, Hook::CallsTpBtf, Hook::ReleaseCgroup),
         ] {
-            let plan = select(&full, mode);
+            let plan = select_all(&full, mode);
             assert_eq!(chosen(&plan, Concern::SockCalls), Ok(calls), "{mode:?}");
             assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(release), "{mode:?}");
             assert_eq!(calls.tier(), release.tier());
@@ -500,23 +596,23 @@ mod tests {
             .copied()
             .filter(|t| !matches!(t, Target::Tracepoint("sock_send_length" | "sock_recv_length")))
             .collect();
-        let plan = select(&facts(true, true, true, &old), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, true, &old), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsFexit));
-        let plan = select(&facts(false, true, true, &old), ProbeMode::Auto);
+        let plan = select_all(&facts(false, true, true, &old), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsKprobe));
         // Forced tracepoints there: the reason names the missing tracepoint.
-        let plan = select(&facts(true, true, true, &old), ProbeMode::Tracepoint);
+        let plan = select_all(&facts(true, true, true, &old), ProbeMode::Tracepoint);
         let why = chosen(&plan, Concern::SockCalls).unwrap_err();
         assert!(why.contains("kernel has no tracepoint sock:sock_send_length"), "{why}");
         // A kernel without IPv6 in its image (a module) has no inet6_* in vmlinux's BTF.
         let no_v6: Vec<Target> = old.iter().copied().filter(|t| *t != Target::Function("inet6_recvmsg")).collect();
-        let plan = select(&facts(true, true, true, &no_v6), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, true, &no_v6), ProbeMode::Auto);
         let why = chosen(&plan, Concern::SockCalls).unwrap_err();
         assert!(why.contains("fexit/inet_sendmsg+") && why.contains("kprobe+kretprobe/inet_sendmsg+"), "{why}");
         assert!(why.contains("kernel has no function inet6_recvmsg"), "{why}");
         // Every tier needs the cgroup hooks for unconnected UDP peers.
         let no_cg: Vec<Target> = old.iter().copied().filter(|t| *t != Target::Cgroup2).collect();
-        let plan = select(&facts(true, true, true, &no_cg), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, true, &no_cg), ProbeMode::Auto);
         assert!(chosen(&plan, Concern::SockCalls).unwrap_err().contains("no cgroup v2 hierarchy mounted"));
         // Optional concerns never block a run.
         assert!(plan.missing_required().is_empty());
@@ -537,16 +633,16 @@ mod tests {
     #[test]
     fn release_without_cgroup2_falls_back_to_kprobe() {
         let targets: Vec<Target> = ALL_TARGETS.iter().copied().filter(|t| *t != Target::Cgroup2).collect();
-        let plan = select(&facts(false, true, true, &targets), ProbeMode::Auto);
+        let plan = select_all(&facts(false, true, true, &targets), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::UdpRelease), Ok(Hook::ReleaseKprobe));
-        let plan = select(&facts(false, false, true, &targets), ProbeMode::Auto);
+        let plan = select_all(&facts(false, false, true, &targets), ProbeMode::Auto);
         let why = chosen(&plan, Concern::UdpRelease).unwrap_err();
         assert!(why.contains("cgroup/sock_release: kernel has no cgroup v2 hierarchy mounted"), "{why}");
     }
 
     #[test]
     fn auto_without_fentry_takes_kretprobe_for_owner() {
-        let plan = select(&facts(false, true, true, &ALL_TARGETS), ProbeMode::Auto);
+        let plan = select_all(&facts(false, true, true, &ALL_TARGETS), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerKretprobe));
     }
 
@@ -557,7 +653,7 @@ mod tests {
             Target::Tracepoint("tcp_destroy_sock"),
             Target::Function("tcp_set_state"),
         ];
-        let plan = select(&facts(false, false, true, &old), ProbeMode::Auto);
+        let plan = select_all(&facts(false, false, true, &old), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateTpBtf));
         let why = chosen(&plan, Concern::TcpOwner).unwrap_err();
         assert!(why.contains("fentry unavailable: EPERM"), "{why}");
@@ -568,9 +664,9 @@ mod tests {
 
     #[test]
     fn auto_without_tp_btf_uses_function_hooks() {
-        let plan = select(&facts(true, true, false, &ALL_TARGETS), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, false, &ALL_TARGETS), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateFentry));
-        let plan = select(&facts(false, true, false, &ALL_TARGETS), ProbeMode::Auto);
+        let plan = select_all(&facts(false, true, false, &ALL_TARGETS), ProbeMode::Auto);
         assert_eq!(chosen(&plan, Concern::TcpState), Ok(Hook::StateKprobe));
     }
 
@@ -582,7 +678,7 @@ mod tests {
             (ProbeMode::Kprobe, Hook::StateKprobe, Hook::OwnerKretprobe),
             (ProbeMode::Tracepoint, Hook::StateTpBtf, Hook::OwnerTpBtf),
         ] {
-            let plan = select(&full, mode);
+            let plan = select_all(&full, mode);
             assert_eq!(chosen(&plan, Concern::TcpState), Ok(state), "{mode:?}");
             assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(owner), "{mode:?}");
         }
@@ -590,19 +686,19 @@ mod tests {
 
     #[test]
     fn forcing_an_unavailable_tier_names_the_reason() {
-        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Fentry);
+        let plan = select_all(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Fentry);
         let missing = plan.missing_required();
         assert_eq!(missing.len(), 1);
         let why = missing[0].hook.clone().unwrap_err();
         assert_eq!(why, "fentry/tcp_set_state+tcp_v4_destroy_sock: fentry unavailable: EPERM");
-        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
+        let plan = select_all(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Kprobe);
         assert!(chosen(&plan, Concern::TcpState).unwrap_err().contains("no kprobes"));
     }
 
     #[test]
     fn missing_function_refuses_the_hook_even_when_the_tier_works() {
         let targets = [Target::Function("inet_csk_accept")];
-        let plan = select(&facts(true, true, false, &targets), ProbeMode::Auto);
+        let plan = select_all(&facts(true, true, false, &targets), ProbeMode::Auto);
         let why = chosen(&plan, Concern::TcpState).unwrap_err();
         assert!(why.contains("kernel has no function tcp_set_state"), "{why}");
         assert_eq!(plan.missing_required().len(), 1);
@@ -610,10 +706,78 @@ mod tests {
 
     #[test]
     fn nothing_available_reports_every_candidate() {
-        let plan = select(&facts(false, false, false, &[]), ProbeMode::Auto);
+        let plan = select_all(&facts(false, false, false, &[]), ProbeMode::Auto);
         let why = chosen(&plan, Concern::TcpState).unwrap_err();
         for part in ["tp_btf/inet_sock_set_state", "fentry/tcp_set_state", "kprobe/tcp_set_state"] {
             assert!(why.contains(part), "{why}");
         }
+    }
+
+    #[test]
+    fn disabled_concerns_get_no_hook_and_say_why() {
+        let full = facts(true, true, true, &ALL_TARGETS);
+        let plan = select(&full, ProbeMode::Auto, &Disabled::new(&[Concern::Drops, Concern::TcpErrors]));
+        for concern in [Concern::Drops, Concern::TcpErrors] {
+            let choice = plan.choices.iter().find(|c| c.concern == concern).unwrap();
+            assert!(choice.disabled, "{concern:?}");
+            assert_eq!(choice.hook, Err("switched off with --disable".into()));
+            assert!(!plan.serves(concern));
+        }
+        assert!(plan.choices.iter().filter(|c| c.disabled).count() == 2);
+        assert!(plan.missing_required().is_empty());
+        assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsTpBtf));
+        assert!(plan.disabled.measures_udp());
+        assert_eq!(plan.disabled.label(Hook::CallsTpBtf), Hook::CallsTpBtf.describe());
+        // tcp_state is never switched off, whatever the caller asks.
+        assert_eq!(Disabled::new(&[Concern::TcpState]), Disabled::default());
+    }
+
+    #[test]
+    fn sock_calls_off_takes_udp_release_and_the_shared_owner_tracepoints() {
+        let disabled = Disabled::new(&[Concern::SockCalls]);
+        assert_eq!(disabled.concerns(), [Concern::SockCalls, Concern::UdpRelease]);
+        assert!(disabled.why(Concern::UdpRelease).unwrap().contains("only ends the UDP flows sock_calls measures"));
+        assert!(!disabled.measures_udp());
+        // This machine: fentry refused, no kprobes. The owner's only hook
+        // would be sock_calls' own programs: none, with the reason.
+        let plan = select(&facts(false, false, true, &ALL_TARGETS), ProbeMode::Auto, &disabled);
+        let why = chosen(&plan, Concern::TcpOwner).unwrap_err();
+        assert!(why.contains("tp_btf/sock_send_length+sock_recv_length: these are sock_calls' programs"), "{why}");
+        assert!(!plan.choices.iter().find(|c| c.concern == Concern::TcpOwner).unwrap().disabled);
+        assert!(plan.hooks().all(|h| disabled.programs(h).all(|(n, _)| !n.starts_with("obs_send"))));
+        // With trampolines the owner keeps its own hook.
+        let plan = select(&facts(true, true, true, &ALL_TARGETS), ProbeMode::Auto, &disabled);
+        assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerFexit));
+    }
+
+    #[test]
+    fn udp_release_off_leaves_sock_calls_tcp_only() {
+        let disabled = Disabled::new(&[Concern::UdpRelease]);
+        assert_eq!(disabled.concerns(), [Concern::UdpRelease]);
+        assert!(!disabled.measures_udp());
+        for hook in [Hook::CallsTpBtf, Hook::CallsFexit, Hook::CallsKprobe] {
+            assert!(hook.describe().ends_with(UDP_PEER_LABEL), "{hook:?}");
+            let label = disabled.label(hook);
+            assert!(!label.contains("cgroup") && hook.describe().starts_with(label), "{label}");
+            let programs: Vec<_> = disabled.programs(hook).collect();
+            assert_eq!(programs.len(), hook.programs().len() - UDP_PEER_HOOKS.len(), "{hook:?}");
+            assert!(programs.iter().all(|p| !UDP_PEER_HOOKS.contains(p)), "{hook:?}");
+        }
+        // Without the peer hooks, sock_calls needs no cgroup v2 hierarchy.
+        let no_cg: Vec<Target> = ALL_TARGETS.iter().copied().filter(|t| *t != Target::Cgroup2).collect();
+        let plan = select(&facts(false, false, true, &no_cg), ProbeMode::Auto, &disabled);
+        assert_eq!(chosen(&plan, Concern::SockCalls), Ok(Hook::CallsTpBtf));
+        assert_eq!(chosen(&plan, Concern::TcpOwner), Ok(Hook::OwnerTpBtf));
+        let all = select_all(&facts(false, false, true, &no_cg), ProbeMode::Auto);
+        assert!(chosen(&all, Concern::SockCalls).is_err());
+    }
+
+    #[test]
+    fn concern_names_round_trip() {
+        for concern in Concern::ALL {
+            assert_eq!(Concern::from_name(concern.as_str()), Some(concern));
+        }
+        assert_eq!(Concern::from_name("drop"), None);
+        assert_eq!(Concern::optional_names(), "tcp_owner, sock_calls, udp_release, drops, tcp_errors");
     }
 }

@@ -28,7 +28,7 @@ use std::{
 use prometheus::{GaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
-    kernel::probes::Hook,
+    kernel::probes::Concern,
     metrics::families::{Counter, CounterFamily, Families, Histogram, HistogramFamily},
     metrics::labels::StaticLabel,
     session::{Direction, Protocol, Session},
@@ -76,6 +76,9 @@ pub const LOST_SOURCES: [&str; observer_common::LOST_SOURCES as usize + 3] = [
 
 /// HELP of `observer_drops_total`: what the common reasons mean.
 const DROPS_HELP: &str = "Packets the kernel dropped, by drop reason (the running kernel's enum skb_drop_reason, lowercased, without the SKB_DROP_REASON_ prefix) and interface (the packet's device, \"\" when it had none or it is in another network namespace; with --iface only selected interfaces are reported). Common reasons: netfilter_drop: a firewall (nftables/iptables) rule dropped it; socket_rcvbuff: the receiving socket's buffer was full (the application reads too slowly); socket_backlog: the socket's backlog was full; no_socket: no socket listens on the destination port; tcp_invalid_sequence / tcp_old_data / tcp_ofo_drop: TCP segments outside the receive window, duplicates or out-of-order segments that did not fit; tcp_csum / udp_csum: bad checksums; pkt_too_small / pkt_too_big: malformed or oversized packets; qdisc_drop: a queueing discipline discarded it on transmit; neigh_failed / neigh_queuefull: the next hop's address could not be resolved; ip_noproto: no handler for the IP protocol; otherhost: addressed to another host; not_specified: the kernel gave no specific reason; unknown: this kernel reports no reasons (before 5.17) or one outside its enum. Freed packets that were not dropped (SKB_CONSUMED, SKB_NOT_DROPPED_YET) are not counted.";
+
+/// `observer_probe_info`'s `hook` label of a concern switched off with `--disable`.
+pub const PROBE_DISABLED: &str = "disabled";
 
 pub struct Metrics {
     registry: Registry,
@@ -191,7 +194,7 @@ impl Metrics {
         let probe_info = GaugeVec::new(
             Opts::new(
                 "observer_probe_info",
-                "Kernel hook attached for each concern (value 1). concern=tcp_state: TCP session birth and close; concern=tcp_owner: owner process of accepted sessions; concern=sock_calls: every send and receive (UDP flows, live TCP bytes, active time); concern=udp_release: socket release, which ends UDP flows; concern=drops: packet drops with the kernel's reason; concern=tcp_errors: TCP retransmits and resets.",
+                "Kernel hook attached for each concern (value 1); hook=\"disabled\" (value 0) for a concern switched off with --disable, no series for one the kernel offers no hook for. concern=tcp_state: TCP session birth and close; concern=tcp_owner: owner process of accepted sessions; concern=sock_calls: every send and receive (UDP flows, live TCP bytes, active time); concern=udp_release: socket release, which ends UDP flows; concern=drops: packet drops with the kernel's reason; concern=tcp_errors: TCP retransmits and resets.",
             ),
             &["concern", "hook"],
         )?;
@@ -331,8 +334,17 @@ impl Metrics {
         self.registry.register(collector)
     }
 
-    pub fn set_probe(&self, concern: &str, hook: Hook) {
-        self.probe_info.with_label_values(&[concern, hook.describe()]).set(1.0);
+    /// `observer_probe_info{concern, hook}` 1: `hook` (its label, from
+    /// `Disabled::label`) attached for `concern`.
+    pub fn set_probe(&self, concern: Concern, hook: &str) {
+        self.probe_info.with_label_values(&[concern.as_str(), hook]).set(1.0);
+    }
+
+    /// `observer_probe_info{concern, hook="disabled"}` 0: `concern` switched
+    /// off with `--disable`. A concern the kernel offers no hook for has no
+    /// series at all.
+    pub fn set_probe_disabled(&self, concern: Concern) {
+        self.probe_info.with_label_values(&[concern.as_str(), PROBE_DISABLED]).set(0.0);
     }
 
     pub fn record_ignored(&self, reason: &str) {
