@@ -278,13 +278,14 @@ pub enum LostSource {
     /// flow's socket was not noted, so its release will not be reported; its
     /// flows end at the idle timeout instead, connected or not.
     UdpSocketTableFull = 7,
-    /// kprobe tier: a send or receive call whose return probe never ran (the
+    /// kprobe tier: a UDP send or receive call whose return probe never ran (the
     /// kernel had no return-probe instance free: more tasks inside the
     /// function at once than its `maxactive`: one per possible CPU on kernels
     /// built without CONFIG_PREEMPTION, such as Debian's 5.10, else
     /// max(10, 2 x possible CPUs); or a BPF program was running on the CPU
     /// already). Found at the task's next call; the call's bytes are not
-    /// counted.
+    /// counted. A TCP call's return missed is not counted here: TCP bytes
+    /// come from the socket's own counters.
     SockCallReturnMissed = 8,
 }
 /// Number of `LostSource` values (the `LOST` array's length).

@@ -127,7 +127,9 @@ pub struct CallArgs {
     /// A receive's flags (the fourth argument); a send's fourth register
     /// holds nothing of ours and is never read.
     flags: i32,
-    _pad0: u32,
+    /// `sk->sk_protocol` at entry.
+    protocol: u16,
+    _pad0: u16,
 }
 
 /// The socket of each task's send or receive call in progress (kprobe tier),
@@ -146,13 +148,20 @@ pub fn obs_call_kp(ctx: ProbeContext) -> u32 {
     let Some(sk) = ctx.arg::<*const u8>(0).and_then(|sock| Probe::deref(sock, offset!(socket_sk))) else {
         return 0;
     };
-    let args = CallArgs { sk: sk as u64, flags: ctx.arg::<i32>(3).unwrap_or(0), _pad0: 0 };
+    let protocol = Probe::read::<u16>(sk, offset!(sk_protocol)).unwrap_or(0);
+    let args = CallArgs { sk: sk as u64, flags: ctx.arg::<i32>(3).unwrap_or(0), protocol, _pad0: 0 };
     let task = bpf_get_current_pid_tgid();
     // An entry of this task's still there: its previous call's return probe
-    // never ran, and that call is lost. Counted, then overwritten. An LRU map
-    // makes room by evicting; an insert does not fail for space.
+    // never ran. A UDP call's bytes are lost with it: counted. A TCP call's
+    // are not (TCP bytes come from the socket's counters, receives from
+    // `obs_rbuf_kp`), so neither is it. Then overwritten. An LRU map makes
+    // room by evicting; an insert does not fail for space.
     if CALLS.insert(&task, &args, BPF_NOEXIST).is_err() {
-        count_lost(LostSource::SockCallReturnMissed);
+        // SAFETY: the value of a successful lookup, copied at once; only
+        // this task writes its own key.
+        if (unsafe { CALLS.get(&task) }).is_some_and(|stale| stale.protocol == IPPROTO_UDP) {
+            count_lost(LostSource::SockCallReturnMissed);
+        }
         let _ = CALLS.insert(&task, &args, 0);
     }
     0
@@ -169,7 +178,7 @@ fn call_return(ctx: &RetProbeContext, send: bool) {
     };
     let _ = CALLS.remove(&key);
     let sk = args.sk as *const u8;
-    if !send && Probe::read::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_TCP) {
+    if !send && args.protocol == IPPROTO_TCP {
         // Seen at `tcp_cleanup_rbuf` (`obs_rbuf_kp`).
         return;
     }

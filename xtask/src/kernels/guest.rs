@@ -68,6 +68,9 @@ const RULES: &[(&str, Rule)] = &[
     // Capabilities are given up by userspace after attach, whatever the tier
     // (CAP_BPF kept before 5.19 is a kernel matter, once per kernel covers
     // it); what it measures afterwards includes a UDP flow.
+    // Which programs a switched-off concern leaves unloaded: the plan is
+    // userspace's, the program names per tier are `attach`'s to check.
+    ("disable", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     ("privileges", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
     ("deploy", Rule { scope: Scope::HostOnly, needs: &[] }),
     // The drop and TCP error hooks are the tracepoint tier's only, which
@@ -189,6 +192,9 @@ W={work}
 OBS={obs}
 export W OBS PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 export RUST_BACKTRACE=1 OBSERVER_BIN="$OBS" OBSERVER_TEST_TIME_SCALE={scale}
+# Three runs of the concurrency test's UDP exactness per tier, not the host's
+# ten: each takes seconds under emulation, in four tiers of three kernels.
+export OBSERVER_TEST_CONCURRENCY_RUNS=3
 unset OBSERVER_TEST_PROBES
 cd /tmp
 say() {{ echo "{MARK} $*"; }}
@@ -325,6 +331,7 @@ mod tests {
         let s = script(Path::new("/w/6.1"), Path::new("/target/release/observer"), &TIERS, &p);
         assert!(s.contains("W='/w/6.1'\nOBS='/target/release/observer'\n"));
         assert!(s.contains(" OBSERVER_BIN=\"$OBS\" OBSERVER_TEST_TIME_SCALE=10\n"));
+        assert!(s.contains("export OBSERVER_TEST_CONCURRENCY_RUNS=3\n"));
         assert!(s.contains("\ncheck auto\ncheck fentry --probes fentry\ncheck kprobe --probes kprobe\ncheck tracepoint --probes tracepoint\n"));
         assert!(s.contains("\nt kprobe tcp_sessions '/t/tcp_sessions-0123'\n"));
         assert!(s.contains("\nt fentry udp_sessions '/t/udp_sessions-0123' sock_calls udp_release\n"));
