@@ -70,7 +70,12 @@ pub struct KernelBtf {
 
 impl KernelBtf {
     pub fn open(path: &Path) -> Result<Self, BtfError> {
-        let btf = Btf::from_file(path).map_err(|source| BtfError::Read { path: path.to_owned(), source })?;
+        // Read whole, then parse from memory: btf-rs' file reader asks the
+        // kernel for its position once per type (about 130,000 lseek calls
+        // for a vmlinux), which costs seconds per start under emulation.
+        let read = |source: btf_rs::Error| BtfError::Read { path: path.to_owned(), source };
+        let bytes = std::fs::read(path).map_err(|e| read(e.into()))?;
+        let btf = Btf::from_bytes(&bytes).map_err(read)?;
         Ok(Self { btf, path: path.to_owned() })
     }
 
