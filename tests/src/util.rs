@@ -19,6 +19,11 @@ use anyhow::{Context, Result, bail};
 /// `what` names the awaited condition so a timeout reads as a sentence in the
 /// test output. `probe` errors end the wait at once: they mean the thing being
 /// waited on is broken, not just slow.
+///
+/// Where the tests run slower than real hardware ([`time_scale`] > 1, the
+/// qemu matrix), the pause grows by half after each miss, up to `interval`
+/// times the scale: a probe is often a whole scrape, which costs the emulated
+/// machine tens of milliseconds of the CPU that the awaited work needs.
 pub fn wait_until<T>(
     what: &str,
     timeout: Duration,
@@ -26,6 +31,8 @@ pub fn wait_until<T>(
     mut probe: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
+    let longest = interval * time_scale();
+    let mut pause = interval;
     loop {
         if let Some(v) = probe().with_context(|| format!("while waiting for {what}"))? {
             return Ok(v);
@@ -34,7 +41,8 @@ pub fn wait_until<T>(
         if now >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        thread::sleep(interval.min(deadline - now));
+        thread::sleep(pause.min(deadline - now));
+        pause = (pause * 3 / 2).min(longest);
     }
 }
 
