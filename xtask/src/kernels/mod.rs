@@ -176,13 +176,6 @@ pub fn run(opts: &Options) -> Result<()> {
     std::fs::write(base.join("report.md"), &summary)?;
     println!("\n{summary}");
     show_failure_details(&reports);
-    if opts.write_readme {
-        let path = util::root().join("README.md");
-        let readme = std::fs::read_to_string(&path)?;
-        let section = report::readme_section(&reports, host_check.as_ref());
-        std::fs::write(&path, report::splice(&readme, &section)?)?;
-        println!("xtask kernels: README.md's kernel tables rewritten");
-    }
     let failed: Vec<String> =
         reports.iter().flat_map(|r| r.failures().into_iter().map(move |f| format!("{}: {f}", r.label))).collect();
     println!(
@@ -193,6 +186,14 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     if !failed.is_empty() {
         bail!("the kernel matrix failed:\n  {}", failed.join("\n  "));
+    }
+    // README's tables describe a passing matrix: a failed run leaves them as they were.
+    if opts.write_readme {
+        let path = util::root().join("README.md");
+        let readme = std::fs::read_to_string(&path)?;
+        let section = report::readme_section(&reports, host_check.as_ref());
+        std::fs::write(&path, report::splice(&readme, &section)?)?;
+        println!("xtask kernels: README.md's kernel tables rewritten");
     }
     Ok(())
 }
