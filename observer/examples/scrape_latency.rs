@@ -76,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let labels = vec![parse_label("region=eu-west")?, parse_label("track=bench")?];
-    let metrics = Arc::new(Metrics::new(labels, &[])?);
+    let metrics = Arc::new(Metrics::new(labels, &[], observer::metrics::native::HistogramMode::Both)?);
     populate(&metrics, series);
     let state = Arc::new(AppState { metrics, ready: true.into(), pipeline: OnceLock::new(), auth: None });
 
