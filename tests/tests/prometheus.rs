@@ -350,6 +350,23 @@ fn native_histogram_quantiles_match_the_sessions_and_the_classic_buckets() {
     }
     let (health, error) = k.native.target_health().unwrap();
     assert_eq!(health, "up", "{error}");
+
+    // The dashboard reads native histograms where the server stores them:
+    // every query runs, and the goodput median panel has data on both servers.
+    let dashboard = workspace_root().join("deploy/grafana/observer-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    for e in &exprs {
+        let q = e.replace("$__rate_interval", "5m").replace("$job", ".+").replace("$group_by", "node");
+        for prom in [&mut k.native, &mut k.classic] {
+            let data = prom.query(&q).unwrap_or_else(|err| panic!("dashboard query {e}: {err:#}"));
+            if e.starts_with("histogram_quantile(0.5, sum by (direction, $group_by)") {
+                let result = data["result"].as_array().unwrap();
+                assert!(result.iter().any(|r| r["metric"]["direction"] == "receive"), "{q}: {data}");
+            }
+        }
+    }
 }
 
 /// The chart's recording rules load (promtool check rules) and evaluate, in
