@@ -287,6 +287,12 @@ pub struct Family<S: Series> {
     /// By rendered label text, which is unique per set of values and gives a
     /// stable order.
     series: RwLock<BTreeMap<String, Entry<S>>>,
+    /// Bumped (under `series`' write lock) whenever a series comes or goes.
+    generation: AtomicU64,
+    /// The family's message of the last protobuf scrape, with its label
+    /// pairs: the next one only sets the values again (no allocation per
+    /// counter), unless series came or went since (`generation`).
+    protobuf: parking_lot::Mutex<Option<(u64, dm::MetricFamily)>>,
 }
 
 pub type CounterFamily = Family<Counter>;
@@ -324,7 +330,17 @@ impl<S: Series> Family<S> {
         let mut header = format!("# HELP {name} ");
         escape_into(&mut header, help, false);
         header.push_str(&format!("\n# TYPE {name} {kind}\n"));
-        Ok(Family { name, help: help.to_string(), header, names, order, layout, series: RwLock::default() })
+        Ok(Family {
+            name,
+            help: help.to_string(),
+            header,
+            names,
+            order,
+            layout,
+            series: RwLock::default(),
+            generation: AtomicU64::new(0),
+            protobuf: parking_lot::Mutex::new(None),
+        })
     }
 
     /// The series of these label values (in the order given to `new`),
@@ -335,9 +351,12 @@ impl<S: Series> Family<S> {
             return entry.series.clone();
         }
         let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
-        let entry = series.entry(key).or_insert_with(|| Entry {
-            values: self.order.iter().map(|i| value_at(values, *i).to_string()).collect(),
-            series: Arc::new(S::new(&self.layout)),
+        let entry = series.entry(key).or_insert_with(|| {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            Entry {
+                values: self.order.iter().map(|i| value_at(values, *i).to_string()).collect(),
+                series: Arc::new(S::new(&self.layout)),
+            }
         });
         entry.series.clone()
     }
@@ -345,7 +364,11 @@ impl<S: Series> Family<S> {
     /// Removes the series of these label values; whether it existed.
     pub fn remove(&self, values: &[&str]) -> bool {
         let key = self.render(values);
-        self.series.write().unwrap_or_else(|p| p.into_inner()).remove(&key).is_some()
+        let removed = self.series.write().unwrap_or_else(|p| p.into_inner()).remove(&key).is_some();
+        if removed {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        removed
     }
 
     /// Appends the family in text format; nothing when it has no series, as
@@ -394,9 +417,38 @@ impl<S: Series> Family<S> {
         Some(family)
     }
 
-    /// The family in the protobuf exposition; `None` without series.
-    pub fn to_exposition(&self) -> Option<dm::MetricFamily> {
+    /// Appends the family to a protobuf exposition (one length-delimited
+    /// message); nothing when it has no series.
+    pub fn write_protobuf(&self, out: &mut Vec<u8>) {
         let series = self.read();
+        if series.is_empty() {
+            return;
+        }
+        // Stable while the read lock is held: writers bump it under the write lock.
+        let generation = self.generation.load(Ordering::Relaxed);
+        let mut cached = self.protobuf.lock();
+        match cached.as_mut() {
+            Some((g, family)) if *g == generation => {
+                // The same series in the same (map) order: only values change.
+                for (metric, entry) in family.metric.iter_mut().zip(series.values()) {
+                    entry.series.expose(&self.layout, metric);
+                }
+            }
+            _ => *cached = self.exposition_of(&series).map(|f| (generation, f)),
+        }
+        if let Some((_, family)) = cached.as_ref() {
+            // Writing to a Vec only fails when it cannot grow (allocation aborts first).
+            let _ = prost::Message::encode_length_delimited(family, out);
+        }
+    }
+
+    /// The family in the protobuf exposition, built afresh; `None` without series.
+    #[cfg(test)]
+    pub fn to_exposition(&self) -> Option<dm::MetricFamily> {
+        self.exposition_of(&self.read())
+    }
+
+    fn exposition_of(&self, series: &BTreeMap<String, Entry<S>>) -> Option<dm::MetricFamily> {
         if series.is_empty() {
             return None;
         }
@@ -453,7 +505,7 @@ impl<S: Series> Family<S> {
 trait AnyFamily: Send + Sync {
     fn write_text(&self, out: &mut String);
     fn to_proto(&self) -> Option<proto::MetricFamily>;
-    fn to_exposition(&self) -> Option<dm::MetricFamily>;
+    fn write_protobuf(&self, out: &mut Vec<u8>);
 }
 
 impl<S: Series> AnyFamily for Family<S> {
@@ -465,8 +517,8 @@ impl<S: Series> AnyFamily for Family<S> {
         Family::to_proto(self)
     }
 
-    fn to_exposition(&self) -> Option<dm::MetricFamily> {
-        Family::to_exposition(self)
+    fn write_protobuf(&self, out: &mut Vec<u8>) {
+        Family::write_protobuf(self, out);
     }
 }
 
@@ -514,10 +566,12 @@ impl Families {
         self.0.iter().filter_map(|f| f.to_proto())
     }
 
-    /// Every family with series, in the order `write_text` writes them, for
-    /// the protobuf exposition.
-    pub fn to_exposition(&self) -> impl Iterator<Item = dm::MetricFamily> + '_ {
-        self.0.iter().filter_map(|f| f.to_exposition())
+    /// Appends every family with series to a protobuf exposition, in the
+    /// order `write_text` writes them.
+    pub fn write_protobuf(&self, out: &mut Vec<u8>) {
+        for family in &self.0 {
+            family.write_protobuf(out);
+        }
     }
 }
 
@@ -603,6 +657,53 @@ mod tests {
         assert_eq!(sorted_lines(&text), sorted_lines(&expected), "{text}");
         assert!(text.contains("t_seconds_bucket{direction=\"receive\",protocol=\"tcp\",le=\"+Inf\"} 3\n"), "{text}");
         assert_eq!(ours.to_proto().map(|f| crate_text(&[f])), Some(text));
+    }
+
+    /// The protobuf message reused between scrapes always equals one built
+    /// afresh: after values change, and after series come and go.
+    #[test]
+    fn protobuf_scrapes_reuse_the_message_and_stay_exact() {
+        use prost::Message as _;
+
+        let decode = |body: Vec<u8>| -> Option<dm::MetricFamily> {
+            (!body.is_empty()).then(|| dm::MetricFamily::decode_length_delimited(&body[..]).unwrap())
+        };
+        let write = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut body = Vec::new();
+            f(&mut body);
+            decode(body)
+        };
+        let c = CounterFamily::counter("t_total", "T.", &names(&["pod", "iface"])).unwrap();
+        let h =
+            HistogramFamily::histogram("t_h", "H.", &names(&["pod"]), vec![1.0, 10.0], HistogramMode::Both).unwrap();
+        assert_eq!(write(&|b| c.write_protobuf(b)), None, "no series, no family");
+        c.with_label_values(&["a", "eth0"]).inc_by(3);
+        h.with_label_values(&["a"]).observe(5.0);
+        for step in 0..4 {
+            match step {
+                1 => {
+                    c.with_label_values(&["a", "eth0"]).inc();
+                    h.with_label_values(&["a"]).observe(0.5);
+                }
+                2 => {
+                    c.with_label_values(&["b", "eth\"1"]).inc_by(2);
+                    h.with_label_values(&["b"]).observe(50.0);
+                }
+                3 => {
+                    assert!(c.remove(&["a", "eth0"]) && h.remove(&["a"]));
+                }
+                _ => {}
+            }
+            let (counters, histograms) = (write(&|b| c.write_protobuf(b)), write(&|b| h.write_protobuf(b)));
+            assert_eq!(counters, c.to_exposition(), "step {step}");
+            assert_eq!(histograms, h.to_exposition(), "step {step}");
+            let total: f64 = counters.unwrap().metric.iter().map(|m| m.counter.as_ref().unwrap().value).sum();
+            assert_eq!(total, [3.0, 4.0, 6.0, 2.0][step], "step {step}");
+            let histograms = histograms.unwrap();
+            let first = histograms.metric[0].histogram.as_ref().unwrap();
+            assert_eq!(first.bucket.len(), 2);
+            assert!(!first.positive_span.is_empty(), "native buckets");
+        }
     }
 
     #[test]

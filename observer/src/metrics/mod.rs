@@ -494,9 +494,10 @@ impl Metrics {
     /// native buckets.
     pub fn encode_protobuf(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(self.encoded_proto_len.load(Ordering::Relaxed) + 4096);
+        self.families.write_protobuf(&mut body);
         let registry = self.registry.gather();
         crate::metrics::exposition::encode_delimited(
-            self.families.to_exposition().chain(registry.iter().map(crate::metrics::exposition::from_registry)),
+            registry.iter().map(crate::metrics::exposition::from_registry),
             &mut body,
         );
         self.encoded_proto_len.store(body.len(), Ordering::Relaxed);
