@@ -79,7 +79,7 @@ fn enrich_and_record(n: u64) {
         SessionLabel::PeerPort,
     ];
     let mut e = enricher(&labels);
-    let metrics = Metrics::new(Vec::new(), &e.names()).unwrap();
+    let metrics = Metrics::new(Vec::new(), &e.names(), observer::metrics::native::HistogramMode::Both).unwrap();
     let sessions: Vec<Session> = (0..n).map(session).collect();
     let (cpu, wall) = (thread_cpu(), Instant::now());
     for s in &sessions {

@@ -10,7 +10,9 @@
 //! observer does at each scrape (`Pipeline::refresh`), which depends on open
 //! sessions, not on series.
 //!
-//! Usage: `scrape_latency [--series N] [--scrapes N]`; prints one JSON object.
+//! Usage: `scrape_latency [--series N] [--scrapes N] [--protobuf 0|1]`; prints one
+//! JSON object. `--protobuf 1` scrapes as a Prometheus with native histograms
+//! does (the protobuf exposition, `--histograms both`).
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, OnceLock},
@@ -66,17 +68,19 @@ const MAX_BODY: u64 = 64 << 20;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut series = 10_000;
     let mut scrapes = 200;
+    let mut protobuf = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().ok_or(format!("{arg} needs a value"))?.parse()?;
         match arg.as_str() {
             "--series" => series = value,
             "--scrapes" => scrapes = value,
+            "--protobuf" => protobuf = value,
             _ => return Err(format!("unknown argument {arg}").into()),
         }
     }
     let labels = vec![parse_label("region=eu-west")?, parse_label("track=bench")?];
-    let metrics = Arc::new(Metrics::new(labels, &[])?);
+    let metrics = Arc::new(Metrics::new(labels, &[], observer::metrics::native::HistogramMode::Both)?);
     populate(&metrics, series);
     let state = Arc::new(AppState { metrics, ready: true.into(), pipeline: OnceLock::new(), auth: None });
 
@@ -92,9 +96,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .new_agent();
     let url = format!("http://{addr}/metrics");
-    let get_metrics = || client.get(&url).call()?.body_mut().with_config().limit(MAX_BODY).read_to_string();
+    let accept = match protobuf {
+        0 => "text/plain;version=0.0.4",
+        _ => "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited",
+    };
+    let get_metrics =
+        || client.get(&url).header("accept", accept).call()?.body_mut().with_config().limit(MAX_BODY).read_to_vec();
     let body = get_metrics()?;
-    let exported = body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
+    let text = String::from_utf8_lossy(&body);
+    let exported = match protobuf {
+        0 => text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count(),
+        // The protobuf body has no lines: the same metrics' text count.
+        _ => state_series(&url, &client)?,
+    };
     let mut ms = Vec::with_capacity(scrapes);
     for _ in 0..scrapes {
         // From the request to the last byte of the answer.
@@ -103,15 +117,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
+    let format = if protobuf == 0 { "text" } else { "protobuf" };
     let pct = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
     println!(
-        "{{\"series\": {exported}, \"bytes\": {}, \"scrapes\": {scrapes}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"max_ms\": {:.3}}}",
+        "{{\"format\": \"{format}\", \"series\": {exported}, \"bytes\": {}, \"scrapes\": {scrapes}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"max_ms\": {:.3}}}",
         body.len(),
         pct(0.5),
         pct(0.99),
         pct(1.0)
     );
     Ok(())
+}
+
+/// Series of the text exposition of the server at `url`.
+fn state_series(url: &str, client: &ureq::Agent) -> Result<usize, Box<dyn std::error::Error>> {
+    let text = client.get(url).call()?.body_mut().with_config().limit(MAX_BODY).read_to_string()?;
+    Ok(text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count())
 }
 
 /// Fills the metrics with about `series` series.

@@ -46,10 +46,29 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// What a test's Prometheus does beyond scraping.
+#[derive(Clone, Debug, Default)]
+pub struct PrometheusOptions {
+    /// `--enable-feature=native-histograms`: Prometheus asks for the protobuf
+    /// exposition first and stores native histograms (Prometheus 2.40 to 2.x;
+    /// a histogram with native buckets is stored as native only).
+    pub native_histograms: bool,
+    /// Rule files to load (`rule_files`), evaluated every scrape interval.
+    pub rule_files: Vec<PathBuf>,
+    /// Labels every sample of the target gets (as a ServiceMonitor's
+    /// relabelling sets `node`).
+    pub target_labels: Vec<(String, String)>,
+}
+
 impl PrometheusServer {
     /// Starts Prometheus in `ns` scraping `target` (an `http://target/metrics`
     /// endpoint) every `interval`, and waits until it is ready.
     pub fn start(ns: &NetNs, target: SocketAddr, interval: Duration) -> Result<Self> {
+        Self::start_with(ns, target, interval, &PrometheusOptions::default())
+    }
+
+    /// [`PrometheusServer::start`] with options.
+    pub fn start_with(ns: &NetNs, target: SocketAddr, interval: Duration, options: &PrometheusOptions) -> Result<Self> {
         let bin = prometheus_bin()?;
         let tmp = TempDir::new("prometheus")?;
         let config = tmp.path().join("prometheus.yml");
@@ -57,15 +76,24 @@ impl PrometheusServer {
         // The scrape timeout must not exceed the interval; 90% of it leaves
         // Prometheus room to schedule the next one.
         let timeout_ms = ms * 9 / 10;
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: {ms}ms\n  evaluation_interval: {ms}ms\n\
-                 scrape_configs:\n  - job_name: observer\n    scrape_interval: {ms}ms\n    scrape_timeout: {timeout_ms}ms\n\
-                 \x20   static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .with_context(|| format!("writing {}", config.display()))?;
+        let mut yaml = format!(
+            "global:\n  scrape_interval: {ms}ms\n  evaluation_interval: {ms}ms\n\
+             scrape_configs:\n  - job_name: observer\n    scrape_interval: {ms}ms\n    scrape_timeout: {timeout_ms}ms\n\
+             \x20   static_configs:\n      - targets: ['{target}']\n"
+        );
+        if !options.target_labels.is_empty() {
+            yaml.push_str("        labels:\n");
+            for (k, v) in &options.target_labels {
+                yaml.push_str(&format!("          {k}: '{v}'\n"));
+            }
+        }
+        if !options.rule_files.is_empty() {
+            yaml.push_str("rule_files:\n");
+            for f in &options.rule_files {
+                yaml.push_str(&format!("  - '{}'\n", f.display()));
+            }
+        }
+        std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
         let port = ns.free_port(Ipv4Addr::LOCALHOST.into())?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let log_path = tmp.path().join("prometheus.log");
@@ -74,6 +102,7 @@ impl PrometheusServer {
         cmd.arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", tmp.path().join("data").display()))
             .arg(format!("--web.listen-address={addr}"))
+            .args(options.native_histograms.then_some("--enable-feature=native-histograms"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -108,8 +137,23 @@ impl PrometheusServer {
     /// An instant PromQL query through `/api/v1/query`; the raw JSON `data`
     /// (an error status from Prometheus is an error here).
     pub fn query(&mut self, promql: &str) -> Result<serde_json::Value> {
-        let path = format!("/api/v1/query?query={}", percent_encode(promql));
-        let r = self.api.get(&path)?;
+        self.get_data(&format!("/api/v1/query?query={}", percent_encode(promql)), promql)
+    }
+
+    /// The same query evaluated at `time` (Unix seconds).
+    pub fn query_at(&mut self, promql: &str, time: f64) -> Result<serde_json::Value> {
+        self.get_data(&format!("/api/v1/query?query={}&time={time}", percent_encode(promql)), promql)
+    }
+
+    /// The series whose names match `selector` (`/api/v1/series`), as label maps.
+    pub fn series(&mut self, selector: &str) -> Result<Vec<serde_json::Value>> {
+        let data = self.get_data(&format!("/api/v1/series?match%5B%5D={}", percent_encode(selector)), selector)?;
+        Ok(data.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `data` of a successful API answer.
+    fn get_data(&mut self, path: &str, promql: &str) -> Result<serde_json::Value> {
+        let r = self.api.get(path)?;
         let v: serde_json::Value =
             serde_json::from_slice(&r.body).with_context(|| format!("query {promql}: not JSON: {}", r.text()))?;
         if r.status != 200 || v["status"] != "success" {

@@ -433,11 +433,18 @@ fn helm_chart() {
         }
         kinds.extend(text.lines().filter_map(|l| l.strip_prefix("kind: ")).map(str::to_string));
     }
-    let want: BTreeSet<String> =
-        ["DaemonSet", "ServiceAccount", "Service", "ServiceMonitor", "ClusterRole", "ClusterRoleBinding"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let want: BTreeSet<String> = [
+        "DaemonSet",
+        "ServiceAccount",
+        "Service",
+        "ServiceMonitor",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "PrometheusRule",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(kinds, want, "the chart's templates");
 
     // The plain manifests are the chart's defaults: same capabilities, same

@@ -262,6 +262,7 @@ mod tests {
             gpu = "off"
             probes = "tracepoint"
             disable = ["drops", "tcp_errors"]
+            histograms = "native"
             "#,
         );
         let r = run_args(Some(&f), &[]).unwrap();
@@ -273,6 +274,11 @@ mod tests {
         assert_eq!(r.kernel.probes, crate::kernel::probes::ProbeMode::Tracepoint);
         use crate::kernel::probes::Concern;
         assert_eq!(r.kernel.disable, [Concern::Drops, Concern::TcpErrors]);
+        assert_eq!(r.histograms, crate::metrics::native::HistogramMode::Native);
+        let default = run_args(None, &[]).unwrap().histograms;
+        assert_eq!(default, crate::metrics::native::HistogramMode::Both);
+        let bad = error(&config("histograms = \"sparse\"\n"), &[]);
+        assert!(bad.contains("key `histograms`") && bad.contains("sparse"), "{bad}");
     }
 
     /// The one test that sets environment variables (they are process-wide).

@@ -23,6 +23,7 @@ use crate::{
     kernel::btf::DEFAULT_BTF_PATH,
     kernel::probes::{Concern, Disabled, ProbeMode},
     metrics::labels::{StaticLabel, parse_label},
+    metrics::native::HistogramMode,
 };
 
 /// Default address of the metrics server: loopback only, so a node agent never
@@ -193,6 +194,12 @@ pub struct RunArgs {
     /// exposition (and free their place in the label's budget).
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_SERIES_TTL, value_parser = parse_duration)]
     pub series_ttl: Duration,
+    /// Which buckets the session histograms (goodput, active goodput,
+    /// duration) expose: classic (text only, as before native histograms),
+    /// native (protobuf scrapes get native histograms; text has no classic
+    /// buckets), or both (protobuf scrapes get both, text the classic ones).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = HistogramMode::Both)]
+    pub histograms: HistogramMode,
     /// Also write one JSON line per reported session to this file (`-`: stdout).
     #[arg(long, value_name = "PATH")]
     pub session_log: Option<PathBuf>,

@@ -68,7 +68,8 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     .map_err(Error::Usage)?;
     labels::validate_against(&args.labels, &enricher.names()).map_err(Error::Usage)?;
     let metrics = Arc::new(
-        Metrics::new(args.labels.clone(), &enricher.names()).map_err(|e| Error::Other(format!("metrics: {e}")))?,
+        Metrics::new(args.labels.clone(), &enricher.names(), args.histograms)
+            .map_err(|e| Error::Other(format!("metrics: {e}")))?,
     );
     // GPU statistics sample on their own thread and never delay a scrape;
     // `--gpu required` refuses to start (exit 2) when NVML cannot.

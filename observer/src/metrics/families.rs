@@ -21,6 +21,9 @@ use std::{
 };
 
 use prometheus::proto;
+use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as dm;
+
+use crate::metrics::native::{HistogramMode, NativeBuckets};
 
 /// What one series of a family holds and how it is written.
 pub trait Series: Send + Sync {
@@ -33,6 +36,8 @@ pub trait Series: Send + Sync {
     fn write(&self, layout: &Self::Layout, name: &str, labels: &str, out: &mut String);
     /// Sets the series' value in a protobuf metric (`/api/v1/snapshot`).
     fn fill(&self, layout: &Self::Layout, metric: &mut proto::Metric);
+    /// Sets the series' value in a metric of the protobuf exposition.
+    fn expose(&self, layout: &Self::Layout, metric: &mut dm::Metric);
 }
 
 /// A monotonic integer counter.
@@ -71,20 +76,30 @@ impl Series for Counter {
         counter.set_value(self.get() as f64);
         metric.set_counter(counter);
     }
+
+    fn expose(&self, _: &(), metric: &mut dm::Metric) {
+        metric.counter = Some(dm::Counter { value: self.get() as f64, ..Default::default() });
+    }
 }
 
-/// Upper bounds of a histogram family's buckets, with their `le` text.
+/// Upper bounds of a histogram family's classic buckets, with their `le`
+/// text, and which kinds of buckets its exposition carries.
 #[derive(Debug)]
 pub struct Buckets {
     bounds: Vec<f64>,
     /// `le="<bound>"` of each bound, then of `+Inf`.
     le: Vec<String>,
+    /// Classic buckets are always counted (`/api/v1/snapshot` reads them);
+    /// without [`HistogramMode::classic`] the exposition has only their
+    /// `+Inf` bucket. With [`HistogramMode::native`] series keep native
+    /// buckets too.
+    mode: HistogramMode,
 }
 
 impl Buckets {
-    pub fn new(bounds: Vec<f64>) -> Self {
+    pub fn new(bounds: Vec<f64>, mode: HistogramMode) -> Self {
         let le = bounds.iter().map(f64::to_string).chain(["+Inf".to_string()]).map(|b| format!("le=\"{b}\"")).collect();
-        Buckets { bounds, le }
+        Buckets { bounds, le, mode }
     }
 }
 
@@ -96,10 +111,18 @@ pub struct Histogram {
     counts: Box<[AtomicU64]>,
     /// Sum of observations, as `f64` bits.
     sum: AtomicU64,
+    /// Native buckets, when the family keeps them. Observations then update
+    /// everything under its lock, so that the protobuf exposition reads
+    /// count, sum and both kinds of buckets of the same observations.
+    native: Option<NativeBuckets>,
 }
 
 impl Histogram {
     pub fn observe(&self, v: f64) {
+        let mut native = self.native.as_ref().map(NativeBuckets::lock);
+        if let Some(native) = native.as_mut() {
+            native.observe(v);
+        }
         // As the prometheus crate: the first bound not under v; NaN or above
         // every bound counts only in +Inf.
         let i = self.buckets.bounds.iter().position(|b| v <= *b).unwrap_or(self.buckets.bounds.len());
@@ -107,6 +130,7 @@ impl Histogram {
         let _ = self
             .sum
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+        drop(native);
     }
 
     /// Cumulative count at each bound and at +Inf. The +Inf entry is the
@@ -130,14 +154,18 @@ impl Series for Histogram {
 
     fn new(buckets: &Arc<Buckets>) -> Self {
         let counts = (0..=buckets.bounds.len()).map(|_| AtomicU64::new(0)).collect();
-        Histogram { buckets: buckets.clone(), counts, sum: AtomicU64::new(0) }
+        let native = buckets.mode.native().then(NativeBuckets::default);
+        Histogram { buckets: buckets.clone(), counts, sum: AtomicU64::new(0), native }
     }
 
     fn write(&self, buckets: &Arc<Buckets>, name: &str, labels: &str, out: &mut String) {
         let mut count = 0;
-        for (le, cumulative) in buckets.le.iter().zip(self.cumulative()) {
-            sample(out, name, "_bucket", labels, Some(le));
-            let _ = writeln!(out, "{cumulative}");
+        for (i, (le, cumulative)) in buckets.le.iter().zip(self.cumulative()).enumerate() {
+            // Native only: the +Inf bucket, as the Go client writes it.
+            if buckets.mode.classic() || i == buckets.bounds.len() {
+                sample(out, name, "_bucket", labels, Some(le));
+                let _ = writeln!(out, "{cumulative}");
+            }
             count = cumulative;
         }
         sample(out, name, "_sum", labels, None);
@@ -165,6 +193,34 @@ impl Series for Histogram {
         h.set_sample_count(cumulative.last().copied().unwrap_or(0));
         h.set_sample_sum(self.sum());
         metric.set_histogram(h);
+    }
+
+    fn expose(&self, buckets: &Arc<Buckets>, metric: &mut dm::Metric) {
+        // Observations wait while this reads: all of it is one moment's.
+        let native = self.native.as_ref().map(NativeBuckets::lock);
+        let cumulative: Vec<u64> = self.cumulative().collect();
+        let mut h = dm::Histogram {
+            sample_count: cumulative.last().copied().unwrap_or(0),
+            sample_sum: self.sum(),
+            bucket: match buckets.mode.classic() {
+                true => buckets
+                    .bounds
+                    .iter()
+                    .zip(&cumulative)
+                    .map(|(bound, count)| dm::Bucket {
+                        cumulative_count: *count,
+                        upper_bound: *bound,
+                        ..Default::default()
+                    })
+                    .collect(),
+                false => Vec::new(),
+            },
+            ..Default::default()
+        };
+        if let Some(native) = native {
+            native.fill(&mut h);
+        }
+        metric.histogram = Some(h);
     }
 }
 
@@ -231,6 +287,12 @@ pub struct Family<S: Series> {
     /// By rendered label text, which is unique per set of values and gives a
     /// stable order.
     series: RwLock<BTreeMap<String, Entry<S>>>,
+    /// Bumped (under `series`' write lock) whenever a series comes or goes.
+    generation: AtomicU64,
+    /// The family's message of the last protobuf scrape, with its label
+    /// pairs: the next one only sets the values again (no allocation per
+    /// counter), unless series came or went since (`generation`).
+    protobuf: parking_lot::Mutex<Option<(u64, dm::MetricFamily)>>,
 }
 
 pub type CounterFamily = Family<Counter>;
@@ -243,8 +305,15 @@ impl CounterFamily {
 }
 
 impl HistogramFamily {
-    pub fn histogram(name: &'static str, help: &str, labels: &[String], bounds: Vec<f64>) -> prometheus::Result<Self> {
-        Family::new(name, help, labels, Arc::new(Buckets::new(bounds)))
+    /// `bounds`: the classic buckets; `mode`: which buckets the exposition carries.
+    pub fn histogram(
+        name: &'static str,
+        help: &str,
+        labels: &[String],
+        bounds: Vec<f64>,
+        mode: HistogramMode,
+    ) -> prometheus::Result<Self> {
+        Family::new(name, help, labels, Arc::new(Buckets::new(bounds, mode)))
     }
 }
 
@@ -261,7 +330,17 @@ impl<S: Series> Family<S> {
         let mut header = format!("# HELP {name} ");
         escape_into(&mut header, help, false);
         header.push_str(&format!("\n# TYPE {name} {kind}\n"));
-        Ok(Family { name, help: help.to_string(), header, names, order, layout, series: RwLock::default() })
+        Ok(Family {
+            name,
+            help: help.to_string(),
+            header,
+            names,
+            order,
+            layout,
+            series: RwLock::default(),
+            generation: AtomicU64::new(0),
+            protobuf: parking_lot::Mutex::new(None),
+        })
     }
 
     /// The series of these label values (in the order given to `new`),
@@ -272,9 +351,12 @@ impl<S: Series> Family<S> {
             return entry.series.clone();
         }
         let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
-        let entry = series.entry(key).or_insert_with(|| Entry {
-            values: self.order.iter().map(|i| value_at(values, *i).to_string()).collect(),
-            series: Arc::new(S::new(&self.layout)),
+        let entry = series.entry(key).or_insert_with(|| {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            Entry {
+                values: self.order.iter().map(|i| value_at(values, *i).to_string()).collect(),
+                series: Arc::new(S::new(&self.layout)),
+            }
         });
         entry.series.clone()
     }
@@ -282,7 +364,11 @@ impl<S: Series> Family<S> {
     /// Removes the series of these label values; whether it existed.
     pub fn remove(&self, values: &[&str]) -> bool {
         let key = self.render(values);
-        self.series.write().unwrap_or_else(|p| p.into_inner()).remove(&key).is_some()
+        let removed = self.series.write().unwrap_or_else(|p| p.into_inner()).remove(&key).is_some();
+        if removed {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        removed
     }
 
     /// Appends the family in text format; nothing when it has no series, as
@@ -331,6 +417,64 @@ impl<S: Series> Family<S> {
         Some(family)
     }
 
+    /// Appends the family to a protobuf exposition (one length-delimited
+    /// message); nothing when it has no series.
+    pub fn write_protobuf(&self, out: &mut Vec<u8>) {
+        let series = self.read();
+        if series.is_empty() {
+            return;
+        }
+        // Stable while the read lock is held: writers bump it under the write lock.
+        let generation = self.generation.load(Ordering::Relaxed);
+        let mut cached = self.protobuf.lock();
+        match cached.as_mut() {
+            Some((g, family)) if *g == generation => {
+                // The same series in the same (map) order: only values change.
+                for (metric, entry) in family.metric.iter_mut().zip(series.values()) {
+                    entry.series.expose(&self.layout, metric);
+                }
+            }
+            _ => *cached = self.exposition_of(&series).map(|f| (generation, f)),
+        }
+        if let Some((_, family)) = cached.as_ref() {
+            // Writing to a Vec only fails when it cannot grow (allocation aborts first).
+            let _ = prost::Message::encode_length_delimited(family, out);
+        }
+    }
+
+    /// The family in the protobuf exposition, built afresh; `None` without series.
+    #[cfg(test)]
+    pub fn to_exposition(&self) -> Option<dm::MetricFamily> {
+        self.exposition_of(&self.read())
+    }
+
+    fn exposition_of(&self, series: &BTreeMap<String, Entry<S>>) -> Option<dm::MetricFamily> {
+        if series.is_empty() {
+            return None;
+        }
+        let metric = series
+            .values()
+            .map(|entry| {
+                let label = self
+                    .names
+                    .iter()
+                    .zip(entry.values.iter())
+                    .map(|(name, value)| dm::LabelPair { name: name.clone(), value: value.clone() })
+                    .collect();
+                let mut metric = dm::Metric { label, ..Default::default() };
+                entry.series.expose(&self.layout, &mut metric);
+                metric
+            })
+            .collect();
+        Some(dm::MetricFamily {
+            name: self.name.to_string(),
+            help: self.help.clone(),
+            r#type: crate::metrics::exposition::metric_type(S::TYPE) as i32,
+            metric,
+            unit: String::new(),
+        })
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.read().len()
@@ -361,6 +505,7 @@ impl<S: Series> Family<S> {
 trait AnyFamily: Send + Sync {
     fn write_text(&self, out: &mut String);
     fn to_proto(&self) -> Option<proto::MetricFamily>;
+    fn write_protobuf(&self, out: &mut Vec<u8>);
 }
 
 impl<S: Series> AnyFamily for Family<S> {
@@ -370,6 +515,10 @@ impl<S: Series> AnyFamily for Family<S> {
 
     fn to_proto(&self) -> Option<proto::MetricFamily> {
         Family::to_proto(self)
+    }
+
+    fn write_protobuf(&self, out: &mut Vec<u8>) {
+        Family::write_protobuf(self, out);
     }
 }
 
@@ -394,8 +543,9 @@ impl Families {
         help: &str,
         labels: &[String],
         bounds: Vec<f64>,
+        mode: HistogramMode,
     ) -> prometheus::Result<Arc<HistogramFamily>> {
-        Ok(self.add(HistogramFamily::histogram(name, help, labels, bounds)?))
+        Ok(self.add(HistogramFamily::histogram(name, help, labels, bounds, mode)?))
     }
 
     fn add<S: Series + 'static>(&mut self, family: Family<S>) -> Arc<Family<S>> {
@@ -414,6 +564,14 @@ impl Families {
     /// Every family with series, as the registry would gather them.
     pub fn to_protos(&self) -> impl Iterator<Item = proto::MetricFamily> + '_ {
         self.0.iter().filter_map(|f| f.to_proto())
+    }
+
+    /// Appends every family with series to a protobuf exposition, in the
+    /// order `write_text` writes them.
+    pub fn write_protobuf(&self, out: &mut Vec<u8>) {
+        for family in &self.0 {
+            family.write_protobuf(out);
+        }
     }
 }
 
@@ -470,8 +628,14 @@ mod tests {
     #[test]
     fn histograms_write_what_the_prometheus_crate_writes() {
         let bounds = vec![0.001, 0.5, 1.0, 1780.0, 1e11];
-        let ours = HistogramFamily::histogram("t_seconds", "Time.", &names(&["protocol", "direction"]), bounds.clone())
-            .unwrap();
+        let ours = HistogramFamily::histogram(
+            "t_seconds",
+            "Time.",
+            &names(&["protocol", "direction"]),
+            bounds.clone(),
+            HistogramMode::Classic,
+        )
+        .unwrap();
         let theirs =
             HistogramVec::new(HistogramOpts::new("t_seconds", "Time.").buckets(bounds), &["protocol", "direction"])
                 .unwrap();
@@ -495,6 +659,53 @@ mod tests {
         assert_eq!(ours.to_proto().map(|f| crate_text(&[f])), Some(text));
     }
 
+    /// The protobuf message reused between scrapes always equals one built
+    /// afresh: after values change, and after series come and go.
+    #[test]
+    fn protobuf_scrapes_reuse_the_message_and_stay_exact() {
+        use prost::Message as _;
+
+        let decode = |body: Vec<u8>| -> Option<dm::MetricFamily> {
+            (!body.is_empty()).then(|| dm::MetricFamily::decode_length_delimited(&body[..]).unwrap())
+        };
+        let write = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut body = Vec::new();
+            f(&mut body);
+            decode(body)
+        };
+        let c = CounterFamily::counter("t_total", "T.", &names(&["pod", "iface"])).unwrap();
+        let h =
+            HistogramFamily::histogram("t_h", "H.", &names(&["pod"]), vec![1.0, 10.0], HistogramMode::Both).unwrap();
+        assert_eq!(write(&|b| c.write_protobuf(b)), None, "no series, no family");
+        c.with_label_values(&["a", "eth0"]).inc_by(3);
+        h.with_label_values(&["a"]).observe(5.0);
+        for step in 0..4 {
+            match step {
+                1 => {
+                    c.with_label_values(&["a", "eth0"]).inc();
+                    h.with_label_values(&["a"]).observe(0.5);
+                }
+                2 => {
+                    c.with_label_values(&["b", "eth\"1"]).inc_by(2);
+                    h.with_label_values(&["b"]).observe(50.0);
+                }
+                3 => {
+                    assert!(c.remove(&["a", "eth0"]) && h.remove(&["a"]));
+                }
+                _ => {}
+            }
+            let (counters, histograms) = (write(&|b| c.write_protobuf(b)), write(&|b| h.write_protobuf(b)));
+            assert_eq!(counters, c.to_exposition(), "step {step}");
+            assert_eq!(histograms, h.to_exposition(), "step {step}");
+            let total: f64 = counters.unwrap().metric.iter().map(|m| m.counter.as_ref().unwrap().value).sum();
+            assert_eq!(total, [3.0, 4.0, 6.0, 2.0][step], "step {step}");
+            let histograms = histograms.unwrap();
+            let first = histograms.metric[0].histogram.as_ref().unwrap();
+            assert_eq!(first.bucket.len(), 2);
+            assert!(!first.positive_span.is_empty(), "native buckets");
+        }
+    }
+
     #[test]
     fn unlabelled_series_and_empty_families() {
         let c = CounterFamily::counter("t_total", "T.", &[]).unwrap();
@@ -505,7 +716,7 @@ mod tests {
         c.with_label_values(&[]).inc_by(7);
         c.write_text(&mut text);
         assert_eq!(text, "# HELP t_total T.\n# TYPE t_total counter\nt_total 7\n");
-        let h = HistogramFamily::histogram("t_h", "H.", &[], vec![1.0]).unwrap();
+        let h = HistogramFamily::histogram("t_h", "H.", &[], vec![1.0], HistogramMode::Classic).unwrap();
         h.with_label_values(&[]).observe(0.5);
         let mut text = String::new();
         h.write_text(&mut text);

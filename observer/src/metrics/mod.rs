@@ -3,6 +3,8 @@
 //! - this file: [`Metrics`], every session, drop and interface family and the
 //!   arithmetic a closed session or a live delta goes through;
 //! - [`families`]: counter and histogram families with their own text exposition;
+//! - [`native`]: native histograms (`--histograms`) and their bucketing;
+//! - [`exposition`]: text or protobuf, as the scrape's `Accept` header asks;
 //! - [`labels`]: the operator's static labels;
 //! - [`telemetry`]: the observer's metrics about itself.
 //!
@@ -13,8 +15,10 @@
 //!
 //! Layer: above kernel and enrich (it names hooks and session labels); below
 //! pipeline, gpu, server and cli.
+pub mod exposition;
 pub mod families;
 pub mod labels;
+pub mod native;
 pub mod telemetry;
 
 use std::{
@@ -29,8 +33,10 @@ use prometheus::{GaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
     kernel::probes::Concern,
+    metrics::exposition::Format,
     metrics::families::{Counter, CounterFamily, Families, Histogram, HistogramFamily},
     metrics::labels::StaticLabel,
+    metrics::native::HistogramMode,
     session::{Direction, Protocol, Session},
 };
 
@@ -107,6 +113,10 @@ pub struct Metrics {
     families: Families,
     /// Length of the last exposition, to size the next one's buffer at once.
     encoded_len: AtomicUsize,
+    /// Length of the last protobuf exposition, likewise.
+    encoded_proto_len: AtomicUsize,
+    /// Which buckets the session histograms expose (`--histograms`).
+    histograms: HistogramMode,
     /// The observer's own health: table usage, scrape duration, process_*.
     pub telemetry: crate::metrics::telemetry::SelfMetrics,
     /// Handles of the session families' series by session label values, so
@@ -132,8 +142,13 @@ struct SessionSeries {
 }
 
 impl Metrics {
-    /// `session_labels`: names of the session labels, in value order.
-    pub fn new(static_labels: Vec<StaticLabel>, session_labels: &[&'static str]) -> prometheus::Result<Self> {
+    /// `session_labels`: names of the session labels, in value order;
+    /// `histograms`: which buckets the session histograms expose.
+    pub fn new(
+        static_labels: Vec<StaticLabel>,
+        session_labels: &[&'static str],
+        histograms: HistogramMode,
+    ) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let mut families = Families::default();
         let names = |base: &[&'static str]| -> Vec<String> {
@@ -153,12 +168,14 @@ impl Metrics {
             "Goodput of closed sessions: bytes moved in one direction divided by the session's lifetime in seconds, one observation per direction that moved at least --min-session-bytes. direction=receive: bytes received in order; direction=transmit: bytes acknowledged by the peer. impaired=true: the session retransmitted at least one segment (loss or heavy delay on its path), impaired=false: it did not (UDP sessions are always false).",
             &goodput_labels,
             goodput_buckets(),
+            histograms,
         )?;
         let active_goodput = families.histogram(
             "observer_session_active_goodput_bytes_per_second",
             "Goodput of closed sessions over their active time: bytes moved in one direction divided by the time during which data moved in that direction. direction=transmit (TCP): the kernel's busy time, while data waited to be sent or acknowledged; direction=receive and UDP: gaps between send/receive calls up to --active-gap, longer gaps being idle. Same floor and labels as observer_session_goodput_bytes_per_second; sessions whose active time is unknown or zero, or adopted mid-life, are not observed.",
             &goodput_labels,
             goodput_buckets(),
+            histograms,
         )?;
         let live_bytes = families.counter(
             "observer_bytes_total",
@@ -170,6 +187,7 @@ impl Metrics {
             "Lifetime of closed sessions (first state change to close), whatever they moved. Sessions adopted mid-life are not observed (their birth is unknown).",
             &session_proto,
             duration_buckets(),
+            histograms,
         )?;
         let sessions = families.counter(
             "observer_sessions_total",
@@ -272,6 +290,8 @@ impl Metrics {
             interface,
             families,
             encoded_len: AtomicUsize::new(0),
+            encoded_proto_len: AtomicUsize::new(0),
+            histograms,
             telemetry,
             series: Mutex::new(HashMap::new()),
         };
@@ -458,6 +478,31 @@ impl Metrics {
         self.encoded_len.store(text.len(), Ordering::Relaxed);
         Ok(text)
     }
+
+    /// The format a scrape with this `Accept` header gets: text always with
+    /// `--histograms classic` (the exposition as it was before native
+    /// histograms), else what the header prefers.
+    pub fn negotiate(&self, accept: Option<&str>) -> Format {
+        match self.histograms {
+            HistogramMode::Classic => Format::Text,
+            _ => crate::metrics::exposition::negotiate(accept),
+        }
+    }
+
+    /// The exposition in the protobuf format: every family of the text
+    /// exposition, in the same order, the session histograms with their
+    /// native buckets.
+    pub fn encode_protobuf(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.encoded_proto_len.load(Ordering::Relaxed) + 4096);
+        self.families.write_protobuf(&mut body);
+        let registry = self.registry.gather();
+        crate::metrics::exposition::encode_delimited(
+            registry.iter().map(crate::metrics::exposition::from_registry),
+            &mut body,
+        );
+        self.encoded_proto_len.store(body.len(), Ordering::Relaxed);
+        body
+    }
 }
 
 /// A session family, for operations on all of them at once.
@@ -529,7 +574,7 @@ mod tests {
 
     #[test]
     fn records_sessions_with_static_labels_and_the_floor() {
-        let m = Metrics::new(vec![parse_label("region=eu").unwrap()], &[]).unwrap();
+        let m = Metrics::new(vec![parse_label("region=eu").unwrap()], &[], HistogramMode::Both).unwrap();
         m.record(&session(4_000_000, 10, Some(2)), &[], 1_000_000);
         m.record(&session(100, 100, Some(1)), &[], 1_000_000);
         m.record(&session(5_000_000, 0, None), &[], 1_000_000);
@@ -564,9 +609,87 @@ mod tests {
         );
     }
 
+    /// The text of every mode but `native` is the classic exposition, byte
+    /// for byte; protobuf carries every family, the session histograms with
+    /// native buckets.
+    #[test]
+    fn histogram_modes_in_text_and_protobuf() {
+        use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model as dm;
+        use prost::Message as _;
+
+        let modes = [HistogramMode::Classic, HistogramMode::Both, HistogramMode::Native];
+        let metrics = modes.map(|mode| Metrics::new(vec![parse_label("region=eu").unwrap()], &[], mode).unwrap());
+        for m in &metrics {
+            m.record(&session(4_000_000, 10, Some(2)), &[], 1_000_000);
+            m.add_drops("no_socket", "lo", 3);
+        }
+        // process_* moves between two encodes.
+        let text = |m: &Metrics| -> String {
+            m.encode().unwrap().lines().filter(|l| !l.contains("process_")).map(|l| format!("{l}\n")).collect()
+        };
+        let [classic, both, native] = metrics.each_ref().map(text);
+        assert_eq!(classic, both);
+        let series = r#"direction="transmit",impaired="false",protocol="tcp",region="eu""#;
+        assert!(
+            classic
+                .contains(&format!("observer_session_goodput_bytes_per_second_bucket{{{series},le=\"3160000\"}} 1\n"))
+        );
+        assert!(
+            native.contains(&format!("observer_session_goodput_bytes_per_second_bucket{{{series},le=\"+Inf\"}} 1\n"))
+        );
+        assert!(native.contains(&format!("observer_session_goodput_bytes_per_second_count{{{series}}} 1\n")));
+        assert!(!native.contains("le=\"3160000\""), "{native}");
+        // Native only changes the session histograms.
+        let others = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !["goodput_bytes_per_second", "duration_seconds"].iter().any(|h| l.contains(h)))
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(others(&classic), others(&native));
+
+        let protobuf = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited";
+        assert_eq!(metrics[0].negotiate(Some(protobuf)), Format::Text, "classic: always text");
+        assert_eq!(metrics[1].negotiate(Some(protobuf)), Format::Protobuf);
+        assert_eq!(metrics[1].negotiate(Some("text/plain;version=0.0.4")), Format::Text);
+        for (m, classic_buckets) in [(&metrics[1], 33), (&metrics[2], 0)] {
+            let body = m.encode_protobuf();
+            let mut read = &body[..];
+            let mut families = Vec::new();
+            while !read.is_empty() {
+                families.push(dm::MetricFamily::decode_length_delimited(&mut read).unwrap());
+            }
+            // The same families as the text, in the same order.
+            let names: Vec<&str> = families.iter().map(|f| f.name.as_str()).collect();
+            let text_names: Vec<&str> =
+                classic.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+            let without_process: Vec<&str> = names.iter().copied().filter(|n| !n.starts_with("process_")).collect();
+            assert_eq!(without_process, text_names);
+            let goodput = families.iter().find(|f| f.name == "observer_session_goodput_bytes_per_second").unwrap();
+            assert_eq!(goodput.r#type, dm::MetricType::Histogram as i32);
+            let transmit = goodput
+                .metric
+                .iter()
+                .find(|m| m.label.iter().any(|l| l.value == "transmit") && m.label.iter().any(|l| l.value == "false"))
+                .and_then(|m| m.histogram.as_ref())
+                .unwrap();
+            assert_eq!((transmit.sample_count, transmit.sample_sum), (1, 2e6));
+            assert_eq!(transmit.bucket.len(), classic_buckets);
+            assert_eq!((transmit.schema, transmit.zero_count), (native::SCHEMA, 0));
+            // 2e6 B/s: bucket ceil(log2(2e6) * 8) = 168.
+            let index = native::bucket_index(native::SCHEMA, 2e6);
+            assert_eq!(index, 168);
+            assert_eq!(transmit.positive_span, vec![dm::BucketSpan { offset: index, length: 1 }]);
+            assert_eq!(transmit.positive_delta, vec![1]);
+            let drops = families.iter().find(|f| f.name == "observer_drops_total").unwrap();
+            assert_eq!(drops.metric[0].counter.as_ref().unwrap().value, 3.0);
+        }
+    }
+
     #[test]
     fn session_labels_sit_between_own_and_static_labels_and_expired_sets_leave() {
-        let m = Metrics::new(vec![parse_label("region=eu").unwrap()], &["comm", "peer_port"]).unwrap();
+        let m =
+            Metrics::new(vec![parse_label("region=eu").unwrap()], &["comm", "peer_port"], HistogramMode::Both).unwrap();
         let text = m.encode().unwrap();
         assert!(!text.contains("observer_sessions_total{"), "no series before a session: {text}");
         assert!(text.contains(r#"observer_label_overflow_total{label="peer_port"} 0"#), "{text}");

@@ -18,14 +18,17 @@ use std::{
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::{metrics::Metrics, pipeline::Pipeline};
+use crate::{
+    metrics::{Metrics, exposition::Format},
+    pipeline::Pipeline,
+};
 
 mod conn;
 pub mod scrape;
@@ -136,7 +139,7 @@ fn no_store(body: impl IntoResponse) -> impl IntoResponse {
     ([(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], body)
 }
 
-async fn metrics(State(served): State<Arc<Served>>) -> Response {
+async fn metrics(State(served): State<Arc<Served>>, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let _turn = match served.gate.enter().await {
         Ok(turn) => turn,
@@ -156,9 +159,16 @@ async fn metrics(State(served): State<Arc<Served>>) -> Response {
         };
         served.coalescer.refresh(started, refresh).await;
     }
-    let response = match state.metrics.encode() {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
+    // Text, or protobuf (native histograms) when the scraper prefers it.
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = state.metrics.negotiate(accept);
+    let content_type = [(header::CONTENT_TYPE, format.content_type())];
+    let response = match format {
+        Format::Protobuf => (content_type, state.metrics.encode_protobuf()).into_response(),
+        Format::Text => match state.metrics.encode() {
+            Ok(body) => (content_type, body).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
+        },
     };
     state.metrics.telemetry.observe_scrape(started.elapsed());
     response
@@ -202,7 +212,7 @@ mod tests {
     }
 
     fn state() -> Arc<AppState> {
-        let metrics = Arc::new(Metrics::new(Vec::new(), &[]).unwrap());
+        let metrics = Arc::new(Metrics::new(Vec::new(), &[], crate::metrics::native::HistogramMode::Both).unwrap());
         Arc::new(AppState { metrics, ready: false.into(), pipeline: OnceLock::new(), auth: None })
     }
 
@@ -255,7 +265,7 @@ mod tests {
         std::fs::write(&web, format!("basic_auth_users:\n  alice: '{hash}'\n")).unwrap();
         let auth = web_config::load(&web).unwrap().auth.map(Arc::new);
         std::fs::remove_file(&web).unwrap();
-        let metrics = Arc::new(Metrics::new(Vec::new(), &[]).unwrap());
+        let metrics = Arc::new(Metrics::new(Vec::new(), &[], crate::metrics::native::HistogramMode::Both).unwrap());
         let state = Arc::new(AppState { metrics, ready: true.into(), pipeline: OnceLock::new(), auth });
         let with = |user_password: &str, path: &str| {
             use base64::Engine as _;
