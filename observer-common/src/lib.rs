@@ -142,8 +142,14 @@ pub struct SessionStart {
     /// bits of `flags` from both (a read, an or and a write of one word) could
     /// lose one. `all_flags` folds them into `SESSION_*` flags.
     pub marks: [u8; 4],
+    /// Local port << 16 | remote port, read with the placement (the
+    /// `PLACED` mark): who the socket at this address was, so that a start
+    /// that reuses pinned tables can tell a new socket at the same address
+    /// from the session's (`SockProbe`).
+    pub ports: u32,
+    pub _pad0: u32,
 }
-const _: () = assert!(core::mem::size_of::<SessionStart>() == 112);
+const _: () = assert!(core::mem::size_of::<SessionStart>() == 120);
 
 /// Indexes of `SessionStart::marks`, each standing for one `SESSION_*` flag.
 pub mod session_mark {
@@ -547,8 +553,8 @@ pub const SOCK_PROBE_SLOTS: usize = 64;
 
 /// The socket probe's one entry (`SOCK_PROBE`): userspace fills `sk` and
 /// `count` and arms it with its thread id; a program on that thread's next
-/// rename of itself (`task:task_rename`) reads each socket's state, family and
-/// `SOCK_DEAD` flag and disarms it (`tid` 0). Used once, at a start that
+/// rename of itself (`task:task_rename`) reads each socket's state, family,
+/// `SOCK_DEAD` flag and ports and disarms it (`tid` 0). Used once, at a start that
 /// reuses pinned tables, to find entries whose socket closed while no observer
 /// ran.
 #[repr(C)]
@@ -568,8 +574,10 @@ pub struct SockProbe {
     pub dead: [u8; SOCK_PROBE_SLOTS],
     /// Non-zero where every read succeeded.
     pub read: [u8; SOCK_PROBE_SLOTS],
+    /// Local port << 16 | remote port of each (as `SessionStart::ports`).
+    pub ports: [u32; SOCK_PROBE_SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<SockProbe>() == 8 + 8 * 64 + 2 * 64 + 3 * 64);
+const _: () = assert!(core::mem::size_of::<SockProbe>() == 8 + 8 * 64 + 2 * 64 + 3 * 64 + 4 * 64);
 
 /// `aya::Pod`: aya copies these to and from maps and rings as raw bytes, which
 /// is sound for a type whose every byte pattern is a valid value and which has
@@ -633,7 +641,7 @@ mod tests {
             size_of::<SessionRecord>(),
             size_of::<UdpRelease>(),
         ];
-        let layouts: &[(u32, [usize; 6])] = &[(1, [112, 32, 96, 40, 176, 160])];
+        let layouts: &[(u32, [usize; 6])] = &[(1, [120, 32, 96, 40, 176, 160])];
         let (version, expected) = layouts[layouts.len() - 1];
         assert_eq!(
             (STATE_LAYOUT_VERSION, sizes),

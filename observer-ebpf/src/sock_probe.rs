@@ -6,7 +6,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, progra
 use observer_common::SOCK_PROBE_SLOTS;
 
 use crate::{
-    kernel::{Mem, Probe, offset},
+    kernel::{Mem, Probe, offset, ports},
     maps::SOCK_PROBE,
 };
 
@@ -38,6 +38,8 @@ pub fn obs_sock_probe(_ctx: RawTracePointContext) -> i32 {
         probe.state[i] = state.unwrap_or(0);
         probe.dead[i] = u8::from(flags.unwrap_or(0) & (1u64 << (offset!(sock_dead_bit) & 63)) != 0);
         probe.read[i] = u8::from(family.is_some() && state.is_some() && flags.is_some());
+        let (local, remote) = ports::<Probe>(sk);
+        probe.ports[i] = u32::from(local) << 16 | u32::from(remote);
     }
     probe.tid = 0;
     0

@@ -376,8 +376,11 @@ fn sessions_closed_while_no_observer_runs_are_counted_once() {
 
     let mut second = start(&ns, &state, &log2, &[]);
     let want = 2 * sizes.len() + 2 * udp.len();
-    let sessions = wait_sessions(&log2, want, scaled(Duration::from_secs(10)), ours)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", second.log()));
+    let sessions = wait_sessions(&log2, want, scaled(Duration::from_secs(10)), ours).unwrap_or_else(|e| {
+        let logged = read_session_log(&log2).unwrap_or_default();
+        let m = second.metrics().map(|m| m.sum("observer_sessions_ignored_total", &[]));
+        panic!("{e:#}\nlogged: {logged:#?}\nignored: {m:?}\n{}", second.log())
+    });
     // TCP: reported as closes no hook saw (no addresses, no lifetime), bytes
     // as of their last call; each end once.
     let tcp: Vec<&ObservedSession> = sessions.iter().filter(|s| s.protocol == "tcp").collect();

@@ -184,6 +184,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     }
     let _ = state.pipeline.set(pipeline.clone());
 
+    // Sessions that closed while no observer ran: swept once before the
+    // programs attach (no program then updates an entry whose address a new
+    // socket took meanwhile) and once after (closes in between).
+    let mut socket_probe = if reused { attach_socket_probe(&mut kernel.ebpf) } else { None };
+    if let Some(probe) = &mut socket_probe {
+        sweep_gone(probe, &pipeline, "before attach");
+    }
     let attached = kernel.attach(&plan)?;
     for (hook, result) in &attached {
         let Some(concern) = plan.choices.iter().find(|c| c.hook.as_ref().ok() == Some(hook)).map(|c| c.concern) else {
@@ -217,8 +224,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
         }
     }
-    if reused {
-        sweep_gone(&mut kernel.ebpf, &pipeline);
+    if let Some(mut probe) = socket_probe {
+        sweep_gone(&mut probe, &pipeline, "after attach");
+        probe.detach(&mut kernel.ebpf);
     }
     let attached_programs: Vec<&str> = attached
         .iter()
@@ -328,20 +336,26 @@ fn open_state_dir(arg: Option<&StateDirArg>, max_sessions: u32, max_udp_flows: u
     }
 }
 
-/// Ends what closed while no observer ran (`Pipeline::sweep_gone`). Runs on
-/// this thread, which still holds the privileges to load the probe; a
-/// failure leaves those sessions to the close-missed path and is logged.
-fn sweep_gone(ebpf: &mut aya::Ebpf, pipeline: &Pipeline) {
-    let started = Instant::now();
-    let mut probe = match kernel_state::SocketProbe::attach(ebpf) {
-        Ok(probe) => probe,
+/// The socket probe for `Pipeline::sweep_gone`, attached on this thread,
+/// which still holds the privileges to load it; `None` (logged) if it cannot
+/// be: those sessions are then left to the close-missed path.
+fn attach_socket_probe(ebpf: &mut aya::Ebpf) -> Option<kernel_state::SocketProbe> {
+    match kernel_state::SocketProbe::attach(ebpf) {
+        Ok(probe) => Some(probe),
         Err(why) => {
             tracing::warn!(error = %why, "cannot look for sessions that closed while no observer ran; they are reported when their address is reused");
-            return;
+            None
         }
-    };
-    match pipeline.sweep_gone(&mut probe) {
+    }
+}
+
+/// Ends what closed while no observer ran (`Pipeline::sweep_gone`); `when`
+/// names the pass in the log.
+fn sweep_gone(probe: &mut kernel_state::SocketProbe, pipeline: &Pipeline, when: &'static str) {
+    let started = Instant::now();
+    match pipeline.sweep_gone(probe) {
         Ok(swept) => tracing::info!(
+            pass = when,
             tcp = swept.tcp,
             udp = swept.udp,
             took_ms = started.elapsed().as_millis() as u64,
@@ -349,7 +363,6 @@ fn sweep_gone(ebpf: &mut aya::Ebpf, pipeline: &Pipeline) {
         ),
         Err(why) => tracing::warn!(error = %why, "sweep of sessions that closed while no observer ran failed"),
     }
-    probe.detach(ebpf);
 }
 
 /// Everything is loaded, attached and open: from here on no thread holds a

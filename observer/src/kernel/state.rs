@@ -26,7 +26,7 @@ use aya::{
 };
 use observer_common::{
     AF_INET, AF_INET6, SESSIONS_RING_BYTES, SOCK_PROBE_SLOTS, STATE_LAYOUT_VERSION, SessionStart, SockProbe,
-    UDP_RELEASES_RING_BYTES, UdpFlow, UdpFlowKey, UdpSocketFlows, tcp_state,
+    UDP_RELEASES_RING_BYTES, UdpFlow, UdpFlowKey, UdpSocketFlows, session_mark, tcp_state,
 };
 
 use crate::error::Error;
@@ -279,6 +279,8 @@ pub struct SockFacts {
     pub state: u8,
     pub dead: bool,
     pub read: bool,
+    /// Local port << 16 | remote port.
+    pub ports: u32,
 }
 
 impl SockFacts {
@@ -292,14 +294,25 @@ impl SockFacts {
     /// another TCP socket takes it; the state program runs before the state
     /// is stored, so a close seen here was not seen by the programs now
     /// attached. A listener there is another socket.
-    pub fn tcp_gone(&self) -> bool {
+    /// A socket there with other ports than the entry recorded at its first
+    /// call (`placed`: `SessionStart::ports`) is a new socket that took the
+    /// address after the session's closed: gone too.
+    pub fn tcp_gone(&self, start: &SessionStart) -> bool {
         let state = i32::from(self.state);
-        !self.is_inet() || state == 0 || state == tcp_state::CLOSE || state == tcp_state::LISTEN || state > 11
+        let placed = start.marks[session_mark::PLACED] != 0;
+        !self.is_inet()
+            || state == 0
+            || state == tcp_state::CLOSE
+            || state == tcp_state::LISTEN
+            || state > 11
+            || (placed && self.ports != start.ports)
     }
 
-    /// Whether a `UDP_SOCKETS` entry's socket was released (`SOCK_DEAD`).
-    pub fn udp_gone(&self) -> bool {
-        !self.is_inet() || self.dead
+    /// Whether a `UDP_SOCKETS` entry's socket was released (`SOCK_DEAD`), or
+    /// the socket there now has another local port than its flows
+    /// (`local_port`, 0 when unknown): a new socket at the address.
+    pub fn udp_gone(&self, local_port: u16) -> bool {
+        !self.is_inet() || self.dead || (local_port != 0 && (self.ports >> 16) as u16 != local_port)
     }
 }
 
@@ -346,6 +359,7 @@ impl SocketProbe {
                 state: [0; SOCK_PROBE_SLOTS],
                 dead: [0; SOCK_PROBE_SLOTS],
                 read: [0; SOCK_PROBE_SLOTS],
+                ports: [0; SOCK_PROBE_SLOTS],
             };
             p.sk[..chunk.len()].copy_from_slice(chunk);
             self.map.set(0, p, 0).map_err(|e| format!("arming the socket probe: {e}"))?;
@@ -359,6 +373,7 @@ impl SocketProbe {
                 state: p.state[i],
                 dead: p.dead[i] != 0,
                 read: p.read[i] != 0,
+                ports: p.ports[i],
             }));
         }
         Ok(facts)
@@ -394,19 +409,48 @@ mod tests {
 
     #[test]
     fn gone_sockets_are_told_from_live_ones() {
-        let f = |family, state, dead, read| SockFacts { family, state, dead, read };
+        let f = |family, state, dead, read| SockFacts { family, state, dead, read, ports: 0x1234_0050 };
+        let mut start = SessionStart {
+            birth_ns: 1,
+            cgroup_id: 0,
+            last_call_ns: 0,
+            active_ns: 0,
+            live_tx: 0,
+            live_rx: 0,
+            live_base_tx: 0,
+            live_base_rx: 0,
+            birth_jiffies: 0,
+            pid: 0,
+            flags: 0,
+            comm: [0; 16],
+            netns_ino: 0,
+            rx_ifindex: 0,
+            tx_ifindex: 0,
+            marks: [0; 4],
+            ports: 0,
+            _pad0: 0,
+        };
+        let s = &start;
         for state in [1, 2, 3, 4, 5, 6, 8, 9, 11] {
-            assert!(!f(AF_INET, state, false, true).tcp_gone(), "state {state}");
-            assert!(!f(AF_INET6, state, true, true).tcp_gone(), "an orphan closing is alive: {state}");
+            assert!(!f(AF_INET, state, false, true).tcp_gone(s), "state {state}");
+            assert!(!f(AF_INET6, state, true, true).tcp_gone(s), "an orphan closing is alive: {state}");
         }
-        assert!(f(AF_INET, 7, false, true).tcp_gone(), "closed");
-        assert!(f(AF_INET, 10, false, true).tcp_gone(), "a listener is another socket");
-        assert!(f(AF_INET, 0, false, true).tcp_gone() && f(AF_INET, 12, false, true).tcp_gone());
-        assert!(f(0, 1, false, true).tcp_gone(), "not an inet socket any more");
-        assert!(f(AF_INET, 1, false, false).tcp_gone(), "unreadable");
-        assert!(!f(AF_INET, 7, false, true).udp_gone(), "an unconnected UDP socket is in CLOSE");
-        assert!(f(AF_INET, 1, true, true).udp_gone(), "released");
-        assert!(f(AF_INET6, 1, false, false).udp_gone());
+        assert!(f(AF_INET, 7, false, true).tcp_gone(s), "closed");
+        assert!(f(AF_INET, 10, false, true).tcp_gone(s), "a listener is another socket");
+        assert!(f(AF_INET, 0, false, true).tcp_gone(s) && f(AF_INET, 12, false, true).tcp_gone(s));
+        assert!(f(0, 1, false, true).tcp_gone(s), "not an inet socket any more");
+        assert!(f(AF_INET, 1, false, false).tcp_gone(s), "unreadable");
+        // Placed: the ports must be the session's.
+        start.marks[session_mark::PLACED] = 1;
+        start.ports = 0x1234_0050;
+        assert!(!f(AF_INET, 1, false, true).tcp_gone(&start), "the same socket");
+        start.ports = 0x1235_0050;
+        assert!(f(AF_INET, 1, false, true).tcp_gone(&start), "a new socket at the address");
+        assert!(!f(AF_INET, 7, false, true).udp_gone(0x1234), "an unconnected UDP socket is in CLOSE");
+        assert!(!f(AF_INET, 1, false, true).udp_gone(0), "local port unknown");
+        assert!(f(AF_INET, 1, false, true).udp_gone(0x1235), "another socket at the address");
+        assert!(f(AF_INET, 1, true, true).udp_gone(0x1234), "released");
+        assert!(f(AF_INET6, 1, false, false).udp_gone(0x1234));
     }
 
     #[test]
@@ -414,7 +458,7 @@ mod tests {
         let l = layouts(100, 200);
         let names: Vec<&str> = l.iter().map(|l| l.name).collect();
         assert_eq!(names, ["OPEN_SESSIONS", "UDP_FLOWS", "UDP_SOCKETS", "SESSIONS", "UDP_RELEASES"]);
-        assert_eq!((l[0].value_size, l[0].max_entries), (112, 100));
+        assert_eq!((l[0].value_size, l[0].max_entries), (120, 100));
         assert_eq!((l[1].key_size, l[1].value_size, l[1].max_entries), (32, 96, 200));
         assert_eq!(l[2].max_entries, 200);
         assert_eq!((l[3].map_type, l[3].max_entries), (MapType::RingBuf, 4 << 20));

@@ -478,9 +478,10 @@ impl Pipeline {
     /// session that the attached programs end meanwhile is not reported twice.
     pub fn sweep_gone(&self, probe: &mut SocketProbe) -> Result<Swept, String> {
         let mut swept = Swept::default();
-        let sks = table_copy::copy_as(&self.open_sessions, |sk, _| sk);
-        for (sk, facts) in sks.iter().zip(probe.probe(&sks)?) {
-            if !facts.tcp_gone() {
+        let entries = table_copy::copy(&self.open_sessions);
+        let sks: Vec<u64> = entries.iter().map(|(sk, _)| *sk).collect();
+        for ((sk, start), facts) in entries.iter().zip(probe.probe(&sks)?) {
+            if !facts.tcp_gone(start) {
                 continue;
             }
             if let Ok(Some(start)) = table_copy::take(&self.open_sessions, sk) {
@@ -489,13 +490,18 @@ impl Pipeline {
                 swept.tcp += 1;
             }
         }
+        let flows = table_copy::copy_as(&self.udp_flows, |key, flow| (key, flow.local_port));
+        let local_ports: std::collections::HashMap<u64, u16> = flows.iter().map(|(k, port)| (k.sk, *port)).collect();
         let sockets = table_copy::copy_as(&self.udp_sockets, |sk, _| sk);
         let facts = probe.probe(&sockets)?;
-        let gone: std::collections::HashSet<u64> =
-            sockets.iter().zip(facts).filter(|(_, f)| f.udp_gone()).map(|(sk, _)| *sk).collect();
+        let gone: std::collections::HashSet<u64> = sockets
+            .iter()
+            .zip(facts)
+            .filter(|(sk, f)| f.udp_gone(local_ports.get(sk).copied().unwrap_or(0)))
+            .map(|(sk, _)| *sk)
+            .collect();
         if !gone.is_empty() {
-            let flows = table_copy::copy_as(&self.udp_flows, |key, _| key);
-            for key in flows.iter().filter(|k| gone.contains(&k.sk)) {
+            for (key, _) in flows.iter().filter(|(k, _)| gone.contains(&k.sk)) {
                 if let Ok(Some(last)) = table_copy::take(&self.udp_flows, key) {
                     self.report_udp_flow(key, &last, None);
                     swept.udp += 1;
