@@ -56,7 +56,7 @@ pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
 /// loopback connection takes two entries (one per end), other connections one.
 pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 /// Largest `--max-sessions`: the table is preallocated kernel memory, about
-/// 200 bytes an entry (112-byte value, key, hash bucket), so this is ~0.8 GiB.
+/// 200 bytes an entry (120-byte value, key, hash bucket), so this is ~0.8 GiB.
 pub const MAX_MAX_SESSIONS: u32 = 4_194_304;
 
 /// Default size of the kernel's UDP flow table (`UDP_FLOWS`, one entry per
