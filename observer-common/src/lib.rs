@@ -142,8 +142,14 @@ pub struct SessionStart {
     /// bits of `flags` from both (a read, an or and a write of one word) could
     /// lose one. `all_flags` folds them into `SESSION_*` flags.
     pub marks: [u8; 4],
+    /// Local port << 16 | remote port, read with the placement (the
+    /// `PLACED` mark): who the socket at this address was, so that a start
+    /// that reuses pinned tables can tell a new socket at the same address
+    /// from the session's (`SockProbe`).
+    pub ports: u32,
+    pub _pad0: u32,
 }
-const _: () = assert!(core::mem::size_of::<SessionStart>() == 112);
+const _: () = assert!(core::mem::size_of::<SessionStart>() == 120);
 
 /// Indexes of `SessionStart::marks`, each standing for one `SESSION_*` flag.
 pub mod session_mark {
@@ -209,6 +215,9 @@ pub struct KernelOffsets {
     pub sk_flags: u32,
     /// Bit number of `SOCK_DONE` in `enum sock_flags` (set by `tcp_fin`).
     pub sock_done_bit: u32,
+    /// Bit number of `SOCK_DEAD` in `enum sock_flags` (set when the socket
+    /// is released by its last user: `sock_orphan`).
+    pub sock_dead_bit: u32,
     /// `struct tcp_sock` -> `snd_una` (u32).
     pub tcp_snd_una: u32,
     /// `struct tcp_sock` -> `write_seq` (u32).
@@ -243,7 +252,7 @@ pub struct KernelOffsets {
     /// and as a receive call reads data, just before the per-call hooks run.
     pub tcp_clock_cache: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 124);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 128);
 
 /// Index into the `LOST` per-CPU counter array: where a kernel program had to
 /// drop data. Userspace exports each as `observer_events_lost_total{source}`.
@@ -523,6 +532,53 @@ pub mod tcp_state {
     }
 }
 
+/// Version of the layout of the kernel tables kept across restarts (pinned in
+/// bpffs under `--state-dir`, in a directory `v<STATE_LAYOUT_VERSION>`):
+/// `OPEN_SESSIONS` (`u64` -> `SessionStart`), `UDP_FLOWS` (`UdpFlowKey` ->
+/// `UdpFlow`), `UDP_SOCKETS` (`u64` -> `UdpSocketFlows`) and the rings
+/// `SESSIONS` (`SessionRecord`) and `UDP_RELEASES` (`UdpRelease`). A new
+/// process reuses only tables of its own version, so bump this whenever one
+/// of those structs changes, in size or in meaning (a field reordered, a flag
+/// renumbered), or a table changes type; the test `pinned_layout_is_versioned`
+/// fails on a size change until it is bumped.
+pub const STATE_LAYOUT_VERSION: u32 = 1;
+
+/// Ring sizes in bytes (their `max_entries`): `SESSIONS` holds about 23,000
+/// records, `UDP_RELEASES` about 6,000 releases.
+pub const SESSIONS_RING_BYTES: u32 = 4 << 20;
+pub const UDP_RELEASES_RING_BYTES: u32 = 1 << 20;
+
+/// Sockets one run of the socket probe (`SockProbe`) looks at.
+pub const SOCK_PROBE_SLOTS: usize = 64;
+
+/// The socket probe's one entry (`SOCK_PROBE`): userspace fills `sk` and
+/// `count` and arms it with its thread id; a program on that thread's next
+/// rename of itself (`task:task_rename`) reads each socket's state, family,
+/// `SOCK_DEAD` flag and ports and disarms it (`tid` 0). Used once, at a start that
+/// reuses pinned tables, to find entries whose socket closed while no observer
+/// ran.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockProbe {
+    /// Thread id that armed the probe; 0 once the program has answered.
+    pub tid: u32,
+    /// Sockets in `sk` to look at (at most `SOCK_PROBE_SLOTS`).
+    pub count: u32,
+    /// Kernel addresses of the sockets (`struct sock *`).
+    pub sk: [u64; SOCK_PROBE_SLOTS],
+    /// `skc_family` of each, 0 where unreadable.
+    pub family: [u16; SOCK_PROBE_SLOTS],
+    /// `skc_state` of each.
+    pub state: [u8; SOCK_PROBE_SLOTS],
+    /// Non-zero where `SOCK_DEAD` is set (the socket was released).
+    pub dead: [u8; SOCK_PROBE_SLOTS],
+    /// Non-zero where every read succeeded.
+    pub read: [u8; SOCK_PROBE_SLOTS],
+    /// Local port << 16 | remote port of each (as `SessionStart::ports`).
+    pub ports: [u32; SOCK_PROBE_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<SockProbe>() == 8 + 8 * 64 + 2 * 64 + 3 * 64 + 4 * 64);
+
 /// `aya::Pod`: aya copies these to and from maps and rings as raw bytes, which
 /// is sound for a type whose every byte pattern is a valid value and which has
 /// no padding bytes (they would be read uninitialised). Each type below is
@@ -550,6 +606,8 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     // SAFETY: repr(C), four u32 fields, size asserted.
     unsafe impl aya::Pod for DropKey {}
+    // SAFETY: repr(C), integers and integer arrays without gaps, size asserted.
+    unsafe impl aya::Pod for SockProbe {}
 }
 
 #[cfg(test)]
@@ -566,6 +624,31 @@ mod tests {
         assert_eq!(payload_bytes(10, 7, 0), (10, 7));
         // Mid-session (no FIN yet), an active opener's SYN is already counted.
         assert_eq!(payload_bytes(101, 50, SESSION_ACTIVE_OPEN), (100, 50));
+    }
+
+    /// The sizes of what is pinned across restarts, as of
+    /// `STATE_LAYOUT_VERSION`. A struct that changed size fails here: bump
+    /// the version and write the new sizes (and a struct whose fields changed
+    /// meaning at the same size needs the bump all the same).
+    #[test]
+    fn pinned_layout_is_versioned() {
+        use core::mem::size_of;
+        let sizes = [
+            size_of::<SessionStart>(),
+            size_of::<UdpFlowKey>(),
+            size_of::<UdpFlow>(),
+            size_of::<UdpSocketFlows>(),
+            size_of::<SessionRecord>(),
+            size_of::<UdpRelease>(),
+        ];
+        let layouts: &[(u32, [usize; 6])] = &[(1, [120, 32, 96, 40, 176, 160])];
+        let (version, expected) = layouts[layouts.len() - 1];
+        assert_eq!(
+            (STATE_LAYOUT_VERSION, sizes),
+            (version, expected),
+            "a pinned struct changed: bump STATE_LAYOUT_VERSION and add its sizes here"
+        );
+        assert_eq!((SESSIONS_RING_BYTES, UDP_RELEASES_RING_BYTES), (4 << 20, 1 << 20));
     }
 
     #[test]

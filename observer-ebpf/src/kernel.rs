@@ -31,6 +31,7 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     sk_protocol: 0,
     sk_flags: 0,
     sock_done_bit: 0,
+    sock_dead_bit: 0,
     tcp_snd_una: 0,
     tcp_write_seq: 0,
     sk_dst_cache: 0,

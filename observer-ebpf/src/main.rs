@@ -14,7 +14,8 @@
 //! | tcp_errors  | -                       | -                           | tp_btf `tcp:tcp_retransmit_skb`, `tcp:tcp_{send,receive}_reset` |
 //!
 //! sock_calls takes cgroup `sendmsg{4,6}`/`recvmsg{4,6}` in every tier (peers of
-//! unconnected UDP sockets).
+//! unconnected UDP sockets). `obs_sock_probe` (raw tracepoint `task_rename`) is
+//! attached only for the sweep at a start that reuses pinned tables.
 //!
 //! Program names start with `obs_` and stay under the kernel's 16-byte name
 //! limit, so a program of ours can be recognised in the kernel's program list.
@@ -31,6 +32,7 @@ mod kernel;
 mod maps;
 mod session;
 mod sock_calls;
+mod sock_probe;
 mod tcp_owner;
 mod tcp_state;
 mod udp;

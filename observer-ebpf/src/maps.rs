@@ -1,5 +1,8 @@
 //! Maps shared by the programs. Sizes here are defaults; the loader overrides
-//! them from the command line (`EbpfLoader::set_max_entries`).
+//! them from the command line (`EbpfLoader::set_max_entries`). The session and
+//! flow tables and the rings are pinned across restarts (observer's
+//! `kernel/state.rs`): a change to their types or values needs
+//! `STATE_LAYOUT_VERSION` bumped.
 //!
 //! Map values and soundness: a successful lookup returns a pointer into the
 //! map's element memory, valid and aligned for the rest of the program run.
@@ -13,11 +16,12 @@
 #![expect(clippy::needless_borrows_for_generic_args, reason = "map keys and values by reference, as in session.rs")]
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    LOST_SOURCES, LostSource, PendingKey, PendingPeer, SessionStart, UdpFlow, UdpFlowKey, UdpSocketFlows,
+    LOST_SOURCES, LostSource, PendingKey, PendingPeer, SessionStart, SockProbe, UdpFlow, UdpFlowKey, UdpSocketFlows,
 };
+pub use observer_common::{SESSIONS_RING_BYTES, UDP_RELEASES_RING_BYTES};
 
 /// `bpf_map_update_elem` flag: fail with `EEXIST` if the key is present.
 pub const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
@@ -33,8 +37,6 @@ pub static OPEN_SESSIONS: HashMap<u64, SessionStart> = HashMap::with_max_entries
 /// Closed-session records (`SessionRecord`) for userspace.
 #[map(name = "SESSIONS")]
 pub static SESSIONS: RingBuf = RingBuf::with_byte_size(SESSIONS_RING_BYTES, 0);
-/// Size of `SESSIONS`: about 23,000 records.
-pub const SESSIONS_RING_BYTES: u32 = 4 << 20;
 
 /// Data the programs had to drop, per `LostSource`.
 #[map(name = "LOST")]
@@ -129,8 +131,10 @@ pub static UDP_SOCKETS: HashMap<u64, UdpSocketFlows> = HashMap::with_max_entries
 /// Released UDP sockets (`UdpRelease`) for userspace to end their flows.
 #[map(name = "UDP_RELEASES")]
 pub static UDP_RELEASES: RingBuf = RingBuf::with_byte_size(UDP_RELEASES_RING_BYTES, 0);
-/// Size of `UDP_RELEASES`: about 6,000 releases.
-pub const UDP_RELEASES_RING_BYTES: u32 = 1 << 20;
+
+/// The socket probe (`SockProbe`, program `obs_sock_probe`): one entry.
+#[map(name = "SOCK_PROBE")]
+pub static SOCK_PROBE: Array<SockProbe> = Array::with_max_entries(1, 0);
 
 /// `bpf_ringbuf_submit`/`output` flags and `bpf_ringbuf_query` selector (uapi bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;

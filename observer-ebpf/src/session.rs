@@ -44,6 +44,8 @@ const EMPTY: SessionStart = SessionStart {
     rx_ifindex: 0,
     tx_ifindex: 0,
     marks: [0; 4],
+    ports: 0,
+    _pad0: 0,
 };
 
 /// A zeroed `SessionStart` to fill, in `slot` (see `zeroed`).
@@ -216,6 +218,8 @@ pub fn on_tcp_call<M: Mem>(sk: *const u8, tp: *const u8) {
         start.netns_ino = netns_ino::<M>(tp);
         start.rx_ifindex = M::read::<u32>(tp, offset!(rx_dst_ifindex)).unwrap_or(0);
         start.tx_ifindex = tx_ifindex::<M>(tp);
+        let (local, remote) = ports::<M>(tp);
+        start.ports = u32::from(local) << 16 | u32::from(remote);
         set_mark(start, session_mark::PLACED);
     }
 }

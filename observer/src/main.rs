@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use observer::{cli::Command, cli::check::check, cli::run::run, kernel::loader::chain};
+use observer::{cli::Command, cli::StateDirArg, cli::check::check, cli::run::run, kernel::loader::chain};
 
 fn main() -> ExitCode {
     // Command line, OBSERVER_* environment and --config file; clap exits with
@@ -12,6 +12,25 @@ fn main() -> ExitCode {
             let (report, ok) = check(&args.kernel);
             print!("{report}");
             if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Command::Cleanup(args) => {
+            let StateDirArg::Dir(dir) = &args.state_dir else {
+                println!("observer cleanup: no state directory given; nothing to remove");
+                return ExitCode::SUCCESS;
+            };
+            match observer::kernel::state::cleanup(dir) {
+                Ok(removed) => {
+                    for path in &removed {
+                        println!("removed {}", path.display());
+                    }
+                    println!("observer cleanup: {} removed from {}", removed.len(), dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("observer: error: {}", chain(&e));
+                    ExitCode::from(e.exit_code())
+                }
+            }
         }
         Command::Run(args) => {
             observer::pipeline::memory::limit_arenas();

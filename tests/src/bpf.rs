@@ -363,3 +363,26 @@ impl KernelMap {
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ()).map_err(|e| anyhow::anyhow!("bpf MAP_UPDATE_ELEM: {e}"))
     }
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+/// Creates a hash map with these sizes and pins it at `path` (on bpffs): a
+/// stand-in for a table another build of the observer left pinned.
+pub fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32, max_entries: u32) -> Result<()> {
+    let mut create = Attr {
+        a: BPF_MAP_TYPE_HASH,
+        b: key_size,
+        c: u64::from(value_size) | (u64::from(max_entries) << 32),
+        ..Default::default()
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut create).context("bpf MAP_CREATE")?;
+    // SAFETY: MAP_CREATE returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let ptr = c_path.as_ptr() as u64;
+    let mut pin = Attr { a: ptr as u32, b: (ptr >> 32) as u32, c: fd.as_raw_fd() as u64, ..Default::default() };
+    bpf(BPF_OBJ_PIN, &mut pin).with_context(|| format!("bpf OBJ_PIN {}", path.display()))?;
+    Ok(())
+}

@@ -40,7 +40,7 @@ mod selftest;
 
 pub use bpf::{
     KernelLink, KernelMap, KernelProgram, kernel_links, kernel_links_named, kernel_programs, kernel_programs_named,
-    program_of_fd, programs_of_process, wait_no_kernel_objects,
+    pin_hash_map, program_of_fd, programs_of_process, wait_no_kernel_objects,
 };
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use fake_nvml::FakeNvml;

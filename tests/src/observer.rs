@@ -152,6 +152,11 @@ impl ObserverProcess {
         {
             args.extend(["--probes", tier]);
         }
+        // No state kept across tests: one test's pinned tables would be the
+        // next one's sessions. Tests of restarts give their own directory.
+        if !args.contains(&"--state-dir") {
+            args.extend(["--state-dir", ""]);
+        }
         let mut cmd = ns.command_setns(bin);
         cmd.arg("run").arg("--listen").arg(addr.to_string()).args(&args);
         let command = format!("{} run --listen {addr} {}", bin.display(), args.join(" "));

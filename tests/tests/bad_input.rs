@@ -134,3 +134,27 @@ fn bad_configuration_files_name_the_file_and_the_key() {
     let listen = file("listen.toml", &format!("listen = \"{addr}\"\n"));
     assert_usage_error(&["--config", &listen], &[&format!("cannot listen on {addr}")]);
 }
+
+#[test]
+fn bad_state_dir() {
+    assert_usage_error(&["--state-dir", "observer"], &["`observer` is not an absolute path", "--state-dir"]);
+    assert_usage_error(&["--state-dir", "/sys/fs/bpf/../observer"], &["contains `..`"]);
+    assert_usage_error(&["--state-dir", "/"], &["is the root directory"]);
+    // A directory that is not on a bpf filesystem: refused before anything
+    // is loaded, with how to mount one or keep no state.
+    let tmp = TempDir::new("state-dir").unwrap();
+    let dir = tmp.path().join("state");
+    assert_usage_error(
+        &["--listen", "127.0.0.1:0", "--state-dir", dir.to_str().unwrap()],
+        &["is not on a bpf filesystem", "mount -t bpf bpf /sys/fs/bpf", "--state-dir ''"],
+    );
+    // A file where the directory should be.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    assert_usage_error(
+        &["--listen", "127.0.0.1:0", "--state-dir", file.join("sub").to_str().unwrap()],
+        &["cannot create state directory"],
+    );
+    let out = run_observer_cli(&["cleanup", "--state-dir", "relative"]).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -75,6 +75,7 @@ pub fn check(args: &KernelArgs) -> (String, bool) {
             crate::cli::DEFAULT_MAX_SESSIONS,
             crate::cli::DEFAULT_MAX_UDP_FLOWS,
             kernel_diagnostics::wanted(),
+            None,
         )
         .map_err(|e| loader::chain(&e))
     };

@@ -224,7 +224,7 @@ mod tests {
         argv.extend(args.iter().map(|s| s.to_string()));
         parse_from(argv).map(|cli| match cli.command {
             Command::Run(r) => r,
-            Command::Check(_) => unreachable!(),
+            _ => unreachable!(),
         })
     }
 

@@ -94,7 +94,7 @@ mod tests {
             let argv = ["observer", "run"].iter().chain(args).copied();
             Cli::try_parse_from(argv).map(|c| match c.command {
                 Command::Run(r) => r,
-                Command::Check(_) => unreachable!(),
+                _ => unreachable!(),
             })
         };
         let r = run(&[]).unwrap();

@@ -22,6 +22,7 @@ use crate::{
     },
     kernel::btf::DEFAULT_BTF_PATH,
     kernel::probes::{Concern, Disabled, ProbeMode},
+    kernel::state::DEFAULT_STATE_DIR,
     metrics::labels::{StaticLabel, parse_label},
     metrics::native::HistogramMode,
 };
@@ -56,7 +57,7 @@ pub const DEFAULT_MIN_SESSION_BYTES: u64 = 1_000_000;
 /// loopback connection takes two entries (one per end), other connections one.
 pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 /// Largest `--max-sessions`: the table is preallocated kernel memory, about
-/// 200 bytes an entry (112-byte value, key, hash bucket), so this is ~0.8 GiB.
+/// 200 bytes an entry (120-byte value, key, hash bucket), so this is ~0.8 GiB.
 pub const MAX_MAX_SESSIONS: u32 = 4_194_304;
 
 /// Default size of the kernel's UDP flow table (`UDP_FLOWS`, one entry per
@@ -83,6 +84,9 @@ pub enum Command {
     /// Print which kernel hook each concern would use, or why none can; exit
     /// non-zero when `run` could not work.
     Check(CheckArgs),
+    /// Remove the kernel tables `run` pinned in bpffs to keep sessions across
+    /// restarts (docs/restarts.md); refused while an observer uses them.
+    Cleanup(CleanupArgs),
 }
 
 impl Command {
@@ -91,6 +95,7 @@ impl Command {
         match self {
             Command::Run(args) => &args.log,
             Command::Check(args) => &args.log,
+            Command::Cleanup(args) => &args.log,
         }
     }
 }
@@ -101,6 +106,24 @@ pub struct CheckArgs {
     pub kernel: KernelArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// The state directory to empty (as given to `observer run`).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, value_parser = parse_state_dir)]
+    pub state_dir: StateDirArg,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// `--state-dir`: where kernel tables are pinned across restarts, or nowhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateDirArg {
+    /// `--state-dir ''`: no state is kept; every restart starts afresh.
+    Off,
+    /// An absolute path on a bpf filesystem.
+    Dir(PathBuf),
 }
 
 /// Options that decide how the observer hooks into the kernel.
@@ -232,12 +255,39 @@ pub struct RunArgs {
     /// (the counters then stay at 0 unless the host enabled statistics).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub bpf_stats: bool,
+    /// Directory on a bpf filesystem where the kernel tables of open sessions
+    /// are pinned, so that a restarted observer keeps their birth (in a
+    /// subdirectory per layout version); `''` keeps no state. Default
+    /// /sys/fs/bpf/observer, or no state (with a warning) where /sys/fs/bpf
+    /// is not a bpf filesystem.
+    #[arg(long, value_name = "DIR", value_parser = parse_state_dir)]
+    pub state_dir: Option<StateDirArg>,
     #[command(flatten)]
     pub gpu: gpu_flags::GpuArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// `''` (no state) or an absolute path without `..`; whether it is on bpffs
+/// is checked when `run` starts.
+fn parse_state_dir(s: &str) -> Result<StateDirArg, String> {
+    let hint = "an absolute path on a bpf filesystem such as /sys/fs/bpf/observer, or '' to keep no state";
+    if s.is_empty() {
+        return Ok(StateDirArg::Off);
+    }
+    let path = PathBuf::from(s);
+    if !path.is_absolute() {
+        return Err(format!("`{s}` is not an absolute path ({hint})"));
+    }
+    if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("`{s}` contains `..` ({hint})"));
+    }
+    if path.parent().is_none() {
+        return Err(format!("`{s}` is the root directory ({hint})"));
+    }
+    Ok(StateDirArg::Dir(path))
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -329,7 +379,7 @@ mod tests {
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Run(r) => r,
-            Command::Check(_) => unreachable!(),
+            _ => unreachable!(),
         })
     }
 
@@ -347,6 +397,17 @@ mod tests {
         assert_eq!(r.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(r.max_sessions, 65_536);
         assert_eq!(r.max_label_sets, 1000);
+        assert_eq!(r.state_dir, None);
+    }
+
+    #[test]
+    fn state_dir() {
+        let dir = |s| run_args(&["--state-dir", s]).unwrap().state_dir;
+        assert_eq!(dir("/sys/fs/bpf/x"), Some(StateDirArg::Dir("/sys/fs/bpf/x".into())));
+        assert_eq!(dir(""), Some(StateDirArg::Off));
+        let cleanup = Cli::try_parse_from(["observer", "cleanup"]).unwrap();
+        let Command::Cleanup(c) = cleanup.command else { unreachable!() };
+        assert_eq!(c.state_dir, StateDirArg::Dir(DEFAULT_STATE_DIR.into()));
     }
 
     #[test]
@@ -432,6 +493,9 @@ mod tests {
             (&["--disable", "drops,tcp_state"][..], "sock_calls, udp_release, drops, tcp_errors"),
             (&["--disable", "drop"][..], "`drop` is not a concern (concerns that can be switched off: tcp_owner,"),
             (&["--disable", "drops,"][..], "an empty concern name"),
+            (&["--state-dir", "observer"][..], "not an absolute path"),
+            (&["--state-dir", "/sys/fs/bpf/../observer"][..], "contains `..`"),
+            (&["--state-dir", "/"][..], "the root directory"),
         ] {
             let err = run_args(args).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue), "{args:?}");

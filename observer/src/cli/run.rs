@@ -13,7 +13,7 @@ use tokio::{
 };
 
 use crate::{
-    cli::RunArgs,
+    cli::{RunArgs, StateDirArg},
     enrich::{EnrichConfig, Enricher},
     error::Error,
     kernel::btf::KernelBtf,
@@ -22,6 +22,7 @@ use crate::{
     kernel::loader,
     kernel::privileges,
     kernel::probes::{self, Concern, ProbeMode},
+    kernel::state::{self as kernel_state, StateDir},
     metrics::Metrics,
     metrics::labels,
     metrics::telemetry,
@@ -115,7 +116,27 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let diagnostics = kernel_diagnostics::wanted();
     // No UDP flow is ever added without UDP measured: its tables keep one entry.
     let max_udp_flows = if disabled.measures_udp() { args.max_udp_flows } else { 1 };
-    let mut kernel = loader::load(&btf, settings, args.max_sessions, max_udp_flows, diagnostics)?;
+    let state_dir = open_state_dir(args.state_dir.as_ref(), args.max_sessions, max_udp_flows)?;
+    for (reason, detail) in state_dir.iter().flat_map(|s| &s.discarded) {
+        metrics.telemetry.state_discarded(*reason);
+        tracing::warn!(
+            reason = reason.as_str(),
+            detail = %detail,
+            "discarding pinned kernel state of another layout: sessions open across this restart lose their birth"
+        );
+    }
+    let reused = state_dir.as_ref().is_some_and(|s| s.reused);
+    if let Some(s) = &state_dir {
+        tracing::info!(dir = %s.dir.display(), reused, "kernel tables pinned across restarts");
+    }
+    let mut kernel = loader::load(
+        &btf,
+        settings,
+        args.max_sessions,
+        max_udp_flows,
+        diagnostics,
+        state_dir.as_ref().map(|s| s.dir.as_path()),
+    )?;
     // Read from now on, before any program runs; ends with the runtime.
     let _kernel_log = if diagnostics { kernel_diagnostics::start(&mut kernel.ebpf) } else { None };
     let fentry = kernel.probe_fentry();
@@ -149,6 +170,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         enricher,
     };
     let pipeline = Arc::new(Pipeline::new(metrics.clone(), config, maps));
+    if reused {
+        pipeline.prime_live();
+    }
     let (stop_readers, stop) = Stop::new().map_err(Error::Ring)?;
     let mut readers = JoinSet::new();
     {
@@ -161,6 +185,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     }
     let _ = state.pipeline.set(pipeline.clone());
 
+    // Sessions that closed while no observer ran: swept once before the
+    // programs attach (no program then updates an entry whose address a new
+    // socket took meanwhile) and once after (closes in between).
+    let mut socket_probe = if reused { attach_socket_probe(&mut kernel.ebpf) } else { None };
+    if let Some(probe) = &mut socket_probe {
+        sweep_gone(probe, &pipeline, "before attach");
+    }
     let attached = kernel.attach(&plan)?;
     for (hook, result) in &attached {
         let Some(concern) = plan.choices.iter().find(|c| c.hook.as_ref().ok() == Some(hook)).map(|c| c.concern) else {
@@ -194,12 +225,19 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             tracing::warn!(concern = choice.concern.as_str(), reason = %why, "no hook for this concern; running without it");
         }
     }
+    if let Some(mut probe) = socket_probe {
+        sweep_gone(&mut probe, &pipeline, "after attach");
+        probe.detach(&mut kernel.ebpf);
+    }
     let attached_programs: Vec<&str> = attached
         .iter()
         .filter(|(_, result)| result.is_ok())
         .flat_map(|(hook, _)| plan.disabled.programs(*hook).map(|(name, _)| name))
         .collect();
-    telemetry::BpfPrograms::new(telemetry::program_entries(&kernel.ebpf, &attached_programs))
+    let mut programs = telemetry::program_entries(&kernel.ebpf, &attached_programs);
+    // Attached for the start's sweep only (if at all): not one of the hooks.
+    programs.retain(|p| p.name != kernel_state::SOCK_PROBE_PROGRAM);
+    telemetry::BpfPrograms::new(programs)
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("BPF program metrics: {e}")))?;
     // The parsed kernel BTF (tens of MiB with both parsers) is needed only to
@@ -271,6 +309,61 @@ async fn shutdown(
         "stopped; kernel programs detached, queued sessions read"
     );
     Ok(())
+}
+
+/// The state directory `--state-dir` names, prepared (`kernel::state::prepare`),
+/// or none: `''`, or the default where /sys/fs/bpf is not bpffs (said once).
+fn open_state_dir(arg: Option<&StateDirArg>, max_sessions: u32, max_udp_flows: u32) -> Result<Option<StateDir>, Error> {
+    let layouts = kernel_state::layouts(max_sessions, max_udp_flows);
+    match arg {
+        Some(StateDirArg::Off) => {
+            tracing::info!("--state-dir '': no kernel state kept; sessions open at a restart lose their birth");
+            Ok(None)
+        }
+        Some(StateDirArg::Dir(dir)) => kernel_state::prepare(dir, &layouts).map(Some),
+        None => {
+            let dir = std::path::Path::new(kernel_state::DEFAULT_STATE_DIR);
+            let parent = dir.parent().unwrap_or(dir);
+            if kernel_state::on_bpffs(parent) {
+                kernel_state::prepare(dir, &layouts).map(Some)
+            } else {
+                tracing::warn!(
+                    dir = %parent.display(),
+                    "not a bpf filesystem: no kernel state kept across restarts (mount bpffs there, or set --state-dir)"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The socket probe for `Pipeline::sweep_gone`, attached on this thread,
+/// which still holds the privileges to load it; `None` (logged) if it cannot
+/// be: those sessions are then left to the close-missed path.
+fn attach_socket_probe(ebpf: &mut aya::Ebpf) -> Option<kernel_state::SocketProbe> {
+    match kernel_state::SocketProbe::attach(ebpf) {
+        Ok(probe) => Some(probe),
+        Err(why) => {
+            tracing::warn!(error = %why, "cannot look for sessions that closed while no observer ran; they are reported when their address is reused");
+            None
+        }
+    }
+}
+
+/// Ends what closed while no observer ran (`Pipeline::sweep_gone`); `when`
+/// names the pass in the log.
+fn sweep_gone(probe: &mut kernel_state::SocketProbe, pipeline: &Pipeline, when: &'static str) {
+    let started = Instant::now();
+    match pipeline.sweep_gone(probe) {
+        Ok(swept) => tracing::info!(
+            pass = when,
+            tcp = swept.tcp,
+            udp = swept.udp,
+            took_ms = started.elapsed().as_millis() as u64,
+            "sessions that closed while no observer ran: reported"
+        ),
+        Err(why) => tracing::warn!(error = %why, "sweep of sessions that closed while no observer ran failed"),
+    }
 }
 
 /// Everything is loaded, attached and open: from here on no thread holds a

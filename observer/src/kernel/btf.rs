@@ -280,6 +280,7 @@ impl KernelBtf {
             // sk_flags moved into sock_common (as skc_flags) in 6.16.
             sk_flags: sock("sk_flags", Int(8)).or_else(|_| common("skc_flags", Int(8)))?,
             sock_done_bit: self.enum_value("sock_flags", "SOCK_DONE")?,
+            sock_dead_bit: self.enum_value("sock_flags", "SOCK_DEAD")?,
             tcp_snd_una: tcp("snd_una", Int(4))?,
             tcp_write_seq: tcp("write_seq", Int(4))?,
             sk_dst_cache: sock("sk_dst_cache", Ptr)?,

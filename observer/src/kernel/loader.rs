@@ -63,13 +63,16 @@ pub struct Kernel {
 /// Maps are created, `OPEN_SESSIONS` with `max_sessions` entries and the two
 /// UDP tables with `max_udp_flows`; programs are loaded only when attached or
 /// probed. `diagnostics`: whether the programs log rare events
-/// (`kernel::diagnostics`).
+/// (`kernel::diagnostics`). `pins`: the directory where the tables kept
+/// across restarts are pinned (`kernel::state`, already checked: a table
+/// pinned there is reused as it is), or none.
 pub fn load(
     btf: &KernelBtf,
     settings: Settings,
     max_sessions: u32,
     max_udp_flows: u32,
     diagnostics: bool,
+    pins: Option<&std::path::Path>,
 ) -> Result<Kernel, Error> {
     if KERNEL_OBJECT.is_empty() {
         return Err(Error::NoKernelObject);
@@ -92,6 +95,11 @@ pub fn load(
         // One entry per open socket that has had a flow: sized like the flows.
         .map_max_entries("UDP_FLOWS", max_udp_flows)
         .map_max_entries("UDP_SOCKETS", max_udp_flows);
+    if let Some(dir) = pins {
+        for layout in crate::kernel::state::layouts(max_sessions, max_udp_flows) {
+            loader.map_pin_path(layout.name, dir.join(layout.name));
+        }
+    }
     if !diagnostics {
         // Nothing writes aya-log's ring then: one page (its least) instead of 128 KiB.
         loader.map_max_entries("AYA_LOGS", page_size());

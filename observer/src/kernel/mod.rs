@@ -11,4 +11,5 @@ pub mod diagnostics;
 pub mod loader;
 pub mod privileges;
 pub mod probes;
+pub mod state;
 pub mod table_copy;

@@ -39,7 +39,7 @@ pub fn copy_as<K: Pod + Eq + Hash, V: Pod, T>(
 
 /// Entries each batch call may return. A hash table's batch stops at a bucket
 /// boundary, and a bucket holds a handful of entries, so this only bounds the
-/// buffers (at 112-byte values, 0.5 MiB).
+/// buffers (at 120-byte values, 0.5 MiB).
 const BATCH: usize = 4096;
 
 /// `BPF_MAP_LOOKUP_BATCH`, from uapi `linux/bpf.h`.

@@ -32,6 +32,7 @@ pub struct SelfMetrics {
     refreshes: IntCounter,
     refreshes_in_flight: IntGauge,
     rejected: IntCounterVec,
+    state_discarded: IntCounterVec,
 }
 
 impl SelfMetrics {
@@ -73,14 +74,33 @@ impl SelfMetrics {
         for reason in REJECT_REASONS {
             rejected.with_label_values(&[reason]);
         }
+        let state_discarded = IntCounterVec::new(
+            Opts::new(
+                "observer_state_discarded_total",
+                "Pinned kernel state (--state-dir) this start found and discarded instead of reusing it, so sessions open across the restart lost their birth. reason=layout_version: left by an observer of another layout version; map_layout: a pinned table of another type, key or value size; capacity: a pinned table of another size than --max-sessions or --max-udp-flows.",
+            ),
+            &["reason"],
+        )?;
+        for reason in crate::kernel::state::Discard::ALL {
+            state_discarded.with_label_values(&[reason.as_str()]);
+        }
         registry.register(Box::new(map_entries.clone()))?;
         registry.register(Box::new(map_capacity.clone()))?;
         registry.register(Box::new(scrape_duration.clone()))?;
         registry.register(Box::new(refreshes.clone()))?;
         registry.register(Box::new(refreshes_in_flight.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(state_discarded.clone()))?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(SelfMetrics { map_entries, map_capacity, scrape_duration, refreshes, refreshes_in_flight, rejected })
+        Ok(SelfMetrics {
+            map_entries,
+            map_capacity,
+            scrape_duration,
+            refreshes,
+            refreshes_in_flight,
+            rejected,
+            state_discarded,
+        })
     }
 
     /// Records a kernel table's usage (called from the live sweep at scrape).
@@ -102,6 +122,11 @@ impl SelfMetrics {
 
     pub fn refresh_ended(&self) {
         self.refreshes_in_flight.dec();
+    }
+
+    /// Pinned state was discarded at start, for `reason`.
+    pub fn state_discarded(&self, reason: crate::kernel::state::Discard) {
+        self.state_discarded.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// A request was answered 503; `reason` is one of [`REJECT_REASONS`].

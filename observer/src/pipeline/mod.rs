@@ -26,8 +26,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    LOST_SOURCES as KERNEL_LOST_SOURCES, SessionRecord, SessionStart, UDP_FLOW_CONNECTED, UdpFlow, UdpFlowKey,
-    UdpRelease, UdpSocketFlows,
+    LOST_SOURCES as KERNEL_LOST_SOURCES, SESSION_CLOSE_MISSED, SessionRecord, SessionStart, UDP_FLOW_CONNECTED,
+    UdpFlow, UdpFlowKey, UdpRelease, UdpSocketFlows,
 };
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::{
     enrich::Enricher,
     error::Error,
-    kernel::table_copy,
+    kernel::{state::SocketProbe, table_copy},
     metrics::{LOST_SOURCES, Metrics},
     pipeline::drops::DropCounters,
     pipeline::iface_stats::InterfaceStats,
@@ -224,11 +224,14 @@ impl Pipeline {
     }
 
     fn tcp_closed(&self, bytes: &[u8]) {
-        let Some(record) = read_pod::<SessionRecord>(bytes) else {
-            self.metrics.lost("session_record_malformed", 1);
-            return;
-        };
-        let session = Session::from_record(&record);
+        match read_pod::<SessionRecord>(bytes) {
+            Some(record) => self.tcp_record(&record),
+            None => self.metrics.lost("session_record_malformed", 1),
+        }
+    }
+
+    fn tcp_record(&self, record: &SessionRecord) {
+        let session = Session::from_record(record);
         let mut state = self.state();
         let key = (record.sock, record.birth_ns);
         if !self.filter.accepts(&session) {
@@ -376,8 +379,8 @@ impl Pipeline {
     pub fn refresh(&self) {
         let mut refresh = self.refresh.lock();
         self.sync_lost(&mut refresh);
-        self.sweep_tcp();
-        self.sweep_udp();
+        self.sweep_tcp(true);
+        self.sweep_udp(true);
         let Refresh { drops, iface_stats, .. } = &mut *refresh;
         drops.sync(&self.filter, &self.metrics);
         iface_stats.sync(&self.metrics);
@@ -419,7 +422,9 @@ impl Pipeline {
     /// from its ring for over a second, and a burst of closes meanwhile
     /// overflowed the ring (found with 100,000 connections closed at once
     /// while /metrics was scraped: 125,641 of 200,000 records lost).
-    fn sweep_tcp(&self) {
+    ///
+    /// `count`: false at a start that reuses pinned tables (`prime_live`).
+    fn sweep_tcp(&self, count: bool) {
         self.state().tcp_live.copy_started();
         let open = table_copy::copy_as(&self.open_sessions, |sk, s| {
             let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
@@ -429,7 +434,9 @@ impl Pipeline {
         let capacity = table_copy::map_capacity(&self.open_sessions);
         self.metrics.telemetry.map_usage("open_sessions", open.len(), capacity);
         let delta = apply_in_parts(&open, &self.state, |state| &mut state.tcp_live);
-        self.add_live(Protocol::Tcp, delta);
+        if count {
+            self.add_live(Protocol::Tcp, delta);
+        }
         if open.len() >= LARGE_COPY {
             // The copy is freed when this returns.
             drop(open);
@@ -440,7 +447,7 @@ impl Pipeline {
     /// Adds what open UDP flows moved since the last scrape: copied without
     /// the lock the release reader and the expiry take to end a flow, then
     /// applied a part at a time, like the TCP sessions.
-    fn sweep_udp(&self) {
+    fn sweep_udp(&self, count: bool) {
         self.udp().live.copy_started();
         let open = table_copy::copy_as(&self.udp_flows, |key, f| {
             let counted = self.filter.accepts_namespace(f.netns_ino);
@@ -448,7 +455,104 @@ impl Pipeline {
         });
         self.metrics.telemetry.map_usage("udp_flows", open.len(), table_copy::map_capacity(&self.udp_flows));
         let delta = apply_in_parts(&open, &self.udp, |udp| &mut udp.live);
-        self.add_live(Protocol::Udp, delta);
+        if count {
+            self.add_live(Protocol::Udp, delta);
+        }
+    }
+
+    /// At a start that reuses pinned tables, before any scrape: what the
+    /// sessions and flows open now moved under the previous process is taken
+    /// as counted, so `observer_bytes_total` counts only what they move from
+    /// now on (the previous process counted the rest), as for adopted ones.
+    pub fn prime_live(&self) {
+        self.sweep_tcp(false);
+        self.sweep_udp(false);
+    }
+
+    /// At a start that reuses pinned tables, once the programs are attached:
+    /// ends the sessions and flows whose socket closed while no observer ran
+    /// (no program saw it), each once. A TCP session is reported as a close
+    /// no hook saw (`session_close_missed`: bytes and active time up to its
+    /// last call, no lifetime); a released UDP socket's flows end at their
+    /// last datagram. Entries are taken out of the tables atomically, so a
+    /// session that the attached programs end meanwhile is not reported twice.
+    pub fn sweep_gone(&self, probe: &mut SocketProbe) -> Result<Swept, String> {
+        let mut swept = Swept::default();
+        let entries = table_copy::copy(&self.open_sessions);
+        let sks: Vec<u64> = entries.iter().map(|(sk, _)| *sk).collect();
+        for ((sk, start), facts) in entries.iter().zip(probe.probe(&sks)?) {
+            if !facts.tcp_gone(start) {
+                continue;
+            }
+            if let Ok(Some(start)) = table_copy::take(&self.open_sessions, sk) {
+                self.metrics.lost("session_close_missed", 1);
+                self.tcp_record(&missed_close_record(*sk, &start));
+                swept.tcp += 1;
+            }
+        }
+        let flows = table_copy::copy_as(&self.udp_flows, |key, flow| (key, flow.local_port));
+        let local_ports: std::collections::HashMap<u64, u16> = flows.iter().map(|(k, port)| (k.sk, *port)).collect();
+        let sockets = table_copy::copy_as(&self.udp_sockets, |sk, _| sk);
+        let facts = probe.probe(&sockets)?;
+        let gone: std::collections::HashSet<u64> = sockets
+            .iter()
+            .zip(facts)
+            .filter(|(sk, f)| f.udp_gone(local_ports.get(sk).copied().unwrap_or(0)))
+            .map(|(sk, _)| *sk)
+            .collect();
+        if !gone.is_empty() {
+            for (key, _) in flows.iter().filter(|(k, _)| gone.contains(&k.sk)) {
+                if let Ok(Some(last)) = table_copy::take(&self.udp_flows, key) {
+                    self.report_udp_flow(key, &last, None);
+                    swept.udp += 1;
+                }
+            }
+            for sk in &gone {
+                let _ = table_copy::take(&self.udp_sockets, sk);
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// Sessions and flows `Pipeline::sweep_gone` ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub tcp: u64,
+    pub udp: u64,
+}
+
+/// The record of a session whose close no program saw, from its entry alone,
+/// as the kernel programs make it at the next birth at its address
+/// (observer-ebpf's `report_missed_close`): bytes and active time of its last
+/// call, that call's time as its end, no addresses, no lifetime.
+fn missed_close_record(sock: u64, s: &SessionStart) -> SessionRecord {
+    SessionRecord {
+        sock,
+        birth_ns: s.birth_ns,
+        close_ns: s.last_call_ns.max(s.birth_ns),
+        bytes_acked: s.live_tx,
+        bytes_received: s.live_rx,
+        cgroup_id: s.cgroup_id,
+        active_ns: s.active_ns,
+        busy_jiffies: 0,
+        birth_jiffies: s.birth_jiffies,
+        close_jiffies: s.birth_jiffies,
+        live_base_tx: s.live_base_tx,
+        live_base_rx: s.live_base_rx,
+        netns_ino: s.netns_ino,
+        rx_ifindex: s.rx_ifindex,
+        pid: s.pid,
+        flags: s.all_flags() | SESSION_CLOSE_MISSED,
+        family: 0,
+        local_port: 0,
+        remote_port: 0,
+        _pad0: 0,
+        tx_ifindex: s.tx_ifindex,
+        retransmits: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+        comm: s.comm,
     }
 }
 

@@ -73,6 +73,10 @@ const RULES: &[(&str, Rule)] = &[
     ("disable", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     ("privileges", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
     ("deploy", Rule { scope: Scope::HostOnly, needs: &[] }),
+    // Pinned tables across a restart, the socket probe's sweep and cleanup:
+    // bpffs and the probe are the kernel's, the tier is not (UDP flows need
+    // their hooks).
+    ("restart", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
     // The drop and TCP error hooks are the tracepoint tier's only, which
     // `auto` takes for them on every kernel: the forced tier would repeat it.
     ("drops", Rule { scope: Scope::OncePerKernel, needs: &["drops", "tcp_errors"] }),
