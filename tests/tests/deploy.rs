@@ -287,8 +287,22 @@ fn validate(objects: &[Value]) -> Report {
             for need in ["/sys/kernel/btf", "/sys/fs/cgroup", "/var/log/pods"] {
                 r.check(paths.contains(&need), || format!("{at}: {need} must be mounted from the host"));
             }
-            // Nothing is pinned: the programs end with the process.
-            r.check(!paths.contains(&"/sys/fs/bpf"), || format!("{at}: /sys/fs/bpf is mounted but nothing uses it"));
+            // The host's bpffs is mounted exactly when state is pinned there
+            // (--state-dir under it), writable, and seeing the host's mounts.
+            let state_dir = args.iter().find_map(|a| a.strip_prefix("--state-dir=")).unwrap_or_default();
+            let pinned = !state_dir.is_empty();
+            r.check(!pinned || state_dir.starts_with("/sys/fs/bpf/"), || {
+                format!("{at}: --state-dir={state_dir} must lie under the mounted /sys/fs/bpf")
+            });
+            r.check(paths.contains(&"/sys/fs/bpf") == pinned, || {
+                format!("{at}: /sys/fs/bpf must be mounted exactly when --state-dir pins there ({state_dir:?})")
+            });
+            if let Some(m) = mounts.iter().find(|m| m["mountPath"] == "/sys/fs/bpf") {
+                r.check(m["readOnly"] != true, || format!("{at}: bpffs mounted read-only: pins cannot be made"));
+                r.check(m["mountPropagation"] == "HostToContainer", || {
+                    format!("{at}: bpffs needs mountPropagation HostToContainer")
+                });
+            }
         }
     }
 
@@ -457,7 +471,9 @@ fn helm_chart() {
     for path in ["/sys/kernel/btf", "/sys/fs/cgroup"] {
         assert!(daemonset.contains(&format!("path: {path}")), "{path}");
     }
-    assert!(!daemonset.contains("/sys/fs/bpf") && !plain.contains("/sys/fs/bpf"), "bpffs is not mounted");
+    // Pinned state (docs/restarts.md): the chart only while stateDir is set.
+    assert!(daemonset.contains("{{- if .Values.stateDir }}") && daemonset.contains("path: /sys/fs/bpf"), "bpffs");
+    assert!(plain.contains("--state-dir=/sys/fs/bpf/observer") && plain.contains("path: /sys/fs/bpf"), "bpffs");
     // Conditionals: host PIDs only with GPU sampling (the plain manifest's
     // default is --gpu=auto, so true there); the seccomp profile from values
     // (RuntimeDefault by default, as in the plain manifest).

@@ -419,10 +419,11 @@ impl Bench<'_> {
         Ok(stats)
     }
 
-    /// `observer run --iface lo` in the namespace, ready on /readyz.
+    /// `observer run --iface lo` in the namespace, ready on /readyz. No
+    /// pinned state: each round starts from empty tables, not the last one's.
     fn start_observer(&self, extra: &[&str]) -> Result<Proc> {
         let mut cmd = self.ns.command(self.observer);
-        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN]).args(extra);
+        cmd.args(["run", "--iface", "lo", "--listen", OBSERVER_LISTEN, "--state-dir", ""]).args(extra);
         let mut observer = Proc::spawn(cmd, "observer", Some(self.observer_log))?;
         self.wait_ready(&mut observer)?;
         Ok(observer)

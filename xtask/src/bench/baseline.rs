@@ -28,8 +28,9 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
 const HELPER_KTIME_GET_NS: i32 = 5;
 const HELPER_PROBE_READ_KERNEL: i32 = 113;
-/// The observer's table of open sessions: 8-byte key, 112-byte value, preallocated.
-const LOOKUP_MAP: (u32, u32, u32) = (8, 112, 65_536);
+/// The observer's table of open sessions: 8-byte key, 120-byte value (observer-common's
+/// SessionStart), preallocated.
+const LOOKUP_MAP: (u32, u32, u32) = (8, 120, 65_536);
 
 /// `r3 = *(u64 *)(r1 + 0)`: the tracepoint's first argument, the socket.
 const LOAD_SK_R3: u64 = insn(0x79, 3, 1, 0, 0);
