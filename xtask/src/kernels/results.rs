@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::guest::{self, BROKEN, Broken, DONE, Run};
+use super::guest::{self, BROKEN, Broken, PARTS, Run};
 use super::initramfs::MARK;
 
 /// `observer check` output.
@@ -268,7 +268,8 @@ pub fn collect(work: &Path, tiers: &[&str], runs: &[Run]) -> Collected {
             (*b, verdict)
         })
         .collect();
-    Collected { checks, tests, broken, done: work.join(DONE).exists() }
+    let done = (0..PARTS.len()).all(|part| work.join(guest::done_file(part)).exists());
+    Collected { checks, tests, broken, done }
 }
 
 #[cfg(test)]
