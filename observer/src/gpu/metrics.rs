@@ -19,7 +19,7 @@ use prometheus::{
 };
 
 use super::{
-    Shared,
+    Shared, podresources,
     snapshot::{GpuState, Pcie, Snapshot},
 };
 
@@ -165,6 +165,8 @@ pub struct GpuCollector {
     stale_after: Duration,
     /// Whether the last scrape found the snapshot stale, to log the changes once.
     was_stale: AtomicBool,
+    /// Pod owners of GPUs (`--pod-resources-socket`), when that client runs.
+    pods: Option<Arc<podresources::Latest>>,
 }
 
 impl GpuCollector {
@@ -185,6 +187,7 @@ impl GpuCollector {
             descs,
             stale_after: interval * STALE_AFTER_INTERVALS,
             was_stale: AtomicBool::new(false),
+            pods: None,
         })
     }
 
@@ -205,6 +208,17 @@ impl GpuCollector {
         }
         if stale { latest.down() } else { (*latest).clone() }
     }
+
+    /// Labels GPU series with the pods `pods` says hold them, and exports the
+    /// PodResources client's families (see [`podresources::annotate`]).
+    pub fn with_pod_resources(mut self, pods: Arc<podresources::Latest>) -> prometheus::Result<Self> {
+        for (name, labels, help) in podresources::FAMILIES {
+            let labels = labels.iter().map(|l| l.to_string()).collect();
+            self.descs.push(Desc::new(name.into(), help.into(), labels, HashMap::new())?);
+        }
+        self.pods = Some(pods);
+        Ok(self)
+    }
 }
 
 impl Collector for GpuCollector {
@@ -213,7 +227,13 @@ impl Collector for GpuCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        families(&self.current())
+        let s = self.current();
+        let mut out = families(&s);
+        // Like every GPU family, only while NVML is up.
+        if let Some(pods) = self.pods.as_ref().filter(|_| s.nvml_up) {
+            podresources::annotate(&mut out, &pods.get());
+        }
+        out
     }
 }
 
