@@ -37,6 +37,10 @@
  *   gpu<N>.procs=<pid>:<bytes>,<pid>:na,...   running compute processes
  *   gpu<N>.xid=<n>            XID events generated so far (absent: no XID events)
  *   gpu<N>.xid_code=<code>    default 79
+ *   gpu<N>.gpm=0|1            GPM support (nvmlGpmQueryDeviceSupport); absent: 0, a pre-Hopper GPU
+ *   gpu<N>.gpm.<id>=<value>   GPM metric <id> (nvmlGpmMetricId_t) as nvmlGpmMetricsGet returns it,
+ *                             in NVML's units (percent 0-100, MiB/s); absent: that metric fails
+ *                             with NVML_ERROR_NOT_SUPPORTED
  *
  * A GPU value whose key is absent is NVML_ERROR_NOT_SUPPORTED.
  */
@@ -534,6 +538,96 @@ EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
     }
     if (n) memcpy(infos, found, n * sizeof found[0]);
     *infoCount = n;
+    return NVML_SUCCESS;
+}
+
+/* ---- GPM (nvml.h's nvmlGpm* structures, version 1) ----------------------- */
+
+#define GPM_METRIC_MAX 98
+typedef struct fake_gpm_sample {
+    int idx;    /* GPU of the sample, -1 until nvmlGpmSampleGet fills it */
+} *nvmlGpmSample_t;
+typedef struct {
+    unsigned int metricId;
+    nvmlReturn_t nvmlReturn;
+    double value;
+    struct {
+        char *shortName;
+        char *longName;
+        char *unit;
+    } metricInfo;
+} nvmlGpmMetric_t;
+typedef struct {
+    unsigned int version;
+    unsigned int numMetrics;
+    nvmlGpmSample_t sample1;
+    nvmlGpmSample_t sample2;
+    nvmlGpmMetric_t metrics[GPM_METRIC_MAX];
+} nvmlGpmMetricsGet_t;
+typedef struct {
+    unsigned int version;
+    unsigned int isSupportedDevice;
+} nvmlGpmSupport_t;
+
+static int gpm_supported(int idx) {
+    unsigned long long on = 0;
+    return gpu_ull(idx, "gpm", &on) && on;
+}
+
+EXPORT nvmlReturn_t nvmlGpmQueryDeviceSupport(nvmlDevice_t device, nvmlGpmSupport_t *support) {
+    DEV("nvmlGpmQueryDeviceSupport", device);
+    if (!support || support->version != 1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    support->isSupportedDevice = (unsigned int)gpm_supported(idx);
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *sample) {
+    nvmlReturn_t r = begin("nvmlGpmSampleAlloc");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    *sample = calloc(1, sizeof **sample);
+    if (!*sample) return NVML_ERROR_UNKNOWN;
+    (*sample)->idx = -1;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample) {
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    free(sample);
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t sample) {
+    DEV("nvmlGpmSampleGet", device);
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!gpm_supported(idx)) return NVML_ERROR_NOT_SUPPORTED;
+    sample->idx = idx;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *get) {
+    nvmlReturn_t r = begin("nvmlGpmMetricsGet");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!get || get->version != 1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (!get->sample1 || !get->sample2 || get->numMetrics > GPM_METRIC_MAX) return NVML_ERROR_INVALID_ARGUMENT;
+    /* Two filled samples of the same GPU, as the real library requires. */
+    int idx = get->sample1->idx;
+    if (idx < 0 || get->sample2->idx != idx) return NVML_ERROR_INVALID_ARGUMENT;
+    for (unsigned int i = 0; i < get->numMetrics; i++) {
+        nvmlGpmMetric_t *m = &get->metrics[i];
+        char field[32], buf[64];
+        snprintf(field, sizeof field, "gpm.%u", m->metricId);
+        memset(&m->metricInfo, 0, sizeof m->metricInfo);
+        if (gpu_get(idx, field, buf, sizeof buf)) {
+            m->value = strtod(buf, NULL);
+            m->nvmlReturn = NVML_SUCCESS;
+        } else {
+            m->value = 0;
+            m->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        }
+    }
     return NVML_SUCCESS;
 }
 

@@ -20,7 +20,7 @@ use prometheus::{
 
 use super::{
     Shared, podresources,
-    snapshot::{GpuState, Pcie, Snapshot},
+    snapshot::{GPM_FIELDS, GpuState, Pcie, Snapshot},
 };
 
 const GPU: &[&str] = &["gpu", "uuid"];
@@ -61,8 +61,11 @@ const XID: usize = 16;
 const POD_MEMORY: usize = 17;
 const SAMPLE_DURATION: usize = 18;
 const SAMPLE_TIME: usize = 19;
+const GPM_SUPPORTED: usize = 20;
+/// The GPM families, in [`GpmField`](super::snapshot::GpmField) order.
+const GPM_FIRST: usize = 21;
 
-const DEFS: [Def; 20] = [
+const DEFS: [Def; 21 + GPM_FIELDS] = [
     gauge(
         "observer_nvml_up",
         &[],
@@ -150,6 +153,66 @@ const DEFS: [Def; 20] = [
         "observer_nvml_last_sample_timestamp_seconds",
         &[],
         "Unix time at which the last GPU sampling cycle completed. Much older than --gpu-interval means an NVML call is blocked; past 3 intervals observer_nvml_up is 0 and the GPU series are absent until a cycle completes.",
+    ),
+    gauge(
+        "observer_gpu_gpm_supported",
+        GPU,
+        "1 when the GPU offers NVML's GPM (GPU Performance Monitoring; Hopper and later), whose observer_gpu_gpm_* families it then exports from its second sampling cycle on; 0 when it does not (they are absent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_sm_activity_ratio",
+        GPU,
+        "Share of the SMs busy over the last sampling interval, 0 to 1 (NVML GPM SM_UTIL, reported in percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_sm_occupancy_ratio",
+        GPU,
+        "Warps resident on the SMs against the theoretical maximum over the last sampling interval, 0 to 1 (NVML GPM SM_OCCUPANCY, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_tensor_activity_ratio",
+        GPU,
+        "Share of time the SMs ran any tensor-core operation over the last sampling interval, 0 to 1 (NVML GPM ANY_TENSOR_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_dram_bandwidth_utilization_ratio",
+        GPU,
+        "DRAM bandwidth used against the theoretical maximum over the last sampling interval, 0 to 1 (NVML GPM DRAM_BW_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_fp16_activity_ratio",
+        GPU,
+        "Share of time the SMs did non-tensor FP16 math over the last sampling interval, 0 to 1 (NVML GPM FP16_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_fp32_activity_ratio",
+        GPU,
+        "Share of time the SMs did non-tensor FP32 math over the last sampling interval, 0 to 1 (NVML GPM FP32_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_fp64_activity_ratio",
+        GPU,
+        "Share of time the SMs did non-tensor FP64 math over the last sampling interval, 0 to 1 (NVML GPM FP64_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_pcie_receive_bytes_per_second",
+        GPU,
+        "PCIe traffic to the GPU over the last sampling interval, in bytes per second (NVML GPM PCIE_RX_PER_SEC, reported in MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_gpm_pcie_transmit_bytes_per_second",
+        GPU,
+        "PCIe traffic from the GPU over the last sampling interval, in bytes per second (NVML GPM PCIE_TX_PER_SEC, MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_gpm_nvlink_receive_bytes_per_second",
+        GPU,
+        "NVLink traffic received over all links of the GPU over the last sampling interval, in bytes per second (NVML GPM NVLINK_TOTAL_RX_PER_SEC, MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_gpm_nvlink_transmit_bytes_per_second",
+        GPU,
+        "NVLink traffic sent over all links of the GPU over the last sampling interval, in bytes per second (NVML GPM NVLINK_TOTAL_TX_PER_SEC, MiB/s).",
     ),
 ];
 
@@ -329,6 +392,10 @@ fn gpu_values(g: &GpuState, id: &[&str], put: &mut impl FnMut(usize, &[&str], f6
     opt(ECC_CORRECTED, v.ecc_corrected.map(|n| n as f64));
     opt(ECC_UNCORRECTED, v.ecc_uncorrected.map(|n| n as f64));
     opt(XID, g.xid_errors.map(|n| n as f64));
+    opt(GPM_SUPPORTED, v.gpm_supported.map(|b| if b { 1.0 } else { 0.0 }));
+    for (k, value) in v.gpm.iter().enumerate() {
+        opt(GPM_FIRST + k, *value);
+    }
 }
 
 #[cfg(test)]
@@ -473,5 +540,27 @@ mod tests {
         shared.publish(Snapshot { completed: Some(Instant::now()), ..fresh });
         assert!(samples(&collector).contains(&"observer_nvml_up 1".to_string()), "a new cycle: fresh again");
         assert!(!Snapshot::default().stale(Instant::now() + Duration::from_secs(60), interval), "down is not stale");
+    }
+
+    #[test]
+    fn gpm_values_go_to_their_families_in_field_order() {
+        use crate::gpu::snapshot::GpmField;
+        let mut values = GpuValues { gpm_supported: Some(true), ..GpuValues::default() };
+        values.gpm[GpmField::SmOccupancy as usize] = Some(0.4);
+        values.gpm[GpmField::NvlinkTransmit as usize] = Some(1e9);
+        let gpu =
+            |index, values| GpuState { index, uuid: format!("GPU-{index}"), up: true, values, ..GpuState::default() };
+        let without = GpuValues { gpm_supported: Some(false), ..GpuValues::default() };
+        let t = text(&Snapshot { nvml_up: true, gpus: vec![gpu(0, values), gpu(1, without)], ..Snapshot::default() });
+        for line in [
+            r#"observer_gpu_gpm_supported{gpu="0",uuid="GPU-0"} 1"#,
+            r#"observer_gpu_gpm_supported{gpu="1",uuid="GPU-1"} 0"#,
+            r#"observer_gpu_gpm_sm_occupancy_ratio{gpu="0",uuid="GPU-0"} 0.4"#,
+            r#"observer_gpu_gpm_nvlink_transmit_bytes_per_second{gpu="0",uuid="GPU-0"} 1000000000"#,
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
+        }
+        // Nothing else: no GPM value on GPU 1, none but the two set on GPU 0.
+        assert_eq!(t.lines().filter(|l| l.starts_with("observer_gpu_gpm_")).count(), 4, "{t}");
     }
 }

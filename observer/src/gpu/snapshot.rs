@@ -85,7 +85,34 @@ pub struct GpuValues {
     pub pcie_replays: Option<u64>,
     pub ecc_corrected: Option<u64>,
     pub ecc_uncorrected: Option<u64>,
+    /// The GPU offers NVML's GPM (GPU Performance Monitoring; Hopper and
+    /// later); `None` where NVML could not say.
+    pub gpm_supported: Option<bool>,
+    /// GPM values over the last sampling interval, indexed by [`GpmField`],
+    /// in base units; all `None` without GPM and in a GPU's first cycle
+    /// (a value needs two samples).
+    pub gpm: [Option<f64>; GPM_FIELDS],
 }
+
+/// What GPM gives per GPU, in this order in [`GpuValues::gpm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpmField {
+    /// Ratio 0 to 1 (NVML: percent).
+    SmActivity,
+    SmOccupancy,
+    TensorActivity,
+    DramBandwidth,
+    Fp16Activity,
+    Fp32Activity,
+    Fp64Activity,
+    /// Bytes per second (NVML: MiB/s).
+    PcieReceive,
+    PcieTransmit,
+    NvlinkReceive,
+    NvlinkTransmit,
+}
+
+pub const GPM_FIELDS: usize = 11;
 
 /// PCIe traffic in one direction, in the best form the GPU offers.
 #[derive(Clone, Copy, Debug, PartialEq)]
