@@ -404,6 +404,28 @@ gpu0.gpm.61=4096
     assert_eq!(gpu(&m, "observer_gpu_gpm_nvlink_receive_bytes_per_second", "0"), Some(2048.0 * mib), "{m:?}");
 }
 
+/// MIG devices of a GPU in MIG mode are listed by their own UUIDs, with their
+/// memory; a GPU out of MIG mode has none.
+#[test]
+fn mig_devices_are_listed() {
+    const MIG_A: &str = "MIG-4f1a2b3c-0d9e-5f60-8a7b-1c2d3e4f5a6b";
+    const MIG_B: &str = "MIG-9e8d7c6b-5a4f-5e3d-8c2b-a1b2c3d4e5f6";
+    let conf = format!("{}gpu1.mig_devices={MIG_A}:1048576:10737418240,{MIG_B}:0:21474836480\n", two_gpus());
+    let fake = FakeNvml::new("gpu-mig", &conf);
+    let ns = NetNs::new("gpu-mig").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "MIG devices of GPU 1", |m| !m.matching("observer_gpu_mig_info", &[]).is_empty());
+    for (mig, used, total) in [(MIG_A, 1048576.0, 10737418240.0), (MIG_B, 0.0, 21474836480.0)] {
+        let labels = [("gpu", "1"), ("uuid", UUID1), ("mig_uuid", mig)];
+        assert_eq!(m.value_exact("observer_gpu_mig_info", &labels), Some(1.0), "{mig}\n{m:?}");
+        assert_eq!(m.value_exact("observer_gpu_mig_memory_used_bytes", &labels), Some(used), "{mig}");
+        assert_eq!(m.value_exact("observer_gpu_mig_memory_total_bytes", &labels), Some(total), "{mig}");
+    }
+    assert_eq!(m.matching("observer_gpu_mig_info", &[]).len(), 2, "{m:?}");
+    assert!(m.matching("observer_gpu_mig_info", &[("gpu", "0")]).is_empty(), "GPU 0 is not in MIG mode\n{m:?}");
+    promtool_check_metrics(m.raw()).unwrap();
+}
+
 #[test]
 fn unsupported_values_are_omitted_not_zero() {
     let conf = format!(

@@ -22,6 +22,8 @@ use tonic::{Request, Response, Status};
 
 const UUID_A: &str = "GPU-5e1b9c1a-7d2e-4f30-8a41-b52c63d74e85";
 const UUID_B: &str = "GPU-0c9d8e7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f";
+/// A MIG device of GPU-B (the device plugin's mixed strategy names it by its own UUID).
+const MIG_B0: &str = "MIG-4f1a2b3c-0d9e-5f60-8a7b-1c2d3e4f5a6b";
 const WAIT: Duration = Duration::from_secs(20);
 /// --gpu-interval, which is also the PodResources refresh.
 const INTERVAL: Duration = Duration::from_millis(500);
@@ -103,6 +105,8 @@ gpu1.uuid={UUID_B}
 gpu1.util=5
 gpu1.mem_total=2000
 gpu1.mem_used=0
+gpu1.mig=1
+gpu1.mig_devices={MIG_B0}:10:500
 "
     );
     let fake = FakeNvml::new("gpu-pods-nvml", &conf);
@@ -148,7 +152,15 @@ fn gpu_series_carry_the_pod_the_kubelet_allocated_them_to() {
     let dir = TempDir::new("gpu-pods").unwrap();
     let socket = dir.path().join("kubelet.sock");
     let kubelet = Kubelet::default();
-    kubelet.set(vec![pod("team-a", "trainer-0", "main", vec![gpus(&[UUID_A])])]);
+    let mig = ContainerDevices {
+        resource_name: "nvidia.com/mig-1g.10gb".into(),
+        device_ids: vec![MIG_B0.into()],
+        topology: None,
+    };
+    kubelet.set(vec![
+        pod("team-a", "trainer-0", "main", vec![gpus(&[UUID_A])]),
+        pod("team-c", "notebook-0", "lab", vec![mig]),
+    ]);
     kubelet.serve(&socket);
     let ns = NetNs::new("gpu-pods").unwrap();
     let (_fake, mut obs) = start(&ns, &socket);
@@ -168,6 +180,21 @@ fn gpu_series_carry_the_pod_the_kubelet_allocated_them_to() {
     ];
     assert_eq!(m.value_exact("observer_gpu_allocation_info", &info), Some(1.0), "{m:?}");
     assert_eq!(m.value_exact("observer_gpu_allocatable_devices", &[("resource", "nvidia.com/gpu")]), Some(2.0));
+    // GPU-B's MIG device is allocated by its own UUID: its series carry its
+    // owner, GPU-B's own series none (checked above).
+    let mig_labels = [("gpu", "1"), ("uuid", UUID_B), ("mig_uuid", MIG_B0)];
+    let mut owned_mig: Vec<(&str, &str)> = mig_labels.to_vec();
+    owned_mig.extend([("namespace", "team-c"), ("pod", "notebook-0"), ("container", "lab")]);
+    assert_eq!(m.value_exact("observer_gpu_mig_info", &owned_mig), Some(1.0), "{m:?}");
+    assert_eq!(m.value_exact("observer_gpu_mig_memory_total_bytes", &owned_mig), Some(500.0), "{m:?}");
+    let info = [
+        ("resource", "nvidia.com/mig-1g.10gb"),
+        ("device", MIG_B0),
+        ("namespace", "team-c"),
+        ("pod", "notebook-0"),
+        ("container", "lab"),
+    ];
+    assert_eq!(m.value_exact("observer_gpu_allocation_info", &info), Some(1.0), "{m:?}");
     // Series of one family with and without owner labels: still a clean exposition.
     promtool_check_metrics(m.raw()).unwrap();
 
@@ -180,6 +207,8 @@ fn gpu_series_carry_the_pod_the_kubelet_allocated_them_to() {
     });
     let took = changed.elapsed();
     assert!(took < INTERVAL * 2, "the change took {took:?}, more than one refresh ({INTERVAL:?})\n{m:?}");
+    // The MIG device was freed: its series carry no owner, not its GPU's.
+    assert_eq!(m.value_exact("observer_gpu_mig_info", &mig_labels), Some(1.0), "{m:?}");
 }
 
 /// Errors of the kubelet's side: none stalls the NVML sampler or a scrape,

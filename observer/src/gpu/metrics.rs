@@ -64,8 +64,12 @@ const SAMPLE_TIME: usize = 19;
 const GPM_SUPPORTED: usize = 20;
 /// The GPM families, in [`GpmField`](super::snapshot::GpmField) order.
 const GPM_FIRST: usize = 21;
+const MIG_INFO: usize = GPM_FIRST + GPM_FIELDS;
+const MIG_MEMORY_USED: usize = MIG_INFO + 1;
+const MIG_MEMORY_TOTAL: usize = MIG_INFO + 2;
+const MIG: &[&str] = &["gpu", "uuid", "mig_uuid"];
 
-const DEFS: [Def; 21 + GPM_FIELDS] = [
+const DEFS: [Def; MIG_MEMORY_TOTAL + 1] = [
     gauge(
         "observer_nvml_up",
         &[],
@@ -157,7 +161,7 @@ const DEFS: [Def; 21 + GPM_FIELDS] = [
     gauge(
         "observer_gpu_gpm_supported",
         GPU,
-        "1 when the GPU offers NVML's GPM (GPU Performance Monitoring; Hopper and later), whose observer_gpu_gpm_* families it then exports from its second sampling cycle on; 0 when it does not (they are absent).",
+        "1 when the GPU offers NVML's GPM (GPU Performance Monitoring; Hopper and later), whose GPM families it then exports from its second sampling cycle on; 0 when it does not (they are absent).",
     ),
     gauge(
         "observer_gpu_gpm_sm_activity_ratio",
@@ -214,6 +218,17 @@ const DEFS: [Def; 21 + GPM_FIELDS] = [
         GPU,
         "NVLink traffic sent over all links of the GPU over the last sampling interval, in bytes per second (NVML GPM NVLINK_TOTAL_TX_PER_SEC, MiB/s).",
     ),
+    gauge(
+        "observer_gpu_mig_info",
+        MIG,
+        "A MIG device of a GPU in MIG mode (value 1): mig_uuid is the ID the NVIDIA device plugin and the kubelet give it, gpu and uuid its GPU's.",
+    ),
+    gauge(
+        "observer_gpu_mig_memory_used_bytes",
+        MIG,
+        "Device memory allocated in a MIG device, in bytes (NVML memory info v2 `used`).",
+    ),
+    gauge("observer_gpu_mig_memory_total_bytes", MIG, "Device memory of a MIG device, in bytes."),
 ];
 
 /// A snapshot older than this many `--gpu-interval`s is stale: its values
@@ -396,6 +411,16 @@ fn gpu_values(g: &GpuState, id: &[&str], put: &mut impl FnMut(usize, &[&str], f6
     for (k, value) in v.gpm.iter().enumerate() {
         opt(GPM_FIRST + k, *value);
     }
+    for m in &g.mig {
+        let labels = [id[0], id[1], m.uuid.as_str()];
+        put(MIG_INFO, &labels, 1.0);
+        if let Some(b) = m.memory_used_bytes {
+            put(MIG_MEMORY_USED, &labels, b as f64);
+        }
+        if let Some(b) = m.memory_total_bytes {
+            put(MIG_MEMORY_TOTAL, &labels, b as f64);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -443,6 +468,7 @@ mod tests {
                         ..GpuValues::default()
                     },
                     xid_errors: Some(0),
+                    mig: Vec::new(),
                 },
                 GpuState {
                     index: 1,
@@ -561,6 +587,6 @@ mod tests {
             assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
         }
         // Nothing else: no GPM value on GPU 1, none but the two set on GPU 0.
-        assert_eq!(t.lines().filter(|l| l.starts_with("observer_gpu_gpm_")).count(), 4, "{t}");
+        assert_eq!(t.lines().filter(|l| !l.starts_with('#') && l.contains("_gpm_")).count(), 4, "{t}");
     }
 }

@@ -17,7 +17,7 @@ use nvml_wrapper::{
     structs::device::FieldId,
 };
 
-use super::snapshot::{GPM_FIELDS, GpuValues, MigState, Pcie};
+use super::snapshot::{GPM_FIELDS, GpuValues, MigDevice, MigState, Pcie};
 
 /// Tried in order when no `--nvml-lib` is given. The driver always installs
 /// the `.so.1` name (the NVIDIA container runtime mounts exactly that one);
@@ -169,6 +169,8 @@ pub struct Reading {
     pub processes: Vec<(u32, Option<u64>)>,
     /// XID codes delivered since the last reading.
     pub xids: Vec<Option<u64>>,
+    /// MIG devices, in MIG mode.
+    pub mig: Vec<MigDevice>,
 }
 
 /// Remembers which errors were already logged, so a GPU without ECC or an
@@ -335,12 +337,39 @@ impl<'n> Slot<'n> {
                 (p.pid, used)
             })
             .collect();
+        let mig = if mig_mode == MigState::Enabled { self.mig_devices(notes)? } else { Vec::new() };
         v.gpm_supported = self.gpm_supported;
         if self.gpm_supported == Some(true) {
             v.gpm = self.gpm(nvml, notes)?;
         }
         let xids = drain_xids(self, notes)?;
-        Ok(Reading { values: v, mig_mode, processes, xids })
+        Ok(Reading { values: v, mig_mode, processes, xids, mig })
+    }
+
+    /// The MIG devices of a GPU in MIG mode: every populated slot up to
+    /// NVML's maximum (a free one answers NotFound).
+    fn mig_devices(&self, notes: &mut Notes) -> Result<Vec<MigDevice>, Fault> {
+        let mut out = Vec::new();
+        let Some(d) = self.device.as_ref() else { return Ok(out) };
+        let i = self.index;
+        let max = get!(notes, i, "mig_device_count", d.mig_device_count()).unwrap_or(0);
+        for k in 0..max {
+            let m = match d.mig_device_by_index(k) {
+                Err(NvmlError::NotFound) => continue,
+                r => match get!(notes, i, "mig_device", r) {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            let Some(uuid) = get!(notes, i, "mig_uuid", m.uuid()) else { continue };
+            let memory = get!(notes, i, "mig_memory", m.memory_info());
+            out.push(MigDevice {
+                uuid,
+                memory_used_bytes: memory.as_ref().map(|m| m.used),
+                memory_total_bytes: memory.as_ref().map(|m| m.total),
+            });
+        }
+        Ok(out)
     }
 
     /// Takes this cycle's GPM sample and computes the metrics against the

@@ -278,7 +278,8 @@ fn pair(name: &str, value: &str) -> LabelPair {
 }
 
 /// Adds `namespace`, `pod` and `container` to every series that names a
-/// GPU (a `uuid` label and no `pod` label yet) allocated to a pod, and
+/// GPU (a `uuid` label and no `pod` label yet) or a MIG device (`mig_uuid`)
+/// allocated to a pod, and
 /// appends this client's own families. Unallocated GPUs' series keep their
 /// labels: an absent label is an empty one to Prometheus.
 pub fn annotate(out: &mut Vec<MetricFamily>, a: &Allocations) {
@@ -288,7 +289,10 @@ pub fn annotate(out: &mut Vec<MetricFamily>, a: &Allocations) {
             if labels.iter().any(|l| l.name() == "pod") {
                 continue;
             }
-            let Some(owner) = labels.iter().find(|l| l.name() == "uuid").and_then(|l| a.owner(l.value())) else {
+            // A MIG device's series by its own UUID, never its GPU's.
+            let device =
+                labels.iter().find(|l| l.name() == "mig_uuid").or_else(|| labels.iter().find(|l| l.name() == "uuid"));
+            let Some(owner) = device.and_then(|l| a.owner(l.value())) else {
                 continue;
             };
             let mut labels = labels.to_vec();

@@ -50,6 +50,17 @@ pub struct GpuState {
     /// XID critical errors seen through NVML events since the observer
     /// registered for them; `None` where the GPU offers no XID events.
     pub xid_errors: Option<u64>,
+    /// MIG devices of a GPU in MIG mode, as NVML lists them.
+    pub mig: Vec<MigDevice>,
+}
+
+/// One MIG device (GPU instance and compute instance) of a GPU.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MigDevice {
+    /// `MIG-…`, the ID the device plugin and the kubelet use.
+    pub uuid: String,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
