@@ -70,21 +70,70 @@ fn pod(namespace: &str, name: &str, container: &str, devices: Vec<ContainerDevic
     }
 }
 
+/// Serves `router` on `socket` from a thread of its own until the process ends.
+fn serve(router: tonic::transport::server::Router, socket: &Path) {
+    let _ = fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router.serve_with_incoming(incoming).await.unwrap();
+        })
+    });
+}
+
+/// A kubelet that answers gRPC, but not with the PodResources messages: its
+/// List answer's field 1 (repeated PodResources, length-delimited in the real
+/// message) is a fixed64, so the answer does not decode.
+#[derive(Clone)]
+struct Malformed;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAListAnswer {
+    #[prost(fixed64, tag = "1")]
+    pod_resources: u64,
+}
+
+impl tonic::server::NamedService for Malformed {
+    const NAME: &'static str = "v1.PodResourcesLister";
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Malformed
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    /// Every method gets the same answer (the observer calls List first).
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        struct Answer;
+        impl tonic::server::UnaryService<ListPodResourcesRequest> for Answer {
+            type Response = NotAListAnswer;
+            type Future = tonic::codegen::BoxFuture<Response<NotAListAnswer>, Status>;
+            fn call(&mut self, _: Request<ListPodResourcesRequest>) -> Self::Future {
+                Box::pin(async { Ok(Response::new(NotAListAnswer { pod_resources: 7 })) })
+            }
+        }
+        Box::pin(
+            async move { Ok(tonic::server::Grpc::new(tonic_prost::ProstCodec::default()).unary(Answer, req).await) },
+        )
+    }
+}
+
 impl Kubelet {
     /// Serves on `socket` from a thread of its own until the process ends.
     fn serve(&self, socket: &Path) {
-        let _ = fs::remove_file(socket);
-        let listener = UnixListener::bind(socket).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let svc = PodResourcesListerServer::new(self.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-                tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await.unwrap();
-            })
-        });
+        serve(tonic::transport::Server::builder().add_service(PodResourcesListerServer::new(self.clone())), socket);
     }
 
     fn set(&self, pods: Vec<PodResources>) {
@@ -259,7 +308,13 @@ fn kubelet_missing_slow_or_garbled_leaves_gpu_series_alone() {
     assert!(after <= before + 1.0, "open files grew from {before} to {after} over 4 refreshes of a silent kubelet");
     drop(silent);
 
-    // 3. A kubelet that answers garbage, not HTTP/2.
+    // 3. A kubelet that answers gRPC whose message does not decode.
+    serve(tonic::transport::Server::builder().add_service(Malformed), &socket);
+    sampler_runs(&mut obs, "a kubelet whose answer does not decode");
+    assert!(warned(&obs, "failed to decode") >= 1, "{}", obs.log());
+
+    // 4. A kubelet that answers garbage, not HTTP/2: a failure like the one
+    // before, so not logged again.
     fs::remove_file(&socket).unwrap();
     let garbled = UnixListener::bind(&socket).unwrap();
     std::thread::spawn(move || {
@@ -270,9 +325,9 @@ fn kubelet_missing_slow_or_garbled_leaves_gpu_series_alone() {
     std::thread::sleep(INTERVAL * 2);
     sampler_runs(&mut obs, "a garbled kubelet");
     let reasons = warned(&obs, "PodResources API unavailable");
-    assert_eq!(reasons, 3, "missing, silent, garbled: each reason logged once\n{}", obs.log());
+    assert_eq!(reasons, 3, "missing, silent, malformed or garbled: each reason logged once\n{}", obs.log());
 
-    // 4. The kubelet is back: owners return.
+    // 5. The kubelet is back: owners return.
     let kubelet = Kubelet::default();
     kubelet.set(vec![pod("team-a", "trainer-0", "main", vec![gpus(&[UUID_A])])]);
     kubelet.serve(&socket);
