@@ -15,9 +15,8 @@ use std::{
 };
 
 use observer_tests::{
-    NetNs, ObserverProcess, PrometheusOptions, PrometheusServer, TcpServer, TempDir, promtool_bin, promtool_check_metrics,
-    run_with_timeout,
-    transfer, wait_sessions, wait_until, workspace_root,
+    NetNs, ObserverProcess, PrometheusOptions, PrometheusServer, TcpServer, TempDir, promtool_bin,
+    promtool_check_metrics, run_with_timeout, transfer, wait_sessions, wait_until, workspace_root,
 };
 
 const DOWNLOAD: u64 = 4 * 1024 * 1024;
