@@ -13,6 +13,10 @@
 #    byte of what nvidia-smi reports for the process; a process outside any
 #    pod is not.
 # 4. Once the processes exit, the pod's series goes.
+# 5. On a GPU with GPM (Hopper and later; observer_gpu_gpm_supported 1), SM
+#    activity is near 0 idle and above 0.5 during the matmul loop, and the
+#    PCIe counters (and NVLink rates, where the GPU has links) move; a GPU
+#    without GPM reports observer_gpu_gpm_supported 0 and no GPM family.
 # Everything it creates (cgroups under observer-gpu-check, the pod log folder,
 # processes) is removed on exit.
 set -uo pipefail
@@ -67,6 +71,11 @@ fetch http://$LISTEN/metrics > "$WORK/idle.txt" 2>/dev/null
 	ok "observer run: observer_nvml_up 1 beside the session metrics" ||
 	fail "observer run: no GPU metrics beside the session metrics ($(tail -1 "$WORK/run.log"))"
 
+# GPM values need two cycles (1 s apart): an idle reading before the load.
+sleep 3
+fetch http://$LISTEN/metrics > "$WORK/idle2.txt"
+gpm=$(value 'observer_gpu_gpm_supported{gpu="0"' "$WORK/idle2.txt")
+
 # 3. A process in a pod's cgroup (cgroupfs layout, containerd) and one outside.
 C=$CG/kubepods/burstable/pod$POD_UID/cri-containerd-$(printf '%064x' 2882400001)
 mkdir -p "$C"
@@ -94,6 +103,30 @@ total=$(grep -c '^observer_gpu_pod_memory_used_bytes' "$WORK/load.txt")
 [ -n "$want" ] && [ "$got" = "$want" ] && [ "$series" = 1 ] && [ "$total" = 1 ] &&
 	ok "pod team-a/trainer-0: $got bytes, as nvidia-smi reports for its process; the host process is in no pod" ||
 	fail "pod memory: observer ${got:-none} in $total series, nvidia-smi ${want:-none} for pid $pod"
+
+# 5. GPM under the same load.
+if [ "$gpm" = 1 ]; then
+	sm_idle=$(value 'observer_gpu_gpm_sm_activity_ratio{gpu="0"' "$WORK/idle2.txt")
+	sm_load=$(value 'observer_gpu_gpm_sm_activity_ratio{gpu="0"' "$WORK/load.txt")
+	tensor=$(value 'observer_gpu_gpm_tensor_activity_ratio{gpu="0"' "$WORK/load.txt")
+	python3 -c "import sys; sys.exit(not (float('${sm_idle:-1}') < 0.05 and float('${sm_load:-0}') > 0.5))" &&
+		ok "GPM: SM activity ${sm_idle} idle, ${sm_load} under the matmul loop (tensor ${tensor:-none})" ||
+		fail "GPM: SM activity ${sm_idle:-none} idle, ${sm_load:-none} under load"
+	rx_idle=$(value 'observer_gpu_pcie_receive_bytes_total{gpu="0"' "$WORK/idle2.txt")
+	rx_load=$(value 'observer_gpu_pcie_receive_bytes_total{gpu="0"' "$WORK/load.txt")
+	gpm_rx=$(value 'observer_gpu_gpm_pcie_receive_bytes_per_second{gpu="0"' "$WORK/load.txt")
+	python3 -c "import sys; sys.exit(not (float('${rx_load:-0}') > float('${rx_idle:-0}') and '${gpm_rx}' != ''))" &&
+		ok "PCIe: receive counter ${rx_idle} -> ${rx_load} bytes, GPM receive ${gpm_rx} bytes/s" ||
+		fail "PCIe: receive counter ${rx_idle:-none} -> ${rx_load:-none}, GPM receive ${gpm_rx:-none}"
+	nvl=$(value 'observer_gpu_gpm_nvlink_receive_bytes_per_second{gpu="0"' "$WORK/load.txt")
+	echo "info: GPM NVLink receive on GPU 0: ${nvl:-absent} bytes/s (a single GPU moves nothing over NVLink)"
+elif [ "$gpm" = 0 ]; then
+	grep -q '^observer_gpu_gpm_sm_activity_ratio{gpu="0"' "$WORK/load.txt" &&
+		fail "GPM: GPU 0 says no GPM but exports GPM values" ||
+		ok "GPM: GPU 0 has none (observer_gpu_gpm_supported 0), no GPM family"
+else
+	fail "GPM: no observer_gpu_gpm_supported for GPU 0"
+fi
 
 # 4. Gone once the processes are.
 wait $pod $host

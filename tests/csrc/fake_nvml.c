@@ -37,6 +37,12 @@
  *   gpu<N>.procs=<pid>:<bytes>,<pid>:na,...   running compute processes
  *   gpu<N>.xid=<n>            XID events generated so far (absent: no XID events)
  *   gpu<N>.xid_code=<code>    default 79
+ *   gpu<N>.mig_devices=<uuid>:<used>:<total>,...   MIG devices (nvmlDeviceGetMigDeviceHandleByIndex),
+ *                             whose handles answer nvmlDeviceGetUUID and nvmlDeviceGetMemoryInfo_v2
+ *   gpu<N>.gpm=0|1            GPM support (nvmlGpmQueryDeviceSupport); absent: 0, a pre-Hopper GPU
+ *   gpu<N>.gpm.<id>=<value>   GPM metric <id> (nvmlGpmMetricId_t) as nvmlGpmMetricsGet returns it,
+ *                             in NVML's units (percent 0-100, MiB/s); absent: that metric fails
+ *                             with NVML_ERROR_NOT_SUPPORTED
  *
  * A GPU value whose key is absent is NVML_ERROR_NOT_SUPPORTED.
  */
@@ -123,6 +129,9 @@ typedef struct {
 #define NOT_AVAILABLE 0xFFFFFFFFFFFFFFFFULL
 
 struct fake_dev { int index; };
+#define MAX_MIG 8
+/* MIG device handles: migs[gpu][k] is the k-th entry of gpu<N>.mig_devices. */
+static struct fake_dev migs[MAX_GPUS][MAX_MIG];
 struct fake_set {
     int used;
     int registered[MAX_GPUS];
@@ -382,7 +391,62 @@ EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
     return NVML_SUCCESS;
 }
 
+/* The k-th MIG device of gpu<idx> (uuid, used, total); 1 if configured. */
+static int mig_entry(int idx, int k, char *uuid, size_t uuidlen, unsigned long long *used,
+                     unsigned long long *total) {
+    char buf[4096];
+    if (!gpu_get(idx, "mig_devices", buf, sizeof buf)) return 0;
+    int i = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save), i++) {
+        if (i != k) continue;
+        char *c1 = strchr(tok, ':');
+        char *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        if (!c2) return 0;
+        *c1 = '\0';
+        snprintf(uuid, uuidlen, "%s", tok);
+        *used = strtoull(c1 + 1, NULL, 10);
+        *total = strtoull(c2 + 1, NULL, 10);
+        return 1;
+    }
+    return 0;
+}
+
+/* Whether `d` is a MIG device handle; sets its GPU and position. */
+static int mig_handle(nvmlDevice_t d, int *idx, int *k) {
+    if (d < &migs[0][0] || d >= &migs[0][0] + MAX_GPUS * MAX_MIG) return 0;
+    int n = (int)(d - &migs[0][0]);
+    *idx = n / MAX_MIG;
+    *k = n % MAX_MIG;
+    return 1;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count) {
+    DEV("nvmlDeviceGetMaxMigDeviceCount", device);
+    unsigned long long mig = 0;
+    if (!gpu_ull(idx, "mig", &mig)) return NVML_ERROR_NOT_SUPPORTED;
+    *count = MAX_MIG;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *mig) {
+    DEV("nvmlDeviceGetMigDeviceHandleByIndex", device);
+    char uuid[96];
+    unsigned long long used, total;
+    if (index >= MAX_MIG) return NVML_ERROR_INVALID_ARGUMENT;
+    /* Like the real library: a free slot is NOT_FOUND. */
+    if (!mig_entry(idx, (int)index, uuid, sizeof uuid, &used, &total)) return NVML_ERROR_NOT_FOUND;
+    *mig = &migs[idx][index];
+    return NVML_SUCCESS;
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
+    int mig_gpu, mig_k;
+    if (mig_handle(device, &mig_gpu, &mig_k)) {
+        char buf[96];
+        unsigned long long used, total;
+        if (!mig_entry(mig_gpu, mig_k, buf, sizeof buf, &used, &total)) return NVML_ERROR_NOT_FOUND;
+        return copy_str(buf, uuid, length);
+    }
     DEV("nvmlDeviceGetUUID", device);
     char buf[96];
     if (!gpu_get(idx, "uuid", buf, sizeof buf))
@@ -442,10 +506,21 @@ EXPORT nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtili
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *m) {
-    DEV("nvmlDeviceGetMemoryInfo_v2", device);
     /* NVML_STRUCT_VERSION(Memory, 2), as the real library checks it. */
     if (m->version != ((unsigned int)sizeof(nvmlMemory_v2_t) | (2u << 24)))
         return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    int mig_gpu, mig_k;
+    if (mig_handle(device, &mig_gpu, &mig_k)) {
+        char uuid[96];
+        unsigned long long mused, mtotal;
+        if (!mig_entry(mig_gpu, mig_k, uuid, sizeof uuid, &mused, &mtotal)) return NVML_ERROR_NOT_FOUND;
+        m->total = mtotal;
+        m->used = mused;
+        m->reserved = 0;
+        m->free = mtotal - mused;
+        return NVML_SUCCESS;
+    }
+    DEV("nvmlDeviceGetMemoryInfo_v2", device);
     unsigned long long total, used, reserved = 0;
     if (!gpu_ull(idx, "mem_total", &total) || !gpu_ull(idx, "mem_used", &used)) return NVML_ERROR_NOT_SUPPORTED;
     gpu_ull(idx, "mem_reserved", &reserved);
@@ -534,6 +609,96 @@ EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
     }
     if (n) memcpy(infos, found, n * sizeof found[0]);
     *infoCount = n;
+    return NVML_SUCCESS;
+}
+
+/* ---- GPM (nvml.h's nvmlGpm* structures, version 1) ----------------------- */
+
+#define GPM_METRIC_MAX 98
+typedef struct fake_gpm_sample {
+    int idx;    /* GPU of the sample, -1 until nvmlGpmSampleGet fills it */
+} *nvmlGpmSample_t;
+typedef struct {
+    unsigned int metricId;
+    nvmlReturn_t nvmlReturn;
+    double value;
+    struct {
+        char *shortName;
+        char *longName;
+        char *unit;
+    } metricInfo;
+} nvmlGpmMetric_t;
+typedef struct {
+    unsigned int version;
+    unsigned int numMetrics;
+    nvmlGpmSample_t sample1;
+    nvmlGpmSample_t sample2;
+    nvmlGpmMetric_t metrics[GPM_METRIC_MAX];
+} nvmlGpmMetricsGet_t;
+typedef struct {
+    unsigned int version;
+    unsigned int isSupportedDevice;
+} nvmlGpmSupport_t;
+
+static int gpm_supported(int idx) {
+    unsigned long long on = 0;
+    return gpu_ull(idx, "gpm", &on) && on;
+}
+
+EXPORT nvmlReturn_t nvmlGpmQueryDeviceSupport(nvmlDevice_t device, nvmlGpmSupport_t *support) {
+    DEV("nvmlGpmQueryDeviceSupport", device);
+    if (!support || support->version != 1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    support->isSupportedDevice = (unsigned int)gpm_supported(idx);
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *sample) {
+    nvmlReturn_t r = begin("nvmlGpmSampleAlloc");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    *sample = calloc(1, sizeof **sample);
+    if (!*sample) return NVML_ERROR_UNKNOWN;
+    (*sample)->idx = -1;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample) {
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    free(sample);
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t sample) {
+    DEV("nvmlGpmSampleGet", device);
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!gpm_supported(idx)) return NVML_ERROR_NOT_SUPPORTED;
+    sample->idx = idx;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *get) {
+    nvmlReturn_t r = begin("nvmlGpmMetricsGet");
+    if (r != NVML_SUCCESS) return r;
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    if (!get || get->version != 1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (!get->sample1 || !get->sample2 || get->numMetrics > GPM_METRIC_MAX) return NVML_ERROR_INVALID_ARGUMENT;
+    /* Two filled samples of the same GPU, as the real library requires. */
+    int idx = get->sample1->idx;
+    if (idx < 0 || get->sample2->idx != idx) return NVML_ERROR_INVALID_ARGUMENT;
+    for (unsigned int i = 0; i < get->numMetrics; i++) {
+        nvmlGpmMetric_t *m = &get->metrics[i];
+        char field[32], buf[64];
+        snprintf(field, sizeof field, "gpm.%u", m->metricId);
+        memset(&m->metricInfo, 0, sizeof m->metricInfo);
+        if (gpu_get(idx, field, buf, sizeof buf)) {
+            m->value = strtod(buf, NULL);
+            m->nvmlReturn = NVML_SUCCESS;
+        } else {
+            m->value = 0;
+            m->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        }
+    }
     return NVML_SUCCESS;
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::netns::NetNs;
 use crate::scrape::Scraper;
-use crate::util::{TempDir, terminate, wait_until};
+use crate::util::{TempDir, run_with_timeout, terminate, wait_until};
 
 /// Start-up includes creating the TSDB and replaying an empty WAL: a few
 /// seconds at most on a busy CI machine.
@@ -39,6 +39,25 @@ pub fn prometheus_bin() -> Result<PathBuf> {
 /// `promtool`, shipped in the same package.
 pub fn promtool_bin() -> Result<PathBuf> {
     which("promtool").context("promtool is not installed (scripts/setup.sh installs Debian's prometheus package)")
+}
+
+/// `promtool check metrics` on an exposition: `Ok` with an empty report when
+/// it finds nothing, else the exit status and what it said.
+pub fn promtool_check_metrics(exposition: &str) -> Result<()> {
+    let tmp = TempDir::new("promtool")?;
+    let file = tmp.path().join("metrics.txt");
+    std::fs::write(&file, exposition)?;
+    // promtool reads the exposition from stdin; a shell redirect keeps the
+    // run bounded by run_with_timeout, which gives the child no stdin itself.
+    let out = run_with_timeout(
+        Command::new("sh").args(["-c", "exec \"$0\" check metrics < \"$1\""]).arg(promtool_bin()?).arg(&file),
+        Duration::from_secs(30),
+    )?;
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() || !report.trim().is_empty() {
+        bail!("promtool check metrics: {}\n{report}", out.status);
+    }
+    Ok(())
 }
 
 fn which(name: &str) -> Option<PathBuf> {

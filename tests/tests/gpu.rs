@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{FakeNvml, Metrics, NetNs, ObserverProcess, TcpServer, run_observer_cli, transfer, wait_until};
+use observer_tests::{
+    FakeNvml, Metrics, NetNs, ObserverProcess, TcpServer, promtool_check_metrics, run_observer_cli, transfer,
+    wait_until,
+};
 
 const UUID0: &str = "GPU-5e1b9c1a-7d2e-4f30-8a41-b52c63d74e85";
 const UUID1: &str = "GPU-0c9d8e7f-6a5b-4c3d-9e2f-1a0b9c8d7e6f";
@@ -101,8 +104,19 @@ fn plain_log(obs: &ObserverProcess) -> String {
     out
 }
 
+/// The families of the PodResources client (tests/tests/gpu_pods.rs): named
+/// observer_gpu_ but about the kubelet, not one GPU. Without a kubelet (these
+/// tests) only `observer_gpu_pod_resources_up 0`, while NVML is up.
+const POD_RESOURCES_FAMILIES: [&str; 3] =
+    ["observer_gpu_pod_resources_up", "observer_gpu_allocation_info", "observer_gpu_allocatable_devices"];
+
+/// Series of GPUs (and their pods' memory).
 fn gpu_series(m: &Metrics) -> Vec<String> {
-    m.samples().iter().filter(|s| s.name.starts_with("observer_gpu_")).map(|s| s.to_string()).collect()
+    m.samples()
+        .iter()
+        .filter(|s| s.name.starts_with("observer_gpu_") && !POD_RESOURCES_FAMILIES.contains(&s.name.as_str()))
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[test]
@@ -232,6 +246,8 @@ fn zero_gpus_nvml_up_and_no_gpu_series() {
     });
     assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0), "{m:?}");
     assert!(gpu_series(&m).is_empty(), "{m:?}");
+    // No kubelet socket here (the default path on a test host).
+    assert_eq!(m.value_exact("observer_gpu_pod_resources_up", &[]), Some(0.0), "{m:?}");
     // A GPU appears: the session is rebuilt with it.
     fake.set(&format!("count=1\ngpu0.uuid={UUID0}\ngpu0.util=5\n"));
     let m = wait_metrics(&mut obs, "the new GPU", |m| gpu(m, "observer_gpu_up", "0") == Some(1.0));
@@ -307,7 +323,9 @@ fn two_gpus_every_metric_with_its_unit() {
     for s in m.samples().iter().filter(|s| s.name.starts_with("observer_gpu_") || s.name.starts_with("observer_nvml_"))
     {
         assert!(m.help(&s.name).is_some_and(|h| !h.is_empty()), "no HELP for {}", s.name);
-        if !["observer_gpu_info", "observer_gpu_pod_memory_used_bytes"].contains(&s.name.as_str())
+        if s.name == "observer_gpu_pod_resources_up" {
+            assert!(s.labels.is_empty(), "{s}");
+        } else if !["observer_gpu_info", "observer_gpu_pod_memory_used_bytes"].contains(&s.name.as_str())
             && s.name.starts_with("observer_gpu_")
         {
             assert_eq!(s.labels.keys().map(String::as_str).collect::<Vec<_>>(), ["gpu", "uuid"], "{s}");
@@ -329,6 +347,83 @@ fn two_gpus_every_metric_with_its_unit() {
         obs.metrics().unwrap().value_exact("observer_gpu_xid_errors_total", &[("gpu", "1"), ("uuid", UUID1)]),
         Some(0.0)
     );
+}
+
+/// GPM on the H100 (values in nvml.h's units: percent, MiB/s), none on the
+/// pre-Hopper A100: `observer_gpu_gpm_supported` 1 and 0, the families in
+/// base units on GPU 0 from its second cycle, absent on GPU 1; promtool clean.
+#[test]
+fn gpm_families_on_hopper_absent_before() {
+    let gpm = "gpu0.gpm=1
+gpu0.gpm.2=62.5
+gpu0.gpm.3=40
+gpu0.gpm.5=25
+gpu0.gpm.10=80
+gpu0.gpm.13=10
+gpu0.gpm.12=20
+gpu0.gpm.11=5
+gpu0.gpm.21=1024
+gpu0.gpm.20=512
+gpu0.gpm.60=2048
+gpu0.gpm.61=4096
+";
+    let fake = FakeNvml::new("gpu-gpm", &format!("{}{gpm}", two_gpus()));
+    let ns = NetNs::new("gpu-gpm").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "GPM values of GPU 0", |m| {
+        gpu(m, "observer_gpu_gpm_sm_activity_ratio", "0").is_some() && gpu(m, "observer_gpu_up", "1") == Some(1.0)
+    });
+    let mib = 1_048_576.0;
+    let expected: &[(&str, Option<f64>, Option<f64>)] = &[
+        ("observer_gpu_gpm_supported", Some(1.0), Some(0.0)),
+        ("observer_gpu_gpm_sm_activity_ratio", Some(0.625), None),
+        ("observer_gpu_gpm_sm_occupancy_ratio", Some(0.4), None),
+        ("observer_gpu_gpm_tensor_activity_ratio", Some(0.25), None),
+        ("observer_gpu_gpm_dram_bandwidth_utilization_ratio", Some(0.8), None),
+        ("observer_gpu_gpm_fp16_activity_ratio", Some(0.1), None),
+        ("observer_gpu_gpm_fp32_activity_ratio", Some(0.2), None),
+        ("observer_gpu_gpm_fp64_activity_ratio", Some(0.05), None),
+        ("observer_gpu_gpm_pcie_receive_bytes_per_second", Some(1024.0 * mib), None),
+        ("observer_gpu_gpm_pcie_transmit_bytes_per_second", Some(512.0 * mib), None),
+        ("observer_gpu_gpm_nvlink_receive_bytes_per_second", Some(2048.0 * mib), None),
+        ("observer_gpu_gpm_nvlink_transmit_bytes_per_second", Some(4096.0 * mib), None),
+    ];
+    for &(family, v0, v1) in expected {
+        assert_eq!(m.metric_type(family), Some("gauge"), "{family}");
+        assert!(m.help(family).is_some_and(|h| !h.is_empty()), "no HELP for {family}");
+        assert_eq!(m.value_exact(family, &[("gpu", "0"), ("uuid", UUID0)]), v0, "{family} on GPU 0\n{m:?}");
+        assert_eq!(m.value_exact(family, &[("gpu", "1"), ("uuid", UUID1)]), v1, "{family} on GPU 1\n{m:?}");
+    }
+    promtool_check_metrics(m.raw()).unwrap();
+
+    // A metric the GPU stops giving goes alone; the others stay.
+    fake.set(&format!("{}{}", two_gpus(), gpm.replace("gpu0.gpm.61=4096\n", "")));
+    let m = wait_metrics(&mut obs, "NVLink transmit gone on GPU 0", |m| {
+        gpu(m, "observer_gpu_gpm_nvlink_transmit_bytes_per_second", "0").is_none()
+    });
+    assert_eq!(gpu(&m, "observer_gpu_gpm_nvlink_receive_bytes_per_second", "0"), Some(2048.0 * mib), "{m:?}");
+}
+
+/// MIG devices of a GPU in MIG mode are listed by their own UUIDs, with their
+/// memory; a GPU out of MIG mode has none.
+#[test]
+fn mig_devices_are_listed() {
+    const MIG_A: &str = "MIG-4f1a2b3c-0d9e-5f60-8a7b-1c2d3e4f5a6b";
+    const MIG_B: &str = "MIG-9e8d7c6b-5a4f-5e3d-8c2b-a1b2c3d4e5f6";
+    let conf = format!("{}gpu1.mig_devices={MIG_A}:1048576:10737418240,{MIG_B}:0:21474836480\n", two_gpus());
+    let fake = FakeNvml::new("gpu-mig", &conf);
+    let ns = NetNs::new("gpu-mig").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "MIG devices of GPU 1", |m| !m.matching("observer_gpu_mig_info", &[]).is_empty());
+    for (mig, used, total) in [(MIG_A, 1048576.0, 10737418240.0), (MIG_B, 0.0, 21474836480.0)] {
+        let labels = [("gpu", "1"), ("uuid", UUID1), ("mig_uuid", mig)];
+        assert_eq!(m.value_exact("observer_gpu_mig_info", &labels), Some(1.0), "{mig}\n{m:?}");
+        assert_eq!(m.value_exact("observer_gpu_mig_memory_used_bytes", &labels), Some(used), "{mig}");
+        assert_eq!(m.value_exact("observer_gpu_mig_memory_total_bytes", &labels), Some(total), "{mig}");
+    }
+    assert_eq!(m.matching("observer_gpu_mig_info", &[]).len(), 2, "{m:?}");
+    assert!(m.matching("observer_gpu_mig_info", &[("gpu", "0")]).is_empty(), "GPU 0 is not in MIG mode\n{m:?}");
+    promtool_check_metrics(m.raw()).unwrap();
 }
 
 #[test]
@@ -357,15 +452,19 @@ error.nvmlDeviceGetComputeRunningProcesses_v3=not_supported
     assert_eq!(
         names,
         [
+            "observer_gpu_gpm_supported",
             "observer_gpu_info",
             "observer_gpu_memory_total_bytes",
             "observer_gpu_memory_used_bytes",
+            "observer_gpu_pod_resources_up",
             "observer_gpu_up",
             "observer_gpu_utilization_ratio"
         ],
         "{m:?}"
     );
     assert_eq!(gpu(&m, "observer_gpu_utilization_ratio", "0"), Some(0.12));
+    // No GPM on this (pre-Hopper) fake: said so, and no GPM family.
+    assert_eq!(gpu(&m, "observer_gpu_gpm_supported", "0"), Some(0.0));
     assert_eq!(m.value("observer_gpu_info", &[("gpu", "0")]), Some(1.0));
     assert!(m.matching("observer_gpu_info", &[("mig_mode", "unsupported"), ("model", "Fake GPU")]).len() == 1, "{m:?}");
     let log = plain_log(&obs);
@@ -574,11 +673,18 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
             100_000 + i,
             200_000 + i
         ));
+        // GPM on (Hopper): two samples and 11 metrics per GPU per cycle.
+        conf.push_str(&format!("gpu{i}.gpm=1\n"));
+        for id in [2, 3, 5, 10, 11, 12, 13, 20, 21, 60, 61] {
+            conf.push_str(&format!("gpu{i}.gpm.{id}=50\n"));
+        }
     }
     let fake = FakeNvml::new("gpu-perf", &conf);
     let ns = NetNs::new("gpu-perf").unwrap();
     let mut obs = fake.start(&ns, &[]);
-    wait_metrics(&mut obs, "8 GPUs sampled", |m| gpu(m, "observer_gpu_up", "7") == Some(1.0));
+    wait_metrics(&mut obs, "8 GPUs sampled, with GPM", |m| {
+        gpu(m, "observer_gpu_up", "7") == Some(1.0) && gpu(m, "observer_gpu_gpm_sm_activity_ratio", "7") == Some(0.5)
+    });
 
     // Cycle time: the observer's own measurement, one per completed cycle.
     let mut cycles = Vec::new();
@@ -664,7 +770,7 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
     });
     let resumed_after = blocked_at.elapsed();
     eprintln!(
-        "gpu performance (fake NVML, 8 GPUs, 2 processes each):\n  sampling cycle: {cycle}\n  scrape latency, NVML free:    {before}\n  scrape latency, NVML blocked: {during}\n  sampling resumed {resumed_after:?} after the 5 s call began"
+        "gpu performance (fake NVML, 8 GPUs, 2 processes each, GPM on):\n  sampling cycle: {cycle}\n  scrape latency, NVML free:    {before}\n  scrape latency, NVML blocked: {during}\n  sampling resumed {resumed_after:?} after the 5 s call began"
     );
     assert!(resumed_after >= Duration::from_millis(4500), "{resumed_after:?}");
     assert!(cycle.median < Duration::from_millis(50), "{cycle}");

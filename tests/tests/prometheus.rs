@@ -15,8 +15,8 @@ use std::{
 };
 
 use observer_tests::{
-    NetNs, ObserverProcess, PrometheusOptions, PrometheusServer, TcpServer, TempDir, promtool_bin, run_with_timeout,
-    transfer, wait_sessions, wait_until, workspace_root,
+    NetNs, ObserverProcess, PrometheusOptions, PrometheusServer, TcpServer, TempDir, promtool_bin,
+    promtool_check_metrics, run_with_timeout, transfer, wait_sessions, wait_until, workspace_root,
 };
 
 const DOWNLOAD: u64 = 4 * 1024 * 1024;
@@ -135,25 +135,7 @@ fn promtool_check_metrics_reports_nothing() {
         let has_buckets = exposition.contains("observer_session_goodput_bytes_per_second_bucket{direction=\"receive\",impaired=\"false\",protocol=\"tcp\",region=\"test\",le=\"1000\"}");
         assert_eq!(has_buckets, histograms == "both", "{histograms}: {exposition}");
 
-        let tmp = TempDir::new("promtool").unwrap();
-        let file = tmp.path().join("metrics.txt");
-        std::fs::write(&file, &exposition).unwrap();
-        // promtool reads the exposition from stdin; a shell redirect keeps the
-        // run bounded by run_with_timeout, which gives the child no stdin itself.
-        let out = run_with_timeout(
-            Command::new("sh")
-                .args(["-c", "exec \"$0\" check metrics < \"$1\""])
-                .arg(promtool_bin().unwrap())
-                .arg(&file),
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(
-            out.status.success() && report.trim().is_empty(),
-            "{histograms}: promtool check metrics: {}\n{report}",
-            out.status
-        );
+        promtool_check_metrics(&exposition).unwrap_or_else(|e| panic!("{histograms}: {e:#}"));
     }
 }
 

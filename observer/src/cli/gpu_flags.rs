@@ -22,6 +22,12 @@ pub struct GpuArgs {
     /// the container.
     #[arg(long = "nvml-lib", value_name = "PATH", value_parser = parse_lib)]
     pub nvml_lib: Option<PathBuf>,
+    /// The kubelet's PodResources API socket, which says which pod,
+    /// namespace and container each GPU is allocated to (labels on the GPU
+    /// series); refreshed every --gpu-interval. Missing: a warning, and
+    /// observer_gpu_pod_resources_up 0.
+    #[arg(long = "pod-resources-socket", value_name = "PATH", default_value = crate::gpu::podresources::DEFAULT_SOCKET)]
+    pub pod_resources_socket: PathBuf,
 }
 
 /// `--gpu-interval`: the common duration syntax, within NVML's useful range.
@@ -100,6 +106,9 @@ mod tests {
         let r = run(&[]).unwrap();
         assert_eq!((r.gpu.mode, r.gpu.interval, r.gpu.nvml_lib), (GpuMode::Auto, Duration::from_secs(5), None));
         assert_eq!(r.pod_log_dir, Path::new(crate::enrich::pods::DEFAULT_POD_LOG_DIR));
+        assert_eq!(r.gpu.pod_resources_socket, Path::new("/var/lib/kubelet/pod-resources/kubelet.sock"));
+        let r = run(&["--pod-resources-socket", "/k/kubelet.sock"]).unwrap();
+        assert_eq!(r.gpu.pod_resources_socket, Path::new("/k/kubelet.sock"));
         let r = run(&[
             "--gpu",
             "required",

@@ -75,7 +75,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     // GPU statistics sample on their own thread and never delay a scrape;
     // `--gpu required` refuses to start (exit 2) when NVML cannot.
     let gpu = crate::gpu::Gpu::start(&args.gpu.config(), &args.pod_log_dir).map_err(Error::Usage)?;
+    // Which pod holds each GPU, from the kubelet, on a thread of its own.
+    let pod_resources = (args.gpu.mode != crate::gpu::GpuMode::Off)
+        .then(|| crate::gpu::podresources::PodResources::start(&args.gpu.pod_resources_socket, args.gpu.interval));
     gpu.collector()
+        .and_then(|c| match &pod_resources {
+            Some(p) => c.with_pod_resources(p.latest()),
+            None => Ok(c),
+        })
         .and_then(|c| metrics.register(Box::new(c)))
         .map_err(|e| Error::Other(format!("GPU metrics: {e}")))?;
     let state = Arc::new(AppState {

@@ -19,8 +19,8 @@ use prometheus::{
 };
 
 use super::{
-    Shared,
-    snapshot::{GpuState, Pcie, Snapshot},
+    Shared, podresources,
+    snapshot::{GPM_FIELDS, GpuState, Pcie, Snapshot},
 };
 
 const GPU: &[&str] = &["gpu", "uuid"];
@@ -61,8 +61,15 @@ const XID: usize = 16;
 const POD_MEMORY: usize = 17;
 const SAMPLE_DURATION: usize = 18;
 const SAMPLE_TIME: usize = 19;
+const GPM_SUPPORTED: usize = 20;
+/// The GPM families, in [`GpmField`](super::snapshot::GpmField) order.
+const GPM_FIRST: usize = 21;
+const MIG_INFO: usize = GPM_FIRST + GPM_FIELDS;
+const MIG_MEMORY_USED: usize = MIG_INFO + 1;
+const MIG_MEMORY_TOTAL: usize = MIG_INFO + 2;
+const MIG: &[&str] = &["gpu", "uuid", "mig_uuid"];
 
-const DEFS: [Def; 20] = [
+const DEFS: [Def; MIG_MEMORY_TOTAL + 1] = [
     gauge(
         "observer_nvml_up",
         &[],
@@ -151,6 +158,77 @@ const DEFS: [Def; 20] = [
         &[],
         "Unix time at which the last GPU sampling cycle completed. Much older than --gpu-interval means an NVML call is blocked; past 3 intervals observer_nvml_up is 0 and the GPU series are absent until a cycle completes.",
     ),
+    gauge(
+        "observer_gpu_gpm_supported",
+        GPU,
+        "1 when the GPU offers NVML's GPM (GPU Performance Monitoring; Hopper and later), whose GPM families it then exports from its second sampling cycle on; 0 when it does not (they are absent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_sm_activity_ratio",
+        GPU,
+        "Share of the SMs busy over the last sampling interval, 0 to 1 (NVML GPM SM_UTIL, reported in percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_sm_occupancy_ratio",
+        GPU,
+        "Warps resident on the SMs against the theoretical maximum over the last sampling interval, 0 to 1 (NVML GPM SM_OCCUPANCY, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_tensor_activity_ratio",
+        GPU,
+        "Share of time the SMs ran any tensor-core operation over the last sampling interval, 0 to 1 (NVML GPM ANY_TENSOR_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_dram_bandwidth_utilization_ratio",
+        GPU,
+        "DRAM bandwidth used against the theoretical maximum over the last sampling interval, 0 to 1 (NVML GPM DRAM_BW_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_fp16_activity_ratio",
+        GPU,
+        "Share of time the SMs did non-tensor FP16 math over the last sampling interval, 0 to 1 (NVML GPM FP16_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_fp32_activity_ratio",
+        GPU,
+        "Share of time the SMs did non-tensor FP32 math over the last sampling interval, 0 to 1 (NVML GPM FP32_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_fp64_activity_ratio",
+        GPU,
+        "Share of time the SMs did non-tensor FP64 math over the last sampling interval, 0 to 1 (NVML GPM FP64_UTIL, percent).",
+    ),
+    gauge(
+        "observer_gpu_gpm_pcie_receive_bytes_per_second",
+        GPU,
+        "PCIe traffic to the GPU over the last sampling interval, in bytes per second (NVML GPM PCIE_RX_PER_SEC, reported in MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_gpm_pcie_transmit_bytes_per_second",
+        GPU,
+        "PCIe traffic from the GPU over the last sampling interval, in bytes per second (NVML GPM PCIE_TX_PER_SEC, MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_gpm_nvlink_receive_bytes_per_second",
+        GPU,
+        "NVLink traffic received over all links of the GPU over the last sampling interval, in bytes per second (NVML GPM NVLINK_TOTAL_RX_PER_SEC, MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_gpm_nvlink_transmit_bytes_per_second",
+        GPU,
+        "NVLink traffic sent over all links of the GPU over the last sampling interval, in bytes per second (NVML GPM NVLINK_TOTAL_TX_PER_SEC, MiB/s).",
+    ),
+    gauge(
+        "observer_gpu_mig_info",
+        MIG,
+        "A MIG device of a GPU in MIG mode (value 1): mig_uuid is the ID the NVIDIA device plugin and the kubelet give it, gpu and uuid its GPU's.",
+    ),
+    gauge(
+        "observer_gpu_mig_memory_used_bytes",
+        MIG,
+        "Device memory allocated in a MIG device, in bytes (NVML memory info v2 `used`).",
+    ),
+    gauge("observer_gpu_mig_memory_total_bytes", MIG, "Device memory of a MIG device, in bytes."),
 ];
 
 /// A snapshot older than this many `--gpu-interval`s is stale: its values
@@ -165,6 +243,8 @@ pub struct GpuCollector {
     stale_after: Duration,
     /// Whether the last scrape found the snapshot stale, to log the changes once.
     was_stale: AtomicBool,
+    /// Pod owners of GPUs (`--pod-resources-socket`), when that client runs.
+    pods: Option<Arc<podresources::Latest>>,
 }
 
 impl GpuCollector {
@@ -185,6 +265,7 @@ impl GpuCollector {
             descs,
             stale_after: interval * STALE_AFTER_INTERVALS,
             was_stale: AtomicBool::new(false),
+            pods: None,
         })
     }
 
@@ -205,6 +286,17 @@ impl GpuCollector {
         }
         if stale { latest.down() } else { (*latest).clone() }
     }
+
+    /// Labels GPU series with the pods `pods` says hold them, and exports the
+    /// PodResources client's families (see [`podresources::annotate`]).
+    pub fn with_pod_resources(mut self, pods: Arc<podresources::Latest>) -> prometheus::Result<Self> {
+        for (name, labels, help) in podresources::FAMILIES {
+            let labels = labels.iter().map(|l| l.to_string()).collect();
+            self.descs.push(Desc::new(name.into(), help.into(), labels, HashMap::new())?);
+        }
+        self.pods = Some(pods);
+        Ok(self)
+    }
 }
 
 impl Collector for GpuCollector {
@@ -213,7 +305,13 @@ impl Collector for GpuCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        families(&self.current())
+        let s = self.current();
+        let mut out = families(&s);
+        // Like every GPU family, only while NVML is up.
+        if let Some(pods) = self.pods.as_ref().filter(|_| s.nvml_up) {
+            podresources::annotate(&mut out, &pods.get());
+        }
+        out
     }
 }
 
@@ -309,6 +407,20 @@ fn gpu_values(g: &GpuState, id: &[&str], put: &mut impl FnMut(usize, &[&str], f6
     opt(ECC_CORRECTED, v.ecc_corrected.map(|n| n as f64));
     opt(ECC_UNCORRECTED, v.ecc_uncorrected.map(|n| n as f64));
     opt(XID, g.xid_errors.map(|n| n as f64));
+    opt(GPM_SUPPORTED, v.gpm_supported.map(|b| if b { 1.0 } else { 0.0 }));
+    for (k, value) in v.gpm.iter().enumerate() {
+        opt(GPM_FIRST + k, *value);
+    }
+    for m in &g.mig {
+        let labels = [id[0], id[1], m.uuid.as_str()];
+        put(MIG_INFO, &labels, 1.0);
+        if let Some(b) = m.memory_used_bytes {
+            put(MIG_MEMORY_USED, &labels, b as f64);
+        }
+        if let Some(b) = m.memory_total_bytes {
+            put(MIG_MEMORY_TOTAL, &labels, b as f64);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +468,7 @@ mod tests {
                         ..GpuValues::default()
                     },
                     xid_errors: Some(0),
+                    mig: Vec::new(),
                 },
                 GpuState {
                     index: 1,
@@ -453,5 +566,27 @@ mod tests {
         shared.publish(Snapshot { completed: Some(Instant::now()), ..fresh });
         assert!(samples(&collector).contains(&"observer_nvml_up 1".to_string()), "a new cycle: fresh again");
         assert!(!Snapshot::default().stale(Instant::now() + Duration::from_secs(60), interval), "down is not stale");
+    }
+
+    #[test]
+    fn gpm_values_go_to_their_families_in_field_order() {
+        use crate::gpu::snapshot::GpmField;
+        let mut values = GpuValues { gpm_supported: Some(true), ..GpuValues::default() };
+        values.gpm[GpmField::SmOccupancy as usize] = Some(0.4);
+        values.gpm[GpmField::NvlinkTransmit as usize] = Some(1e9);
+        let gpu =
+            |index, values| GpuState { index, uuid: format!("GPU-{index}"), up: true, values, ..GpuState::default() };
+        let without = GpuValues { gpm_supported: Some(false), ..GpuValues::default() };
+        let t = text(&Snapshot { nvml_up: true, gpus: vec![gpu(0, values), gpu(1, without)], ..Snapshot::default() });
+        for line in [
+            r#"observer_gpu_gpm_supported{gpu="0",uuid="GPU-0"} 1"#,
+            r#"observer_gpu_gpm_supported{gpu="1",uuid="GPU-1"} 0"#,
+            r#"observer_gpu_gpm_sm_occupancy_ratio{gpu="0",uuid="GPU-0"} 0.4"#,
+            r#"observer_gpu_gpm_nvlink_transmit_bytes_per_second{gpu="0",uuid="GPU-0"} 1000000000"#,
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
+        }
+        // Nothing else: no GPM value on GPU 1, none but the two set on GPU 0.
+        assert_eq!(t.lines().filter(|l| !l.starts_with('#') && l.contains("_gpm_")).count(), 4, "{t}");
     }
 }

@@ -6,6 +6,8 @@
 //! - [`sampler`]: the sampling thread, failures and backoff, pod mapping.
 //! - [`snapshot`]: what one cycle saw, in base units.
 //! - [`metrics`]: the Prometheus families, built from the latest snapshot.
+//! - [`podresources`]: which pod holds each GPU (the kubelet's PodResources
+//!   API), on a thread of its own; its labels join the families at scrape time.
 //!
 //! A scrape never waits on NVML: the sampler publishes a whole snapshot at
 //! the end of each cycle and `/metrics` reads the latest one.
@@ -16,6 +18,7 @@
 //! [`GpuConfig`].
 pub mod metrics;
 pub mod nvml;
+pub mod podresources;
 pub mod sampler;
 pub mod snapshot;
 

@@ -5,18 +5,19 @@
 use std::{collections::HashMap, ffi::OsStr, path::Path};
 
 use nvml_wrapper::{
-    Device, EventSet, Nvml,
+    Device, EventSet, GpmSample, Nvml,
     bitmasks::event::EventTypes,
     enum_wrappers::device::{EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
     enums::{
         device::{SampleValue, UsedGpuMemory},
         event::XidError,
+        gpm::GpmMetricId,
     },
     error::NvmlError,
     structs::device::FieldId,
 };
 
-use super::snapshot::{GpuValues, MigState, Pcie};
+use super::snapshot::{GPM_FIELDS, GpuValues, MigDevice, MigState, Pcie};
 
 /// Tried in order when no `--nvml-lib` is given. The driver always installs
 /// the `.so.1` name (the NVIDIA container runtime mounts exactly that one);
@@ -27,6 +28,26 @@ pub const DEFAULT_LIBS: [&str; 2] = ["libnvidia-ml.so.1", "libnvidia-ml.so"];
 /// 251..273 range that driver 580.82 renumbered).
 const FI_PCIE_COUNT_TX_BYTES: u32 = 197;
 const FI_PCIE_COUNT_RX_BYTES: u32 = 198;
+
+/// The GPM metrics read, in [`super::snapshot::GpmField`] order, with the
+/// factor to base units. Units are nvml.h's (the crate's docs say bytes per
+/// second for the PCIe and NVLink rates; the header says MiB/s): utilisations
+/// in percent, 0.0 to 100.0, and PCIe and NVLink traffic in MiB/s.
+const GPM: [(GpmMetricId, f64); GPM_FIELDS] = [
+    (GpmMetricId::SmUtil, PERCENT),
+    (GpmMetricId::SmOccupancy, PERCENT),
+    (GpmMetricId::AnyTensorUtil, PERCENT),
+    (GpmMetricId::DramBwUtil, PERCENT),
+    (GpmMetricId::Fp16Util, PERCENT),
+    (GpmMetricId::Fp32Util, PERCENT),
+    (GpmMetricId::Fp64Util, PERCENT),
+    (GpmMetricId::PcieRxPerSec, MIB),
+    (GpmMetricId::PcieTxPerSec, MIB),
+    (GpmMetricId::NvlinkTotalRxPerSec, MIB),
+    (GpmMetricId::NvlinkTotalTxPerSec, MIB),
+];
+const PERCENT: f64 = 0.01;
+const MIB: f64 = 1_048_576.0;
 
 /// What an NVML error means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +147,10 @@ pub struct Slot<'n> {
     /// Registered for XID events (one set per GPU, so a GPU that refuses
     /// registration costs the others nothing).
     events: Option<EventSet<'n>>,
+    /// GPM support (asked once), and the previous cycle's sample: GPM
+    /// values are the difference between two.
+    gpm_supported: Option<bool>,
+    gpm_last: Option<GpmSample<'n>>,
 }
 
 impl Slot<'_> {
@@ -144,6 +169,8 @@ pub struct Reading {
     pub processes: Vec<(u32, Option<u64>)>,
     /// XID codes delivered since the last reading.
     pub xids: Vec<Option<u64>>,
+    /// MIG devices, in MIG mode.
+    pub mig: Vec<MigDevice>,
 }
 
 /// Remembers which errors were already logged, so a GPU without ECC or an
@@ -192,7 +219,14 @@ impl<'n> Session<'n> {
         let driver_version = nvml.sys_driver_version().unwrap_or_default();
         let mut slots = Vec::new();
         for index in 0..count {
-            let mut slot = Slot { index, device: None, identity: Identity::default(), events: None };
+            let mut slot = Slot {
+                index,
+                device: None,
+                identity: Identity::default(),
+                events: None,
+                gpm_supported: None,
+                gpm_last: None,
+            };
             match slot.attach(nvml, notes) {
                 // Kept without a handle; reading it reports the GPU down.
                 Ok(()) | Err(Fault::Lost(_)) => {}
@@ -232,6 +266,7 @@ impl<'n> Slot<'n> {
             pci_bus_id: get!(notes, i, "pci_info", device.pci_info().map(|p| p.bus_id)).unwrap_or_default(),
         };
         self.events = watch_xid(nvml, &device, i, notes);
+        self.gpm_supported = gpm_support(nvml, &device, i, notes)?;
         self.device = Some(device);
         Ok(())
     }
@@ -302,8 +337,75 @@ impl<'n> Slot<'n> {
                 (p.pid, used)
             })
             .collect();
+        let mig = if mig_mode == MigState::Enabled { self.mig_devices(notes)? } else { Vec::new() };
+        v.gpm_supported = self.gpm_supported;
+        if self.gpm_supported == Some(true) {
+            v.gpm = self.gpm(nvml, notes)?;
+        }
         let xids = drain_xids(self, notes)?;
-        Ok(Reading { values: v, mig_mode, processes, xids })
+        Ok(Reading { values: v, mig_mode, processes, xids, mig })
+    }
+
+    /// The MIG devices of a GPU in MIG mode: every populated slot up to
+    /// NVML's maximum (a free one answers NotFound).
+    fn mig_devices(&self, notes: &mut Notes) -> Result<Vec<MigDevice>, Fault> {
+        let mut out = Vec::new();
+        let Some(d) = self.device.as_ref() else { return Ok(out) };
+        let i = self.index;
+        let max = get!(notes, i, "mig_device_count", d.mig_device_count()).unwrap_or(0);
+        for k in 0..max {
+            let m = match d.mig_device_by_index(k) {
+                Err(NvmlError::NotFound) => continue,
+                r => match get!(notes, i, "mig_device", r) {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            let Some(uuid) = get!(notes, i, "mig_uuid", m.uuid()) else { continue };
+            let memory = get!(notes, i, "mig_memory", m.memory_info());
+            out.push(MigDevice {
+                uuid,
+                memory_used_bytes: memory.as_ref().map(|m| m.used),
+                memory_total_bytes: memory.as_ref().map(|m| m.total),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Takes this cycle's GPM sample and computes the metrics against the
+    /// last one; nothing in the first cycle or after a failed sample.
+    fn gpm(&mut self, nvml: &'n Nvml, notes: &mut Notes) -> Result<[Option<f64>; GPM_FIELDS], Fault> {
+        let mut out = [None; GPM_FIELDS];
+        let Some(d) = self.device.as_ref() else { return Ok(out) };
+        let i = self.index;
+        let sample = get!(notes, i, "gpm_sample", d.gpm_sample());
+        if let (Some(last), Some(now)) = (self.gpm_last.as_ref(), sample.as_ref()) {
+            let ids = GPM.map(|(id, _)| id);
+            if let Some(results) =
+                get!(notes, i, "gpm_metrics", nvml_wrapper::gpm::gpm_metrics_get(nvml, last, now, &ids))
+            {
+                for ((slot, (_, factor)), r) in out.iter_mut().zip(GPM).zip(results) {
+                    // A metric this GPU lacks fails alone.
+                    *slot = r.ok().map(|m| m.value * factor).filter(|v| v.is_finite());
+                }
+            }
+        }
+        self.gpm_last = sample;
+        Ok(out)
+    }
+}
+
+/// Whether the GPU offers GPM. `Some(false)` also where the driver lacks the
+/// functions, or the library lacks nvmlGpmSampleFree, which GpmSample's
+/// destructor calls unchecked (a panic if absent).
+fn gpm_support(nvml: &Nvml, device: &Device<'_>, gpu: u32, notes: &mut Notes) -> Result<Option<bool>, Fault> {
+    if nvml.lib().nvmlGpmSampleFree.is_err() {
+        return Ok(Some(false));
+    }
+    match device.gpm_support() {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if classify(&e) == Class::Unsupported => Ok(Some(false)),
+        Err(e) => field_of(notes, gpu, "gpm_support", Err(e)),
     }
 }
 

@@ -50,6 +50,17 @@ pub struct GpuState {
     /// XID critical errors seen through NVML events since the observer
     /// registered for them; `None` where the GPU offers no XID events.
     pub xid_errors: Option<u64>,
+    /// MIG devices of a GPU in MIG mode, as NVML lists them.
+    pub mig: Vec<MigDevice>,
+}
+
+/// One MIG device (GPU instance and compute instance) of a GPU.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MigDevice {
+    /// `MIG-…`, the ID the device plugin and the kubelet use.
+    pub uuid: String,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,7 +96,34 @@ pub struct GpuValues {
     pub pcie_replays: Option<u64>,
     pub ecc_corrected: Option<u64>,
     pub ecc_uncorrected: Option<u64>,
+    /// The GPU offers NVML's GPM (GPU Performance Monitoring; Hopper and
+    /// later); `None` where NVML could not say.
+    pub gpm_supported: Option<bool>,
+    /// GPM values over the last sampling interval, indexed by [`GpmField`],
+    /// in base units; all `None` without GPM and in a GPU's first cycle
+    /// (a value needs two samples).
+    pub gpm: [Option<f64>; GPM_FIELDS],
 }
+
+/// What GPM gives per GPU, in this order in [`GpuValues::gpm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpmField {
+    /// Ratio 0 to 1 (NVML: percent).
+    SmActivity,
+    SmOccupancy,
+    TensorActivity,
+    DramBandwidth,
+    Fp16Activity,
+    Fp32Activity,
+    Fp64Activity,
+    /// Bytes per second (NVML: MiB/s).
+    PcieReceive,
+    PcieTransmit,
+    NvlinkReceive,
+    NvlinkTransmit,
+}
+
+pub const GPM_FIELDS: usize = 11;
 
 /// PCIe traffic in one direction, in the best form the GPU offers.
 #[derive(Clone, Copy, Debug, PartialEq)]

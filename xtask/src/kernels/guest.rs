@@ -68,10 +68,12 @@ const RULES: &[(&str, Rule)] = &[
     // kernel keeps three kernels' matrix within its time budget.
     ("web_config", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     ("snapshot", Rule { scope: Scope::OncePerKernel, needs: &[] }),
-    // The fake NVML library and a real Prometheus server: nothing in them
-    // depends on the kernel, and Prometheus' median over a handful of sessions
-    // is too coarse for the spread of goodputs under emulation.
+    // The fake NVML library (with a fake kubelet for gpu_pods) and a real
+    // Prometheus server: nothing in them depends on the kernel, and
+    // Prometheus' median over a handful of sessions is too coarse for the
+    // spread of goodputs under emulation.
     ("gpu", Rule { scope: Scope::HostOnly, needs: &[] }),
+    ("gpu_pods", Rule { scope: Scope::HostOnly, needs: &[] }),
     ("prometheus", Rule { scope: Scope::HostOnly, needs: &[] }),
     // The metrics server under abuse and the deployment files: no kernel hook involved.
     ("http", Rule { scope: Scope::HostOnly, needs: &[] }),
