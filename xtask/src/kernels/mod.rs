@@ -89,13 +89,11 @@ pub const KERNELS: [Spec; 3] = [
     },
 ];
 
-/// VMs booted at once, one vCPU each: every part of every kernel (three
-/// kernels, two parts each), although the machine has two cores. A guest
-/// spends about half its time in its tests' sleeps and paced transfers
-/// (one VM alone: 224 s wall, 109 s CPU), so three guests left the cores
-/// partly idle (1.4 of 2 busy); the tests' timing bounds are stretched for
-/// emulation. Six guests need 12 GiB of memory.
-const PARALLEL_VMS: usize = 6;
+/// VMs booted at once, one vCPU each. Every kernel at once, although the
+/// machine has two cores: much of a guest's time goes to its tests' sleeps
+/// and paced transfers, so three guests sharing two cores finish sooner than
+/// two rounds would, and the tests' timing bounds are stretched for emulation.
+const PARALLEL_VMS: usize = 3;
 
 /// Guest memory: the tests' transfers and two observers fit well within it.
 const MEMORY_MB: u32 = 2048;
@@ -139,42 +137,32 @@ pub fn run(opts: &Options) -> Result<()> {
         .map(|s| prepare(s, &base, &observer, &tests).with_context(|| format!("preparing kernel {}", s.name)))
         .collect::<Result<Vec<_>>>()?;
     let host_check = host_check(&observer);
-    eprintln!(
-        "xtask kernels: prepared in {:.0} s; booting {} VMs",
-        started.elapsed().as_secs_f64(),
-        prepared.len() * guest::PARTS.len()
-    );
+    eprintln!("xtask kernels: prepared in {:.0} s; booting {} VMs", started.elapsed().as_secs_f64(), prepared.len());
 
     // `vcpus` each (one by default: the host has two cores), at most
     // PARALLEL_VMS at once.
     let (booted, cpu_before) = (Instant::now(), children_cpu());
-    let jobs: Vec<(usize, usize)> =
-        (0..prepared.len()).flat_map(|k| (0..guest::PARTS.len()).map(move |part| (k, part))).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut ends: Vec<((usize, usize), Result<PartEnd>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..PARALLEL_VMS.min(jobs.len()))
+    let mut reports: Vec<(usize, Result<KernelReport>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..PARALLEL_VMS.min(prepared.len()))
             .map(|_| {
                 s.spawn(|| {
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(k, part)) = jobs.get(i) else { return done };
-                        done.push(((k, part), boot(&prepared[k], part, opts.vm_timeout, opts.vcpus)));
+                        let Some(p) = prepared.get(i) else { return done };
+                        done.push((i, boot(p, opts.vm_timeout, opts.vcpus)));
                     }
                 })
             })
             .collect();
         workers
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|_| vec![((usize::MAX, 0), Err(anyhow!("the VM thread panicked")))]))
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![(usize::MAX, Err(anyhow!("the VM thread panicked")))]))
             .collect()
     });
-    ends.sort_by_key(|(job, _)| *job);
-    let mut by_kernel: Vec<Vec<PartEnd>> = prepared.iter().map(|_| Vec::new()).collect();
-    for ((k, _), end) in ends {
-        by_kernel.get_mut(k).context("a VM thread panicked")?.push(end?);
-    }
-    let reports: Vec<KernelReport> = prepared.iter().zip(by_kernel).map(|(p, ends)| report(p, ends)).collect();
+    reports.sort_by_key(|(i, _)| *i);
+    let reports = reports.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>>>()?;
     // CPU time tells what the VMs cost apart from other load on the machine:
     // software emulation is CPU-bound, so on an idle machine it bounds their wall time.
     let vm_timing = format!(
@@ -295,24 +283,11 @@ struct Prepared {
     spec: Spec,
     package: String,
     vmlinux: PathBuf,
-    work: PathBuf,
-    runs: Vec<Run>,
-    /// One VM each (guest::PARTS), sharing the work directory.
-    parts: Vec<Part>,
-}
-
-/// One VM of a kernel: its initramfs (whose /init runs that part's script),
-/// console log and qemu pid file.
-struct Part {
     initramfs: PathBuf,
+    work: PathBuf,
     console: PathBuf,
     pidfile: PathBuf,
-}
-
-/// How one part's VM ended.
-struct PartEnd {
-    vm: results::VmEnd,
-    elapsed: Duration,
+    runs: Vec<Run>,
 }
 
 /// Fetches the kernel (or finds it cached), writes the guest script and
@@ -352,6 +327,8 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
     }
     std::fs::create_dir_all(&work)?;
     let runs = guest::plan(tests, spec.tiers);
+    let script_path = work.join("guest.sh");
+    std::fs::write(&script_path, guest::script(&work, observer, spec.tiers, &runs))?;
 
     let modules = modules::ModuleTree::open(&unpacked.modules)?.resolve(&modules::GUEST_MODULES)?;
     let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
@@ -359,21 +336,10 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
         modules.iter().map(|(n, p)| modules::read_module(p).map(|b| (n.clone(), b))).collect::<Result<Vec<_>>>()?;
     let busybox_path = util::find_in_path("busybox").unwrap_or_else(|| "/bin/busybox".into());
     let busybox = std::fs::read(&busybox_path).with_context(|| format!("reading {}", busybox_path.display()))?;
-    let parts = (0..guest::PARTS.len())
-        .map(|part| {
-            let script_path = work.join(format!("guest-{part}.sh"));
-            std::fs::write(&script_path, guest::script(&work, observer, spec.tiers, &runs, part))?;
-            let init = initramfs::init_script(&names, &work, &script_path);
-            let archive = cpio::archive(&initramfs::entries(busybox.clone(), module_bytes.clone(), init)?);
-            let initramfs = dir.join(format!("initramfs-{part}.cpio"));
-            std::fs::write(&initramfs, archive)?;
-            Ok(Part {
-                initramfs,
-                console: base.join("logs").join(format!("{}.{part}.console.log", spec.name)),
-                pidfile: base.join("runs").join(format!("{}.{part}.qemu.pid", spec.name)),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let init = initramfs::init_script(&names, &work, &script_path);
+    let archive = cpio::archive(&initramfs::entries(busybox, module_bytes, init)?);
+    let initramfs = dir.join("initramfs.cpio");
+    std::fs::write(&initramfs, archive)?;
     eprintln!(
         "xtask kernels: {}: {} {} (`{}`), modules: {}",
         spec.name,
@@ -386,40 +352,39 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
         spec: *spec,
         package: format!("{} {}", resolved.package, resolved.version),
         vmlinux: unpacked.vmlinux,
+        initramfs,
+        console: base.join("logs").join(format!("{}.console.log", spec.name)),
+        pidfile: base.join("runs").join(format!("{}.qemu.pid", spec.name)),
         work,
         runs,
-        parts,
     })
 }
 
-fn boot(p: &Prepared, part: usize, timeout: Duration, vcpus: u32) -> Result<PartEnd> {
-    let Part { initramfs, console, pidfile } = &p.parts[part];
-    let vm = qemu::Vm { vcpus, vmlinux: &p.vmlinux, initramfs, work: &p.work, memory_mb: MEMORY_MB, timeout, pidfile };
-    let label = format!("{}.{part}", p.spec.name);
-    eprintln!("[{label}] booting {} (tiers {:?}; console: {})", p.package, guest::PARTS[part], console.display());
-    let ended = qemu::run(&vm, console, &label)?;
-    let text = String::from_utf8_lossy(&std::fs::read(console)?).into_owned();
-    let vm = results::vm_end(&text, ended.timed_out);
-    eprintln!("[{label}] VM ended after {:.0} s: {vm:?}", ended.elapsed.as_secs_f64());
-    Ok(PartEnd { vm, elapsed: ended.elapsed })
-}
-
-/// A kernel's report from its parts' ends: the first part that did not end
-/// cleanly speaks for the kernel (its console is the one shown), the
-/// elapsed time is the longest part's.
-fn report(p: &Prepared, ends: Vec<PartEnd>) -> KernelReport {
-    let clean = |e: &PartEnd| matches!(e.vm, results::VmEnd::Exited(0));
-    let worst = ends.iter().position(|e| !clean(e)).unwrap_or(0);
-    KernelReport {
+fn boot(p: &Prepared, timeout: Duration, vcpus: u32) -> Result<KernelReport> {
+    let vm = qemu::Vm {
+        vcpus,
+        vmlinux: &p.vmlinux,
+        initramfs: &p.initramfs,
+        work: &p.work,
+        memory_mb: MEMORY_MB,
+        timeout,
+        pidfile: &p.pidfile,
+    };
+    eprintln!("[{}] booting {} (console: {})", p.spec.name, p.package, p.console.display());
+    let ended = qemu::run(&vm, &p.console, p.spec.name)?;
+    let console = String::from_utf8_lossy(&std::fs::read(&p.console)?).into_owned();
+    let vm_end = results::vm_end(&console, ended.timed_out);
+    eprintln!("[{}] VM ended after {:.0} s: {vm_end:?}", p.spec.name, ended.elapsed.as_secs_f64());
+    Ok(KernelReport {
         label: p.spec.label.to_owned(),
         package: p.package.clone(),
         tiers: p.spec.tiers.to_vec(),
-        vm: ends[worst].vm.clone(),
-        elapsed: ends.iter().map(|e| e.elapsed).max().unwrap_or_default(),
-        console: p.parts[worst].console.clone(),
+        vm: vm_end,
+        elapsed: ended.elapsed,
+        console: p.console.clone(),
         work: p.work.clone(),
         collected: results::collect(&p.work, p.spec.tiers, &p.runs),
-    }
+    })
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::guest::{self, BROKEN, Broken, PARTS, Run};
+use super::guest::{self, BROKEN, Broken, DONE, Run};
 use super::initramfs::MARK;
 
 /// `observer check` output.
@@ -268,8 +268,7 @@ pub fn collect(work: &Path, tiers: &[&str], runs: &[Run]) -> Collected {
             (*b, verdict)
         })
         .collect();
-    let done = (0..PARTS.len()).all(|part| work.join(guest::done_file(part)).exists());
-    Collected { checks, tests, broken, done }
+    Collected { checks, tests, broken, done: work.join(DONE).exists() }
 }
 
 #[cfg(test)]
