@@ -151,6 +151,31 @@ pub struct SessionStart {
 }
 const _: () = assert!(core::mem::size_of::<SessionStart>() == 120);
 
+impl SessionStart {
+    /// Every field zero: the base of the kernel's entries (`..EMPTY`) and of
+    /// userspace's test entries.
+    pub const EMPTY: SessionStart = SessionStart {
+        birth_ns: 0,
+        cgroup_id: 0,
+        last_call_ns: 0,
+        active_ns: 0,
+        live_tx: 0,
+        live_rx: 0,
+        live_base_tx: 0,
+        live_base_rx: 0,
+        birth_jiffies: 0,
+        pid: 0,
+        flags: 0,
+        comm: [0; 16],
+        netns_ino: 0,
+        rx_ifindex: 0,
+        tx_ifindex: 0,
+        marks: [0; 4],
+        ports: 0,
+        _pad0: 0,
+    };
+}
+
 /// Indexes of `SessionStart::marks`, each standing for one `SESSION_*` flag.
 pub mod session_mark {
     /// `SESSION_FIN_SENT`.

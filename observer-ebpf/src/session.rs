@@ -27,26 +27,7 @@ use crate::{
     },
 };
 
-const EMPTY: SessionStart = SessionStart {
-    birth_ns: 0,
-    cgroup_id: 0,
-    last_call_ns: 0,
-    active_ns: 0,
-    live_tx: 0,
-    live_rx: 0,
-    live_base_tx: 0,
-    live_base_rx: 0,
-    birth_jiffies: 0,
-    pid: 0,
-    flags: 0,
-    comm: [0; 16],
-    netns_ino: 0,
-    rx_ifindex: 0,
-    tx_ifindex: 0,
-    marks: [0; 4],
-    ports: 0,
-    _pad0: 0,
-};
+const EMPTY: SessionStart = SessionStart::EMPTY;
 
 /// A zeroed `SessionStart` to fill, in `slot` (see `zeroed`).
 #[inline(always)]

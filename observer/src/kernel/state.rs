@@ -410,26 +410,7 @@ mod tests {
     #[test]
     fn gone_sockets_are_told_from_live_ones() {
         let f = |family, state, dead, read| SockFacts { family, state, dead, read, ports: 0x1234_0050 };
-        let mut start = SessionStart {
-            birth_ns: 1,
-            cgroup_id: 0,
-            last_call_ns: 0,
-            active_ns: 0,
-            live_tx: 0,
-            live_rx: 0,
-            live_base_tx: 0,
-            live_base_rx: 0,
-            birth_jiffies: 0,
-            pid: 0,
-            flags: 0,
-            comm: [0; 16],
-            netns_ino: 0,
-            rx_ifindex: 0,
-            tx_ifindex: 0,
-            marks: [0; 4],
-            ports: 0,
-            _pad0: 0,
-        };
+        let mut start = SessionStart { birth_ns: 1, ..SessionStart::EMPTY };
         let s = &start;
         for state in [1, 2, 3, 4, 5, 6, 8, 9, 11] {
             assert!(!f(AF_INET, state, false, true).tcp_gone(s), "state {state}");
