@@ -291,7 +291,7 @@ fn connect_from_many_comms(ns: &NetNs, comms: std::ops::Range<usize>, ports: &[u
 /// Issue 27: 2,000 distinct comm values times 3 service ports against
 /// `--max-label-sets 500`: at most 500 label sets plus the all-`other` set
 /// are exported, every refused session is counted once, and memory stays
-/// flat when 6,000 more new sets come.
+/// flat when 6,000 more new sets come after 6,000 refused ones.
 #[test]
 fn label_sets_beyond_the_cap_are_all_other_counted_exactly_and_memory_stays_bounded() {
     const COMMS: usize = 2000;
@@ -350,22 +350,36 @@ fn label_sets_beyond_the_cap_are_all_other_counted_exactly_and_memory_stays_boun
     let rss_one = rss_bytes(observer.pid()).unwrap();
     let series_one = m.samples().len();
 
-    // 6,000 more new sets: all refused, and the exposition and memory stay.
+    // 6,000 more new sets: all refused, and the exposition stays.
     connect_from_many_comms(&ns, COMMS..2 * COMMS, &PORTS);
     let m = observer
         .scrape_until("both ends of 12,000 connections", TIMEOUT, |m| sessions(m, &[]) + skipped(m) >= 2.0 * want);
     check(&m, 2);
     let rss_two = rss_bytes(observer.pid()).unwrap();
     assert!(m.samples().len() <= series_one + 50, "{} series after, {series_one} before", m.samples().len());
+
+    // And 6,000 more: memory stays too. Measured from the second batch, not
+    // the first: in qemu guests the allocator's heap kept growing by up to
+    // 5 MiB during the first refused batch (sessions processed while full
+    // expositions were rendered) and then not by one page over 24,000 more
+    // refused sets, in two runs on 6.1 (on this host: flat from the first).
+    // A cost per refused set still shows here, whatever the heap's high-water.
+    connect_from_many_comms(&ns, 2 * COMMS..3 * COMMS, &PORTS);
+    let m = observer
+        .scrape_until("both ends of 18,000 connections", TIMEOUT, |m| sessions(m, &[]) + skipped(m) >= 3.0 * want);
+    check(&m, 3);
+    let rss_three = rss_bytes(observer.pid()).unwrap();
+    assert!(m.samples().len() <= series_one + 50, "{} series after, {series_one} before", m.samples().len());
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
-        "label set cap {CAP}: RSS {:.1} MiB at start, {:.1} MiB after 6,001 sets, {:.1} MiB after 12,001; {series_one} samples exposed",
+        "label set cap {CAP}: RSS {:.1} MiB at start, {:.1} MiB after 6,001 sets, {:.1} MiB after 12,001, {:.1} MiB after 18,001; {series_one} samples exposed",
         mib(rss_start),
         mib(rss_one),
-        mib(rss_two)
+        mib(rss_two),
+        mib(rss_three)
     );
-    assert!(rss_two < rss_start + (32 << 20), "RSS grew from {rss_start} to {rss_two}");
-    assert!(rss_two < rss_one + (4 << 20), "6,000 refused sets grew RSS from {rss_one} to {rss_two}");
+    assert!(rss_three < rss_start + (32 << 20), "RSS grew from {rss_start} to {rss_three}");
+    assert!(rss_three < rss_two + (4 << 20), "6,000 refused sets grew RSS from {rss_two} to {rss_three}");
 }
 
 #[test]
