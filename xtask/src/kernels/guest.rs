@@ -51,6 +51,10 @@ const RULES: &[(&str, Rule)] = &[
     // hook records at connect, whose owner capture haproxy's test checks in
     // every tier; once per kernel keeps the matrix under its time budget.
     ("session_labels", Rule { scope: Scope::OncePerKernel, needs: &[] }),
+    // The label set cap: 18,000 connections through userspace's admission of
+    // label sets, nothing of it the kernel's (session_labels covers the comm
+    // it reads); about a minute per kernel under emulation.
+    ("label_set_cap", Rule { scope: Scope::HostOnly, needs: &[] }),
     ("bad_input", Rule { scope: Scope::OncePerKernel, needs: &[] }),
     // The metrics server's TLS and basic auth, and the snapshot API's JSON:
     // userspace over sessions that tcp_sessions checks in every tier. Once per
