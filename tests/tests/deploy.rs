@@ -675,7 +675,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 i += 1;
             }
             let w = &expr[start..i];
-            if w.starts_with("observer_") || w.starts_with("process_") {
+            // Recording rules' names are `level:metric:operations`.
+            if w.starts_with("observer_") || w.starts_with("process_") || w.contains(':') {
                 names.insert(w.to_string());
             }
         } else {
@@ -704,14 +705,23 @@ fn dashboard_queries_only_exported_metrics() {
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let documented = documented_metrics();
     assert!(documented.contains("observer_session_goodput_bytes_per_second"), "README tables: {documented:?}");
+    let recorded = recorded_names();
     let mut all = Vec::new();
     exprs(&dashboard, &mut all);
     assert!(all.len() >= 10, "{all:?}");
     let mut used = BTreeSet::new();
+    let mut read = BTreeSet::new();
     for e in &all {
-        let names = metric_names(e);
+        // A panel grouped by `$group_by` reads the by-label rules' series of
+        // that label: the rule file's `LABEL`.
+        let names = metric_names(&e.replace("${group_by}", "LABEL"));
         assert!(!names.is_empty(), "no metric in {e}");
         for n in names {
+            if n.contains(':') {
+                assert!(recorded.contains(&n), "{e}: {n} is not recorded by the chart's rules {recorded:?}");
+                read.insert(n);
+                continue;
+            }
             let family = ["_bucket", "_count", "_sum"]
                 .iter()
                 .find_map(|s| n.strip_suffix(s).filter(|f| documented.contains(*f)))
@@ -729,12 +739,25 @@ fn dashboard_queries_only_exported_metrics() {
     ] {
         assert!(used.contains(needed), "the dashboard must chart {needed}");
     }
+    assert_eq!(read, recorded, "the dashboard reads every recorded series");
     // Quantile panels: the median and p10 of goodput.
     let goodput: Vec<&String> =
         all.iter().filter(|e| e.contains("observer_session_goodput_bytes_per_second_bucket")).collect();
     for q in ["histogram_quantile(0.5,", "histogram_quantile(0.1,"] {
         assert!(goodput.iter().any(|e| e.contains(q)), "{q}");
     }
+}
+
+/// The series the chart's recording rules record (`record:` in
+/// deploy/helm/observer/rules/*.yaml; `LABEL` stands for each static label).
+fn recorded_names() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for entry in std::fs::read_dir(deploy_dir().join("helm/observer/rules")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        names.extend(text.lines().filter_map(|l| l.trim().strip_prefix("- record: ")).map(str::to_owned));
+    }
+    assert!(names.len() >= 6, "{names:?}");
+    names
 }
 
 #[test]

@@ -90,19 +90,35 @@ fn prometheus_quantile_matches_measured_goodput() {
 
     // Every query of the Grafana dashboard parses and runs on the real
     // server, with its variables set as Grafana would.
-    let dashboard = observer_tests::workspace_root().join("deploy/grafana/observer-dashboard.json");
-    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
-    let mut exprs = Vec::new();
-    collect_exprs(&dashboard, &mut exprs);
-    assert!(!exprs.is_empty());
-    for e in exprs {
-        let q = e.replace("$__rate_interval", "1m").replace("$job", ".+").replace("$group_by", "node");
+    let queries = dashboard_queries("1m", "node");
+    assert!(!queries.is_empty());
+    for (e, q) in queries {
         prom.query(&q).unwrap_or_else(|err| panic!("dashboard query {e}: {err:#}"));
     }
 
     let (health, error) = prom.target_health().unwrap();
     assert_eq!(health, "up", "Prometheus' last scrape of the observer failed: {error}");
     assert!(prom.query_value("scrape_samples_post_metric_relabeling{job=\"observer\"} > 0").unwrap().is_some());
+}
+
+/// Every query of the Grafana dashboard: (as written, with its variables set
+/// as Grafana would: `$__rate_interval`, every job, `group_by`).
+fn dashboard_queries(rate_interval: &str, group_by: &str) -> Vec<(String, String)> {
+    let dashboard = workspace_root().join("deploy/grafana/observer-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    exprs
+        .into_iter()
+        .map(|e| {
+            let q = e
+                .replace("$__rate_interval", rate_interval)
+                .replace("$job", ".+")
+                .replace("${group_by}", group_by)
+                .replace("$group_by", group_by);
+            (e, q)
+        })
+        .collect()
 }
 
 fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
@@ -335,15 +351,10 @@ fn native_histogram_quantiles_match_the_sessions_and_the_classic_buckets() {
 
     // The dashboard reads native histograms where the server stores them:
     // every query runs, and the goodput median panel has data on both servers.
-    let dashboard = workspace_root().join("deploy/grafana/observer-dashboard.json");
-    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
-    let mut exprs = Vec::new();
-    collect_exprs(&dashboard, &mut exprs);
-    for e in &exprs {
-        let q = e.replace("$__rate_interval", "5m").replace("$job", ".+").replace("$group_by", "node");
+    for (e, q) in dashboard_queries("5m", "node") {
         for prom in [&mut k.native, &mut k.classic] {
             let data = prom.query(&q).unwrap_or_else(|err| panic!("dashboard query {e}: {err:#}"));
-            if e.starts_with("histogram_quantile(0.5, sum by (direction, $group_by)") {
+            if e.contains("histogram_quantile(0.5, sum by (direction, $group_by)") {
                 let result = data["result"].as_array().unwrap();
                 assert!(result.iter().any(|r| r["metric"]["direction"] == "receive"), "{q}: {data}");
             }
@@ -420,5 +431,31 @@ fn recording_rules_evaluate_to_the_known_sessions() {
             }
         }
         assert!(differ.len() <= 1, "{what}: recorded vs direct rate: {differ:?}");
+
+        // The dashboard reads what the rules recorded: every panel query
+        // naming a recorded series has data, and grouped by a static label
+        // the median panel is the recorded median (queried at one instant).
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() - 2.0;
+        let value = |data: &serde_json::Value| -> Option<f64> {
+            let result = data["result"].as_array()?;
+            let r = result.iter().find(|r| r["metric"]["direction"] == "receive" && r["metric"]["region"] == "test")?;
+            r["value"][1].as_str()?.parse().ok()
+        };
+        let recorded_median =
+            value(&prom.query_at("direction_region:observer_session_goodput_bytes_per_second:p50_rate5m", at).unwrap());
+        assert!(recorded_median.is_some(), "{what}: no recorded median at {at}");
+        let mut read = 0;
+        for (e, q) in dashboard_queries("5m", "region") {
+            if !e.contains(":observer_") {
+                continue;
+            }
+            read += 1;
+            let data = prom.query_at(&q, at).unwrap();
+            assert!(!data["result"].as_array().unwrap().is_empty(), "{what}: {q}: no data: {data}");
+            if e.starts_with("direction_${group_by}:observer_session_goodput_bytes_per_second:p50_rate5m or ") {
+                assert_eq!(value(&data), recorded_median, "{what}: {q}: {data}");
+            }
+        }
+        assert!(read >= 5, "{what}: the dashboard reads the recorded series ({read} queries)");
     }
 }

@@ -1,6 +1,6 @@
 //! A session log nobody reads holds up none of the measuring: the log's
 //! writer runs off the ring readers' path. Userspace only: the kernel matrix
-//! runs it once per kernel.
+//! leaves it to the host.
 use std::{
     ffi::CString,
     net::UdpSocket,

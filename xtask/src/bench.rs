@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: loopback workloads with the observer on vs off (workload.rs):
 //! TCP bulk, TCP small messages, UDP small datagrams (iperf3), short TCP connections
 //! (xtask's own load generator, connload.rs, with figures of its own in shortconn.rs);
-//! then the scrape latency with 10,000 series (scrape_latency.rs) and the observer's
+//! then the scrape latency with 10,000 series, text and protobuf (scrape_latency.rs), the
+//! series a node costs, classic against native histograms (series_economy.rs), and the observer's
 //! own footprint, idle and under a churn of sessions (footprint.rs).
 //!
 //! A run of every workload writes BENCHMARKS.md whole (doc.rs): the targets table,
@@ -18,6 +19,7 @@ mod progs;
 mod report;
 mod scrape;
 mod scrape_latency;
+mod series_economy;
 mod shortconn;
 mod stats;
 mod sys;
@@ -164,6 +166,10 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         let section = scrape.markdown(&machine, opts.smoke);
         println!("\n{section}");
         sections.push(section);
+        eprintln!("xtask bench: series economy");
+        let section = series_economy::measure()?.markdown();
+        println!("\n{section}");
+        sections.push(section);
         Some(scrape)
     } else {
         None
@@ -212,10 +218,12 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
             }
         }
         if let Some(scrape) = &scrape {
-            ensure!(
-                scrape.series > 0 && scrape.p50_ms > 0.0,
-                "benchmark smoke: the scrape measurement produced nothing ({scrape:?})"
-            );
+            for one in [&scrape.text, &scrape.protobuf] {
+                ensure!(
+                    one.series > 0 && one.p50_ms > 0.0,
+                    "benchmark smoke: the scrape measurement produced nothing ({scrape:?})"
+                );
+            }
         }
         println!(
             "xtask bench: smoke run ok: {} measured with the observer off, on and on with \

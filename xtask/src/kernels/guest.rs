@@ -86,8 +86,10 @@ const RULES: &[(&str, Rule)] = &[
     // The drop and TCP error hooks are the tracepoint tier's only, which
     // `auto` takes for them on every kernel: the forced tier would repeat it.
     ("drops", Rule { scope: Scope::OncePerKernel, needs: &["drops", "tcp_errors"] }),
-    // The session log's writer and its queue: userspace over UDP sessions.
-    ("session_log_pipe", Rule { scope: Scope::OncePerKernel, needs: &["sock_calls", "udp_release"] }),
+    // The session log's writer and its queue: userspace over UDP sessions,
+    // which udp_sessions and concurrency count per tier; its 100,000 sessions
+    // took about a minute of each kernel's VM.
+    ("session_log_pipe", Rule { scope: Scope::HostOnly, needs: &["sock_calls", "udp_release"] }),
     // Asserts the owner of haproxy's accepted sockets.
     ("haproxy", Rule { scope: Scope::EveryTier, needs: &["tcp_owner"] }),
     // Asserts an open session in the table for the scrape connection, which
