@@ -17,6 +17,13 @@
 #    activity is near 0 idle and above 0.5 during the matmul loop, and the
 #    PCIe counters (and NVLink rates, where the GPU has links) move; a GPU
 #    without GPM reports observer_gpu_gpm_supported 0 and no GPM family.
+# 6. NVLink: the links nvidia-smi lists for GPU 0 have observer_gpu_nvlink_active
+#    with the same state, and their data counters are present; a GPU without
+#    NVLink has no NVLink series. The counters' movement is reported (a
+#    single-GPU load moves nothing over NVLink; with 2+ GPUs a peer copy does).
+# 7. MIG: for every GPU in MIG mode, each MIG device nvidia-smi -L lists has
+#    observer_gpu_mig_info (and, on a GPU with GPM, MIG GPM series appear);
+#    skipped when no GPU is in MIG mode (the script changes no MIG setting).
 # Everything it creates (cgroups under observer-gpu-check, the pod log folder,
 # processes) is removed on exit.
 set -uo pipefail
@@ -126,6 +133,35 @@ elif [ "$gpm" = 0 ]; then
 		ok "GPM: GPU 0 has none (observer_gpu_gpm_supported 0), no GPM family"
 else
 	fail "GPM: no observer_gpu_gpm_supported for GPU 0"
+fi
+
+# 6. NVLink against nvidia-smi's view of GPU 0's links.
+smi_links=$(nvidia-smi nvlink --status -i 0 2>/dev/null | grep -c 'Link [0-9]*:')
+ours=$(grep -c '^observer_gpu_nvlink_active{gpu="0"' "$WORK/load.txt")
+if [ "${smi_links:-0}" = 0 ]; then
+	[ "$ours" = 0 ] && ok "NVLink: GPU 0 has none (nvidia-smi lists no link), no NVLink series" ||
+		fail "NVLink: nvidia-smi lists no link on GPU 0, observer exports $ours"
+else
+	active_smi=$(nvidia-smi nvlink --status -i 0 | grep 'Link [0-9]*:' | grep -vc 'inactive\|<inactive>')
+	active_ours=$(grep '^observer_gpu_nvlink_active{gpu="0"' "$WORK/load.txt" | grep -c ' 1$')
+	rx0=$(grep '^observer_gpu_nvlink_receive_bytes_total{gpu="0"' "$WORK/idle2.txt" | awk '{s += $NF} END {printf "%.0f", s}')
+	rx1=$(grep '^observer_gpu_nvlink_receive_bytes_total{gpu="0"' "$WORK/load.txt" | awk '{s += $NF} END {printf "%.0f", s}')
+	counters=$(grep -c '^observer_gpu_nvlink_receive_bytes_total{gpu="0"' "$WORK/load.txt")
+	[ "$ours" = "$smi_links" ] && [ "$active_ours" = "$active_smi" ] &&
+		ok "NVLink: GPU 0 has $ours links ($active_ours active) as nvidia-smi says; receive counters on $counters, ${rx0:-0} -> ${rx1:-0} bytes" ||
+		fail "NVLink: observer $ours links ($active_ours active), nvidia-smi $smi_links ($active_smi active)"
+fi
+
+# 7. MIG devices, where a GPU is in MIG mode already.
+migs=$(nvidia-smi -L | grep -o 'MIG-[0-9a-f-]*' | sort -u)
+if [ -z "$migs" ]; then
+	echo "info: no GPU in MIG mode; MIG not checked (this script changes no MIG setting)"
+else
+	missing=0
+	for u in $migs; do grep -q "^observer_gpu_mig_info{.*mig_uuid=\"$u\"" "$WORK/load.txt" || missing=$((missing + 1)); done
+	mig_gpm=$(grep -c '^observer_gpu_mig_gpm_sm_activity_ratio' "$WORK/load.txt")
+	[ "$missing" = 0 ] && ok "MIG: every MIG device nvidia-smi lists is exported ($mig_gpm with GPM SM activity)" ||
+		fail "MIG: $missing MIG devices nvidia-smi lists are not in observer_gpu_mig_info"
 fi
 
 # 4. Gone once the processes are.

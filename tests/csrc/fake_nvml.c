@@ -37,8 +37,17 @@
  *   gpu<N>.procs=<pid>:<bytes>,<pid>:na,...   running compute processes
  *   gpu<N>.xid=<n>            XID events generated so far (absent: no XID events)
  *   gpu<N>.xid_code=<code>    default 79
- *   gpu<N>.mig_devices=<uuid>:<used>:<total>,...   MIG devices (nvmlDeviceGetMigDeviceHandleByIndex),
- *                             whose handles answer nvmlDeviceGetUUID and nvmlDeviceGetMemoryInfo_v2
+ *   gpu<N>.mig_devices=<uuid>:<used>:<total>[:<gi>],...   MIG devices (nvmlDeviceGetMigDeviceHandleByIndex),
+ *                             whose handles answer nvmlDeviceGetUUID, nvmlDeviceGetMemoryInfo_v2 and
+ *                             nvmlDeviceGetGpuInstanceId (<gi>, default the entry's position)
+ *   gpu<N>.mig<gi>.gpm.<id>=<value>   GPM metric <id> of GPU instance <gi> (nvmlGpmMigSampleGet
+ *                             samples, on a GPU with gpm=1), like gpu<N>.gpm.<id>
+ *   gpu<N>.nvlink=<s>,<s>,... NVLink links 0, 1, ...: 1 active, 0 inactive (nvmlDeviceGetNvLinkState);
+ *                             other links below 18 answer NVML_ERROR_NOT_SUPPORTED, 18 and up
+ *                             NVML_ERROR_INVALID_ARGUMENT; absent: no NVLink (NOT_SUPPORTED)
+ *   gpu<N>.nvlink<L>.tx_kib / .rx_kib   link L's data counters in KiB (fields 138, 139, scopeId L)
+ *   gpu<N>.nvlink<L>.replay / .recovery / .crc_flit / .crc_data / .ecc_data
+ *                             link L's error counters (nvmlDeviceGetNvLinkErrorCounter 0 to 4)
  *   gpu<N>.gpm=0|1            GPM support (nvmlGpmQueryDeviceSupport); absent: 0, a pre-Hopper GPU
  *   gpu<N>.gpm.<id>=<value>   GPM metric <id> (nvmlGpmMetricId_t) as nvmlGpmMetricsGet returns it,
  *                             in NVML's units (percent 0-100, MiB/s); absent: that metric fails
@@ -124,6 +133,9 @@ typedef struct {
 #define EVENT_XID 8ULL
 #define FI_PCIE_COUNT_TX_BYTES 197
 #define FI_PCIE_COUNT_RX_BYTES 198
+#define FI_NVLINK_THROUGHPUT_DATA_TX 138
+#define FI_NVLINK_THROUGHPUT_DATA_RX 139
+#define NVLINK_MAX_LINKS 18
 #define VALUE_TYPE_UNSIGNED_LONG_LONG 3
 #define NO_ID 0xFFFFFFFFu
 #define NOT_AVAILABLE 0xFFFFFFFFFFFFFFFFULL
@@ -147,6 +159,17 @@ static int initialized;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static char cfg_path[4096];
 static char *cfg_text;
+/* The configuration's key=value lines, sorted by key (then by line, so the
+ * last occurrence of a key is the last of its run): a lookup is a binary
+ * search, not a scan, so an 8-GPU configuration with 18 NVLink links each
+ * (a thousand lines, a thousand calls a cycle) measures the observer, not
+ * this file's parsing. Keys and values point into cfg_text. */
+struct cfg_entry {
+    const char *key, *value;
+    size_t klen, vlen, line;
+};
+static struct cfg_entry *cfg_index;
+static size_t cfg_count;
 static struct stat cfg_stat;
 static int cfg_have_stat;
 
@@ -165,6 +188,40 @@ static void cfg_find_path(void) {
     }
 }
 
+static int cfg_entry_cmp(const void *a, const void *b) {
+    const struct cfg_entry *x = a, *y = b;
+    size_t n = x->klen < y->klen ? x->klen : y->klen;
+    int c = memcmp(x->key, y->key, n);
+    if (c) return c;
+    if (x->klen != y->klen) return x->klen < y->klen ? -1 : 1;
+    return x->line < y->line ? -1 : x->line > y->line;
+}
+
+/* Indexes cfg_text's `key=value` lines. Caller holds mu. */
+static void cfg_build_index(void) {
+    free(cfg_index);
+    cfg_index = NULL;
+    cfg_count = 0;
+    size_t cap = 0, n = 0;
+    for (const char *line = cfg_text; line && *line; n++) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        while (len && (line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
+        const char *eq = memchr(line, '=', len);
+        if (eq && eq > line && line[0] != '#') {
+            if (cfg_count == cap) {
+                cap = cap ? cap * 2 : 256;
+                struct cfg_entry *grown = realloc(cfg_index, cap * sizeof *grown);
+                if (!grown) break;
+                cfg_index = grown;
+            }
+            cfg_index[cfg_count++] = (struct cfg_entry){line, eq + 1, (size_t)(eq - line), len - (size_t)(eq - line) - 1, n};
+        }
+        line = end ? end + 1 : line + len;
+    }
+    qsort(cfg_index, cfg_count, sizeof *cfg_index, cfg_entry_cmp);
+}
+
 /* Re-reads the file when it changed (new inode, size or mtime). Caller holds mu. */
 static void cfg_refresh(void) {
     cfg_find_path();
@@ -173,6 +230,7 @@ static void cfg_refresh(void) {
         free(cfg_text);
         cfg_text = NULL;
         cfg_have_stat = 0;
+        cfg_build_index();
         return;
     }
     if (cfg_have_stat && st.st_ino == cfg_stat.st_ino && st.st_size == cfg_stat.st_size &&
@@ -189,26 +247,35 @@ static void cfg_refresh(void) {
     cfg_text = text;
     cfg_stat = st;
     cfg_have_stat = 1;
+    cfg_build_index();
 }
 
-/* Copies the value of `key` into out; 1 if present. */
+/* Copies the value of `key` into out; 1 if present (the last occurrence wins). */
 static int cfg_get(const char *key, char *out, size_t outlen) {
     int found = 0;
     size_t klen = strlen(key);
     pthread_mutex_lock(&mu);
     cfg_refresh();
-    for (const char *line = cfg_text; line && *line;) {
-        const char *end = strchr(line, '\n');
-        size_t len = end ? (size_t)(end - line) : strlen(line);
-        while (len && (line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
-        if (len > klen && line[klen] == '=' && strncmp(line, key, klen) == 0) {
-            size_t vlen = len - klen - 1;
-            if (vlen >= outlen) vlen = outlen - 1;
-            memcpy(out, line + klen + 1, vlen);
-            out[vlen] = '\0';
-            found = 1; /* the last occurrence wins */
-        }
-        line = end ? end + 1 : line + len;
+    /* The first entry whose key is not below `key`, then the last of its run. */
+    size_t lo = 0, hi = cfg_count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const struct cfg_entry *e = &cfg_index[mid];
+        size_t n = e->klen < klen ? e->klen : klen;
+        int c = memcmp(e->key, key, n);
+        if (c < 0 || (c == 0 && e->klen < klen))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    size_t last = lo;
+    while (last < cfg_count && cfg_index[last].klen == klen && memcmp(cfg_index[last].key, key, klen) == 0) last++;
+    if (last > lo) {
+        const struct cfg_entry *e = &cfg_index[last - 1];
+        size_t vlen = e->vlen >= outlen ? outlen - 1 : e->vlen;
+        memcpy(out, e->value, vlen);
+        out[vlen] = '\0';
+        found = 1;
     }
     pthread_mutex_unlock(&mu);
     return found;
@@ -391,9 +458,9 @@ EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
     return NVML_SUCCESS;
 }
 
-/* The k-th MIG device of gpu<idx> (uuid, used, total); 1 if configured. */
-static int mig_entry(int idx, int k, char *uuid, size_t uuidlen, unsigned long long *used,
-                     unsigned long long *total) {
+/* The k-th MIG device of gpu<idx> (uuid, used, total, GPU instance ID); 1 if configured. */
+static int mig_entry_gi(int idx, int k, char *uuid, size_t uuidlen, unsigned long long *used,
+                        unsigned long long *total, unsigned int *gi) {
     char buf[4096];
     if (!gpu_get(idx, "mig_devices", buf, sizeof buf)) return 0;
     int i = 0;
@@ -402,13 +469,21 @@ static int mig_entry(int idx, int k, char *uuid, size_t uuidlen, unsigned long l
         char *c1 = strchr(tok, ':');
         char *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
         if (!c2) return 0;
+        char *c3 = strchr(c2 + 1, ':');
         *c1 = '\0';
         snprintf(uuid, uuidlen, "%s", tok);
         *used = strtoull(c1 + 1, NULL, 10);
         *total = strtoull(c2 + 1, NULL, 10);
+        *gi = c3 ? (unsigned int)strtoul(c3 + 1, NULL, 10) : (unsigned int)k;
         return 1;
     }
     return 0;
+}
+
+static int mig_entry(int idx, int k, char *uuid, size_t uuidlen, unsigned long long *used,
+                     unsigned long long *total) {
+    unsigned int gi;
+    return mig_entry_gi(idx, k, uuid, uuidlen, used, total, &gi);
 }
 
 /* Whether `d` is a MIG device handle; sets its GPU and position. */
@@ -436,6 +511,17 @@ EXPORT nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, uns
     /* Like the real library: a free slot is NOT_FOUND. */
     if (!mig_entry(idx, (int)index, uuid, sizeof uuid, &used, &total)) return NVML_ERROR_NOT_FOUND;
     *mig = &migs[idx][index];
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id) {
+    nvmlReturn_t r = begin("nvmlDeviceGetGpuInstanceId");
+    if (r != NVML_SUCCESS) return r;
+    int mig_gpu, mig_k;
+    char uuid[96];
+    unsigned long long used, total;
+    if (!mig_handle(device, &mig_gpu, &mig_k)) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!mig_entry_gi(mig_gpu, mig_k, uuid, sizeof uuid, &used, &total, id)) return NVML_ERROR_NOT_FOUND;
     return NVML_SUCCESS;
 }
 
@@ -568,9 +654,15 @@ EXPORT nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCoun
     gettimeofday(&tv, NULL);
     for (int i = 0; i < valuesCount; i++) {
         nvmlFieldValue_t *v = &values[i];
+        char nvlink[64];
         const char *field = v->fieldId == FI_PCIE_COUNT_TX_BYTES ? "pcie_tx_bytes"
                           : v->fieldId == FI_PCIE_COUNT_RX_BYTES ? "pcie_rx_bytes"
                                                                  : NULL;
+        if (v->fieldId == FI_NVLINK_THROUGHPUT_DATA_TX || v->fieldId == FI_NVLINK_THROUGHPUT_DATA_RX) {
+            snprintf(nvlink, sizeof nvlink, "nvlink%u.%s", v->scopeId,
+                     v->fieldId == FI_NVLINK_THROUGHPUT_DATA_TX ? "tx_kib" : "rx_kib");
+            field = nvlink;
+        }
         v->timestamp = (long long)tv.tv_sec * 1000000 + tv.tv_usec;
         v->latencyUsec = 0;
         unsigned long long x;
@@ -612,11 +704,48 @@ EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
     return NVML_SUCCESS;
 }
 
+/* ---- NVLink ---------------------------------------------------------------- */
+
+/* Link `link` of gpu<idx>: NVML_SUCCESS with its state, or why not. */
+static nvmlReturn_t nvlink_state(int idx, unsigned int link, unsigned int *active) {
+    char buf[256];
+    if (link >= NVLINK_MAX_LINKS) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!gpu_get(idx, "nvlink", buf, sizeof buf)) return NVML_ERROR_NOT_SUPPORTED;
+    unsigned int i = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save), i++) {
+        if (i == link) {
+            *active = (unsigned int)strtoul(tok, NULL, 10);
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_NOT_SUPPORTED;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link, unsigned int *isActive) {
+    DEV("nvmlDeviceGetNvLinkState", device);
+    return nvlink_state(idx, link, isActive);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkErrorCounter(nvmlDevice_t device, unsigned int link, unsigned int counter,
+                                                   unsigned long long *value) {
+    DEV("nvmlDeviceGetNvLinkErrorCounter", device);
+    static const char *names[] = {"replay", "recovery", "crc_flit", "crc_data", "ecc_data"};
+    unsigned int active;
+    nvmlReturn_t r = nvlink_state(idx, link, &active);
+    if (r != NVML_SUCCESS) return r;
+    if (counter >= sizeof names / sizeof names[0]) return NVML_ERROR_INVALID_ARGUMENT;
+    char field[64];
+    snprintf(field, sizeof field, "nvlink%u.%s", link, names[counter]);
+    if (!gpu_ull(idx, field, value)) return NVML_ERROR_NOT_SUPPORTED;
+    return NVML_SUCCESS;
+}
+
 /* ---- GPM (nvml.h's nvmlGpm* structures, version 1) ----------------------- */
 
 #define GPM_METRIC_MAX 98
 typedef struct fake_gpm_sample {
     int idx;    /* GPU of the sample, -1 until nvmlGpmSampleGet fills it */
+    long gi;    /* GPU instance of a MIG sample (nvmlGpmMigSampleGet), else -1 */
 } *nvmlGpmSample_t;
 typedef struct {
     unsigned int metricId;
@@ -660,6 +789,7 @@ EXPORT nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *sample) {
     *sample = calloc(1, sizeof **sample);
     if (!*sample) return NVML_ERROR_UNKNOWN;
     (*sample)->idx = -1;
+    (*sample)->gi = -1;
     return NVML_SUCCESS;
 }
 
@@ -674,7 +804,25 @@ EXPORT nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t sample
     if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
     if (!gpm_supported(idx)) return NVML_ERROR_NOT_SUPPORTED;
     sample->idx = idx;
+    sample->gi = -1;
     return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmMigSampleGet(nvmlDevice_t device, unsigned int gpuInstanceId, nvmlGpmSample_t sample) {
+    DEV("nvmlGpmMigSampleGet", device);
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!gpm_supported(idx)) return NVML_ERROR_NOT_SUPPORTED;
+    char uuid[96];
+    unsigned long long used, total;
+    unsigned int gi;
+    for (int k = 0; k < MAX_MIG; k++) {
+        if (mig_entry_gi(idx, k, uuid, sizeof uuid, &used, &total, &gi) && gi == gpuInstanceId) {
+            sample->idx = idx;
+            sample->gi = (long)gi;
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_INVALID_ARGUMENT;
 }
 
 EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *get) {
@@ -685,11 +833,15 @@ EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *get) {
     if (!get->sample1 || !get->sample2 || get->numMetrics > GPM_METRIC_MAX) return NVML_ERROR_INVALID_ARGUMENT;
     /* Two filled samples of the same GPU, as the real library requires. */
     int idx = get->sample1->idx;
-    if (idx < 0 || get->sample2->idx != idx) return NVML_ERROR_INVALID_ARGUMENT;
+    long gi = get->sample1->gi;
+    if (idx < 0 || get->sample2->idx != idx || get->sample2->gi != gi) return NVML_ERROR_INVALID_ARGUMENT;
     for (unsigned int i = 0; i < get->numMetrics; i++) {
         nvmlGpmMetric_t *m = &get->metrics[i];
-        char field[32], buf[64];
-        snprintf(field, sizeof field, "gpm.%u", m->metricId);
+        char field[48], buf[64];
+        if (gi >= 0)
+            snprintf(field, sizeof field, "mig%ld.gpm.%u", gi, m->metricId);
+        else
+            snprintf(field, sizeof field, "gpm.%u", m->metricId);
         memset(&m->metricInfo, 0, sizeof m->metricInfo);
         if (gpu_get(idx, field, buf, sizeof buf)) {
             m->value = strtod(buf, NULL);

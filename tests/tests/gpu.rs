@@ -426,6 +426,191 @@ fn mig_devices_are_listed() {
     promtool_check_metrics(m.raw()).unwrap();
 }
 
+/// GPM per MIG device on a Hopper GPU in MIG mode (nvmlGpmMigSampleGet for
+/// each device's GPU instance): the ratios per `mig_uuid`, in base units; a
+/// pre-Hopper GPU's MIG devices have memory and no utilisation (NVML gives
+/// none there). A failing MIG sample drops only the MIG GPM series.
+#[test]
+fn mig_gpm_per_gpu_instance_on_hopper() {
+    const MIG_A: &str = "MIG-11111111-2222-5333-8444-555555555555";
+    const MIG_B: &str = "MIG-66666666-7777-5888-8999-aaaaaaaaaaaa";
+    const MIG_C: &str = "MIG-bbbbbbbb-cccc-5ddd-8eee-ffffffffffff";
+    // GPU 0 (H100, GPM) in MIG mode with instances 1 and 2; GPU 1 (A100, no GPM) with one.
+    let conf = format!(
+        "{}gpu0.gpm=1
+gpu0.mig_devices={MIG_A}:1024:10737418240:1,{MIG_B}:0:21474836480:2
+gpu0.mig1.gpm.2=62.5
+gpu0.mig1.gpm.3=40
+gpu0.mig1.gpm.5=25
+gpu0.mig1.gpm.10=80
+gpu0.mig1.gpm.11=5
+gpu0.mig1.gpm.12=20
+gpu0.mig1.gpm.13=10
+gpu0.mig2.gpm.2=12.5
+gpu1.mig_devices={MIG_C}:0:5368709120:3
+gpu1.mig3.gpm.2=99
+",
+        two_gpus().replace("gpu0.mig=0", "gpu0.mig=1")
+    );
+    let fake = FakeNvml::new("gpu-mig-gpm", &conf);
+    let ns = NetNs::new("gpu-mig-gpm").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "GPM of both GPU instances", |m| {
+        m.value("observer_gpu_mig_gpm_sm_activity_ratio", &[("mig_uuid", MIG_B)]).is_some()
+            && m.value("observer_gpu_mig_info", &[("mig_uuid", MIG_C)]).is_some()
+    });
+    let a = [("gpu", "0"), ("uuid", UUID0), ("mig_uuid", MIG_A)];
+    for (family, value) in [
+        ("observer_gpu_mig_gpm_sm_activity_ratio", 0.625),
+        ("observer_gpu_mig_gpm_sm_occupancy_ratio", 0.4),
+        ("observer_gpu_mig_gpm_tensor_activity_ratio", 0.25),
+        ("observer_gpu_mig_gpm_dram_bandwidth_utilization_ratio", 0.8),
+        ("observer_gpu_mig_gpm_fp16_activity_ratio", 0.1),
+        ("observer_gpu_mig_gpm_fp32_activity_ratio", 0.2),
+        ("observer_gpu_mig_gpm_fp64_activity_ratio", 0.05),
+    ] {
+        assert_eq!(m.metric_type(family), Some("gauge"), "{family}");
+        assert!(m.help(family).is_some_and(|h| !h.is_empty()), "no HELP for {family}");
+        assert_eq!(m.value_exact(family, &a), Some(value), "{family}\n{m:?}");
+    }
+    let b = [("gpu", "0"), ("uuid", UUID0), ("mig_uuid", MIG_B)];
+    assert_eq!(m.value_exact("observer_gpu_mig_gpm_sm_activity_ratio", &b), Some(0.125), "{m:?}");
+    // Instance 2 gives SM activity only: the other metrics are absent, not 0.
+    assert!(m.value("observer_gpu_mig_gpm_tensor_activity_ratio", &[("mig_uuid", MIG_B)]).is_none(), "{m:?}");
+    // The A100's MIG device: memory, no GPM (its GPU has none, and NVML has no other utilisation of a MIG device).
+    let c = [("gpu", "1"), ("uuid", UUID1), ("mig_uuid", MIG_C)];
+    assert_eq!(m.value_exact("observer_gpu_mig_memory_total_bytes", &c), Some(5368709120.0), "{m:?}");
+    assert_eq!(gpu(&m, "observer_gpu_gpm_supported", "1"), Some(0.0));
+    let mut mig_c: Vec<String> = m
+        .samples()
+        .iter()
+        .filter(|s| s.labels.get("mig_uuid").is_some_and(|u| u == MIG_C))
+        .map(|s| s.name.clone())
+        .collect();
+    mig_c.sort();
+    assert_eq!(
+        mig_c,
+        ["observer_gpu_mig_info", "observer_gpu_mig_memory_total_bytes", "observer_gpu_mig_memory_used_bytes"],
+        "{m:?}"
+    );
+    promtool_check_metrics(m.raw()).unwrap();
+
+    // The MIG samples fail: their series go, everything else stays; said once.
+    fake.set(&format!("{conf}error.nvmlGpmMigSampleGet=unknown\n"));
+    let m = wait_metrics(&mut obs, "MIG GPM gone", |m| {
+        m.matching("observer_gpu_mig_gpm_sm_activity_ratio", &[]).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let m2 = obs.metrics().unwrap();
+    for m in [&m, &m2] {
+        assert_eq!(m.value_exact("observer_gpu_mig_memory_used_bytes", &a), Some(1024.0), "{m:?}");
+        assert_eq!(gpu(m, "observer_gpu_utilization_ratio", "0"), Some(0.37), "{m:?}");
+        assert_eq!(gpu(m, "observer_gpu_up", "0"), Some(1.0), "{m:?}");
+        assert!(m.matching("observer_gpu_mig_gpm_sm_activity_ratio", &[]).is_empty(), "{m:?}");
+    }
+    let log = plain_log(&obs);
+    let warned = log.lines().filter(|l| l.contains("cannot read GPU value") && l.contains("mig_gpm_sample")).count();
+    assert_eq!(warned, 1, "{log}");
+    // And they come back.
+    fake.set(&conf);
+    wait_metrics(&mut obs, "MIG GPM back", |m| {
+        m.value_exact("observer_gpu_mig_gpm_sm_activity_ratio", &b) == Some(0.125)
+    });
+}
+
+/// NVLink per link: state, data counters (KiB in NVML, bytes here) and
+/// error counters of active links; none on a GPU without NVLink. A counter
+/// that fails goes alone, logged once; a GPU lost in an NVLink call is down
+/// while the other GPU keeps every series.
+#[test]
+fn nvlinks_per_link_state_counters_and_errors() {
+    let links = "gpu0.nvlink=1,1,0
+gpu0.nvlink0.tx_kib=1000
+gpu0.nvlink0.rx_kib=2000
+gpu0.nvlink0.replay=1
+gpu0.nvlink0.recovery=2
+gpu0.nvlink0.crc_flit=3
+gpu0.nvlink0.crc_data=4
+gpu0.nvlink1.rx_kib=5
+gpu0.nvlink1.replay=0
+gpu0.nvlink2.tx_kib=7
+gpu0.nvlink2.replay=9
+";
+    let conf = format!("{}{links}", two_gpus());
+    let fake = FakeNvml::new("gpu-nvlink", &conf);
+    let ns = NetNs::new("gpu-nvlink").unwrap();
+    let mut obs = fake.start(&ns, &[]);
+    let m = wait_metrics(&mut obs, "NVLink links of GPU 0", |m| {
+        !m.matching("observer_gpu_nvlink_active", &[]).is_empty() && gpu(m, "observer_gpu_up", "1") == Some(1.0)
+    });
+    let link = |l: &'static str| [("gpu", "0"), ("uuid", UUID0), ("link", l)];
+    // (family, link, value)
+    let expected: &[(&str, &str, Option<f64>)] = &[
+        ("observer_gpu_nvlink_active", "0", Some(1.0)),
+        ("observer_gpu_nvlink_active", "1", Some(1.0)),
+        ("observer_gpu_nvlink_active", "2", Some(0.0)),
+        ("observer_gpu_nvlink_transmit_bytes_total", "0", Some(1000.0 * 1024.0)),
+        ("observer_gpu_nvlink_receive_bytes_total", "0", Some(2000.0 * 1024.0)),
+        ("observer_gpu_nvlink_transmit_bytes_total", "1", None),
+        ("observer_gpu_nvlink_receive_bytes_total", "1", Some(5.0 * 1024.0)),
+        // An inactive link's counters are not read.
+        ("observer_gpu_nvlink_transmit_bytes_total", "2", None),
+    ];
+    for &(family, l, value) in expected {
+        assert_eq!(m.value_exact(family, &link(l)), value, "{family} link {l}\n{m:?}");
+    }
+    for (kind, value) in [("replay", 1.0), ("recovery", 2.0), ("crc_flit", 3.0), ("crc_data", 4.0)] {
+        let mut labels = link("0").to_vec();
+        labels.push(("type", kind));
+        assert_eq!(m.value_exact("observer_gpu_nvlink_errors_total", &labels), Some(value), "{kind}\n{m:?}");
+    }
+    let errors = |m: &Metrics, l: &str| m.matching("observer_gpu_nvlink_errors_total", &[("link", l)]).len();
+    assert_eq!((errors(&m, "1"), errors(&m, "2")), (1, 0), "{m:?}");
+    assert_eq!(m.metric_type("observer_gpu_nvlink_errors_total"), Some("counter"));
+    assert_eq!(m.metric_type("observer_gpu_nvlink_receive_bytes_total"), Some("counter"));
+    assert_eq!(m.metric_type("observer_gpu_nvlink_active"), Some("gauge"));
+    // The A100 here has no NVLink: no series, and no log line about it.
+    assert!(m.samples().iter().all(|s| !s.name.contains("_nvlink_") || s.labels["gpu"] == "0"), "{m:?}");
+    assert!(!plain_log(&obs).contains("nvlink"), "{}", plain_log(&obs));
+    promtool_check_metrics(m.raw()).unwrap();
+
+    // A link goes down: its counters go, its state says so.
+    fake.set(&format!("{conf}gpu0.nvlink=1,0,0\n"));
+    let m =
+        wait_metrics(&mut obs, "link 1 down", |m| m.value_exact("observer_gpu_nvlink_active", &link("1")) == Some(0.0));
+    assert_eq!(m.value_exact("observer_gpu_nvlink_receive_bytes_total", &link("1")), None, "{m:?}");
+    assert_eq!(m.value_exact("observer_gpu_nvlink_receive_bytes_total", &link("0")), Some(2000.0 * 1024.0));
+
+    // The error counters fail: they go alone, and are logged once.
+    fake.set(&format!("{conf}error.nvmlDeviceGetNvLinkErrorCounter=unknown\n"));
+    wait_metrics(&mut obs, "NVLink error counters gone", |m| {
+        m.matching("observer_gpu_nvlink_errors_total", &[]).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let m = obs.metrics().unwrap();
+    assert!(m.matching("observer_gpu_nvlink_errors_total", &[]).is_empty(), "{m:?}");
+    assert_eq!(m.value_exact("observer_gpu_nvlink_active", &link("1")), Some(1.0), "{m:?}");
+    assert_eq!(m.value_exact("observer_gpu_nvlink_transmit_bytes_total", &link("0")), Some(1000.0 * 1024.0));
+    assert_eq!(gpu(&m, "observer_gpu_power_watts", "0"), Some(123.456));
+    let log = plain_log(&obs);
+    let warned = log.lines().filter(|l| l.contains("cannot read GPU value") && l.contains("nvlink_errors")).count();
+    assert_eq!(warned, 1, "{log}");
+
+    // The GPU falls off the bus in an NVLink call: GPU 0 down, GPU 1 intact.
+    fake.set(&format!("{conf}error.nvmlDeviceGetNvLinkState=gpu_is_lost\n"));
+    let m = wait_metrics(&mut obs, "GPU 0 lost", |m| gpu(m, "observer_gpu_up", "0") == Some(0.0));
+    assert!(m.matching("observer_gpu_nvlink_active", &[]).is_empty(), "{m:?}");
+    assert_eq!(gpu(&m, "observer_gpu_up", "1"), Some(1.0));
+    assert_eq!(gpu(&m, "observer_gpu_power_watts", "1"), Some(0.25));
+    assert_eq!(m.value_exact("observer_nvml_up", &[]), Some(1.0));
+    fake.set(&conf);
+    wait_metrics(&mut obs, "GPU 0 and its links back", |m| {
+        m.value_exact("observer_gpu_nvlink_active", &link("2")) == Some(0.0)
+            && gpu(m, "observer_gpu_up", "0") == Some(1.0)
+    });
+    assert!(!plain_log(&obs).contains("panicked"));
+}
+
 #[test]
 fn unsupported_values_are_omitted_not_zero() {
     let conf = format!(
@@ -678,13 +863,26 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
         for id in [2, 3, 5, 10, 11, 12, 13, 20, 21, 60, 61] {
             conf.push_str(&format!("gpu{i}.gpm.{id}=50\n"));
         }
+        // 18 active NVLink links (an H100 SXM's), every counter given:
+        // 7 series per link, 1,008 on the node.
+        conf.push_str(&format!("gpu{i}.nvlink={}\n", ["1"; 18].join(",")));
+        for l in 0..18 {
+            for c in ["tx_kib", "rx_kib", "replay", "recovery", "crc_flit", "crc_data"] {
+                conf.push_str(&format!("gpu{i}.nvlink{l}.{c}={}\n", 1000 + l));
+            }
+        }
     }
     let fake = FakeNvml::new("gpu-perf", &conf);
     let ns = NetNs::new("gpu-perf").unwrap();
     let mut obs = fake.start(&ns, &[]);
-    wait_metrics(&mut obs, "8 GPUs sampled, with GPM", |m| {
-        gpu(m, "observer_gpu_up", "7") == Some(1.0) && gpu(m, "observer_gpu_gpm_sm_activity_ratio", "7") == Some(0.5)
+    let m = wait_metrics(&mut obs, "8 GPUs sampled, with GPM and NVLink", |m| {
+        gpu(m, "observer_gpu_up", "7") == Some(1.0)
+            && gpu(m, "observer_gpu_gpm_sm_activity_ratio", "7") == Some(0.5)
+            && m.value("observer_gpu_nvlink_errors_total", &[("gpu", "7"), ("link", "17"), ("type", "crc_data")])
+                == Some(1017.0)
     });
+    let series = gpu_series(&m).len();
+    assert!(series > 1008, "{series}");
 
     // Cycle time: the observer's own measurement, one per completed cycle.
     let mut cycles = Vec::new();
@@ -701,14 +899,18 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
     .unwrap();
     let cycle = Stats::of(cycles.iter().map(|s| Duration::from_secs_f64(*s)).collect());
 
+    // The observer's side of a scrape: the request and the whole body, not
+    // this (unoptimised) test binary's parse of 1,200 GPU series after it.
     let scrape = |obs: &mut ObserverProcess| {
         let t = Instant::now();
-        let m = obs.metrics().unwrap();
-        (t.elapsed(), m)
+        let r = obs.get("/metrics").unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.status, 200);
+        (took, Metrics::parse(&String::from_utf8(r.body).unwrap()).unwrap())
     };
     // Paced like the scrapes during the block below, for a like-for-like baseline.
     let before = Stats::of(
-        (0..50)
+        (0..100)
             .map(|_| {
                 let took = scrape(&mut obs).0;
                 std::thread::sleep(Duration::from_millis(20));
@@ -770,7 +972,7 @@ fn sampling_cycle_with_8_gpus_and_scrapes_while_nvml_is_blocked() {
     });
     let resumed_after = blocked_at.elapsed();
     eprintln!(
-        "gpu performance (fake NVML, 8 GPUs, 2 processes each, GPM on):\n  sampling cycle: {cycle}\n  scrape latency, NVML free:    {before}\n  scrape latency, NVML blocked: {during}\n  sampling resumed {resumed_after:?} after the 5 s call began"
+        "gpu performance (fake NVML, 8 GPUs, 2 processes each, GPM on, 18 NVLink links each; {series} GPU series):\n  sampling cycle: {cycle}\n  scrape latency, NVML free:    {before}\n  scrape latency, NVML blocked: {during}\n  sampling resumed {resumed_after:?} after the 5 s call began"
     );
     assert!(resumed_after >= Duration::from_millis(4500), "{resumed_after:?}");
     assert!(cycle.median < Duration::from_millis(50), "{cycle}");
@@ -845,6 +1047,7 @@ struct Stats {
     min: Duration,
     median: Duration,
     p90: Duration,
+    p99: Duration,
     max: Duration,
 }
 
@@ -852,12 +1055,16 @@ impl Stats {
     fn of(mut v: Vec<Duration>) -> Self {
         v.sort();
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Stats { n: v.len(), min: v[0], median: at(0.5), p90: at(0.9), max: v[v.len() - 1] }
+        Stats { n: v.len(), min: v[0], median: at(0.5), p90: at(0.9), p99: at(0.99), max: v[v.len() - 1] }
     }
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "n={} min={:?} median={:?} p90={:?} max={:?}", self.n, self.min, self.median, self.p90, self.max)
+        write!(
+            f,
+            "n={} min={:?} median={:?} p90={:?} p99={:?} max={:?}",
+            self.n, self.min, self.median, self.p90, self.p99, self.max
+        )
     }
 }

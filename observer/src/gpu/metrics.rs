@@ -20,7 +20,7 @@ use prometheus::{
 
 use super::{
     Shared, podresources,
-    snapshot::{GPM_FIELDS, GpuState, Pcie, Snapshot},
+    snapshot::{GPM_FIELDS, GpuState, MIG_GPM_FIELDS, NVLINK_ERRORS, Pcie, Snapshot},
 };
 
 const GPU: &[&str] = &["gpu", "uuid"];
@@ -68,8 +68,15 @@ const MIG_INFO: usize = GPM_FIRST + GPM_FIELDS;
 const MIG_MEMORY_USED: usize = MIG_INFO + 1;
 const MIG_MEMORY_TOTAL: usize = MIG_INFO + 2;
 const MIG: &[&str] = &["gpu", "uuid", "mig_uuid"];
+/// The MIG GPM families, in [`GpmField`](super::snapshot::GpmField) order.
+const MIG_GPM_FIRST: usize = MIG_MEMORY_TOTAL + 1;
+const NVLINK_ACTIVE: usize = MIG_GPM_FIRST + MIG_GPM_FIELDS;
+const NVLINK_RX_TOTAL: usize = NVLINK_ACTIVE + 1;
+const NVLINK_TX_TOTAL: usize = NVLINK_ACTIVE + 2;
+const NVLINK_ERRORS_TOTAL: usize = NVLINK_ACTIVE + 3;
+const LINK: &[&str] = &["gpu", "uuid", "link"];
 
-const DEFS: [Def; MIG_MEMORY_TOTAL + 1] = [
+const DEFS: [Def; NVLINK_ERRORS_TOTAL + 1] = [
     gauge(
         "observer_nvml_up",
         &[],
@@ -229,6 +236,61 @@ const DEFS: [Def; MIG_MEMORY_TOTAL + 1] = [
         "Device memory allocated in a MIG device, in bytes (NVML memory info v2 `used`).",
     ),
     gauge("observer_gpu_mig_memory_total_bytes", MIG, "Device memory of a MIG device, in bytes."),
+    gauge(
+        "observer_gpu_mig_gpm_sm_activity_ratio",
+        MIG,
+        "Share of the MIG device's SMs busy over the last sampling interval, 0 to 1 (NVML GPM SM_UTIL of its GPU instance, percent; Hopper and later). NVML gives no other utilisation of a MIG device.",
+    ),
+    gauge(
+        "observer_gpu_mig_gpm_sm_occupancy_ratio",
+        MIG,
+        "Warps resident on the MIG device's SMs against the theoretical maximum over the last sampling interval, 0 to 1 (NVML GPM SM_OCCUPANCY of its GPU instance).",
+    ),
+    gauge(
+        "observer_gpu_mig_gpm_tensor_activity_ratio",
+        MIG,
+        "Share of time the MIG device's SMs ran any tensor-core operation over the last sampling interval, 0 to 1 (NVML GPM ANY_TENSOR_UTIL of its GPU instance).",
+    ),
+    gauge(
+        "observer_gpu_mig_gpm_dram_bandwidth_utilization_ratio",
+        MIG,
+        "DRAM bandwidth the MIG device used against the theoretical maximum over the last sampling interval, 0 to 1 (NVML GPM DRAM_BW_UTIL of its GPU instance).",
+    ),
+    gauge(
+        "observer_gpu_mig_gpm_fp16_activity_ratio",
+        MIG,
+        "Share of time the MIG device's SMs did non-tensor FP16 math over the last sampling interval, 0 to 1 (NVML GPM FP16_UTIL of its GPU instance).",
+    ),
+    gauge(
+        "observer_gpu_mig_gpm_fp32_activity_ratio",
+        MIG,
+        "Share of time the MIG device's SMs did non-tensor FP32 math over the last sampling interval, 0 to 1 (NVML GPM FP32_UTIL of its GPU instance).",
+    ),
+    gauge(
+        "observer_gpu_mig_gpm_fp64_activity_ratio",
+        MIG,
+        "Share of time the MIG device's SMs did non-tensor FP64 math over the last sampling interval, 0 to 1 (NVML GPM FP64_UTIL of its GPU instance).",
+    ),
+    gauge(
+        "observer_gpu_nvlink_active",
+        LINK,
+        "1 when the GPU's NVLink link is active, 0 when it is not (nvmlDeviceGetNvLinkState; Pascal and later). GPUs without NVLink have no series.",
+    ),
+    counter(
+        "observer_gpu_nvlink_receive_bytes_total",
+        LINK,
+        "Data bytes the GPU received over an active NVLink link, protocol overhead excluded (NVML field NVLINK_THROUGHPUT_DATA_RX for the link, reported in KiB).",
+    ),
+    counter(
+        "observer_gpu_nvlink_transmit_bytes_total",
+        LINK,
+        "Data bytes the GPU sent over an active NVLink link, protocol overhead excluded (NVML field NVLINK_THROUGHPUT_DATA_TX for the link, reported in KiB).",
+    ),
+    counter(
+        "observer_gpu_nvlink_errors_total",
+        &["gpu", "uuid", "link", "type"],
+        "Errors the data link layer of an active NVLink link counted (nvmlDeviceGetNvLinkErrorCounter): type replay (transmit replays), recovery (link recoveries), crc_flit (flow-control CRC errors received), crc_data (data CRC errors received).",
+    ),
 ];
 
 /// A snapshot older than this many `--gpu-interval`s is stale: its values
@@ -414,11 +476,32 @@ fn gpu_values(g: &GpuState, id: &[&str], put: &mut impl FnMut(usize, &[&str], f6
     for m in &g.mig {
         let labels = [id[0], id[1], m.uuid.as_str()];
         put(MIG_INFO, &labels, 1.0);
-        if let Some(b) = m.memory_used_bytes {
-            put(MIG_MEMORY_USED, &labels, b as f64);
+        let values = [
+            (MIG_MEMORY_USED, m.memory_used_bytes.map(|b| b as f64)),
+            (MIG_MEMORY_TOTAL, m.memory_total_bytes.map(|b| b as f64)),
+        ];
+        let gpm = m.gpm.iter().enumerate().map(|(k, v)| (MIG_GPM_FIRST + k, *v));
+        for (i, value) in values.into_iter().chain(gpm) {
+            if let Some(x) = value {
+                put(i, &labels, x);
+            }
         }
-        if let Some(b) = m.memory_total_bytes {
-            put(MIG_MEMORY_TOTAL, &labels, b as f64);
+    }
+    for l in &g.nvlinks {
+        let link = l.link.to_string();
+        let labels = [id[0], id[1], link.as_str()];
+        if let Some(active) = l.active {
+            put(NVLINK_ACTIVE, &labels, if active { 1.0 } else { 0.0 });
+        }
+        for (i, bytes) in [(NVLINK_RX_TOTAL, l.receive_bytes), (NVLINK_TX_TOTAL, l.transmit_bytes)] {
+            if let Some(b) = bytes {
+                put(i, &labels, b as f64);
+            }
+        }
+        for (kind, n) in NVLINK_ERRORS.iter().zip(l.errors) {
+            if let Some(n) = n {
+                put(NVLINK_ERRORS_TOTAL, &[id[0], id[1], &link, kind], n as f64);
+            }
         }
     }
 }
@@ -469,6 +552,7 @@ mod tests {
                     },
                     xid_errors: Some(0),
                     mig: Vec::new(),
+                    nvlinks: Vec::new(),
                 },
                 GpuState {
                     index: 1,
@@ -588,5 +672,44 @@ mod tests {
         }
         // Nothing else: no GPM value on GPU 1, none but the two set on GPU 0.
         assert_eq!(t.lines().filter(|l| !l.starts_with('#') && l.contains("_gpm_")).count(), 4, "{t}");
+    }
+
+    #[test]
+    fn nvlinks_and_mig_gpm_carry_their_link_and_mig_uuid() {
+        use crate::gpu::snapshot::{GpmField, MigDevice, NvLink};
+        let mut gpm = [None; MIG_GPM_FIELDS];
+        gpm[GpmField::TensorActivity as usize] = Some(0.25);
+        let mig = MigDevice { uuid: "MIG-a".into(), memory_total_bytes: Some(1 << 30), gpm, ..MigDevice::default() };
+        let up = NvLink {
+            link: 2,
+            active: Some(true),
+            receive_bytes: Some(4096),
+            transmit_bytes: None,
+            errors: [Some(1), None, Some(0), None],
+        };
+        let down = NvLink { link: 5, active: Some(false), ..NvLink::default() };
+        let gpu =
+            GpuState { uuid: "GPU-0".into(), up: true, mig: vec![mig], nvlinks: vec![up, down], ..GpuState::default() };
+        let t = text(&Snapshot { nvml_up: true, gpus: vec![gpu], ..Snapshot::default() });
+        let expected = [
+            r#"observer_gpu_mig_memory_total_bytes{gpu="0",uuid="GPU-0",mig_uuid="MIG-a"} 1073741824"#,
+            r#"observer_gpu_mig_gpm_tensor_activity_ratio{gpu="0",uuid="GPU-0",mig_uuid="MIG-a"} 0.25"#,
+            r#"observer_gpu_nvlink_active{gpu="0",uuid="GPU-0",link="2"} 1"#,
+            r#"observer_gpu_nvlink_active{gpu="0",uuid="GPU-0",link="5"} 0"#,
+            r#"observer_gpu_nvlink_receive_bytes_total{gpu="0",uuid="GPU-0",link="2"} 4096"#,
+            r#"observer_gpu_nvlink_errors_total{gpu="0",uuid="GPU-0",link="2",type="replay"} 1"#,
+            r#"observer_gpu_nvlink_errors_total{gpu="0",uuid="GPU-0",link="2",type="crc_flit"} 0"#,
+            "# TYPE observer_gpu_nvlink_receive_bytes_total counter",
+            "# TYPE observer_gpu_nvlink_errors_total counter",
+        ];
+        for line in expected {
+            assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
+        }
+        // Nothing the snapshot does not hold: no transmit counter, no
+        // counters of the inactive link, one MIG GPM value.
+        let samples = t.lines().filter(|l| !l.starts_with('#'));
+        let mig_or_link = samples.filter(|l| l.contains("_nvlink_") || l.contains("_mig_")).count();
+        // MIG: info, memory total, tensor; links: active x2, receive, errors x2.
+        assert_eq!(mig_or_link, 8, "{t}");
     }
 }

@@ -7,17 +7,22 @@ use std::{collections::HashMap, ffi::OsStr, path::Path};
 use nvml_wrapper::{
     Device, EventSet, GpmSample, Nvml,
     bitmasks::event::EventTypes,
-    enum_wrappers::device::{EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
+    enum_wrappers::{
+        device::{EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
+        nv_link::ErrorCounter,
+    },
     enums::{
         device::{SampleValue, UsedGpuMemory},
         event::XidError,
         gpm::GpmMetricId,
     },
-    error::NvmlError,
+    error::{NvmlError, nvml_sym, nvml_try},
+    struct_wrappers::device::FieldValueSample,
     structs::device::FieldId,
 };
+use nvml_wrapper_sys::bindings::{NVML_NVLINK_MAX_LINKS, nvmlFieldValue_t};
 
-use super::snapshot::{GPM_FIELDS, GpuValues, MigDevice, MigState, Pcie};
+use super::snapshot::{GPM_FIELDS, GpuValues, MIG_GPM_FIELDS, MigDevice, MigState, NVLINK_ERRORS, NvLink, Pcie};
 
 /// Tried in order when no `--nvml-lib` is given. The driver always installs
 /// the `.so.1` name (the NVIDIA container runtime mounts exactly that one);
@@ -28,6 +33,15 @@ pub const DEFAULT_LIBS: [&str; 2] = ["libnvidia-ml.so.1", "libnvidia-ml.so"];
 /// 251..273 range that driver 580.82 renumbered).
 const FI_PCIE_COUNT_TX_BYTES: u32 = 197;
 const FI_PCIE_COUNT_RX_BYTES: u32 = 198;
+/// NVLink data throughput counters, in KiB (nvml.h: "NVLink TX/RX Data
+/// throughput in KiB"), per link with the link in `scopeId` (UINT_MAX would
+/// sum all links). Cumulative: the header's own example takes the difference
+/// of two reads.
+const FI_NVLINK_THROUGHPUT_DATA_TX: u32 = 138;
+const FI_NVLINK_THROUGHPUT_DATA_RX: u32 = 139;
+/// The NVLink error counters read per link, in [`NVLINK_ERRORS`] order.
+const NVLINK_ERROR_COUNTERS: [ErrorCounter; NVLINK_ERRORS.len()] =
+    [ErrorCounter::DlReplay, ErrorCounter::DlRecovery, ErrorCounter::DlCrcFlit, ErrorCounter::DlCrcData];
 
 /// The GPM metrics read, in [`super::snapshot::GpmField`] order, with the
 /// factor to base units. Units are nvml.h's (the crate's docs say bytes per
@@ -151,6 +165,10 @@ pub struct Slot<'n> {
     /// values are the difference between two.
     gpm_supported: Option<bool>,
     gpm_last: Option<GpmSample<'n>>,
+    /// The last GPM sample of each GPU instance (by ID) of a GPU in MIG mode.
+    gpm_mig_last: HashMap<u32, GpmSample<'n>>,
+    /// The NVLink links NVML knows on this GPU (asked once per session).
+    nvlinks: Vec<u32>,
 }
 
 impl Slot<'_> {
@@ -171,6 +189,7 @@ pub struct Reading {
     pub xids: Vec<Option<u64>>,
     /// MIG devices, in MIG mode.
     pub mig: Vec<MigDevice>,
+    pub nvlinks: Vec<NvLink>,
 }
 
 /// Remembers which errors were already logged, so a GPU without ECC or an
@@ -226,6 +245,8 @@ impl<'n> Session<'n> {
                 events: None,
                 gpm_supported: None,
                 gpm_last: None,
+                gpm_mig_last: HashMap::new(),
+                nvlinks: Vec::new(),
             };
             match slot.attach(nvml, notes) {
                 // Kept without a handle; reading it reports the GPU down.
@@ -267,6 +288,7 @@ impl<'n> Slot<'n> {
         };
         self.events = watch_xid(nvml, &device, i, notes);
         self.gpm_supported = gpm_support(nvml, &device, i, notes)?;
+        self.nvlinks = nvlinks(&device, i, notes)?;
         self.device = Some(device);
         Ok(())
     }
@@ -337,22 +359,27 @@ impl<'n> Slot<'n> {
                 (p.pid, used)
             })
             .collect();
-        let mig = if mig_mode == MigState::Enabled { self.mig_devices(notes)? } else { Vec::new() };
+        let mig = if mig_mode == MigState::Enabled { self.mig_devices(nvml, notes)? } else { Vec::new() };
         v.gpm_supported = self.gpm_supported;
         if self.gpm_supported == Some(true) {
             v.gpm = self.gpm(nvml, notes)?;
         }
+        let nvlinks = self.read_nvlinks(nvml, notes)?;
         let xids = drain_xids(self, notes)?;
-        Ok(Reading { values: v, mig_mode, processes, xids, mig })
+        Ok(Reading { values: v, mig_mode, processes, xids, mig, nvlinks })
     }
 
     /// The MIG devices of a GPU in MIG mode: every populated slot up to
-    /// NVML's maximum (a free one answers NotFound).
-    fn mig_devices(&self, notes: &mut Notes) -> Result<Vec<MigDevice>, Fault> {
+    /// NVML's maximum (a free one answers NotFound), with GPM per GPU
+    /// instance where the GPU has GPM.
+    fn mig_devices(&mut self, nvml: &'n Nvml, notes: &mut Notes) -> Result<Vec<MigDevice>, Fault> {
         let mut out = Vec::new();
         let Some(d) = self.device.as_ref() else { return Ok(out) };
         let i = self.index;
         let max = get!(notes, i, "mig_device_count", d.mig_device_count()).unwrap_or(0);
+        let mut samples = HashMap::new();
+        let (mut ids, mut sampled, mut computed) =
+            (Batch::new(i, "mig_gpu_instance"), Batch::new(i, "mig_gpm_sample"), Batch::new(i, "mig_gpm_metrics"));
         for k in 0..max {
             let m = match d.mig_device_by_index(k) {
                 Err(NvmlError::NotFound) => continue,
@@ -363,12 +390,30 @@ impl<'n> Slot<'n> {
             };
             let Some(uuid) = get!(notes, i, "mig_uuid", m.uuid()) else { continue };
             let memory = get!(notes, i, "mig_memory", m.memory_info());
+            let mut gpm = [None; MIG_GPM_FIELDS];
+            // GPM per GPU instance: a sample of the parent GPU for the MIG
+            // device's instance, against the last one of that instance.
+            if self.gpm_supported == Some(true)
+                && let Some(gi) = ids.take(gpu_instance_id(nvml, &m))?
+                && let Some(now) = sampled.take(d.gpm_mig_sample(gi))?
+            {
+                if let Some(last) = self.gpm_mig_last.get(&gi) {
+                    gpm = computed.take(gpm_between(nvml, last, &now, &GPM[..MIG_GPM_FIELDS]))?.unwrap_or(gpm);
+                }
+                samples.insert(gi, now);
+            }
             out.push(MigDevice {
                 uuid,
                 memory_used_bytes: memory.as_ref().map(|m| m.used),
                 memory_total_bytes: memory.as_ref().map(|m| m.total),
+                gpm,
             });
         }
+        for b in [ids, sampled, computed] {
+            b.finish(notes);
+        }
+        // Instances gone, or not sampled this cycle, start over.
+        self.gpm_mig_last = samples;
         Ok(out)
     }
 
@@ -379,19 +424,165 @@ impl<'n> Slot<'n> {
         let Some(d) = self.device.as_ref() else { return Ok(out) };
         let i = self.index;
         let sample = get!(notes, i, "gpm_sample", d.gpm_sample());
-        if let (Some(last), Some(now)) = (self.gpm_last.as_ref(), sample.as_ref()) {
-            let ids = GPM.map(|(id, _)| id);
-            if let Some(results) =
-                get!(notes, i, "gpm_metrics", nvml_wrapper::gpm::gpm_metrics_get(nvml, last, now, &ids))
-            {
-                for ((slot, (_, factor)), r) in out.iter_mut().zip(GPM).zip(results) {
-                    // A metric this GPU lacks fails alone.
-                    *slot = r.ok().map(|m| m.value * factor).filter(|v| v.is_finite());
-                }
-            }
+        if let (Some(last), Some(now)) = (self.gpm_last.as_ref(), sample.as_ref())
+            && let Some(values) = get!(notes, i, "gpm_metrics", gpm_between(nvml, last, now, &GPM))
+        {
+            out = values;
         }
         self.gpm_last = sample;
         Ok(out)
+    }
+
+    /// Each NVLink link's state, and the data and error counters of the
+    /// active ones. A counter the GPU does not give is `None`, alone.
+    fn read_nvlinks(&self, nvml: &Nvml, notes: &mut Notes) -> Result<Vec<NvLink>, Fault> {
+        let Some(d) = self.device.as_ref().filter(|_| !self.nvlinks.is_empty()) else { return Ok(Vec::new()) };
+        let i = self.index;
+        let mut state = Batch::new(i, "nvlink_state");
+        let mut links = Vec::with_capacity(self.nvlinks.len());
+        for &link in &self.nvlinks {
+            let active = state.take(d.link_wrapper_for(link).is_active())?;
+            links.push(NvLink { link, active, ..NvLink::default() });
+        }
+        state.finish(notes);
+        let active: Vec<u32> = links.iter().filter(|l| l.active == Some(true)).map(|l| l.link).collect();
+        if active.is_empty() {
+            return Ok(links);
+        }
+        if let Some(counters) = get!(notes, i, "nvlink_throughput", nvlink_throughput(nvml, d, &active)) {
+            for (&link, [tx, rx]) in active.iter().zip(counters) {
+                if let Some(l) = links.iter_mut().find(|l| l.link == link) {
+                    (l.transmit_bytes, l.receive_bytes) = (tx, rx);
+                }
+            }
+        }
+        let mut errors = Batch::new(i, "nvlink_errors");
+        for l in links.iter_mut().filter(|l| l.active == Some(true)) {
+            let nvlink = d.link_wrapper_for(l.link);
+            for (slot, counter) in l.errors.iter_mut().zip(NVLINK_ERROR_COUNTERS) {
+                *slot = errors.take(nvlink.error_counter(counter))?;
+            }
+        }
+        errors.finish(notes);
+        Ok(links)
+    }
+}
+
+/// The GPM metrics `metrics` between two samples, in base units; a metric
+/// the GPU lacks fails alone (`None`).
+fn gpm_between<'n, const N: usize>(
+    nvml: &'n Nvml,
+    last: &GpmSample<'n>,
+    now: &GpmSample<'n>,
+    metrics: &[(GpmMetricId, f64)],
+) -> Result<[Option<f64>; N], NvmlError> {
+    let ids: Vec<GpmMetricId> = metrics.iter().map(|(id, _)| *id).collect();
+    let mut out = [None; N];
+    let results = nvml_wrapper::gpm::gpm_metrics_get(nvml, last, now, &ids)?;
+    for ((slot, (_, factor)), r) in out.iter_mut().zip(metrics).zip(results) {
+        *slot = r.ok().map(|m| m.value * factor).filter(|v| v.is_finite());
+    }
+    Ok(out)
+}
+
+/// The NVLink links of a GPU: those whose state NVML reports. A GPU without
+/// NVLink answers NotSupported for every link; a link number past the GPU's
+/// links, InvalidArgument.
+fn nvlinks(device: &Device<'_>, gpu: u32, notes: &mut Notes) -> Result<Vec<u32>, Fault> {
+    let mut links = Vec::new();
+    let mut probe = Batch::new(gpu, "nvlink_state");
+    for link in 0..NVML_NVLINK_MAX_LINKS {
+        match device.link_wrapper_for(link).is_active() {
+            Ok(_) => links.push(link),
+            Err(NvmlError::InvalidArg) => {}
+            Err(e) => {
+                probe.take::<()>(Err(e))?;
+            }
+        }
+    }
+    probe.finish_unless_unsupported(notes);
+    Ok(links)
+}
+
+/// NVLink data counters (transmit, receive) of `links`, in bytes, in one
+/// nvmlDeviceGetFieldValues call. The wrapper's `field_values_for` cannot
+/// set a value's `scopeId`, which these fields need for the link.
+fn nvlink_throughput(nvml: &Nvml, d: &Device<'_>, links: &[u32]) -> Result<Vec<[Option<u64>; 2]>, NvmlError> {
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetFieldValues.as_ref())?;
+    let mut values: Vec<nvmlFieldValue_t> = links
+        .iter()
+        .flat_map(|&link| {
+            [FI_NVLINK_THROUGHPUT_DATA_TX, FI_NVLINK_THROUGHPUT_DATA_RX].map(|field| {
+                // SAFETY: a plain C struct of integers and a union of numbers,
+                // for which all zeroes is a valid value.
+                let mut v: nvmlFieldValue_t = unsafe { std::mem::zeroed() };
+                (v.fieldId, v.scopeId) = (field, link);
+                v
+            })
+        })
+        .collect();
+    let count = i32::try_from(values.len()).map_err(|_| NvmlError::InvalidArg)?;
+    // SAFETY: the handle is a live device of this session's NVML, and
+    // `values` holds `count` initialised entries for NVML to fill in place.
+    nvml_try(unsafe { sym(d.handle(), count, values.as_mut_ptr()) })?;
+    let kib = |v: nvmlFieldValue_t| {
+        let sample = FieldValueSample::try_from(v).ok()?;
+        sample_u64(sample.value.as_ref().ok()?).map(|k| k.saturating_mul(1024))
+    };
+    Ok(values.chunks_exact(2).map(|pair| [kib(pair[0]), kib(pair[1])]).collect())
+}
+
+/// nvmlDeviceGetGpuInstanceId of a MIG device (the wrapper has no call for it).
+fn gpu_instance_id(nvml: &Nvml, mig: &Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetGpuInstanceId.as_ref())?;
+    let mut id = 0;
+    // SAFETY: a MIG device handle from this session's NVML, and a place for
+    // one unsigned int.
+    nvml_try(unsafe { sym(mig.handle(), &mut id) })?;
+    Ok(id)
+}
+
+/// [`field_of`] for one call made for several links or MIG devices of a
+/// GPU: what failed is noted once per GPU and field, not once per link (one
+/// failing link must not log again each time another one reads).
+struct Batch {
+    gpu: u32,
+    field: &'static str,
+    failed: Option<NvmlError>,
+}
+
+impl Batch {
+    fn new(gpu: u32, field: &'static str) -> Self {
+        Batch { gpu, field, failed: None }
+    }
+
+    fn take<T>(&mut self, r: Result<T, NvmlError>) -> Result<Option<T>, Fault> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => match classify(&e) {
+                Class::Lost => Err(Fault::Lost(e.to_string())),
+                Class::Session => Err(Fault::Session(format!("{}: {e}", self.field))),
+                Class::Unsupported | Class::Other => {
+                    self.failed.get_or_insert(e);
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn finish(self, notes: &mut Notes) {
+        match &self.failed {
+            Some(e) => notes.failed(self.gpu, self.field, e),
+            None => notes.ok(self.gpu, self.field),
+        }
+    }
+
+    /// [`Self::finish`] where "not supported" means only that there is
+    /// nothing to read (a GPU without NVLink), not worth a line.
+    fn finish_unless_unsupported(self, notes: &mut Notes) {
+        if self.failed.as_ref().is_none_or(|e| classify(e) != Class::Unsupported) {
+            self.finish(notes);
+        }
     }
 }
 
@@ -455,20 +646,10 @@ fn drain_xids(slot: &Slot<'_>, notes: &mut Notes) -> Result<Vec<Option<u64>>, Fa
 /// Sorts one call's result: the value, `None` (noted in the log once), or a
 /// fault that ends the GPU's reading.
 fn field_of<T>(notes: &mut Notes, gpu: u32, field: &'static str, r: Result<T, NvmlError>) -> Result<Option<T>, Fault> {
-    match r {
-        Ok(v) => {
-            notes.ok(gpu, field);
-            Ok(Some(v))
-        }
-        Err(e) => match classify(&e) {
-            Class::Lost => Err(Fault::Lost(e.to_string())),
-            Class::Session => Err(Fault::Session(format!("{field}: {e}"))),
-            Class::Unsupported | Class::Other => {
-                notes.failed(gpu, field, &e);
-                Ok(None)
-            }
-        },
-    }
+    let mut one = Batch::new(gpu, field);
+    let v = one.take(r)?;
+    one.finish(notes);
+    Ok(v)
 }
 
 fn check<T>(r: Result<T, NvmlError>, what: &str) -> Result<T, Fault> {

@@ -228,7 +228,7 @@ impl Sampler {
             if slot.watches_xid() {
                 state.xid_errors = Some(*self.xids.entry(key.clone()).or_default());
             }
-            if let Some(Reading { values, mig_mode, processes: procs, xids, mig }) = reading {
+            if let Some(Reading { values, mig_mode, processes: procs, xids, mig, nvlinks }) = reading {
                 for code in &xids {
                     let code = code.map_or_else(|| "unknown".to_string(), |c| c.to_string());
                     tracing::warn!(gpu = slot.index, uuid = %id.uuid, xid = %code, "XID error reported by the NVIDIA driver");
@@ -240,6 +240,7 @@ impl Sampler {
                 state.values = values;
                 state.mig_mode = mig_mode;
                 state.mig = mig;
+                state.nvlinks = nvlinks;
                 processes.extend(procs.into_iter().map(|(pid, used)| (id.uuid.clone(), pid, used)));
             }
             gpus.push(state);

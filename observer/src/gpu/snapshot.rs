@@ -52,7 +52,28 @@ pub struct GpuState {
     pub xid_errors: Option<u64>,
     /// MIG devices of a GPU in MIG mode, as NVML lists them.
     pub mig: Vec<MigDevice>,
+    /// NVLink links NVML reports for the GPU (none on GPUs without NVLink).
+    pub nvlinks: Vec<NvLink>,
 }
+
+/// One NVLink link of a GPU.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NvLink {
+    /// NVML's link number, 0 to `NVML_NVLINK_MAX_LINKS - 1`.
+    pub link: u32,
+    /// Active (nvmlDeviceGetNvLinkState); `None` where it could not be read
+    /// this cycle. The counters below are read for active links only.
+    pub active: Option<bool>,
+    /// Cumulative data bytes (NVML fields NVLINK_THROUGHPUT_DATA_RX/TX, KiB,
+    /// scoped to the link).
+    pub receive_bytes: Option<u64>,
+    pub transmit_bytes: Option<u64>,
+    /// Error counters (nvmlDeviceGetNvLinkErrorCounter), in [`NVLINK_ERRORS`] order.
+    pub errors: [Option<u64>; NVLINK_ERRORS.len()],
+}
+
+/// The NVLink error counters read, by their `type` label.
+pub const NVLINK_ERRORS: [&str; 4] = ["replay", "recovery", "crc_flit", "crc_data"];
 
 /// One MIG device (GPU instance and compute instance) of a GPU.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -61,7 +82,15 @@ pub struct MigDevice {
     pub uuid: String,
     pub memory_used_bytes: Option<u64>,
     pub memory_total_bytes: Option<u64>,
+    /// GPM values of the MIG device's GPU instance over the last interval
+    /// (nvmlGpmMigSampleGet; Hopper and later), the first [`MIG_GPM_FIELDS`]
+    /// of [`GpmField`], in base units; all `None` where NVML gives none.
+    pub gpm: [Option<f64>; MIG_GPM_FIELDS],
 }
+
+/// GPM per MIG device: the activity ratios (SM, occupancy, tensor, DRAM,
+/// FP16/32/64), not the PCIe and NVLink rates, which are the GPU's.
+pub const MIG_GPM_FIELDS: usize = 7;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MigState {
