@@ -32,7 +32,10 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         let out = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR not set")?);
-        fs::write(out.join("observer"), []).context("writing the stand-in eBPF object")?;
+        // Both objects: the observer's and the benchmark's reference tracer's.
+        for object in ["observer", "reference"] {
+            fs::write(out.join(object), []).context("writing the stand-in eBPF objects")?;
+        }
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         return Ok(());
     }

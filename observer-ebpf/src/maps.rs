@@ -42,6 +42,38 @@ pub static SESSIONS: RingBuf = RingBuf::with_byte_size(SESSIONS_RING_BYTES, 0);
 #[map(name = "LOST")]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SOURCES, 0);
 
+/// The socket whose change to TCP_CLOSE this CPU's state program handled
+/// last, since this CPU's last socket destruction: the destruction that
+/// follows such a close (in the same call chain, `tcp_done`, on the same
+/// CPU) then knows its session ended and skips the `OPEN_SESSIONS` lookup,
+/// a miss every time, that its backstop otherwise costs every socket
+/// (`session::on_destroy`). Every destruction empties it.
+#[map(name = "CLOSED_HERE")]
+pub static CLOSED_HERE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Notes that the state program handled `sk`'s close on this CPU.
+#[inline(always)]
+pub fn note_closed_here(sk: u64) {
+    if let Some(slot) = CLOSED_HERE.get_ptr_mut(0) {
+        // SAFETY: this CPU's element of a per-CPU array from a successful
+        // lookup (see "Map values" above); no other CPU writes it.
+        unsafe { *slot = sk };
+    }
+}
+
+/// Whether `sk`'s close was the last one this CPU's state program handled
+/// since this CPU's last destruction; empties the slot either way.
+#[inline(always)]
+pub fn take_closed_here(sk: u64) -> bool {
+    let Some(slot) = CLOSED_HERE.get_ptr_mut(0) else { return false };
+    // SAFETY: as in `note_closed_here`.
+    unsafe {
+        let closed = *slot == sk;
+        *slot = 0;
+        closed
+    }
+}
+
 #[inline(always)]
 pub fn count_lost(source: LostSource) {
     if let Some(slot) = LOST.get_ptr_mut(source as u32) {

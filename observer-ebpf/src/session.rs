@@ -23,7 +23,7 @@ use crate::{
     },
     maps::{
         BPF_NOEXIST, EEXIST, NoRoom, OPEN_SESSIONS, SESSIONS, SESSIONS_RING_BYTES, clear_no_room, count_lost,
-        mark_no_room, no_room, wake_flags,
+        mark_no_room, no_room, note_closed_here, take_closed_here, wake_flags,
     },
 };
 
@@ -80,6 +80,7 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
     let Some(tp) = M::tcp(sk) else { return };
     if new == tcp_state::CLOSE {
         on_close::<M>(sk, tp, key, old);
+        note_closed_here(key);
         return;
     }
     // A birth: the socket leaves CLOSE/LISTEN, or SYN_RECV where the hook does
@@ -423,11 +424,13 @@ fn report_missed_close(key: u64, s: &SessionStart) {
 /// on the same CPU (counted in its `recursion_misses`), which happens under
 /// heavy connection churn when a softirq closes a socket while a process's
 /// state change is being handled. The session ends here instead, with what
-/// the socket still holds. Every other socket costs one failed lookup.
+/// the socket still holds. A socket whose close the state program just
+/// handled on this CPU costs nothing more (`take_closed_here`); any other one
+/// lookup, a miss unless its close was skipped.
 #[inline(always)]
 pub fn on_destroy<M: Mem>(sk: *const u8) {
     let key = sk as u64;
-    if OPEN_SESSIONS.get_ptr(&key).is_none() {
+    if take_closed_here(key) || OPEN_SESSIONS.get_ptr(&key).is_none() {
         return;
     }
     let Some(tp) = M::tcp(sk) else { return };

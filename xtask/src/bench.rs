@@ -59,11 +59,14 @@ pub struct Options {
     pub workload: Selection,
     /// Connections held open while the observer's memory is measured.
     pub hold: usize,
+    /// Whether the short-connection rounds also measure the reference tracer and
+    /// close-only accounting.
+    pub peers: bool,
 }
 
 impl Options {
     pub fn smoke() -> Self {
-        Options { rounds: 1, seconds: 1, out: None, smoke: true, workload: Selection::All, hold: 1_000 }
+        Options { rounds: 1, seconds: 1, out: None, smoke: true, workload: Selection::All, hold: 1_000, peers: true }
     }
 }
 
@@ -124,6 +127,8 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         None
     };
 
+    let reference_tracer =
+        if opts.peers && workloads.contains(&Workload::ShortConn) { Some(build::reference_tracer()?) } else { None };
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let bench = Bench {
         ns: &ns,
@@ -134,6 +139,8 @@ pub fn run(opts: &Options, prepare: Prepare) -> Result<()> {
         stats_stash,
         seconds: opts.seconds,
         pin: cpus >= 2,
+        peers: opts.peers,
+        reference_tracer: reference_tracer.as_deref(),
     };
     let mut reports = Vec::new();
     // Each section as printed, in the order measured.
@@ -244,6 +251,10 @@ struct Bench<'a> {
     stats_stash: PathBuf,
     seconds: u32,
     pin: bool,
+    /// Whether the short-connection rounds measure the peers (`Round::order_with_peers`).
+    peers: bool,
+    /// The reference tracer's binary, where built.
+    reference_tracer: Option<&'a Path>,
 }
 
 impl Bench<'_> {
@@ -254,13 +265,31 @@ impl Bench<'_> {
         let mut short = (workload == Workload::ShortConn).then(|| Findings { hold: opts.hold, ..Findings::default() });
         let unit = workload.display_unit();
         for i in 0..opts.rounds {
-            let order = Round::order(i);
+            let order = if short.is_some() && self.peers { Round::order_with_peers(i) } else { Round::order(i) };
             let (mut off, mut on, mut on_stats) = (0.0, 0.0, 0.0);
-            for measurement in order {
+            for &measurement in &order {
                 sys::check_interrupted()?;
-                if measurement == Measurement::Off {
-                    off = self.measure(workload)?;
-                    continue;
+                match measurement {
+                    Measurement::Off => {
+                        off = self.measure(workload)?;
+                        continue;
+                    }
+                    Measurement::Reference | Measurement::ReferenceStats => {
+                        let peer =
+                            self.measure_reference_tracer(i as usize, measurement == Measurement::ReferenceStats)?;
+                        if let Some(short) = short.as_mut() {
+                            short.reference_runs.push(peer);
+                        }
+                        continue;
+                    }
+                    Measurement::CloseOnlyStats => {
+                        let peer = self.measure_close_only(i as usize)?;
+                        if let Some(short) = short.as_mut() {
+                            short.close_only_runs.push(peer);
+                        }
+                        continue;
+                    }
+                    Measurement::On | Measurement::OnStats => {}
                 }
                 let statistics = measurement == Measurement::OnStats;
                 let (figure, counted, on_run) = self.measure_on(workload, statistics)?;
@@ -382,6 +411,63 @@ impl Bench<'_> {
         let counted = progs::read_for_pid(observer.pid())?;
         self.stop_observer(observer)?;
         Ok((figure, counted, on_run))
+    }
+
+    /// One short-connection run with the reference tracer attached
+    /// (`observer/examples/reference_tracer.rs`) instead of the observer, with or
+    /// without the kernel's BPF statistics.
+    fn measure_reference_tracer(&self, round: usize, statistics: bool) -> Result<shortconn::PeerRun> {
+        let bin = self.reference_tracer.context("the reference tracer was not built")?;
+        let log = self.observer_log.with_file_name("reference_tracer.log");
+        fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
+        let mut tracer = Proc::spawn(self.ns.command(bin), "reference tracer", Some(&log))?;
+        let started = Instant::now();
+        while !fs::read_to_string(&log).unwrap_or_default().contains("ready") {
+            if let Some(status) = tracer.exited()? {
+                bail!("the reference tracer exited ({status}) before it was ready\n{}", tracer.log_tail(20));
+            }
+            ensure!(started.elapsed() < READY_TIMEOUT, "the reference tracer was not ready within {READY_TIMEOUT:?}");
+            sys::check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let stats = statistics.then(|| BpfStats::enable(&self.stats_stash)).transpose()?;
+        let run = connload::run(self.ns, Duration::from_secs(self.seconds.into()), None)?;
+        drop(stats);
+        let progs = progs::read_for_pid_named(tracer.pid(), "ref_")?;
+        ensure!(
+            progs.iter().any(|p| p.run_cnt > 0) || !statistics,
+            "the reference tracer's program did not run ({progs:?})"
+        );
+        self.stop_observer(tracer)?;
+        let run_ns = if statistics { progs.iter().map(|p| p.run_time_ns).sum() } else { 0 };
+        eprintln!(
+            "xtask bench: reference tracer{}: {:.0} conn/s{}",
+            if statistics { " with statistics" } else { "" },
+            run.rate(),
+            if statistics {
+                format!(", {:.0} ns per connection", run_ns as f64 / run.connections.max(1) as f64)
+            } else {
+                String::new()
+            }
+        );
+        Ok(shortconn::PeerRun { round, run, statistics, run_ns })
+    }
+
+    /// One short-connection run of the observer with every optional concern
+    /// switched off (close-only accounting), statistics on.
+    fn measure_close_only(&self, round: usize) -> Result<shortconn::PeerRun> {
+        let observer = self.start_observer(&["--disable", shortconn::CLOSE_ONLY_DISABLE])?;
+        let on_run = shortconn::measure_on(self.ns, &observer, listen_addr(), self.seconds, true)?;
+        let progs = progs::read_for_pid(observer.pid())?;
+        self.stop_observer(observer)?;
+        let run_ns = progs.iter().map(|p| p.run_time_ns).sum();
+        eprintln!(
+            "xtask bench: close-only accounting: {:.0} conn/s, {:.0} ns per connection, {:.0} sessions lost",
+            on_run.run.rate(),
+            run_ns as f64 / on_run.run.connections.max(1) as f64,
+            on_run.sessions_lost()
+        );
+        Ok(shortconn::PeerRun { round, run: on_run.run, statistics: true, run_ns })
     }
 
     /// The observer's memory with `n` connections open.

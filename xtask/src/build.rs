@@ -20,3 +20,15 @@ pub fn observer_release() -> Result<PathBuf> {
 pub fn observer_bin() -> PathBuf {
     util::target_dir().join("release").join("observer")
 }
+
+/// Builds observer's `reference_tracer` example (the benchmark's reference tracer) in
+/// release mode and returns its path.
+pub fn reference_tracer() -> Result<PathBuf> {
+    util::run_checked(
+        util::cargo().args(["build", "--release", "-p", "observer", "--example", "reference_tracer"]),
+        "release build of the reference tracer",
+    )?;
+    let bin = util::target_dir().join("release").join("examples").join("reference_tracer");
+    ensure!(bin.is_file(), "the release build succeeded but {} is missing", bin.display());
+    Ok(bin)
+}

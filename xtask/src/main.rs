@@ -75,7 +75,8 @@ enum Command {
         /// The workload to run; each writes its own section.
         #[arg(long, value_enum, default_value_t = bench::Selection::All)]
         workload: bench::Selection,
-        /// Rounds; each runs one "off", one "on" and one "on+stats" measurement.
+        /// Rounds; each runs one "off", one "on" and one "on+stats" measurement (short-conn:
+        /// also the reference tracer without and with statistics, and close-only accounting).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
         /// Seconds per iperf3 measurement.
@@ -143,6 +144,7 @@ fn dispatch(command: Command) -> Result<()> {
                     smoke: false,
                     workload,
                     hold: bench::HOLD_CONNECTIONS,
+                    peers: true,
                 }
             };
             bench::run(&opts, bench::Prepare::SetupAndBuild)

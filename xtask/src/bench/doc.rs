@@ -139,6 +139,43 @@ impl Run<'_> {
                 Some((format!("{:.2}%", share * 100.0), share < shortconn::TARGET_CORE_SHARE))
             }),
         ));
+        let report = self.report(Workload::ShortConn);
+        let offs: Vec<f64> = report.map(|r| r.rounds.iter().map(|r| r.off).collect()).unwrap_or_default();
+        rows.push(Target::new(
+            format!(
+                "short connections: observer on/off ≥ the reference tracer's − {} in the same rounds, and ≥ {}",
+                shortconn::TARGET_RATIO_BELOW_REFERENCE,
+                shortconn::TARGET_PEER_RATIO
+            ),
+            &conn,
+            report.zip(short).and_then(|(r, s)| {
+                let observer = r.summary()?.ratio_of_rounds;
+                let reference = super::stats::median(&s.reference_ratios(&offs))?;
+                let bar = (reference - shortconn::TARGET_RATIO_BELOW_REFERENCE).max(shortconn::TARGET_PEER_RATIO);
+                Some((format!("observer {observer:.3}, reference {reference:.3}"), observer >= bar))
+            }),
+        ));
+        let reference_ns = short.and_then(|s| shortconn::ns_per_connection(&s.reference_runs));
+        for (what, bar, ns) in [
+            (
+                "observer (default concerns)",
+                shortconn::TARGET_NS_VS_REFERENCE,
+                report.and_then(Report::kernel_ns_per_connection),
+            ),
+            (
+                "close-only accounting (`--disable` every optional concern)",
+                shortconn::TARGET_CLOSE_ONLY_VS_REFERENCE,
+                short.and_then(|s| shortconn::ns_per_connection(&s.close_only_runs)),
+            ),
+        ] {
+            rows.push(Target::new(
+                format!("kernel time per short connection, {what} ≤ {bar} × the reference tracer's"),
+                &conn,
+                ns.zip(reference_ns).map(|(ns, reference)| {
+                    (format!("{ns:.0} ns vs {reference:.0} ns ({:.2} ×)", ns / reference), ns <= bar * reference)
+                }),
+            ));
+        }
         let held = short.and_then(|s| s.held.as_ref());
         rows.push(Target::new(
             format!(
@@ -394,7 +431,8 @@ mod tests {
             close: MassClose { sessions: 199_700.0, left_open: 300.0, ..Default::default() },
         };
         let mut report = report(Workload::ShortConn, &[0.96, 0.97, 0.98], 0, 0);
-        report.short = Some(Findings { hold: 100_000, on_runs: vec![run(25_353, 2.0)], held: Some(held) });
+        report.short =
+            Some(Findings { hold: 100_000, on_runs: vec![run(25_353, 2.0)], held: Some(held), ..Findings::default() });
         let machine = machine();
         let reports = [report];
         let run = Run { machine: &machine, reports: &reports, scrape: None, footprint: None, elapsed: Duration::ZERO };

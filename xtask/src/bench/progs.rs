@@ -108,12 +108,12 @@ pub fn resolve_name(short: Option<&str>, by_tag: &[String], prog_id: u32) -> Str
     }
 }
 
-/// Keeps the programs named `obs_*` (and unnamed ones: they belong to the observer
-/// process, so they are ours), in name order.
-pub fn select(named: Vec<(String, ProgFdInfo, Option<u32>)>) -> Vec<ProgStats> {
+/// Keeps the programs named `prefix*` (`obs_` for the observer's; and unnamed
+/// ones: they belong to the process read, so they are ours), in name order.
+pub fn select(named: Vec<(String, ProgFdInfo, Option<u32>)>, prefix: &str) -> Vec<ProgStats> {
     let mut out: Vec<ProgStats> = named
         .into_iter()
-        .filter(|(name, _, _)| name.starts_with("obs_") || name.starts_with("prog "))
+        .filter(|(name, _, _)| name.starts_with(prefix) || name.starts_with("prog "))
         .map(|(name, info, xlated_insns)| ProgStats {
             name,
             run_time_ns: info.run_time_ns,
@@ -143,6 +143,11 @@ pub fn accumulate(totals: &mut Vec<ProgStats>, more: &[ProgStats]) {
 
 /// The `obs_*` programs held open by process `pid`, with their counters now.
 pub fn read_for_pid(pid: u32) -> Result<Vec<ProgStats>> {
+    read_for_pid_named(pid, "obs_")
+}
+
+/// The programs named `prefix*` held open by process `pid`, with their counters now.
+pub fn read_for_pid_named(pid: u32, prefix: &str) -> Result<Vec<ProgStats>> {
     let proc_dir = Path::new("/proc").join(pid.to_string());
     let fd_dir = proc_dir.join("fd");
     let mut infos = Vec::new();
@@ -176,7 +181,7 @@ pub fn read_for_pid(pid: u32) -> Result<Vec<ProgStats>> {
             (resolve_name(short, by_tag, info.prog_id), info, insns)
         })
         .collect();
-    Ok(select(named))
+    Ok(select(named, prefix))
 }
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -315,12 +320,15 @@ mod tests {
             run_cnt,
             recursion_misses: 0,
         };
-        let got = select(vec![
-            ("obs_owner_send".into(), info(2, 10, 1), None),
-            ("obs_state_fe".into(), info(1, 500, 5), None),
-            ("other".into(), info(3, 7, 7), None),
-            ("prog 4".into(), info(4, 0, 0), None),
-        ]);
+        let got = select(
+            vec![
+                ("obs_owner_send".into(), info(2, 10, 1), None),
+                ("obs_state_fe".into(), info(1, 500, 5), None),
+                ("other".into(), info(3, 7, 7), None),
+                ("prog 4".into(), info(4, 0, 0), None),
+            ],
+            "obs_",
+        );
         let got: Vec<(&str, u64, u64)> = got.iter().map(|p| (p.name.as_str(), p.run_cnt, p.run_time_ns)).collect();
         assert_eq!(got, [("obs_owner_send", 1, 10), ("obs_state_fe", 5, 500), ("prog 4", 0, 0)]);
     }

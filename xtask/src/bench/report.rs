@@ -20,6 +20,13 @@ pub enum Measurement {
     /// whose two clock reads per program run are charged to it. The programs' table
     /// comes from these.
     OnStats,
+    /// Short connections only: the reference tracer (`shortconn::PeerRun`), without
+    /// and with the kernel's statistics.
+    Reference,
+    ReferenceStats,
+    /// Short connections only: the observer with every optional concern switched
+    /// off (`shortconn::CLOSE_ONLY_DISABLE`), statistics on.
+    CloseOnlyStats,
 }
 
 impl Measurement {
@@ -28,6 +35,9 @@ impl Measurement {
             Measurement::Off => "off",
             Measurement::On => "on",
             Measurement::OnStats => "on+stats",
+            Measurement::Reference => "ref",
+            Measurement::ReferenceStats => "ref+stats",
+            Measurement::CloseOnlyStats => "close-only+stats",
         }
     }
 }
@@ -35,7 +45,7 @@ impl Measurement {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Round {
     /// The order its measurements ran in (`Round::order`).
-    pub order: [Measurement; 3],
+    pub order: Vec<Measurement>,
     /// The workload's figure (`Workload::figure`) of each measurement.
     pub off: f64,
     pub on: f64,
@@ -45,9 +55,19 @@ pub struct Round {
 impl Round {
     /// Round `i`'s order: "on" in the middle, "off" and "on+stats" taking turns at the
     /// ends, so that over two rounds drift hits both ratios alike.
-    pub fn order(i: u32) -> [Measurement; 3] {
+    pub fn order(i: u32) -> Vec<Measurement> {
         use Measurement::*;
-        if i.is_multiple_of(2) { [Off, On, OnStats] } else { [OnStats, On, Off] }
+        let order = vec![Off, On, OnStats];
+        if i.is_multiple_of(2) { order } else { order.into_iter().rev().collect() }
+    }
+
+    /// Round `i`'s order with the short-connection workload's peers: every
+    /// measurement's mean place over two rounds is the same (each round reverses
+    /// the last), so drift hits "on" and "ref" against "off" alike.
+    pub fn order_with_peers(i: u32) -> Vec<Measurement> {
+        use Measurement::*;
+        let order = vec![Off, On, Reference, OnStats, ReferenceStats, CloseOnlyStats];
+        if i.is_multiple_of(2) { order } else { order.into_iter().rev().collect() }
     }
 
     pub fn ratio(&self) -> f64 {
@@ -175,7 +195,7 @@ impl Report {
 
     /// Kernel programs' run time per connection over the "on+stats" measurements
     /// (short connections only).
-    fn kernel_ns_per_connection(&self) -> Option<f64> {
+    pub fn kernel_ns_per_connection(&self) -> Option<f64> {
         let short = self.short.as_ref()?;
         let connections: u64 = short.on_runs.iter().filter(|r| r.statistics).map(|r| r.run.connections).sum();
         let run_ns: u64 = self.progs.iter().map(|p| p.run_time_ns).sum();
@@ -268,7 +288,7 @@ impl Report {
         writeln!(s, "| round | order | off ({unit}) | on ({unit}) | on+stats ({unit}) | on/off | on+stats/off |")?;
         writeln!(s, "|---:|---|---:|---:|---:|---:|---:|")?;
         for (i, r) in self.rounds.iter().enumerate() {
-            let order = r.order.map(Measurement::label).join(", ");
+            let order = r.order.iter().map(|m| m.label()).collect::<Vec<_>>().join(", ");
             writeln!(
                 s,
                 "| {} | {order} | {} | {} | {} | {:.3} | {:.3} |",
@@ -350,6 +370,8 @@ impl Report {
             }
             if let Some(short) = &self.short {
                 short.write_markdown(s, verdict)?;
+                let offs: Vec<f64> = self.rounds.iter().map(|r| r.off).collect();
+                short.write_peers(s, &offs, sum.ratio_of_rounds, self.kernel_ns_per_connection(), verdict)?;
             }
         }
 
@@ -552,6 +574,19 @@ mod tests {
         assert!(md.contains("**Smoke run**"), "{md}");
         assert!(md.contains("not judged (smoke run)"), "{md}");
         assert!(md.contains("No `obs_*` eBPF program statistics"), "{md}");
+    }
+
+    /// With the peers, every measurement's mean place over two rounds is the same.
+    #[test]
+    fn peers_take_turns_like_the_rest() {
+        for order in [Round::order_with_peers(0), Round::order_with_peers(1)] {
+            assert_eq!(order.len(), 6);
+        }
+        let place = |m| (0..2).map(|i| Round::order_with_peers(i).iter().position(|&o| o == m).unwrap()).sum::<usize>();
+        for m in Round::order_with_peers(0) {
+            assert_eq!(place(m), 5, "{m:?}");
+        }
+        assert_eq!(Round::order(1), [Measurement::OnStats, Measurement::On, Measurement::Off]);
     }
 
     #[test]

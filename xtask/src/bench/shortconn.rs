@@ -284,6 +284,39 @@ fn missed_closes(text: &str) -> f64 {
     scrape::sample(text, "observer_events_lost_total", &[("source", "session_close_missed")])
 }
 
+/// Target: the observer's on/off ratio at least the reference tracer's less this, in
+/// the same rounds (issue 28), and at least `TARGET_PEER_RATIO`.
+pub const TARGET_RATIO_BELOW_REFERENCE: f64 = 0.01;
+pub const TARGET_PEER_RATIO: f64 = 0.95;
+/// Targets: kernel time per connection of the observer (default concerns) and of
+/// close-only accounting, at most these multiples of the reference tracer's.
+pub const TARGET_NS_VS_REFERENCE: f64 = 1.5;
+pub const TARGET_CLOSE_ONLY_VS_REFERENCE: f64 = 1.1;
+/// `observer run --disable` of every optional concern: close-only accounting.
+pub const CLOSE_ONLY_DISABLE: &str = "tcp_owner,sock_calls,udp_release,drops,tcp_errors";
+
+/// A peer of the observer measured in the same rounds as "off" and "on": the
+/// reference tracer (`observer/examples/reference_tracer.rs`), with or without the
+/// kernel's BPF statistics, or the observer with every optional concern switched
+/// off (close-only accounting, statistics on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRun {
+    /// Index of its round.
+    pub round: usize,
+    pub run: connload::Run,
+    pub statistics: bool,
+    /// Its programs' run time over the run (0 without statistics).
+    pub run_ns: u64,
+}
+
+/// Programs' run time per connection over the runs with statistics.
+pub fn ns_per_connection(runs: &[PeerRun]) -> Option<f64> {
+    let stats = || runs.iter().filter(|r| r.statistics);
+    let connections: u64 = stats().map(|r| r.run.connections).sum();
+    let run_ns: u64 = stats().map(|r| r.run_ns).sum();
+    (connections > 0 && run_ns > 0).then(|| run_ns as f64 / connections as f64)
+}
+
 /// The short-connection workload's findings, for its section of the report.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Findings {
@@ -291,11 +324,114 @@ pub struct Findings {
     pub hold: usize,
     pub on_runs: Vec<OnRun>,
     pub held: Option<Held>,
+    /// The reference tracer's runs ("ref" and "ref+stats"), in the same rounds.
+    pub reference_runs: Vec<PeerRun>,
+    /// The observer's runs with every optional concern off ("close-only+stats").
+    pub close_only_runs: Vec<PeerRun>,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
 
 impl Findings {
+    /// The reference tracer's on/off ratio per round (its run without statistics
+    /// over the round's "off"), `offs` being each round's "off" rate.
+    pub fn reference_ratios(&self, offs: &[f64]) -> Vec<f64> {
+        self.reference_runs
+            .iter()
+            .filter(|r| !r.statistics)
+            .filter_map(|r| offs.get(r.round).filter(|&&off| off > 0.0).map(|off| r.run.rate() / off))
+            .collect()
+    }
+
+    /// The peers' part of the section: the reference tracer's ratio beside the
+    /// observer's (`observer_ratio`, median of rounds), and the kernel time per
+    /// connection of the observer (`observer_ns`), the reference and close-only
+    /// accounting, with the targets of issue 28.
+    pub fn write_peers(
+        &self,
+        s: &mut String,
+        offs: &[f64],
+        observer_ratio: f64,
+        observer_ns: Option<f64>,
+        verdict: impl Fn(bool) -> &'static str,
+    ) -> std::fmt::Result {
+        if self.reference_runs.is_empty() && self.close_only_runs.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            s,
+            "
+Peers in the same rounds: \"ref\" is the reference tracer (`observer/examples/reference_tracer.rs`, \
+             kernel side `observer-ebpf/src/reference.rs`: a minimal tcplife on tp_btf `inet_sock_set_state`, a birth \
+             hash keyed by the socket, bytes and lifetime read at close into an in-kernel log2 histogram, the \
+             entry deleted), without and with BPF statistics (\"ref\", \"ref+stats\"); \"close-only+stats\" is \
+             `observer run --disable {CLOSE_ONLY_DISABLE}` with statistics: close-only accounting. Kernel time \
+             per connection is the programs' run time over the connections of the runs with statistics.\n"
+        )?;
+        writeln!(s, "| round | ref (conn/s) | ref/off | ref+stats (conn/s) | close-only+stats (conn/s) |")?;
+        writeln!(s, "|---:|---:|---:|---:|---:|")?;
+        let rounds =
+            self.reference_runs.iter().chain(&self.close_only_runs).map(|r| r.round).max().map_or(0, |m| m + 1);
+        for i in 0..rounds {
+            let find =
+                |runs: &[PeerRun], stats: bool| runs.iter().find(|r| r.round == i && r.statistics == stats).cloned();
+            let rate =
+                |r: &Option<PeerRun>| r.as_ref().map_or_else(|| "–".to_owned(), |r| format!("{:.0}", r.run.rate()));
+            let reference = find(&self.reference_runs, false);
+            let ratio = match (&reference, offs.get(i)) {
+                (Some(r), Some(&off)) if off > 0.0 => format!("{:.3}", r.run.rate() / off),
+                _ => "–".to_owned(),
+            };
+            writeln!(
+                s,
+                "| {} | {} | {ratio} | {} | {} |",
+                i + 1,
+                rate(&reference),
+                rate(&find(&self.reference_runs, true)),
+                rate(&find(&self.close_only_runs, true)),
+            )?;
+        }
+        writeln!(s)?;
+        writeln!(s, "| peer figure | value | target | |")?;
+        writeln!(s, "|---|---:|---|---|")?;
+        let ratios = self.reference_ratios(offs);
+        if let (Some(reference), Some((lo, hi))) = (median(&ratios), super::stats::spread(&ratios)) {
+            let bar = (reference - TARGET_RATIO_BELOW_REFERENCE).max(TARGET_PEER_RATIO);
+            writeln!(
+                s,
+                "| on/off: observer {observer_ratio:.3}; reference tracer {reference:.3} (rounds {lo:.3}–{hi:.3}) | {:+.3} | observer ≥ reference − {TARGET_RATIO_BELOW_REFERENCE} and ≥ {TARGET_PEER_RATIO} | {} |",
+                observer_ratio - reference,
+                verdict(observer_ratio >= bar)
+            )?;
+        }
+        let reference_ns = ns_per_connection(&self.reference_runs);
+        let close_only_ns = ns_per_connection(&self.close_only_runs);
+        let show = |ns: Option<f64>| ns.map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0} ns"));
+        writeln!(
+            s,
+            "| kernel time per connection: observer (default concerns); reference tracer; close-only accounting | {}; {}; {} | | |",
+            show(observer_ns),
+            show(reference_ns),
+            show(close_only_ns)
+        )?;
+        if let Some(reference) = reference_ns {
+            for (what, ns, bar) in [
+                ("observer (default concerns)", observer_ns, TARGET_NS_VS_REFERENCE),
+                ("close-only accounting", close_only_ns, TARGET_CLOSE_ONLY_VS_REFERENCE),
+            ] {
+                if let Some(ns) = ns {
+                    writeln!(
+                        s,
+                        "| kernel time per connection, {what} / reference tracer's | {:.2} × | ≤ {bar} × | {} |",
+                        ns / reference,
+                        verdict(ns <= bar * reference)
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Observer CPU seconds per 100,000 closed sessions, over all "on" runs.
     pub fn cpu_per_100k_sessions(&self) -> Option<f64> {
         let cpu: f64 = self.on_runs.iter().map(|r| r.cpu_seconds).sum();
@@ -491,7 +627,7 @@ mod tests {
                 on_run(25_000, 49_990.0, 10.0, 0.2),
                 OnRun { statistics: true, ..on_run(22_000, 44_000.0, 0.0, 0.0) },
             ],
-            held: None,
+            ..Findings::default()
         };
         assert_eq!(f.on_runs[0].sessions_lost(), 0.0);
         assert_eq!(f.on_runs[1].sessions_lost(), 10.0);
@@ -513,7 +649,11 @@ mod tests {
     #[test]
     fn late_closes_are_not_losses() {
         let late = OnRun { events_lost: 2.0, late_closes: 2.0, ..on_run(25_000, 50_000.0, 0.0, 0.1) };
-        let f = Findings { hold: 0, on_runs: vec![late.clone(), on_run(21_000, 42_000.0, 0.0, 0.1)], held: None };
+        let f = Findings {
+            hold: 0,
+            on_runs: vec![late.clone(), on_run(21_000, 42_000.0, 0.0, 0.1)],
+            ..Findings::default()
+        };
         assert_eq!((f.sessions_lost(), f.events_lost(), f.late_closes(), f.top_rate()), (0.0, 0.0, 2.0, 25_000.0));
         assert!(f.none_lost());
         let mut md = String::new();
@@ -523,6 +663,42 @@ mod tests {
         assert!(!Findings { on_runs: vec![table_full], ..f.clone() }.none_lost());
         let slow = OnRun { run: connload::Run { connections: 19_999, failed: 0, seconds: 1.0 }, ..late };
         assert!(!Findings { on_runs: vec![OnRun { sessions: 39_998.0, ..slow }], ..f }.none_lost());
+    }
+
+    fn peer(round: usize, connections: u64, statistics: bool, run_ns: u64) -> PeerRun {
+        PeerRun { round, run: connload::Run { connections, failed: 0, seconds: 1.0 }, statistics, run_ns }
+    }
+
+    /// The reference's ratio is its run without statistics over the same round's
+    /// "off"; kernel time per connection comes from the runs with statistics.
+    #[test]
+    fn peers_ratios_and_kernel_time_per_connection() {
+        let f = Findings {
+            reference_runs: vec![
+                peer(0, 19_000, false, 0),
+                peer(0, 18_000, true, 36_000_000),
+                peer(1, 21_000, false, 0),
+                peer(1, 22_000, true, 44_000_000),
+            ],
+            close_only_runs: vec![peer(0, 20_000, true, 44_000_000), peer(1, 20_000, true, 44_000_000)],
+            ..Findings::default()
+        };
+        let offs = [20_000.0, 20_000.0];
+        assert_eq!(f.reference_ratios(&offs), [0.95, 1.05]);
+        assert_eq!(ns_per_connection(&f.reference_runs), Some(2_000.0));
+        assert_eq!(ns_per_connection(&f.close_only_runs), Some(2_200.0));
+        assert_eq!(ns_per_connection(&f.reference_runs[..1]), None, "no run with statistics");
+        let mut md = String::new();
+        f.write_peers(&mut md, &offs, 0.99, Some(3_100.0), |met| if met { "met" } else { "NOT met" }).unwrap();
+        assert!(md.contains("| 1 | 19000 | 0.950 | 18000 | 20000 |"), "{md}");
+        // Median of 0.95 and 1.05: 1.0; the observer's 0.99 is within 0.01 of it.
+        assert!(md.contains("reference tracer 1.000 (rounds 0.950–1.050) | -0.010 |"), "{md}");
+        assert!(md.contains("| 3100 ns; 2000 ns; 2200 ns |"), "{md}");
+        assert!(md.contains("observer (default concerns) / reference tracer's | 1.55 × | ≤ 1.5 × | NOT met |"), "{md}");
+        assert!(md.contains("close-only accounting / reference tracer's | 1.10 × | ≤ 1.1 × | met |"), "{md}");
+        let mut none = String::new();
+        Findings::default().write_peers(&mut none, &offs, 1.0, None, |_| "").unwrap();
+        assert!(none.is_empty(), "{none}");
     }
 
     #[test]
@@ -543,7 +719,7 @@ mod tests {
             },
         };
         let md = |ring_lost| {
-            let f = Findings { hold: 100, on_runs: Vec::new(), held: Some(held(ring_lost)) };
+            let f = Findings { hold: 100, held: Some(held(ring_lost)), ..Findings::default() };
             let mut md = String::new();
             f.write_markdown(&mut md, |met| if met { "met" } else { "NOT met" }).unwrap();
             md
