@@ -31,6 +31,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
         ("setup", Box::new(setup::run)),
         ("fmt", Box::new(fmt)),
         ("release build", Box::new(|| build::observer_release().map(drop))),
+        // The image's other architecture, cross-compiled with the commands deploy/Dockerfile's
+        // build stage runs (scripts/build-observer.sh), checked to be that architecture's ELF.
+        ("cross build", Box::new(|| build::observer_for(build::Arch::host().other()).map(drop))),
         ("clippy", Box::new(clippy)),
         ("kernel clippy", Box::new(kernel_clippy)),
         ("unit tests", Box::new(unit_tests)),
@@ -43,6 +46,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             "kernel matrix (qemu)",
             Box::new(|| {
                 kernels::run(&kernels::Options {
+                    arch: build::Arch::host(),
                     write_readme: false,
                     kernels: Vec::new(),
                     tests: Vec::new(),
