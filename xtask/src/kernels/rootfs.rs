@@ -37,6 +37,10 @@ pub const PACKAGES: [&str; 11] = [
 /// points must exist in a read-only root.
 const MOUNT_POINTS: [&str; 9] = ["proc", "sys", "dev", "tmp", "run", "root", "var/tmp", "etc", "newroot"];
 
+/// What Debian's base-files would link: `ip netns` keeps its namespaces in
+/// /run/netns, which the tests open as /var/run/netns.
+const LINKS: [(&str, &str); 2] = [("var/run", "/run"), ("var/lock", "/run/lock")];
+
 /// The unpacked root under `dir/root`, reused while the downloaded package set
 /// is the same. Returns its path.
 pub fn prepare(apt: &Apt, dir: &Path) -> Result<PathBuf> {
@@ -47,6 +51,7 @@ pub fn prepare(apt: &Apt, dir: &Path) -> Result<PathBuf> {
         debs.iter().filter_map(|p| p.file_name()).map(|n| format!("{}\n", n.to_string_lossy())).collect();
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && root.is_dir() {
         eprintln!("xtask kernels: guest root of {} packages cached in {}", debs.len(), root.display());
+        finish(&root)?;
         return Ok(root);
     }
     if root.exists() {
@@ -56,21 +61,30 @@ pub fn prepare(apt: &Apt, dir: &Path) -> Result<PathBuf> {
     for deb in &debs {
         util::run_checked(Command::new("dpkg").arg("-x").arg(deb).arg(&root), "unpacking a guest root package")?;
     }
-    for d in MOUNT_POINTS {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    // dash's package leaves /bin/sh to its maintainer script.
-    let sh = root.join("bin/sh");
-    if std::fs::symlink_metadata(&sh).is_err() {
-        std::os::unix::fs::symlink("dash", &sh)?;
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
-    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+    finish(&root)?;
     ensure!(root.join("bin/busybox").is_file(), "busybox-static left no bin/busybox in {}", root.display());
     std::fs::write(&stamp, want)?;
     eprintln!("xtask kernels: guest root of {} packages unpacked in {}", debs.len(), root.display());
     Ok(root)
+}
+
+/// What maintainer scripts and base-files would add to the unpacked packages: mount
+/// points, links, the few /etc files. Idempotent, so a cached root gets what a newer
+/// xtask adds.
+fn finish(root: &Path) -> Result<()> {
+    for d in MOUNT_POINTS {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    for (link, target) in LINKS.iter().chain(&[("bin/sh", "dash")]) {
+        let path = root.join(link);
+        if std::fs::symlink_metadata(&path).is_err() {
+            std::os::unix::fs::symlink(target, &path).with_context(|| format!("linking {}", path.display()))?;
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+    Ok(())
 }
 
 /// Makes `work` (the host's path of the guest's writable share) a mount point
