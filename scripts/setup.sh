@@ -7,7 +7,10 @@
 #   - the pinned bpf-linker from crates.io, built against that nightly's own
 #     libLLVM (no prebuilt download): see docs/kernels.md;
 #   - the Debian packages the tests drive (haproxy, iperf3, nftables, prometheus
-#     with promtool, curl, ...).
+#     with promtool, curl, ...);
+#   - on x86_64, the arm64 cross toolchain (gcc-aarch64-linux-gnu,
+#     libc6-dev-arm64-cross, Rust's aarch64-unknown-linux-gnu standard library):
+#     `cargo xtask build --target aarch64` and the arm64 kernel matrix use it.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -28,8 +31,16 @@ LLVM_PREFIX_DIR=${OBSERVER_LLVM_PREFIX:-$HOME/.local/share/observer/llvm-prefix}
 # --- Debian packages -------------------------------------------------------
 # curl: the HTTPS client of tests/tests/web_config.rs.
 DEB_PACKAGES=(haproxy iperf3 nftables iproute2 procps prometheus curl)
-# OBSERVER_SETUP_SKIP_DEBS=1: build-only machines (deploy/Dockerfile) need none.
-if [[ -n "${OBSERVER_SETUP_SKIP_DEBS:-}" ]]; then DEB_PACKAGES=(); fi
+# The arm64 cross build (scripts/build-observer.sh arm64): C compiler and libc for
+# ring and the tests' fake NVML library, and the linker.
+CROSS_TARGET=
+if [[ "$(dpkg --print-architecture 2>/dev/null)" == amd64 ]]; then
+  DEB_PACKAGES+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+  CROSS_TARGET=aarch64-unknown-linux-gnu
+fi
+# OBSERVER_SETUP_SKIP_DEBS=1: build-only machines (deploy/Dockerfile) need none;
+# scripts/build-observer.sh installs a cross toolchain itself when it needs one.
+if [[ -n "${OBSERVER_SETUP_SKIP_DEBS:-}" ]]; then DEB_PACKAGES=(); CROSS_TARGET=; fi
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -45,6 +56,12 @@ if ((${#missing[@]})); then
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
     pkill -x "$svc" 2>/dev/null || true
   done
+fi
+
+# --- Rust's standard library for the cross target ------------------------------
+if [[ -n "$CROSS_TARGET" ]] && ! rustup target list --installed | grep -qx "$CROSS_TARGET"; then
+  log "installing Rust's standard library for $CROSS_TARGET"
+  rustup target add "$CROSS_TARGET"
 fi
 
 # --- the pinned nightly, with rust-src and clippy -----------------------------

@@ -528,6 +528,55 @@ fn helm_chart() {
     }
 }
 
+/// The image is built for amd64 and arm64 without emulating the compiler: its build stage
+/// runs on the builder's own platform and cross-compiles for the target platform with
+/// scripts/build-observer.sh, the script `cargo xtask build --target aarch64` and `cargo
+/// xtask test` run without a container (no container builder runs in CI). This checks that
+/// the Dockerfile still runs that script, for both architectures, so the test command's run
+/// of it is the image's build.
+#[test]
+fn dockerfile_cross_builds_with_the_script_ci_runs() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let script = std::fs::read_to_string(workspace_root().join("scripts/build-observer.sh")).unwrap();
+    let instructions: Vec<&str> =
+        dockerfile.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let stages: Vec<&&str> = instructions.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(stages.len(), 2, "a build stage and the image: {stages:?}");
+    assert!(
+        stages[0].starts_with("FROM --platform=$BUILDPLATFORM ") && stages[0].ends_with(" AS build"),
+        "the build stage must run on the builder's platform (no emulated compiler): {}",
+        stages[0]
+    );
+    assert!(!stages[1].contains("--platform"), "the image is of the target platform: {}", stages[1]);
+    let build_stage: Vec<&str> = instructions
+        .iter()
+        .copied()
+        .skip_while(|l| !l.starts_with("FROM "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("FROM "))
+        .collect();
+    assert!(build_stage.contains(&"ARG TARGETARCH"), "{build_stage:?}");
+    let builds: Vec<&&str> = build_stage.iter().filter(|l| l.contains("cargo build")).collect();
+    assert!(builds.is_empty(), "the build stage builds through scripts/build-observer.sh only: {builds:?}");
+    let run = build_stage
+        .iter()
+        .find(|l| l.starts_with("RUN scripts/build-observer.sh "))
+        .unwrap_or_else(|| panic!("the build stage does not run scripts/build-observer.sh: {build_stage:?}"));
+    assert!(run.contains("${TARGETARCH") && run.ends_with(" /out/observer"), "{run}");
+    assert!(instructions.contains(&"COPY --from=build /out/observer /usr/local/bin/observer"));
+    // Both architectures of the image, each with its Rust target and cross compiler.
+    for (arch, triple, gcc) in [
+        ("amd64", "x86_64-unknown-linux-gnu", "gcc-x86-64-linux-gnu"),
+        ("arm64", "aarch64-unknown-linux-gnu", "gcc-aarch64-linux-gnu"),
+    ] {
+        let arm = script
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{arch})")))
+            .unwrap_or_else(|| panic!("scripts/build-observer.sh has no case for {arch}"));
+        assert!(arm.contains(triple) && arm.contains(gcc), "{arm}");
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }

@@ -25,6 +25,13 @@ struct Cli {
 enum Command {
     /// Prepare this machine: nightly rust-src, bpf-linker, Debian packages (scripts/setup.sh).
     Setup,
+    /// Build the release observer, for another architecture with `--target` (cross-compiled
+    /// from this machine, kernel programs included; the image build's commands).
+    Build {
+        /// Architecture to build for (aarch64 = arm64, x86_64 = amd64). Default: this machine's.
+        #[arg(long, value_enum)]
+        target: Option<build::Arch>,
+    },
     /// Set up, build the release observer and run it (as root, through sudo -E if needed).
     Run {
         /// Arguments for `observer run` (default: --iface lo).
@@ -40,6 +47,11 @@ enum Command {
         /// Leave out the kernel matrix in qemu (`cargo xtask kernels`, several minutes).
         #[arg(long)]
         skip_kernels: bool,
+        /// Also run the arm64 guests (`cargo xtask kernels --arch arm64`: Debian's arm64 6.1
+        /// and 6.12 under qemu-system-aarch64, drops, tcp_sessions, udp_sessions in the auto
+        /// and kprobe tiers) after the x86 matrix.
+        #[arg(long, conflicts_with = "skip_kernels")]
+        arm64: bool,
         /// Passed to the end-to-end test binary after `--test-threads=1` (a test-name filter).
         #[arg(last = true)]
         filter: Vec<String>,
@@ -50,10 +62,16 @@ enum Command {
         /// Rewrite README's kernel tables (between its kernels:begin/end markers) from the results.
         #[arg(long)]
         write_readme: bool,
-        /// Only this kernel (5.10, 6.1, 6.12); repeatable. Default: all.
+        /// The guests' architecture: x86_64 (5.10, 6.1, 6.12; every test, every tier) or arm64
+        /// (6.1, 6.12 under qemu-system-aarch64; cross-built observer and tests: drops,
+        /// tcp_sessions, udp_sessions in the auto and kprobe tiers).
+        #[arg(long, value_enum, default_value = "x86_64")]
+        arch: build::Arch,
+        /// Only this kernel (5.10, 6.1, 6.12; arm64: 6.1, 6.12); repeatable. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Only this end-to-end test binary (tests/tests/<NAME>.rs); repeatable. Default: all.
+        /// Only this end-to-end test binary (tests/tests/<NAME>.rs); repeatable. Default: all
+        /// (arm64: drops, tcp_sessions, udp_sessions).
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
         /// Bound on one VM's whole run, in seconds.
@@ -120,12 +138,14 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Setup => setup::run(),
+        Command::Build { target } => build::run(target.unwrap_or_else(build::Arch::host)),
         Command::Run { args } => run::run(args),
-        Command::Test { skip_bench, skip_kernels, filter } => {
-            test::run(&test::TestArgs { skip_bench, skip_kernels, filter })
+        Command::Test { skip_bench, skip_kernels, arm64, filter } => {
+            test::run(&test::TestArgs { skip_bench, skip_kernels, arm64, filter })
         }
-        Command::Kernels { write_readme, kernels: names, tests, vm_timeout, vcpus } => {
+        Command::Kernels { arch, write_readme, kernels: names, tests, vm_timeout, vcpus } => {
             kernels::run(&kernels::Options {
+                arch,
                 write_readme,
                 kernels: names,
                 tests,
@@ -187,19 +207,22 @@ mod tests {
     #[test]
     fn test_takes_flag_and_filter() {
         match parse(&["test", "--skip-bench", "--", "tcp_state", "--nocapture"]) {
-            Command::Test { skip_bench, skip_kernels, filter } => {
-                assert!(skip_bench && !skip_kernels);
+            Command::Test { skip_bench, skip_kernels, arm64, filter } => {
+                assert!(skip_bench && !skip_kernels && !arm64);
                 assert_eq!(filter, ["tcp_state", "--nocapture"]);
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(parse(&["test", "--skip-kernels"]), Command::Test { skip_kernels: true, .. }));
+        assert!(matches!(parse(&["test", "--arm64"]), Command::Test { arm64: true, .. }));
+        assert!(Cli::try_parse_from(["xtask", "test", "--arm64", "--skip-kernels"]).is_err());
     }
 
     #[test]
     fn kernels_flags() {
         match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12", "--test", "drops"]) {
-            Command::Kernels { write_readme, kernels, tests, vm_timeout, vcpus } => {
+            Command::Kernels { arch, write_readme, kernels, tests, vm_timeout, vcpus } => {
+                assert_eq!(arch, build::Arch::X86_64);
                 assert!(write_readme);
                 assert_eq!(kernels, ["6.1", "6.12"]);
                 assert_eq!(tests, ["drops"]);
@@ -208,6 +231,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(parse(&["kernels", "--arch", "arm64"]), Command::Kernels { arch: build::Arch::Aarch64, .. }));
+    }
+
+    #[test]
+    fn build_takes_a_target_architecture() {
+        assert!(matches!(parse(&["build"]), Command::Build { target: None }));
+        for (arg, arch) in
+            [("aarch64", build::Arch::Aarch64), ("arm64", build::Arch::Aarch64), ("amd64", build::Arch::X86_64)]
+        {
+            assert!(matches!(parse(&["build", "--target", arg]), Command::Build { target: Some(a) } if a == arch));
+        }
+        assert!(Cli::try_parse_from(["xtask", "build", "--target", "riscv64"]).is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@ use crate::{bench, build, kernels, setup, util};
 pub struct TestArgs {
     pub skip_bench: bool,
     pub skip_kernels: bool,
+    /// Run the arm64 guests after the x86 matrix.
+    pub arm64: bool,
     /// Extra arguments for the end-to-end test binary (a name filter, --nocapture, ...).
     pub filter: Vec<String>,
 }
@@ -31,6 +33,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
         ("setup", Box::new(setup::run)),
         ("fmt", Box::new(fmt)),
         ("release build", Box::new(|| build::observer_release().map(drop))),
+        // The image's other architecture, cross-compiled with the commands deploy/Dockerfile's
+        // build stage runs (scripts/build-observer.sh), checked to be that architecture's ELF.
+        ("cross build", Box::new(|| build::observer_for(build::Arch::host().other()).map(drop))),
         ("clippy", Box::new(clippy)),
         ("kernel clippy", Box::new(kernel_clippy)),
         ("unit tests", Box::new(unit_tests)),
@@ -39,18 +44,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if !args.skip_kernels {
         // The same end-to-end tests on Debian's 5.10, 6.1 and 6.12 in qemu, every
         // hook tier: the fentry and kprobe tiers run nowhere else.
-        steps.push((
-            "kernel matrix (qemu)",
-            Box::new(|| {
-                kernels::run(&kernels::Options {
-                    write_readme: false,
-                    kernels: Vec::new(),
-                    tests: Vec::new(),
-                    vm_timeout: Duration::from_secs(kernels::DEFAULT_VM_TIMEOUT_S),
-                    vcpus: 1,
-                })
-            }),
-        ));
+        steps.push(("kernel matrix (qemu)", Box::new(|| kernel_matrix(build::Arch::host()))));
+    }
+    if args.arm64 {
+        // After the x86 guests, not beside them: more guests than cores starve each other.
+        steps.push(("kernel matrix, arm64 guests (qemu)", Box::new(|| kernel_matrix(build::Arch::Aarch64))));
     }
     if !args.skip_bench {
         steps
@@ -84,6 +82,18 @@ pub fn run(args: &TestArgs) -> Result<()> {
     eprintln!();
     println!("xtask test: all {total} steps passed in {}: {}{skipped}", secs(started.elapsed()), list(&passed));
     Ok(())
+}
+
+/// `cargo xtask kernels` with its defaults for guests of `arch`.
+fn kernel_matrix(arch: build::Arch) -> Result<()> {
+    kernels::run(&kernels::Options {
+        arch,
+        write_readme: false,
+        kernels: Vec::new(),
+        tests: Vec::new(),
+        vm_timeout: Duration::from_secs(kernels::DEFAULT_VM_TIMEOUT_S),
+        vcpus: 1,
+    })
 }
 
 fn fmt() -> Result<()> {

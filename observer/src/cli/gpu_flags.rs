@@ -44,10 +44,12 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
 
 fn parse_lib(s: &str) -> Result<PathBuf, String> {
     if s.is_empty() {
-        return Err(
-            "the path is empty (give the driver's libnvidia-ml.so.1, e.g. /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1)"
-                .into(),
-        );
+        // Debian's and Ubuntu's multiarch directory of this build's architecture
+        // (/usr/lib/aarch64-linux-gnu on arm64 nodes: Grace, Graviton).
+        return Err(format!(
+            "the path is empty (give the driver's libnvidia-ml.so.1, e.g. /usr/lib/{}-linux-gnu/libnvidia-ml.so.1)",
+            std::env::consts::ARCH
+        ));
     }
     // A bare name would be searched for by the loader, which is what leaving
     // the flag out already does; a path is what the flag is for.

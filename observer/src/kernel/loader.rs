@@ -109,16 +109,23 @@ pub fn load(
 }
 
 impl Kernel {
-    /// Tries to load an fentry program: `Err(reason)` if the kernel refuses.
+    /// Tries to load an fentry program and attach it for a moment: `Err(reason)` if the
+    /// kernel refuses either. Loading is not enough: arm64 kernels before 6.4 (Debian 12's
+    /// 6.1) verify fentry programs but cannot attach them (no ftrace direct calls, so no
+    /// BPF trampoline: ENOTSUPP, 524), and `auto` must then take the kprobe tier.
     pub fn probe_fentry(&mut self) -> Result<(), String> {
         let result = self.load_program(FENTRY_PROBE, Attach::FEntry("tcp_set_state"));
-        match result {
-            Ok(()) => {
-                self.probed.push(FENTRY_PROBE);
-                Ok(())
-            }
-            Err(e) => Err(format!("the kernel refused to load a test fentry program on tcp_set_state: {}", chain(&e))),
+        if let Err(e) = result {
+            return Err(format!("the kernel refused to load a test fentry program on tcp_set_state: {}", chain(&e)));
         }
+        self.probed.push(FENTRY_PROBE);
+        let attached = self.ebpf.program_mut(FENTRY_PROBE).ok_or(ProgramError::UnexpectedProgramType).and_then(|p| {
+            let p = <&mut FEntry>::try_from(p)?;
+            let link = p.attach()?;
+            p.detach(link)
+        });
+        attached
+            .map_err(|e| format!("the kernel refused to attach a test fentry program on tcp_set_state: {}", chain(&e)))
     }
 
     /// Attaches every hook of the plan (the programs `plan.disabled` leaves

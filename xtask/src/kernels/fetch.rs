@@ -80,7 +80,8 @@ impl Apt {
 
     /// Lists of `sources` (a sources.list text) only, kept in `dir`: its own
     /// sources file, lists and cache; the host's dpkg status is only read.
-    pub fn private(dir: &Path, sources: &str) -> Result<Self> {
+    /// `arch`: packages of that Debian architecture (`arm64`) instead of the host's.
+    pub fn private(dir: &Path, sources: &str, arch: Option<&str>) -> Result<Self> {
         let lists = dir.join("lists");
         std::fs::create_dir_all(lists.join("partial"))?;
         let list = dir.join("sources.list");
@@ -90,7 +91,12 @@ impl Apt {
             std::fs::remove_dir_all(&lists)?;
             std::fs::create_dir_all(lists.join("partial"))?;
         }
-        let apt = Self { options: private_options(dir) };
+        let mut options = private_options(dir);
+        if let Some(arch) = arch {
+            options.push(format!("APT::Architecture={arch}"));
+            options.push(format!("APT::Architectures={arch}"));
+        }
+        let apt = Self { options };
         let has_lists = std::fs::read_dir(&lists)?.filter_map(|e| e.ok()).any(|e| e.path().is_file());
         if !has_lists {
             apt.update()?;
@@ -121,6 +127,33 @@ impl Apt {
             bail!("apt-cache show {package}: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Apt {
+    /// Downloads `packages` with every package they depend on, as if none were
+    /// installed (an empty dpkg status of its own), into `dest`: the closure of a
+    /// root filesystem of these lists' architecture. Returns the `.deb` files.
+    pub fn download_closure(&self, packages: &[&str], dest: &Path) -> Result<Vec<PathBuf>> {
+        let state = dest.join("state");
+        std::fs::create_dir_all(dest.join("partial"))?;
+        std::fs::create_dir_all(&state)?;
+        std::fs::write(state.join("status"), "")?;
+        let mut get = self.command("apt-get");
+        get.args(["-o", &format!("Dir::State::status={}/status", state.display())])
+            .args(["-o", &format!("Dir::Cache::archives={}", dest.display())])
+            // Nothing is installed: the host's dpkg lock is not needed, nor its sandbox user.
+            .args(["-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root", "-o", "APT::Install-Recommends=0"])
+            .args(["install", "--download-only", "-y", "-qq"])
+            .args(packages);
+        util::run_checked(&mut get, "downloading the guest root's packages")?;
+        let mut debs: Vec<PathBuf> = std::fs::read_dir(dest)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        debs.sort();
+        ensure!(!debs.is_empty(), "apt-get left no .deb in {}", dest.display());
+        Ok(debs)
     }
 }
 
@@ -163,8 +196,10 @@ pub struct Unpacked {
 const STAMP: &str = "package";
 
 /// The kernel of `r` in `dir`, downloaded and unpacked unless the cache
-/// already holds that exact version.
-pub fn fetch(apt: &Apt, r: &Resolved, dir: &Path) -> Result<Unpacked> {
+/// already holds that exact version. `bzimage`: the image is an x86 bzImage,
+/// whose kernel is extracted for qemu; otherwise (arm64's gzip-compressed
+/// `Image`, which qemu-system-aarch64 boots as it is) it is copied.
+pub fn fetch(apt: &Apt, r: &Resolved, dir: &Path, bzimage: bool) -> Result<Unpacked> {
     let root = dir.join("root");
     let vmlinux = dir.join("vmlinux");
     let cached = std::fs::read_to_string(dir.join(STAMP)).is_ok_and(|s| s == r.stamp());
@@ -189,7 +224,11 @@ pub fn fetch(apt: &Apt, r: &Resolved, dir: &Path) -> Result<Unpacked> {
         util::run_checked(Command::new("dpkg").arg("-x").arg(&deb).arg(&root), "unpacking the kernel package")?;
         std::fs::remove_dir_all(&dl)?;
         let vmlinuz = single_entry(&root.join("boot"), "vmlinuz-")?;
-        bzimage::extract_vmlinux(&vmlinuz, &vmlinux)?;
+        if bzimage {
+            bzimage::extract_vmlinux(&vmlinuz, &vmlinux)?;
+        } else {
+            std::fs::copy(&vmlinuz, &vmlinux).with_context(|| format!("copying {}", vmlinuz.display()))?;
+        }
         // Written last: an interrupted fetch is redone.
         std::fs::write(dir.join(STAMP), r.stamp())?;
     }

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
+use crate::build::Arch;
 use crate::util;
 
 /// (command, Debian package). busybox is checked separately: it must be the
@@ -41,9 +42,9 @@ pub fn sources_enable(text: &str, suite: &str) -> bool {
     })
 }
 
-/// qemu-system-x86 must match the installed qemu-utils' version; an image
-/// whose qemu-utils comes from backports (as this project's does) blocks the
-/// release's own qemu-system-x86.
+/// qemu-system-x86 (and -arm) must match the installed qemu-utils' version; an
+/// image whose qemu-utils comes from backports (as this project's does) blocks
+/// the release's own qemu-system-x86.
 pub fn needs_backports(qemu_utils_version: Option<&str>) -> bool {
     qemu_utils_version.is_some_and(|v| v.contains("~bpo"))
 }
@@ -66,10 +67,14 @@ fn backports_enabled(suite: &str) -> bool {
     files.iter().any(|f| std::fs::read_to_string(f).is_ok_and(|t| sources_enable(&t, suite)))
 }
 
-/// Installs what is missing.
-pub fn ensure_tools() -> Result<()> {
+/// qemu for guests of another architecture than x86_64.
+const QEMU_ARM64: (&str, &str) = ("qemu-system-aarch64", "qemu-system-arm");
+
+/// Installs what is missing for guests of `arch`.
+pub fn ensure_tools(arch: Arch) -> Result<()> {
+    let extra = (arch == Arch::Aarch64).then_some(QEMU_ARM64);
     let mut missing: Vec<&str> =
-        TOOLS.iter().filter(|(cmd, _)| util::find_in_path(cmd).is_none()).map(|(_, pkg)| *pkg).collect();
+        TOOLS.iter().chain(&extra).filter(|(cmd, _)| util::find_in_path(cmd).is_none()).map(|(_, pkg)| *pkg).collect();
     if installed_version(BUSYBOX_STATIC).is_none() {
         missing.push(BUSYBOX_STATIC);
     }
@@ -78,7 +83,8 @@ pub fn ensure_tools() -> Result<()> {
     }
     eprintln!("xtask kernels: installing {}", missing.join(" "));
     let mut target_release = None;
-    if missing.contains(&"qemu-system-x86") && needs_backports(installed_version("qemu-utils").as_deref()) {
+    let is_qemu = |p: &&str| p.starts_with("qemu-system-");
+    if missing.iter().any(is_qemu) && needs_backports(installed_version("qemu-utils").as_deref()) {
         let os = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
         let suite = format!("{}-backports", codename(&os).context("no VERSION_CODENAME in /etc/os-release")?);
         if !backports_enabled(&suite) {
@@ -108,7 +114,7 @@ pub fn ensure_tools() -> Result<()> {
         }
         util::run_checked(cmd.args(packages), "installing the kernel matrix's tools")
     };
-    let (qemu, rest): (Vec<&str>, Vec<&str>) = missing.iter().partition(|p| **p == "qemu-system-x86");
+    let (qemu, rest): (Vec<&str>, Vec<&str>) = missing.iter().partition(|p| is_qemu(p));
     install(&rest, None)?;
     install(&qemu, target_release.as_deref())
 }

@@ -23,6 +23,7 @@ mod modules;
 mod qemu;
 mod report;
 mod results;
+mod rootfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
+use crate::build::Arch;
 use crate::{build, util};
 use guest::{Run, TestBin};
 use report::KernelReport;
@@ -53,6 +55,29 @@ pub struct Spec {
     /// apt sources (sources.list lines) to resolve `meta` in, for a kernel of
     /// another Debian release than the host's; `None`: the host's own lists.
     pub sources: Option<&'static str>,
+    /// The guest's architecture. Another than the host's boots under
+    /// qemu's emulation of it with a root of its own (`rootfs`).
+    pub arch: Arch,
+}
+
+impl Spec {
+    /// Cache, work directory and log names: the kernel's name, with the
+    /// architecture's for a guest of another than x86_64.
+    pub fn key(&self) -> String {
+        match self.arch {
+            Arch::X86_64 => self.name.to_owned(),
+            other => format!("{}-{}", self.name, other.debian()),
+        }
+    }
+
+    /// Where the package lists of `sources` live: per kernel on x86 (one
+    /// Debian release each), one set for every arm64 kernel and its root.
+    fn apt_dir(&self, base: &Path) -> PathBuf {
+        match self.arch {
+            Arch::X86_64 => base.join(format!("apt-{}", self.name)),
+            other => base.join(format!("apt-{}", other.debian())),
+        }
+    }
 }
 
 /// Debian 11 (bullseye), whose kernel is 5.10: its release and its security
@@ -70,6 +95,7 @@ pub const KERNELS: [Spec; 3] = [
         series: "5.10.",
         tiers: &guest::TIERS,
         sources: Some(BULLSEYE),
+        arch: Arch::X86_64,
     },
     Spec {
         name: "6.1",
@@ -78,6 +104,7 @@ pub const KERNELS: [Spec; 3] = [
         series: "6.1.",
         tiers: &guest::TIERS,
         sources: None,
+        arch: Arch::X86_64,
     },
     Spec {
         name: "6.12",
@@ -86,8 +113,56 @@ pub const KERNELS: [Spec; 3] = [
         series: "6.12.",
         tiers: &guest::TIERS,
         sources: None,
+        arch: Arch::X86_64,
     },
 ];
+
+/// Debian 12 (bookworm) for arm64, whose 6.1 and 6.12 kernels (6.12 in its
+/// point releases, as on x86) and guest root come from these lists.
+const BOOKWORM_ARM64: &str = "\
+deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
+deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
+";
+
+/// The arm64 guests' forced tier: the kprobe tier is the one whose programs
+/// read registers (`PtRegs`), which differ per architecture; fentry and
+/// tracepoint programs read the same BTF-typed context on both.
+pub const ARM64_TIERS: [&str; 1] = ["kprobe"];
+
+/// The end-to-end tests the arm64 guests run by default (every test is
+/// slower there: qemu emulates another instruction set): TCP sessions with
+/// exact bytes, UDP flows, drops (`auto` only, as on x86).
+pub const ARM64_TESTS: [&str; 3] = ["drops", "tcp_sessions", "udp_sessions"];
+
+pub const ARM64_KERNELS: [Spec; 2] = [
+    Spec {
+        name: "6.1",
+        label: "Debian 6.1 arm64",
+        meta: "linux-image-arm64",
+        series: "6.1.",
+        tiers: &ARM64_TIERS,
+        sources: Some(BOOKWORM_ARM64),
+        arch: Arch::Aarch64,
+    },
+    Spec {
+        name: "6.12",
+        label: "Debian 6.12 arm64",
+        meta: "linux-image-6.12-arm64",
+        series: "6.12.",
+        tiers: &ARM64_TIERS,
+        sources: Some(BOOKWORM_ARM64),
+        arch: Arch::Aarch64,
+    },
+];
+
+/// The kernels of the matrix for guests of `arch`.
+pub fn kernels_of(arch: Arch) -> &'static [Spec] {
+    match arch {
+        Arch::X86_64 => &KERNELS,
+        Arch::Aarch64 => &ARM64_KERNELS,
+    }
+}
 
 /// VMs booted at once, one vCPU each. Every kernel at once, although the
 /// machine has two cores: much of a guest's time goes to its tests' sleeps
@@ -99,11 +174,14 @@ const PARALLEL_VMS: usize = 3;
 const MEMORY_MB: u32 = 2048;
 
 pub struct Options {
+    /// The guests' architecture: x86_64 (the host's) or arm64.
+    pub arch: Arch,
     pub write_readme: bool,
     /// Names from `KERNELS`; empty for all.
     pub kernels: Vec<String>,
     /// End-to-end test binaries (tests/tests/<name>.rs) to run; empty for
-    /// all. For iterating on one test: a partial run cannot write README.
+    /// all (`ARM64_TESTS` on arm64). For iterating on one test: a partial run
+    /// cannot write README.
     pub tests: Vec<String>,
     /// Bound on one VM's whole run.
     pub vm_timeout: Duration,
@@ -121,22 +199,40 @@ pub fn run(opts: &Options) -> Result<()> {
         "cargo xtask kernels installs packages and shares the host's root with the VMs: run it as root"
     );
     ensure!(!opts.write_readme || opts.tests.is_empty(), "--write-readme needs every test: leave out --test");
-    let specs = select(&opts.kernels)?;
+    let specs = select(&opts.kernels, opts.arch)?;
     let started = Instant::now();
-    host::ensure_tools()?;
-    let observer = build::observer_release()?;
-    let tests = only(test_binaries()?, &opts.tests)?;
+    host::ensure_tools(opts.arch)?;
     let base = target_dir()?.join("kernels");
     for d in ["logs", "runs"] {
         std::fs::create_dir_all(base.join(d))?;
     }
+    let foreign = opts.arch != Arch::host();
+    let (observer, tests, root) = if foreign {
+        // Cross-built (the image's commands), with only the tests the guests run.
+        let names: Vec<String> = if opts.tests.is_empty() {
+            ARM64_TESTS.iter().map(|t| t.to_string()).collect()
+        } else {
+            opts.tests.clone()
+        };
+        let observer = build::observer_for(opts.arch)?;
+        let tests = test_binaries(opts.arch, &names)?;
+        let spec = specs[0];
+        let apt =
+            fetch::Apt::private(&spec.apt_dir(&base), spec.sources.unwrap_or_default(), Some(spec.arch.debian()))?;
+        let root = rootfs::prepare(&apt, &base.join(format!("rootfs-{}", spec.arch.debian())))
+            .context("preparing the guests' root")?;
+        (observer, only(tests, &names)?, root)
+    } else {
+        (build::observer_release()?, only(test_binaries(opts.arch, &[])?, &opts.tests)?, PathBuf::from("/"))
+    };
 
     // One at a time: apt holds a lock, and preparing takes seconds.
     let prepared = specs
         .iter()
-        .map(|s| prepare(s, &base, &observer, &tests).with_context(|| format!("preparing kernel {}", s.name)))
+        .map(|s| prepare(s, &base, &observer, &tests, &root).with_context(|| format!("preparing kernel {}", s.key())))
         .collect::<Result<Vec<_>>>()?;
-    let host_check = host_check(&observer);
+    // The host runs only its own architecture's observer.
+    let host_check = if foreign { None } else { host_check(&observer) };
     eprintln!("xtask kernels: prepared in {:.0} s; booting {} VMs", started.elapsed().as_secs_f64(), prepared.len());
 
     // `vcpus` each (one by default: the host has two cores), at most
@@ -192,7 +288,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let path = util::root().join("README.md");
         let readme = std::fs::read_to_string(&path)?;
         let section = report::readme_section(&reports, host_check.as_ref());
-        std::fs::write(&path, report::splice(&readme, &section)?)?;
+        std::fs::write(&path, report::splice(&readme, &section, report::markers(opts.arch))?)?;
         println!("xtask kernels: README.md's kernel tables rewritten");
     }
     Ok(())
@@ -210,16 +306,17 @@ fn children_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn select(names: &[String]) -> Result<Vec<Spec>> {
+fn select(names: &[String], arch: Arch) -> Result<Vec<Spec>> {
+    let kernels = kernels_of(arch);
     if names.is_empty() {
-        return Ok(KERNELS.to_vec());
+        return Ok(kernels.to_vec());
     }
     names
         .iter()
         .map(|n| {
-            KERNELS.iter().find(|s| s.name == n).copied().with_context(|| {
-                let known: Vec<_> = KERNELS.iter().map(|s| s.name).collect();
-                format!("unknown kernel {n:?}; known: {}", known.join(", "))
+            kernels.iter().find(|s| s.name == n).copied().with_context(|| {
+                let known: Vec<_> = kernels.iter().map(|s| s.name).collect();
+                format!("unknown {} kernel {n:?}; known: {}", arch.debian(), known.join(", "))
             })
         })
         .collect()
@@ -248,10 +345,17 @@ fn target_dir() -> Result<PathBuf> {
 }
 
 /// Builds the end-to-end test binaries (a no-op right after `cargo xtask
-/// test`'s end-to-end step) and lists them.
-fn test_binaries() -> Result<Vec<TestBin>> {
+/// test`'s end-to-end step) and lists them: for `arch`, cross-compiled unless
+/// it is the host's; only those named in `names` unless it is empty.
+fn test_binaries(arch: Arch, names: &[String]) -> Result<Vec<TestBin>> {
     let mut cmd = util::cargo();
     cmd.args(["test", "-p", "observer-tests", "--no-run", "--message-format=json"]).stderr(Stdio::inherit());
+    if arch != Arch::host() {
+        cmd.args(["--target", arch.triple()]).envs(arch.cross_env());
+    }
+    for n in names {
+        cmd.args(["--test", n]);
+    }
     eprintln!("+ {}", util::show(&cmd));
     let out = cmd.output().context("running cargo test --no-run")?;
     ensure!(out.status.success(), "building the end-to-end tests failed ({})", out.status);
@@ -281,6 +385,8 @@ fn host_check(observer: &Path) -> Option<Check> {
 
 struct Prepared {
     spec: Spec,
+    /// The guest's root filesystem on the host.
+    root: PathBuf,
     package: String,
     vmlinux: PathBuf,
     initramfs: PathBuf,
@@ -291,11 +397,13 @@ struct Prepared {
 }
 
 /// Fetches the kernel (or finds it cached), writes the guest script and
-/// builds the initramfs.
-fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Result<Prepared> {
-    let dir = base.join(spec.name);
+/// builds the initramfs. `root` is the guest's root: `/`, or a root of its
+/// architecture, where the binaries are copied into the work directory.
+fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin], root: &Path) -> Result<Prepared> {
+    let dir = base.join(spec.key());
+    let foreign = spec.arch != Arch::host();
     let apt = match spec.sources {
-        Some(sources) => fetch::Apt::private(&base.join(format!("apt-{}", spec.name)), sources)?,
+        Some(sources) => fetch::Apt::private(&spec.apt_dir(base), sources, foreign.then(|| spec.arch.debian()))?,
         None => fetch::Apt::host(),
     };
     let fetch = || -> Result<_> {
@@ -308,7 +416,7 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
             r.version,
             spec.series
         );
-        let u = fetch::fetch(&apt, &r, &dir)?;
+        let u = fetch::fetch(&apt, &r, &dir, spec.arch == Arch::X86_64)?;
         Ok((r, u))
     };
     // Stale package lists name versions the mirror no longer has: refresh once.
@@ -321,20 +429,37 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
         }
     };
 
-    let work = base.join("runs").join(spec.name);
+    let work = base.join("runs").join(spec.key());
     if work.exists() {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
-    let runs = guest::plan(tests, spec.tiers);
+    // A root of its own does not hold the host's build tree: the binaries go
+    // into the work directory, mounted at its host path in the guest.
+    let (observer, tests) = if root == Path::new("/") {
+        (observer.to_owned(), tests.to_vec())
+    } else {
+        rootfs::add_mount_point(root, &work)?;
+        let bin = work.join("bin");
+        let tests = tests
+            .iter()
+            .map(|t| Ok(TestBin { name: t.name.clone(), path: rootfs::copy_in(&t.path, &bin)? }))
+            .collect::<Result<Vec<_>>>()?;
+        (rootfs::copy_in(observer, &bin)?, tests)
+    };
+    let runs = guest::plan(&tests, spec.tiers);
     let script_path = work.join("guest.sh");
-    std::fs::write(&script_path, guest::script(&work, observer, spec.tiers, &runs))?;
+    std::fs::write(&script_path, guest::script(&work, &observer, spec.tiers, &runs))?;
 
     let modules = modules::ModuleTree::open(&unpacked.modules)?.resolve(&modules::GUEST_MODULES)?;
     let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
     let module_bytes =
         modules.iter().map(|(n, p)| modules::read_module(p).map(|b| (n.clone(), b))).collect::<Result<Vec<_>>>()?;
-    let busybox_path = util::find_in_path("busybox").unwrap_or_else(|| "/bin/busybox".into());
+    let busybox_path = if foreign {
+        root.join("bin/busybox")
+    } else {
+        util::find_in_path("busybox").unwrap_or_else(|| "/bin/busybox".into())
+    };
     let busybox = std::fs::read(&busybox_path).with_context(|| format!("reading {}", busybox_path.display()))?;
     let init = initramfs::init_script(&names, &work, &script_path);
     let archive = cpio::archive(&initramfs::entries(busybox, module_bytes, init)?);
@@ -342,7 +467,7 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
     std::fs::write(&initramfs, archive)?;
     eprintln!(
         "xtask kernels: {}: {} {} (`{}`), modules: {}",
-        spec.name,
+        spec.key(),
         resolved.package,
         resolved.version,
         unpacked.release,
@@ -350,11 +475,12 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
     );
     Ok(Prepared {
         spec: *spec,
+        root: root.to_owned(),
         package: format!("{} {}", resolved.package, resolved.version),
         vmlinux: unpacked.vmlinux,
         initramfs,
-        console: base.join("logs").join(format!("{}.console.log", spec.name)),
-        pidfile: base.join("runs").join(format!("{}.qemu.pid", spec.name)),
+        console: base.join("logs").join(format!("{}.console.log", spec.key())),
+        pidfile: base.join("runs").join(format!("{}.qemu.pid", spec.key())),
         work,
         runs,
     })
@@ -362,6 +488,8 @@ fn prepare(spec: &Spec, base: &Path, observer: &Path, tests: &[TestBin]) -> Resu
 
 fn boot(p: &Prepared, timeout: Duration, vcpus: u32) -> Result<KernelReport> {
     let vm = qemu::Vm {
+        arch: p.spec.arch,
+        root: &p.root,
         vcpus,
         vmlinux: &p.vmlinux,
         initramfs: &p.initramfs,
@@ -370,11 +498,12 @@ fn boot(p: &Prepared, timeout: Duration, vcpus: u32) -> Result<KernelReport> {
         timeout,
         pidfile: &p.pidfile,
     };
-    eprintln!("[{}] booting {} (console: {})", p.spec.name, p.package, p.console.display());
-    let ended = qemu::run(&vm, &p.console, p.spec.name)?;
+    let key = p.spec.key();
+    eprintln!("[{key}] booting {} (console: {})", p.package, p.console.display());
+    let ended = qemu::run(&vm, &p.console, &key)?;
     let console = String::from_utf8_lossy(&std::fs::read(&p.console)?).into_owned();
     let vm_end = results::vm_end(&console, ended.timed_out);
-    eprintln!("[{}] VM ended after {:.0} s: {vm_end:?}", p.spec.name, ended.elapsed.as_secs_f64());
+    eprintln!("[{key}] VM ended after {:.0} s: {vm_end:?}", ended.elapsed.as_secs_f64());
     Ok(KernelReport {
         label: p.spec.label.to_owned(),
         package: p.package.clone(),
@@ -446,10 +575,17 @@ not json
 
     #[test]
     fn kernels_are_selected_by_name() {
-        assert_eq!(select(&[]).unwrap().len(), KERNELS.len());
-        assert_eq!(select(&["6.12".into()]).unwrap()[0].meta, "linux-image-6.12-amd64");
-        assert_eq!(select(&["5.10".into()]).unwrap()[0].sources, Some(BULLSEYE));
-        assert!(select(&["4.19".into()]).unwrap_err().to_string().contains("known: 5.10, 6.1, 6.12"));
+        let x86 = Arch::X86_64;
+        assert_eq!(select(&[], x86).unwrap().len(), KERNELS.len());
+        assert_eq!(select(&["6.12".into()], x86).unwrap()[0].meta, "linux-image-6.12-amd64");
+        assert_eq!(select(&["5.10".into()], x86).unwrap()[0].sources, Some(BULLSEYE));
+        assert!(select(&["4.19".into()], x86).unwrap_err().to_string().contains("known: 5.10, 6.1, 6.12"));
+        let arm = select(&["6.12".into()], Arch::Aarch64).unwrap();
+        assert_eq!((arm[0].meta, arm[0].key()), ("linux-image-6.12-arm64", "6.12-arm64".to_owned()));
+        assert_eq!(select(&[], Arch::Aarch64).unwrap().len(), 2);
+        assert!(select(&["5.10".into()], Arch::Aarch64).unwrap_err().to_string().contains("known: 6.1, 6.12"));
+        assert_eq!(KERNELS[1].key(), "6.1");
+        assert_ne!(KERNELS[1].apt_dir(Path::new("/k")), ARM64_KERNELS[1].apt_dir(Path::new("/k")));
     }
 
     #[test]

@@ -12,9 +12,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::initramfs::{MARK, ROOT_TAG, WORK_TAG};
+use crate::build::Arch;
 
 /// One VM.
 pub struct Vm<'a> {
+    /// The guest's architecture: qemu-system-x86_64, or qemu-system-aarch64's `virt` machine.
+    pub arch: Arch,
+    /// Host directory shared read-only as the guest's root (mount tag `hostroot`): the
+    /// host's `/`, or an unpacked root of the guest's architecture (`rootfs`).
+    pub root: &'a Path,
     pub vmlinux: &'a Path,
     pub initramfs: &'a Path,
     /// Host directory shared writable (mount tag `work`).
@@ -35,21 +41,21 @@ pub fn escape(path: &Path) -> String {
 /// `timeout` and qemu's arguments.
 pub fn command_line(vm: &Vm) -> Vec<OsString> {
     let s = |x: &str| OsString::from(x);
-    vec![
+    let mut a = vec![
         // --foreground: qemu stays in our process group, so ^C reaches it; -k:
         // a guest that ignores the TERM is killed 10 s later.
         s("--foreground"),
         s("-k"),
         s("10"),
         s(&vm.timeout.as_secs().to_string()),
-        s("qemu-system-x86_64"),
+    ];
+    a.extend(machine(vm.arch).into_iter().map(OsString::from));
+    a.extend([
         // /dev/kvm here is a paravirtual backend that cannot run a stock kernel:
         // software emulation, one vCPU unless asked for more (two VMs share
         // the host's two cores); several run on as many host threads (MTTCG).
         s("-accel"),
         s("tcg"),
-        s("-cpu"),
-        s("max"),
         s("-smp"),
         s(&vm.vcpus.to_string()),
         s("-m"),
@@ -72,16 +78,41 @@ pub fn command_line(vm: &Vm) -> Vec<OsString> {
         // vulnerability mitigations: retpolines and RSB filling only slow the
         // emulation down in a throwaway VM.
         s("-append"),
-        s("console=ttyS0 panic=-1 oops=panic quiet mitigations=off"),
+        s(&format!("console={} panic=-1 oops=panic quiet mitigations=off", console(vm.arch))),
         s("-fsdev"),
-        s(&format!("local,id={ROOT_TAG},path=/,security_model=none,readonly=on")),
+        s(&format!("local,id={ROOT_TAG},path={},security_model=none,readonly=on", escape(vm.root))),
         s("-device"),
         s(&format!("virtio-9p-pci,fsdev={ROOT_TAG},mount_tag={ROOT_TAG}")),
         s("-fsdev"),
         s(&format!("local,id={WORK_TAG},path={},security_model=none", escape(vm.work))),
         s("-device"),
         s(&format!("virtio-9p-pci,fsdev={WORK_TAG},mount_tag={WORK_TAG}")),
-    ]
+    ]);
+    a
+}
+
+/// qemu's program, machine and CPU for `arch`. arm64: the generic `virt` board (PCI for
+/// the virtio-9p devices, a PL011 serial port); `-cpu max` as on x86, with the
+/// implementation-defined pointer-authentication algorithm, which TCG computes far
+/// faster than the architected QARMA (every kernel function return signs and checks).
+fn machine(arch: Arch) -> Vec<&'static str> {
+    match arch {
+        Arch::X86_64 => vec!["qemu-system-x86_64", "-cpu", "max"],
+        Arch::Aarch64 => vec!["qemu-system-aarch64", "-machine", "virt", "-cpu", "max,pauth-impdef=on"],
+    }
+}
+
+/// The serial console's device name in the guest.
+fn console(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "ttyS0",
+        Arch::Aarch64 => "ttyAMA0",
+    }
+}
+
+/// The qemu program for `arch` (for messages and the host's tool check).
+pub fn program(arch: Arch) -> &'static str {
+    machine(arch)[0]
 }
 
 /// How a VM run ended, as the host saw it.
@@ -118,7 +149,7 @@ pub fn run(vm: &Vm, console: &Path, label: &str) -> Result<Ended> {
     let mut cmd = Command::new("timeout");
     cmd.args(command_line(vm)).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     let started = Instant::now();
-    let child = cmd.spawn().context("starting qemu-system-x86_64 under timeout")?;
+    let child = cmd.spawn().with_context(|| format!("starting {} under timeout", program(vm.arch)))?;
     let mut guard = Guard { child, pidfile: vm.pidfile.to_owned() };
     let mut reader = File::open(console)?;
     let mut pending = String::new();
@@ -165,6 +196,8 @@ mod tests {
     #[test]
     fn command_line_boots_the_kernel_with_both_shares_and_no_network() {
         let vm = Vm {
+            arch: Arch::X86_64,
+            root: Path::new("/"),
             vmlinux: Path::new("/k/vmlinux"),
             initramfs: Path::new("/k/initramfs.cpio"),
             work: Path::new("/t/runs/6,1"),
@@ -177,7 +210,7 @@ mod tests {
         let joined = a.join(" ");
         assert!(
             joined.starts_with(
-                "--foreground -k 10 900 qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 2048 -nodefaults"
+                "--foreground -k 10 900 qemu-system-x86_64 -cpu max -accel tcg -smp 1 -m 2048 -nodefaults"
             ),
             "{joined}"
         );
@@ -187,6 +220,20 @@ mod tests {
         assert!(a.contains(&"local,id=work,path=/t/runs/6,,1,security_model=none".to_owned()), "{a:?}");
         assert!(a.contains(&"virtio-9p-pci,fsdev=work,mount_tag=work".to_owned()));
         assert!(!joined.contains("-nic") && !joined.contains("-netdev"));
+
+        let arm = Vm { arch: Arch::Aarch64, root: Path::new("/t/kernels/rootfs-arm64/root"), ..vm };
+        let a: Vec<String> = command_line(&arm).iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        let joined = a.join(" ");
+        assert!(
+            joined.starts_with(
+                "--foreground -k 10 900 qemu-system-aarch64 -machine virt -cpu max,pauth-impdef=on -accel tcg -smp 1"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-append console=ttyAMA0 panic=-1"), "{joined}");
+        assert!(a.contains(
+            &"local,id=hostroot,path=/t/kernels/rootfs-arm64/root,security_model=none,readonly=on".to_owned()
+        ));
     }
 
     #[test]

@@ -13,6 +13,17 @@ use super::results::{Check, Collected, Outcome, Tested, VmEnd};
 
 pub const BEGIN: &str = "<!-- kernels:begin -->";
 pub const END: &str = "<!-- kernels:end -->";
+/// The arm64 guests' tables (`cargo xtask kernels --arch arm64 --write-readme`).
+pub const ARM64_BEGIN: &str = "<!-- kernels-arm64:begin -->";
+pub const ARM64_END: &str = "<!-- kernels-arm64:end -->";
+
+/// README's markers around the tables of guests of `arch`.
+pub fn markers(arch: crate::build::Arch) -> (&'static str, &'static str) {
+    match arch {
+        crate::build::Arch::X86_64 => (BEGIN, END),
+        crate::build::Arch::Aarch64 => (ARM64_BEGIN, ARM64_END),
+    }
+}
 
 /// Concerns in the observer's order, for tables without any check to read
 /// them from.
@@ -94,8 +105,9 @@ impl KernelReport {
 
     /// The README cell for `tier`.
     fn tier_cell(&self, tier: &str) -> String {
+        // A tier the kernel's guest does not force: arm64's run `auto` and `kprobe` only.
         if tier != AUTO && !self.tiers.contains(&tier) {
-            return "not offered".into();
+            return "not run".into();
         }
         let outcomes: Vec<(&Run, &Outcome)> =
             self.collected.tests.iter().filter(|t| t.run.tier == tier).map(|t| (&t.run, &t.outcome)).collect();
@@ -227,14 +239,14 @@ pub fn readme_section(kernels: &[KernelReport], host: Option<&Check>) -> String 
 }
 
 /// `readme` with the text between the markers replaced by `section`.
-pub fn splice(readme: &str, section: &str) -> Result<String> {
-    let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else {
-        bail!("README.md lacks the markers {BEGIN} and {END} around the generated kernel table");
+pub fn splice(readme: &str, section: &str, (begin, end): (&str, &str)) -> Result<String> {
+    let (Some(b), Some(e)) = (readme.find(begin), readme.find(end)) else {
+        bail!("README.md lacks the markers {begin} and {end} around the generated kernel table");
     };
     if e < b {
-        bail!("README.md has {END} before {BEGIN}");
+        bail!("README.md has {end} before {begin}");
     }
-    let head = &readme[..b + BEGIN.len()];
+    let head = &readme[..b + begin.len()];
     let tail = &readme[e..];
     Ok(format!("{head}\n{}\n{tail}", section.trim_end()))
 }
@@ -450,10 +462,15 @@ result: run would work
     #[test]
     fn splice_replaces_only_between_markers() {
         let readme = format!("# t\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n");
-        let out = splice(&readme, "new table\n").unwrap();
+        let x86 = markers(crate::build::Arch::X86_64);
+        let out = splice(&readme, "new table\n", x86).unwrap();
         assert_eq!(out, format!("# t\n\nbefore\n{BEGIN}\nnew table\n{END}\nafter\n"));
-        assert_eq!(splice(&out, "new table").unwrap(), out, "idempotent");
-        assert!(splice("no markers", "x").is_err());
-        assert!(splice(&format!("{END}\n{BEGIN}"), "x").is_err());
+        assert_eq!(splice(&out, "new table", x86).unwrap(), out, "idempotent");
+        assert!(splice("no markers", "x", x86).is_err());
+        assert!(splice(&format!("{END}\n{BEGIN}"), "x", x86).is_err());
+        // The arm64 tables have markers of their own: the x86 ones stay.
+        let both = format!("{out}{ARM64_BEGIN}\n{ARM64_END}\n");
+        let arm = splice(&both, "arm64 table", markers(crate::build::Arch::Aarch64)).unwrap();
+        assert_eq!(arm, format!("{out}{ARM64_BEGIN}\narm64 table\n{ARM64_END}\n"));
     }
 }
