@@ -109,16 +109,22 @@ pub fn load(
 }
 
 impl Kernel {
-    /// Tries to load an fentry program and attach it for a moment: `Err(reason)` if the
-    /// kernel refuses either. Loading is not enough: arm64 kernels before 6.4 (Debian 12's
-    /// 6.1) verify fentry programs but cannot attach them (no ftrace direct calls, so no
-    /// BPF trampoline: ENOTSUPP, 524), and `auto` must then take the kprobe tier.
+    /// Tries to load an fentry program, and on arm64 to attach it for a moment:
+    /// `Err(reason)` if the kernel refuses either. Loading is not enough there: arm64
+    /// kernels before 6.4 (Debian 12's 6.1) verify fentry programs but cannot attach them
+    /// (no ftrace direct calls, so no BPF trampoline: ENOTSUPP, 524), and `auto` must then
+    /// take the kprobe tier. Not on x86, where trampolines came with fentry (5.5): a
+    /// tracing program once detached cannot be attached again before 5.11 or so (Debian
+    /// 11's 5.10 answers ENOENT), and the probe is the state program the tier attaches.
     pub fn probe_fentry(&mut self) -> Result<(), String> {
         let result = self.load_program(FENTRY_PROBE, Attach::FEntry("tcp_set_state"));
         if let Err(e) = result {
             return Err(format!("the kernel refused to load a test fentry program on tcp_set_state: {}", chain(&e)));
         }
         self.probed.push(FENTRY_PROBE);
+        if !cfg!(target_arch = "aarch64") {
+            return Ok(());
+        }
         let attached = self.ebpf.program_mut(FENTRY_PROBE).ok_or(ProgramError::UnexpectedProgramType).and_then(|p| {
             let p = <&mut FEntry>::try_from(p)?;
             let link = p.attach()?;
