@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 /// The workspace root: xtask lives one level below it.
 pub fn root() -> PathBuf {
@@ -75,6 +75,21 @@ pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+/// Builds and runs observer's example `name` (release build) with `args`; its stdout.
+pub fn observer_example_output(name: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "observer", "--example", name, "--"]).args(args);
+    eprintln!("+ {}", show(&cmd));
+    let out = cmd.output().with_context(|| format!("running `{}`", show(&cmd)))?;
+    ensure!(
+        out.status.success(),
+        "the {name} example failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A shell-like rendering of a command for logs.

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::report::Machine;
@@ -41,25 +41,10 @@ pub fn measure(scrapes: u32) -> Result<ScrapeLatency> {
 }
 
 fn measure_format(scrapes: u32, protobuf: bool) -> Result<Scrape> {
-    let mut cmd = util::cargo();
-    cmd.args(["run", "--quiet", "--release", "-p", "observer", "--example", "scrape_latency"]).args([
-        "--",
-        "--series",
-        &SERIES.to_string(),
-        "--scrapes",
-        &scrapes.to_string(),
-        "--protobuf",
-        if protobuf { "1" } else { "0" },
-    ]);
-    eprintln!("+ {}", util::show(&cmd));
-    let out = cmd.output().with_context(|| format!("running `{}`", util::show(&cmd)))?;
-    ensure!(
-        out.status.success(),
-        "the scrape_latency example failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse(&String::from_utf8_lossy(&out.stdout))
+    let (series, scrapes) = (SERIES.to_string(), scrapes.to_string());
+    let protobuf = if protobuf { "1" } else { "0" };
+    let args = ["--series", &series, "--scrapes", &scrapes, "--protobuf", protobuf];
+    parse(&util::observer_example_output("scrape_latency", &args)?)
 }
 
 fn parse(json: &str) -> Result<Scrape> {

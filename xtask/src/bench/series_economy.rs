@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::util;
@@ -29,18 +29,7 @@ pub struct SeriesEconomy {
 
 /// Builds and runs the example (release build).
 pub fn measure() -> Result<SeriesEconomy> {
-    let mut cmd = util::cargo();
-    cmd.args(["run", "--quiet", "--release", "-p", "observer", "--example", "series_economy", "--"])
-        .args(["--sets", &LABEL_SETS.to_string()]);
-    eprintln!("+ {}", util::show(&cmd));
-    let out = cmd.output().with_context(|| format!("running `{}`", util::show(&cmd)))?;
-    ensure!(
-        out.status.success(),
-        "the series_economy example failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse(&String::from_utf8_lossy(&out.stdout))
+    parse(&util::observer_example_output("series_economy", &["--sets", &LABEL_SETS.to_string()])?)
 }
 
 fn parse(json: &str) -> Result<SeriesEconomy> {
