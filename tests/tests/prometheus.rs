@@ -376,20 +376,24 @@ fn recording_rules_evaluate_to_the_known_sessions() {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && report.contains("SUCCESS: 6 rules found"), "{report}");
 
-    // Rules run every second: wait for an evaluation that saw every session.
+    // Rules run every second: wait for an evaluation that saw every session
+    // and the drops, then for the 10 s the drop samples below are read over
+    // (an evaluation before the drops' second scrape records a rate of 0).
     let impaired_share = k.impaired as f64 / KNOWN as f64;
     let share = "direction:observer_session_goodput_impaired:ratio_rate5m{direction=\"receive\"}";
+    let drops = "node_reason:observer_drops:rate5m{node=\"test-node\",reason=\"no_socket\"}";
     for prom in [&mut k.native, &mut k.classic] {
         wait_until("the rules to see every session", Duration::from_secs(20), Duration::from_millis(500), || {
             let p50 = prom.query_value(
                 "direction_region:observer_session_goodput_bytes_per_second:p50_rate5m{direction=\"receive\",region=\"test\"}",
             )?;
             let seen = prom.query_value(share)?.is_some_and(|s| (s - impaired_share).abs() < 1e-9);
-            Ok((p50.is_some() && seen).then_some(()))
+            let dropped = prom.query_value(drops)?.is_some_and(|d| d > 0.0);
+            Ok((p50.is_some() && seen && dropped).then_some(()))
         })
         .unwrap();
-        std::thread::sleep(Duration::from_secs(3));
     }
+    std::thread::sleep(Duration::from_secs(10));
     let (median, p10) = (k.goodputs[KNOWN / 2], k.goodputs[0]);
     for (prom, factor, what) in [(&mut k.native, NATIVE_FACTOR, "native"), (&mut k.classic, CLASSIC_FACTOR, "classic")]
     {
@@ -415,8 +419,7 @@ fn recording_rules_evaluate_to_the_known_sessions() {
         // Drops per node and reason: each recorded sample is the rate it
         // names, evaluated at the sample's time. A scrape that was being
         // written while the rule ran can make one sample differ.
-        let record = "node_reason:observer_drops:rate5m{node=\"test-node\",reason=\"no_socket\"}";
-        let data = prom.query(&format!("{record}[10s]")).unwrap();
+        let data = prom.query(&format!("{drops}[10s]")).unwrap();
         let samples = data["result"][0]["values"].as_array().cloned().unwrap_or_default();
         assert!(samples.len() >= 5, "{what}: {data}");
         let direct = "sum by (node, reason) (rate(observer_drops_total{reason=\"no_socket\"}[5m]))";
