@@ -11,8 +11,8 @@ use crate::{bench, build, kernels, setup, util};
 pub struct TestArgs {
     pub skip_bench: bool,
     pub skip_kernels: bool,
-    /// Run the arm64 guests after the x86 matrix.
-    pub arm64: bool,
+    /// Leave out the arm64 guests that run after the x86 matrix.
+    pub skip_arm64: bool,
     /// Extra arguments for the end-to-end test binary (a name filter, --nocapture, ...).
     pub filter: Vec<String>,
 }
@@ -46,8 +46,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
         // hook tier: the fentry and kprobe tiers run nowhere else.
         steps.push(("kernel matrix (qemu)", Box::new(|| kernel_matrix(build::Arch::host()))));
     }
-    if args.arm64 {
+    if !args.skip_kernels && !args.skip_arm64 && build::Arch::host() == build::Arch::X86_64 {
         // After the x86 guests, not beside them: more guests than cores starve each other.
+        // Their binary is the cross build's.
         steps.push(("kernel matrix, arm64 guests (qemu)", Box::new(|| kernel_matrix(build::Arch::Aarch64))));
     }
     if !args.skip_bench {
@@ -73,12 +74,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
         passed.push((name, t.elapsed()));
     }
-    let skipped: String =
-        [(args.skip_kernels, "kernel matrix", "--skip-kernels"), (args.skip_bench, "benchmark smoke", "--skip-bench")]
-            .iter()
-            .filter(|(skip, ..)| *skip)
-            .map(|(_, what, flag)| format!("; {what} skipped ({flag})"))
-            .collect();
+    let skipped: String = [
+        (args.skip_kernels, "kernel matrix", "--skip-kernels"),
+        (args.skip_arm64 && !args.skip_kernels, "arm64 guests", "--skip-arm64"),
+        (args.skip_bench, "benchmark smoke", "--skip-bench"),
+    ]
+    .iter()
+    .filter(|(skip, ..)| *skip)
+    .map(|(_, what, flag)| format!("; {what} skipped ({flag})"))
+    .collect();
     eprintln!();
     println!("xtask test: all {total} steps passed in {}: {}{skipped}", secs(started.elapsed()), list(&passed));
     Ok(())
