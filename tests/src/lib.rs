@@ -53,7 +53,7 @@ pub use observer::{
 pub use procfs::{ThreadCaps, rss_bytes, set_thread_comm, thread_caps};
 pub use prom::{Histogram, Metrics, Sample};
 pub use prometheus_server::{
-    PrometheusOptions, PrometheusServer, prometheus_bin, promtool_bin, promtool_check_metrics,
+    PrometheusOptions, PrometheusServer, counter_rate, prometheus_bin, promtool_bin, promtool_check_metrics,
 };
 pub use scrape::{Response, Scraper};
 pub use session_log::{ObservedSession, by_local, read_session_log, session_between, wait_sessions};

@@ -198,6 +198,26 @@ impl PrometheusServer {
         Ok(Some(text.parse().with_context(|| format!("query {promql}: value {text}"))?))
     }
 
+    /// The raw samples of the one series `selector[range]` selects at `time`
+    /// (Unix seconds), as (milliseconds, value): what a rule evaluated at
+    /// `time` would have read, had every scrape before it been ingested.
+    pub fn range_samples_at(&mut self, selector: &str, range: Duration, time: f64) -> Result<Vec<(i64, f64)>> {
+        let promql = format!("{selector}[{}ms]", range.as_millis());
+        let data = self.query_at(&promql, time)?;
+        let [series] = data["result"].as_array().map(Vec::as_slice).unwrap_or_default() else {
+            bail!("query {promql}: expected one series: {data}");
+        };
+        let values = series["values"].as_array().with_context(|| format!("query {promql}: {data}"))?;
+        values
+            .iter()
+            .map(|v| {
+                let at = v[0].as_f64().with_context(|| format!("query {promql}: sample {v}"))?;
+                let value = v[1].as_str().and_then(|t| t.parse().ok());
+                Ok(((at * 1000.0).round() as i64, value.with_context(|| format!("query {promql}: sample {v}"))?))
+            })
+            .collect()
+    }
+
     /// The scrape health of the observer target as Prometheus last saw it:
     /// `(health, last error)`.
     pub fn target_health(&mut self) -> Result<(String, String)> {
@@ -240,10 +260,56 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// PromQL's `rate(counter[range])` of one series' samples `(ms, value)`,
+/// evaluated at `at_ms`: the increase (counter resets added back) extrapolated
+/// to the range's ends the way Prometheus 2.x's `extrapolatedRate` does
+/// (to the boundary when it is within 1.1 average sample intervals, else by
+/// half an interval; never to before the counter's zero), per second.
+/// `None` with fewer than two samples, as Prometheus returns nothing then.
+pub fn counter_rate(samples: &[(i64, f64)], at_ms: i64, range: Duration) -> Option<f64> {
+    let (&(first_t, first_v), &(last_t, last_v)) = (samples.first()?, samples.last()?);
+    if samples.len() < 2 {
+        return None;
+    }
+    let resets: f64 = samples.windows(2).filter(|w| w[1].1 < w[0].1).map(|w| w[0].1).sum();
+    let increase = last_v - first_v + resets;
+    let range_start = at_ms - range.as_millis() as i64;
+    let mut to_start = (first_t - range_start) as f64 / 1000.0;
+    let to_end = (at_ms - last_t) as f64 / 1000.0;
+    let sampled = (last_t - first_t) as f64 / 1000.0;
+    let average = sampled / (samples.len() - 1) as f64;
+    if increase > 0.0 && first_v >= 0.0 {
+        to_start = to_start.min(sampled * (first_v / increase));
+    }
+    let threshold = average * 1.1;
+    let extrapolate = |d: f64| if d < threshold { d } else { average / 2.0 };
+    let interval = sampled + extrapolate(to_start) + extrapolate(to_end);
+    Some(increase * (interval / sampled) / range.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn percent_encoding_keeps_unreserved_only() {
         assert_eq!(super::percent_encode("a{b=\"c\"}[1m] +"), "a%7Bb%3D%22c%22%7D%5B1m%5D%20%2B");
+    }
+
+    /// Samples a Prometheus 2.42 server held in this test suite (a drop
+    /// counter scraped every second, two scrapes failed), and the rates it
+    /// computed at 1796627881.424: its recording rule, which ran while the
+    /// last scrape was still being read, and a later query over all of them.
+    #[test]
+    fn counter_rate_is_prometheus_rate() {
+        let raw = [(1796627875933, 2.0), (1796627877933, 7.0), (1796627878933, 12.0), (1796627879933, 12.0)];
+        let range = std::time::Duration::from_secs(300);
+        let rule = super::counter_rate(&raw, 1796627881424, range).unwrap();
+        assert!((rule / 0.04555555555555556 - 1.0).abs() < 1e-12, "{rule}");
+        let all = [&raw[..], &[(1796627880933, 12.0)]].concat();
+        let query = super::counter_rate(&all, 1796627881424, range).unwrap();
+        assert!((query / 0.04327333333333333 - 1.0).abs() < 1e-12, "{query}");
+        assert_eq!(super::counter_rate(&raw[..1], 1796627881424, range), None);
+        // A reset adds back the value before it.
+        let reset = super::counter_rate(&[(0, 5.0), (1000, 8.0), (2000, 2.0)], 2000, range).unwrap();
+        assert!((reset - 5.0 * (2.0 + 0.5 + 0.0) / 2.0 / 300.0).abs() < 1e-12, "{reset}");
     }
 }
