@@ -184,9 +184,22 @@ pub mod session_mark {
     pub const OWNER_KNOWN: usize = 1;
     /// `SESSION_PLACED`.
     pub const PLACED: usize = 2;
+    /// Not a flag: the session's close record has been sent (or lost to a
+    /// full ring, and counted). An entry with this mark is one the kernel
+    /// could not delete after the record: Linux 5.10's hash table refuses a
+    /// delete (EBUSY) when it interrupts an operation on the same lock slot
+    /// on that CPU. Nothing counts it again; the destruction hook, the next
+    /// socket at its address and userspace's sweep remove it.
+    pub const REPORTED: usize = 3;
 }
 
 impl SessionStart {
+    /// Whether the session's close was reported already (`session_mark::REPORTED`).
+    #[inline(always)]
+    pub fn reported(&self) -> bool {
+        self.marks[session_mark::REPORTED] != 0
+    }
+
     /// `flags` with the flags the calls marked since (`marks`).
     #[inline(always)]
     pub fn all_flags(&self) -> u32 {

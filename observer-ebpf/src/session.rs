@@ -79,8 +79,11 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
     let key = sk as u64;
     let Some(tp) = M::tcp(sk) else { return };
     if new == tcp_state::CLOSE {
-        on_close::<M>(sk, tp, key, old);
-        note_closed_here(key);
+        // An entry left behind (its delete refused) is for the destruction
+        // hook to delete: it must not take this close as handled.
+        if !on_close::<M>(sk, tp, key, old) {
+            note_closed_here(key);
+        }
         return;
     }
     // A birth: the socket leaves CLOSE/LISTEN, or SYN_RECV where the hook does
@@ -111,7 +114,9 @@ pub fn on_state_change<M: Mem, const CHILD_BIRTHS: bool>(sk: *const u8, old: i32
             // session inherit its birth and owner.
             // SAFETY: the value of a successful lookup (see `maps`, "Map
             // values"); its socket is gone, so no hook writes it.
-            if let Some(stale) = unsafe { OPEN_SESSIONS.get(&key) } {
+            if let Some(stale) = unsafe { OPEN_SESSIONS.get(&key) }
+                && !stale.reported()
+            {
                 count_lost(LostSource::SessionCloseMissed);
                 if diag::on() {
                     diag::session_close_missed(stale.pid, stale.live_tx, stale.live_rx);
@@ -349,38 +354,39 @@ fn tx_ifindex<M: Mem>(sk: *const u8) -> u32 {
         .unwrap_or(0)
 }
 
+/// Reports the session's end and deletes its entry. Returns whether the
+/// entry is left (`session_mark::REPORTED`): its delete was refused.
 #[inline(always)]
-fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) {
+fn on_close<M: Mem>(sk: *const u8, tp: *const u8, key: u64, old: i32) -> bool {
     // A reference into the map, not a copy: the record is filled from it
     // before the entry is removed. Copies of the 100-byte start took the
     // programs' stack to 488 bytes, which with the memset/memcpy subprograms
     // exceeds 512 on verifiers that round each frame up to 32 bytes (6.1).
     // SAFETY: the value of a successful lookup (see `maps`, "Map values");
     // the socket is closing, so no call writes the entry now.
-    let start = unsafe { OPEN_SESSIONS.get(&key) };
-    if start.is_none() && (old == tcp_state::LISTEN || old == tcp_state::CLOSE) {
+    let mut start = unsafe { OPEN_SESSIONS.get_ptr_mut(&key).map(|p| &mut *p) };
+    match &mut start {
         // A listener or a socket that never connected: not a session.
-        return;
-    }
-    if start.is_none() {
+        None if old == tcp_state::LISTEN || old == tcp_state::CLOSE => return false,
         // Its session may have found no room: the mark goes with the socket.
-        clear_no_room(key);
+        None => clear_no_room(key),
+        // Before the record goes: should the delete below be refused, a copy
+        // of the table must not count the entry as an open session (its
+        // bytes are in the record), whenever it is taken.
+        Some(start) => set_mark(start, session_mark::REPORTED),
     }
-    let Some(mut entry) = SESSIONS.reserve::<SessionRecord>(0) else {
-        count_lost(LostSource::SessionRingFull);
-        if start.is_some() {
-            let _ = OPEN_SESSIONS.remove(&key);
+    let start = start.map(|s| &*s);
+    match SESSIONS.reserve::<SessionRecord>(0) {
+        Some(mut entry) => {
+            // SAFETY: a reserved ring-buffer slot, ours alone until submit,
+            // sized and aligned for a `SessionRecord` (plain integers);
+            // `fill_record` writes every field before submit.
+            fill_record::<M>(unsafe { &mut *entry.as_mut_ptr() }, sk, tp, start, old);
+            entry.submit(wake_flags(&SESSIONS, SESSIONS_RING_BYTES));
         }
-        return;
-    };
-    // SAFETY: a reserved ring-buffer slot, ours alone until submit, sized and
-    // aligned for a `SessionRecord` (plain integers); `fill_record` writes
-    // every field before submit.
-    fill_record::<M>(unsafe { &mut *entry.as_mut_ptr() }, sk, tp, start, old);
-    entry.submit(wake_flags(&SESSIONS, SESSIONS_RING_BYTES));
-    if start.is_some() {
-        let _ = OPEN_SESSIONS.remove(&key);
+        None => count_lost(LostSource::SessionRingFull),
     }
+    start.is_some() && OPEN_SESSIONS.remove(&key).is_err()
 }
 
 /// Emits the record of a session whose close no hook saw, from its entry
@@ -430,7 +436,14 @@ fn report_missed_close(key: u64, s: &SessionStart) {
 #[inline(always)]
 pub fn on_destroy<M: Mem>(sk: *const u8) {
     let key = sk as u64;
-    if take_closed_here(key) || OPEN_SESSIONS.get_ptr(&key).is_none() {
+    if take_closed_here(key) {
+        return;
+    }
+    let Some(start) = OPEN_SESSIONS.get_ptr(&key) else { return };
+    // SAFETY: the value of a successful lookup (see `maps`, "Map values").
+    if unsafe { (*start).reported() } {
+        // Reported at its close, whose delete was refused: delete it now.
+        let _ = OPEN_SESSIONS.remove(&key);
         return;
     }
     let Some(tp) = M::tcp(sk) else { return };

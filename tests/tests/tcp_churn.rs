@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_common::{SESSION_ACTIVE_OPEN, SESSION_PLACED, SessionStart};
+use observer_common::{SESSION_ACTIVE_OPEN, SESSION_PLACED, SessionStart, session_mark};
 use observer_tests::{
     KernelMap, Metrics, NetNs, ObserverProcess, kernel_links_named, kernel_programs_named, traffic::IO_TIMEOUT,
 };
@@ -219,9 +219,28 @@ fn reconnect(s: &TcpStream, to: Option<SocketAddr>) -> std::io::Result<()> {
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-#[test]
-fn a_session_whose_close_no_hook_saw_is_reported_when_its_address_is_reused() {
-    let ns = NetNs::new("missed").unwrap();
+/// A session of this process whose close was seen (the entry removed), on a
+/// socket that can connect again, and what the test needs to put its entry
+/// back (see the module's documentation).
+struct ClosedSession {
+    ns: NetNs,
+    observer: ObserverProcess,
+    table: KernelMap,
+    listener: TcpListener,
+    addr: SocketAddr,
+    stream: TcpStream,
+    /// The socket's kernel address: its entry's key.
+    sock: u64,
+    /// Its entry as it was before the close, placed on this namespace's lo
+    /// with `live_tx` bytes sent (so that `--iface lo` counts it).
+    entry: SessionStart,
+    before: Metrics,
+}
+
+/// The client's `REQUEST`, sent and acknowledged, then the socket
+/// disconnected (TCP_CLOSE).
+fn closed_session(name: &str, live_tx: u64) -> ClosedSession {
+    let ns = NetNs::new(name).unwrap();
     let mut observer = ObserverProcess::start(&ns, &["--iface", "lo"]).unwrap();
     let table = KernelMap::open("OPEN_SESSIONS").unwrap();
     let listener = ns.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
@@ -246,19 +265,16 @@ fn a_session_whose_close_no_hook_saw_is_reported_when_its_address_is_reused() {
     })
     .unwrap();
 
-    // Ends the first session; its close is seen and removes the entry ...
+    // Ends the first session; its close is seen and removes the entry.
     reconnect(&stream, None).unwrap();
     assert!(table.get(&sock.to_ne_bytes()).unwrap().is_none(), "the close removed the entry");
     drop(served);
-    // ... which is put back, with bytes to recognise it by, as if that close
-    // had been missed. The next birth at this address is the same socket's.
-    const MISSED_TX: u64 = 4_242_424;
     // Where to place it for `--iface lo`: kernels without the per-call hooks
     // (before 6.3) never read a session's interfaces before its close, and a
     // session placed nowhere is ignored by the filter.
     let netns_ino = std::fs::metadata(ns.path()).unwrap().ino() as u32;
-    let missed = SessionStart {
-        live_tx: MISSED_TX,
+    let entry = SessionStart {
+        live_tx,
         live_base_tx: 0,
         live_rx: 0,
         live_base_rx: 0,
@@ -268,15 +284,41 @@ fn a_session_whose_close_no_hook_saw_is_reported_when_its_address_is_reused() {
         flags: first.flags | SESSION_PLACED,
         ..first
     };
-    // SAFETY: `SessionStart` is plain old data.
-    let bytes = unsafe { std::slice::from_raw_parts((&raw const missed).cast::<u8>(), size_of::<SessionStart>()) };
-    table.put(&sock.to_ne_bytes(), bytes).unwrap();
-    ns.run(|| reconnect(&stream, Some(addr))).unwrap();
-    let (served, _) = listener.accept().unwrap();
-    drop(stream);
-    drop(served);
+    ClosedSession { ns, observer, table, listener, addr, stream, sock, entry, before }
+}
 
-    let sent = |m: &Metrics| m.sum("observer_session_bytes_total", &[("direction", "transmit"), ("protocol", "tcp")]);
+/// Writes `entry` under `sock` in the kernel's table.
+fn put_entry(table: &KernelMap, sock: u64, entry: &SessionStart) {
+    // SAFETY: `SessionStart` is plain old data.
+    let bytes = unsafe { std::slice::from_raw_parts((&raw const *entry).cast::<u8>(), size_of::<SessionStart>()) };
+    table.put(&sock.to_ne_bytes(), bytes).unwrap();
+}
+
+/// Connects the closed session's socket again (a birth at its address) and
+/// closes both ends.
+fn reconnect_and_close(c: ClosedSession) -> ObserverProcess {
+    c.ns.run(|| reconnect(&c.stream, Some(c.addr))).unwrap();
+    let (served, _) = c.listener.accept().unwrap();
+    drop(c.stream);
+    drop(served);
+    c.observer
+}
+
+fn transmitted(m: &Metrics) -> f64 {
+    m.sum("observer_session_bytes_total", &[("direction", "transmit"), ("protocol", "tcp")])
+}
+
+#[test]
+fn a_session_whose_close_no_hook_saw_is_reported_when_its_address_is_reused() {
+    // The first session's entry is put back, with bytes to recognise it by,
+    // as if its close had been missed. The next birth at this address is the
+    // same socket's.
+    const MISSED_TX: u64 = 4_242_424;
+    let c = closed_session("missed", MISSED_TX);
+    put_entry(&c.table, c.sock, &c.entry);
+    let before = c.before.clone();
+    let mut observer = reconnect_and_close(c);
+
     // Client and server ends of the first connection and of the second, and
     // the session reported from the entry put back.
     let expected = tcp_sessions(&before) + 5.0;
@@ -288,8 +330,53 @@ fn a_session_whose_close_no_hook_saw_is_reported_when_its_address_is_reused() {
     assert_eq!(tcp_sessions(&m), expected);
     assert_eq!(close_missed(&m) - close_missed(&before), 1.0, "the missed close is counted");
     assert_eq!(
-        sent(&m) - sent(&before),
+        transmitted(&m) - transmitted(&before),
         (REQUEST.len() as u64 + MISSED_TX) as f64,
         "the request of the first session and the bytes of the entry put back"
     );
+}
+
+/// An entry left in the table after its session's close was reported (the
+/// kernel refused its delete: Linux 5.10's hash table does when an interrupt
+/// lands on an operation on the same lock slot; `session_mark::REPORTED`) is
+/// not a session: a scrape neither counts its bytes as live ones nor keeps
+/// it, and a birth at its address replaces it without reporting it again.
+#[test]
+fn an_entry_left_after_its_close_was_reported_is_counted_once() {
+    // More than anything else here moves (the scrapes' own connections on
+    // the host's lo count as live bytes too).
+    const LEFT_TX: u64 = 1 << 40;
+    let c = closed_session("reported", LEFT_TX);
+    let mut left = c.entry;
+    left.marks[session_mark::REPORTED] = 1;
+    let before = c.before.clone();
+    let live = |m: &Metrics| m.sum("observer_bytes_total", &[("direction", "transmit"), ("protocol", "tcp")]);
+
+    // At a key no socket has (the first page is never a kernel address): only
+    // the scrape's sweep can remove it. Unmarked, the same entry would add
+    // its bytes to observer_bytes_total at this scrape.
+    const NO_SOCKET: u64 = 64;
+    put_entry(&c.table, NO_SOCKET, &left);
+    let mut observer = c.observer;
+    // A scrape within 200 ms of the last one reuses its sweep: scrape until
+    // one sweeps.
+    let gone = || c.table.get(&NO_SOCKET.to_ne_bytes()).unwrap().is_none();
+    let m = observer.scrape_until("a scrape's sweep to delete it", Duration::from_secs(5), |_| gone());
+    assert!(gone(), "a scrape deleted it");
+    assert!(live(&m) - live(&before) < LEFT_TX as f64, "its bytes are not live ones: {}", live(&m) - live(&before));
+    let c = ClosedSession { observer, ..c };
+
+    // At the socket's own address: the next birth there replaces it.
+    put_entry(&c.table, c.sock, &left);
+    let mut observer = reconnect_and_close(c);
+    // Both ends of the first connection and of the second; nothing else.
+    let expected = tcp_sessions(&before) + 4.0;
+    let m = observer.scrape_until("every session counted", Duration::from_secs(10), |m| tcp_sessions(m) >= expected);
+    // The lost counters come with a kernel refresh (up to 200 ms old).
+    std::thread::sleep(Duration::from_millis(300));
+    let m2 = observer.metrics().unwrap();
+    assert_eq!(tcp_sessions(&m2), expected, "no session reported twice");
+    assert_eq!(close_missed(&m2), close_missed(&before), "not a missed close");
+    assert_eq!(transmitted(&m) - transmitted(&before), REQUEST.len() as f64, "the request alone");
+    assert!(live(&m2) - live(&before) < LEFT_TX as f64, "its bytes are not live ones: {}", live(&m2) - live(&before));
 }

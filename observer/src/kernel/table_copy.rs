@@ -21,15 +21,16 @@ use aya::{
 
 /// A copy of a kernel hash table's entries.
 pub fn copy<K: Pod + Eq + Hash, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
-    copy_as(map, |k, v| (k, v))
+    copy_as(map, |k, v| Some((k, v)))
 }
 
 /// A copy of a kernel hash table's entries, each made into what the caller
-/// keeps of it as it arrives: a scrape keeps 40 of an open session's 120
-/// bytes, and the whole copy of 200,000 sessions never exists at once.
+/// keeps of it as it arrives (`None`: nothing): a scrape keeps 40 of an open
+/// session's 120 bytes, and the whole copy of 200,000 sessions never exists
+/// at once.
 pub fn copy_as<K: Pod + Eq + Hash, V: Pod, T>(
     map: &BpfHashMap<MapData, K, V>,
-    mut keep: impl FnMut(K, V) -> T,
+    mut keep: impl FnMut(K, V) -> Option<T>,
 ) -> Vec<T> {
     match copy_in_batches(map, &mut keep) {
         Ok(entries) => entries,
@@ -65,7 +66,7 @@ struct BatchAttr {
 /// walks by key instead.
 fn copy_in_batches<K: Pod, V: Pod, T>(
     map: &BpfHashMap<MapData, K, V>,
-    keep: &mut impl FnMut(K, V) -> T,
+    keep: &mut impl FnMut(K, V) -> Option<T>,
 ) -> io::Result<Vec<T>> {
     let capacity = map_capacity(map);
     let mut keys = vec![0u8; BATCH * size_of::<K>()];
@@ -107,7 +108,7 @@ fn copy_in_batches<K: Pod, V: Pod, T>(
                     std::ptr::read_unaligned(values.as_ptr().add(i * size_of::<V>()).cast::<V>()),
                 )
             };
-            out.push(keep(k, v));
+            out.extend(keep(k, v));
         }
         // Bounded like the walk by key, should a kernel keep answering.
         if done || out.len() > 2 * capacity {
@@ -123,7 +124,7 @@ fn copy_in_batches<K: Pod, V: Pod, T>(
 /// table's capacity.
 fn copy_by_key<K: Pod + Eq + Hash, V: Pod, T>(
     map: &BpfHashMap<MapData, K, V>,
-    keep: &mut impl FnMut(K, V) -> T,
+    keep: &mut impl FnMut(K, V) -> Option<T>,
 ) -> Vec<T> {
     let cap = map_capacity(map);
     let mut seen = HashSet::new();
@@ -133,7 +134,7 @@ fn copy_by_key<K: Pod + Eq + Hash, V: Pod, T>(
         if seen.insert(key)
             && let Ok(value) = map.get(&key, 0)
         {
-            out.push(keep(key, value));
+            out.extend(keep(key, value));
         }
     }
     out
@@ -141,7 +142,10 @@ fn copy_by_key<K: Pod + Eq + Hash, V: Pod, T>(
 
 /// Commands on one element, from uapi `linux/bpf.h`.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+/// `BPF_MAP_UPDATE_ELEM`'s flag: only where no entry is.
+const BPF_NOEXIST: u64 = 1;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 /// The kernel's own "not supported" (`ENOTSUPP`, not a libc errno): what
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash table returns before 5.14.
@@ -163,17 +167,19 @@ struct ElemAttr {
 static NO_LOOKUP_AND_DELETE: AtomicBool = AtomicBool::new(false);
 
 /// `cmd` on `key`'s element, with `value` (a buffer of the map's value size,
-/// or null); `Ok(false)`: no such entry.
+/// or null) and `flags`; `Ok(false)`: no such entry.
 fn elem<K: Pod, V: Pod>(
     cmd: libc::c_long,
     map: &BpfHashMap<MapData, K, V>,
     key: &K,
     value: *mut V,
+    flags: u64,
 ) -> io::Result<bool> {
     let mut attr = ElemAttr {
         map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         key: (key as *const K) as u64,
         value: value as u64,
+        flags,
         ..ElemAttr::default()
     };
     // SAFETY: the attribute points at a key and (if any) a value buffer of
@@ -197,7 +203,7 @@ fn elem<K: Pod, V: Pod>(
 pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Result<Option<V>> {
     let mut value = std::mem::MaybeUninit::<V>::uninit();
     if !NO_LOOKUP_AND_DELETE.load(Ordering::Relaxed) {
-        match elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, value.as_mut_ptr()) {
+        match elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, value.as_mut_ptr(), 0) {
             Err(e) if e.raw_os_error() == Some(ENOTSUPP) => NO_LOOKUP_AND_DELETE.store(true, Ordering::Relaxed),
             Err(e) => return Err(e),
             Ok(false) => return Ok(None),
@@ -205,14 +211,24 @@ pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Res
             Ok(true) => return Ok(Some(unsafe { value.assume_init() })),
         }
     }
-    if !elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr())? {
+    if !elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr(), 0)? {
         return Ok(None);
     }
-    if !elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut())? {
+    if !elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut(), 0)? {
         return Ok(None);
     }
     // SAFETY: the lookup wrote the whole value; V is plain old data.
     Ok(Some(unsafe { value.assume_init() }))
+}
+
+/// Puts `value` under `key` only where no entry is (the kernel may have made
+/// one since); `Ok(false)`: one was there, left as it is. Through `&` like
+/// `take`, where aya's `insert` wants the map itself.
+pub fn insert_new<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K, value: &V) -> io::Result<bool> {
+    match elem(BPF_MAP_UPDATE_ELEM, map, key, (value as *const V).cast_mut(), BPF_NOEXIST) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        other => other,
+    }
 }
 
 pub fn map_capacity<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> usize {
@@ -239,8 +255,8 @@ mod tests {
         for k in 0..9_000u64 {
             map.insert(k * 7919, [k; 14], 0).unwrap();
         }
-        let mut batches = copy_in_batches(&map, &mut |k, v: [u64; 14]| (k, v[13])).expect("BPF_MAP_LOOKUP_BATCH");
-        let mut keys = copy_by_key(&map, &mut |k, v: [u64; 14]| (k, v[13]));
+        let mut batches = copy_in_batches(&map, &mut |k, v: [u64; 14]| Some((k, v[13]))).expect("BPF_MAP_LOOKUP_BATCH");
+        let mut keys = copy_by_key(&map, &mut |k, v: [u64; 14]| Some((k, v[13])));
         batches.sort_unstable();
         keys.sort_unstable();
         let expected: Vec<_> = (0..9_000u64).map(|k| (k * 7919, k)).collect();
@@ -253,5 +269,11 @@ mod tests {
         assert_eq!(take(&map, &(5 * 7919)).unwrap(), None);
         assert!(map.get(&(5 * 7919), 0).is_err());
         assert_eq!(copy(&map).len(), 8_999);
+        // Put back only where no entry is.
+        assert!(insert_new(&map, &(5 * 7919), &[6; 14]).unwrap());
+        assert!(!insert_new(&map, &(5 * 7919), &[7; 14]).unwrap(), "an entry is there");
+        assert_eq!(map.get(&(5 * 7919), 0).unwrap(), [6; 14]);
+        // The caller keeps what it wants of each entry: 5's is even now.
+        assert_eq!(copy_as(&map, |k, v| (v[0] % 2 == 1).then_some(k)).len(), 4_499);
     }
 }

@@ -258,7 +258,7 @@ impl Pipeline {
             // the reader could ever do.
             self.report_udp_flow(&release.flows.first, &release.flow, end);
         } else if release.flows.many != 0 {
-            let keys = table_copy::copy_as(&self.udp_flows, |key, _| key);
+            let keys = table_copy::copy_as(&self.udp_flows, |key, _| Some(key));
             for key in keys.iter().filter(|k| k.sk == release.sk) {
                 self.end_udp_flow(key, end);
             }
@@ -426,13 +426,22 @@ impl Pipeline {
     /// `count`: false at a start that reuses pinned tables (`prime_live`).
     fn sweep_tcp(&self, count: bool) {
         self.state().tcp_live.copy_started();
+        let mut reported = Vec::new();
         let open = table_copy::copy_as(&self.open_sessions, |sk, s| {
+            if s.reported() {
+                // Ended, its bytes in its record: not an open session.
+                reported.push(sk);
+                return None;
+            }
             let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
             let moved = (s.live_tx.saturating_sub(s.live_base_tx), s.live_rx.saturating_sub(s.live_base_rx));
-            ((sk, s.birth_ns), counted.then_some(moved))
+            Some(((sk, s.birth_ns), counted.then_some(moved)))
         });
         let capacity = table_copy::map_capacity(&self.open_sessions);
-        self.metrics.telemetry.map_usage("open_sessions", open.len(), capacity);
+        self.metrics.telemetry.map_usage("open_sessions", open.len() + reported.len(), capacity);
+        for sk in &reported {
+            self.delete_reported(sk);
+        }
         let delta = apply_in_parts(&open, &self.state, |state| &mut state.tcp_live);
         if count {
             self.add_live(Protocol::Tcp, delta);
@@ -451,12 +460,24 @@ impl Pipeline {
         self.udp().live.copy_started();
         let open = table_copy::copy_as(&self.udp_flows, |key, f| {
             let counted = self.filter.accepts_namespace(f.netns_ino);
-            ((key, f.first_ns), counted.then_some((f.bytes_tx, f.bytes_rx)))
+            Some(((key, f.first_ns), counted.then_some((f.bytes_tx, f.bytes_rx))))
         });
         self.metrics.telemetry.map_usage("udp_flows", open.len(), table_copy::map_capacity(&self.udp_flows));
         let delta = apply_in_parts(&open, &self.udp, |udp| &mut udp.live);
         if count {
             self.add_live(Protocol::Udp, delta);
+        }
+    }
+
+    /// Deletes the entry of a session whose close was reported and whose
+    /// delete the kernel refused (`session_mark::REPORTED`, Linux 5.10), should
+    /// no program have deleted it since. A new session's entry that took its
+    /// place between the copy and the delete is put back.
+    fn delete_reported(&self, sk: &u64) {
+        if let Ok(Some(start)) = table_copy::take(&self.open_sessions, sk)
+            && !start.reported()
+        {
+            let _ = table_copy::insert_new(&self.open_sessions, sk, &start);
         }
     }
 
@@ -481,6 +502,10 @@ impl Pipeline {
         let entries = table_copy::copy(&self.open_sessions);
         let sks: Vec<u64> = entries.iter().map(|(sk, _)| *sk).collect();
         for ((sk, start), facts) in entries.iter().zip(probe.probe(&sks)?) {
+            if start.reported() {
+                self.delete_reported(sk);
+                continue;
+            }
             if !facts.tcp_gone(start) {
                 continue;
             }
@@ -490,9 +515,9 @@ impl Pipeline {
                 swept.tcp += 1;
             }
         }
-        let flows = table_copy::copy_as(&self.udp_flows, |key, flow| (key, flow.local_port));
+        let flows = table_copy::copy_as(&self.udp_flows, |key, flow| Some((key, flow.local_port)));
         let local_ports: std::collections::HashMap<u64, u16> = flows.iter().map(|(k, port)| (k.sk, *port)).collect();
-        let sockets = table_copy::copy_as(&self.udp_sockets, |sk, _| sk);
+        let sockets = table_copy::copy_as(&self.udp_sockets, |sk, _| Some(sk));
         let facts = probe.probe(&sockets)?;
         let gone: std::collections::HashSet<u64> = sockets
             .iter()
