@@ -65,9 +65,10 @@ enum Command {
         write_readme: bool,
         /// The guests' architecture: x86_64 (5.10, 6.1, 6.12; every test, every tier) or arm64
         /// (6.1, 6.12 under qemu-system-aarch64; cross-built observer and tests: drops,
-        /// tcp_sessions, udp_sessions in the auto and kprobe tiers).
-        #[arg(long, value_enum, default_value = "x86_64")]
-        arch: build::Arch,
+        /// tcp_sessions, udp_sessions in the auto and kprobe tiers). Repeatable: both run from
+        /// one queue of VMs, as `cargo xtask test` runs them.
+        #[arg(long = "arch", value_enum, default_values = ["x86_64"])]
+        arch: Vec<build::Arch>,
         /// Only this kernel (5.10, 6.1, 6.12; arm64: 6.1, 6.12); repeatable. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
@@ -146,7 +147,7 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Kernels { arch, write_readme, kernels: names, tests, vm_timeout, vcpus } => {
             kernels::run(&kernels::Options {
-                arch,
+                arches: arch,
                 write_readme,
                 kernels: names,
                 tests,
@@ -223,7 +224,7 @@ mod tests {
     fn kernels_flags() {
         match parse(&["kernels", "--write-readme", "--kernel", "6.1", "--kernel", "6.12", "--test", "drops"]) {
             Command::Kernels { arch, write_readme, kernels, tests, vm_timeout, vcpus } => {
-                assert_eq!(arch, build::Arch::X86_64);
+                assert_eq!(arch, [build::Arch::X86_64]);
                 assert!(write_readme);
                 assert_eq!(kernels, ["6.1", "6.12"]);
                 assert_eq!(tests, ["drops"]);
@@ -232,7 +233,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse(&["kernels", "--arch", "arm64"]), Command::Kernels { arch: build::Arch::Aarch64, .. }));
+        match parse(&["kernels", "--arch", "arm64"]) {
+            Command::Kernels { arch, .. } => assert_eq!(arch, [build::Arch::Aarch64]),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["kernels", "--arch", "x86_64", "--arch", "arm64"]) {
+            Command::Kernels { arch, .. } => assert_eq!(arch, [build::Arch::X86_64, build::Arch::Aarch64]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

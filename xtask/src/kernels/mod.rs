@@ -174,8 +174,9 @@ const PARALLEL_VMS: usize = 3;
 const MEMORY_MB: u32 = 2048;
 
 pub struct Options {
-    /// The guests' architecture: x86_64 (the host's) or arm64.
-    pub arch: Arch,
+    /// The guests' architectures: x86_64 (the host's), arm64, or both (one
+    /// queue of VMs: see `run`).
+    pub arches: Vec<Arch>,
     pub write_readme: bool,
     /// Names from `KERNELS`; empty for all.
     pub kernels: Vec<String>,
@@ -199,54 +200,30 @@ pub fn run(opts: &Options) -> Result<()> {
         "cargo xtask kernels installs packages and shares the host's root with the VMs: run it as root"
     );
     ensure!(!opts.write_readme || opts.tests.is_empty(), "--write-readme needs every test: leave out --test");
-    let specs = select(&opts.kernels, opts.arch)?;
+    ensure!(!opts.arches.is_empty(), "no guest architecture given");
     let started = Instant::now();
-    host::ensure_tools(opts.arch)?;
     let base = target_dir()?.join("kernels");
     for d in ["logs", "runs"] {
         std::fs::create_dir_all(base.join(d))?;
     }
-    let foreign = opts.arch != Arch::host();
-    let (observer, tests, root) = if foreign {
-        // Cross-built (the image's commands), with only the tests the guests run.
-        let names: Vec<String> = if opts.tests.is_empty() {
-            ARM64_TESTS.iter().map(|t| t.to_string()).collect()
-        } else {
-            opts.tests.clone()
-        };
-        let observer = build::observer_for(opts.arch)?;
-        let tests = test_binaries(opts.arch, &names)?;
-        let spec = specs[0];
-        let apt =
-            fetch::Apt::private(&spec.apt_dir(&base), spec.sources.unwrap_or_default(), Some(spec.arch.debian()))?;
-        let root = rootfs::prepare(&apt, &base.join(format!("rootfs-{}", spec.arch.debian())))
-            .context("preparing the guests' root")?;
-        (observer, only(tests, &names)?, root)
-    } else {
-        (build::observer_release()?, only(test_binaries(opts.arch, &[])?, &opts.tests)?, PathBuf::from("/"))
-    };
-
-    // One at a time: apt holds a lock, and preparing takes seconds.
-    let prepared = specs
-        .iter()
-        .map(|s| prepare(s, &base, &observer, &tests, &root).with_context(|| format!("preparing kernel {}", s.key())))
-        .collect::<Result<Vec<_>>>()?;
-    // The host runs only its own architecture's observer.
-    let host_check = if foreign { None } else { host_check(&observer) };
-    eprintln!("xtask kernels: prepared in {:.0} s; booting {} VMs", started.elapsed().as_secs_f64(), prepared.len());
+    let groups = opts.arches.iter().map(|&arch| prepare_arch(arch, opts, &base)).collect::<Result<Vec<_>>>()?;
+    let queue: Vec<&Prepared> = groups.iter().flat_map(|g| &g.prepared).collect();
+    eprintln!("xtask kernels: prepared in {:.0} s; booting {} VMs", started.elapsed().as_secs_f64(), queue.len());
 
     // `vcpus` each (one by default: the host has two cores), at most
-    // PARALLEL_VMS at once.
+    // PARALLEL_VMS at once, from one queue: a guest of the next architecture
+    // starts as soon as one of the previous ends, so the cores stay busy to
+    // the end instead of idling while the slowest guest of a group finishes.
     let (booted, cpu_before) = (Instant::now(), children_cpu());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut reports: Vec<(usize, Result<KernelReport>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..PARALLEL_VMS.min(prepared.len()))
+        let workers: Vec<_> = (0..PARALLEL_VMS.min(queue.len()))
             .map(|_| {
                 s.spawn(|| {
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(p) = prepared.get(i) else { return done };
+                        let Some(p) = queue.get(i) else { return done };
                         done.push((i, boot(p, opts.vm_timeout, opts.vcpus)));
                     }
                 })
@@ -258,7 +235,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .collect()
     });
     reports.sort_by_key(|(i, _)| *i);
-    let reports = reports.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>>>()?;
+    let mut reports = reports.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>>>()?.into_iter();
     // CPU time tells what the VMs cost apart from other load on the machine:
     // software emulation is CPU-bound, so on an idle machine it bounds their wall time.
     let vm_timing = format!(
@@ -268,15 +245,28 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     eprintln!("xtask kernels: {vm_timing}");
 
-    let summary = format!("{}\n{vm_timing}\n", report::summary(&reports, host_check.as_ref()));
+    // Each architecture's reports, in the queue's order.
+    let grouped: Vec<(&ArchGroup, Vec<KernelReport>)> =
+        groups.iter().map(|g| (g, reports.by_ref().take(g.prepared.len()).collect())).collect();
+    let mut summary = String::new();
+    for (g, r) in &grouped {
+        summary += &report::summary(r, g.host_check.as_ref());
+        summary += "\n";
+    }
+    summary += &format!("{vm_timing}\n");
     std::fs::write(base.join("report.md"), &summary)?;
     println!("\n{summary}");
-    show_failure_details(&reports);
-    let failed: Vec<String> =
-        reports.iter().flat_map(|r| r.failures().into_iter().map(move |f| format!("{}: {f}", r.label))).collect();
+    let failed: Vec<String> = grouped
+        .iter()
+        .flat_map(|(_, r)| r)
+        .flat_map(|r| r.failures().into_iter().map(move |f| format!("{}: {f}", r.label)))
+        .collect();
+    for (_, r) in &grouped {
+        show_failure_details(r);
+    }
     println!(
         "xtask kernels: {} kernel(s) in {:.0} s; report: {}",
-        reports.len(),
+        queue.len(),
         started.elapsed().as_secs_f64(),
         base.join("report.md").display()
     );
@@ -286,12 +276,56 @@ pub fn run(opts: &Options) -> Result<()> {
     // README's tables describe a passing matrix: a failed run leaves them as they were.
     if opts.write_readme {
         let path = util::root().join("README.md");
-        let readme = std::fs::read_to_string(&path)?;
-        let section = report::readme_section(&reports, host_check.as_ref());
-        std::fs::write(&path, report::splice(&readme, &section, report::markers(opts.arch))?)?;
+        for (g, r) in &grouped {
+            let readme = std::fs::read_to_string(&path)?;
+            let section = report::readme_section(r, g.host_check.as_ref());
+            std::fs::write(&path, report::splice(&readme, &section, report::markers(g.arch))?)?;
+        }
         println!("xtask kernels: README.md's kernel tables rewritten");
     }
     Ok(())
+}
+
+/// One architecture's guests, ready to boot.
+struct ArchGroup {
+    arch: Arch,
+    prepared: Vec<Prepared>,
+    /// `observer check` on the host, for README's table: for the host's own
+    /// architecture only.
+    host_check: Option<Check>,
+}
+
+/// Builds (or finds built) what guests of `arch` run, and prepares each of
+/// its selected kernels.
+fn prepare_arch(arch: Arch, opts: &Options, base: &Path) -> Result<ArchGroup> {
+    let specs = select(&opts.kernels, arch)?;
+    host::ensure_tools(arch)?;
+    let foreign = arch != Arch::host();
+    let (observer, tests, root) = if foreign {
+        // Cross-built (the image's commands), with only the tests the guests run.
+        let names: Vec<String> = if opts.tests.is_empty() {
+            ARM64_TESTS.iter().map(|t| t.to_string()).collect()
+        } else {
+            opts.tests.clone()
+        };
+        let observer = build::observer_for(arch)?;
+        let tests = test_binaries(arch, &names)?;
+        let spec = specs[0];
+        let apt = fetch::Apt::private(&spec.apt_dir(base), spec.sources.unwrap_or_default(), Some(spec.arch.debian()))?;
+        let root = rootfs::prepare(&apt, &base.join(format!("rootfs-{}", spec.arch.debian())))
+            .context("preparing the guests' root")?;
+        (observer, only(tests, &names)?, root)
+    } else {
+        (build::observer_release()?, only(test_binaries(arch, &[])?, &opts.tests)?, PathBuf::from("/"))
+    };
+    // One at a time: apt holds a lock, and preparing takes seconds.
+    let prepared = specs
+        .iter()
+        .map(|s| prepare(s, base, &observer, &tests, &root).with_context(|| format!("preparing kernel {}", s.key())))
+        .collect::<Result<Vec<_>>>()?;
+    // The host runs only its own architecture's observer.
+    let host_check = if foreign { None } else { host_check(&observer) };
+    Ok(ArchGroup { arch, prepared, host_check })
 }
 
 /// User plus system CPU time of this process's finished children.
