@@ -188,8 +188,8 @@ pub mod session_mark {
     /// full ring, and counted). An entry with this mark is one the kernel
     /// could not delete after the record: Linux 5.10's hash table refuses a
     /// delete (EBUSY) when it interrupts an operation on the same lock slot
-    /// on that CPU. Nothing counts it again; the destruction hook, the next
-    /// socket at its address and userspace's sweep remove it.
+    /// on that CPU. Nothing counts it again: userspace skips it, the
+    /// destruction hook deletes it, the next socket at its address replaces it.
     pub const REPORTED: usize = 3;
 }
 

@@ -142,10 +142,7 @@ fn copy_by_key<K: Pod + Eq + Hash, V: Pod, T>(
 
 /// Commands on one element, from uapi `linux/bpf.h`.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-/// `BPF_MAP_UPDATE_ELEM`'s flag: only where no entry is.
-const BPF_NOEXIST: u64 = 1;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 /// The kernel's own "not supported" (`ENOTSUPP`, not a libc errno): what
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash table returns before 5.14.
@@ -167,19 +164,17 @@ struct ElemAttr {
 static NO_LOOKUP_AND_DELETE: AtomicBool = AtomicBool::new(false);
 
 /// `cmd` on `key`'s element, with `value` (a buffer of the map's value size,
-/// or null) and `flags`; `Ok(false)`: no such entry.
+/// or null); `Ok(false)`: no such entry.
 fn elem<K: Pod, V: Pod>(
     cmd: libc::c_long,
     map: &BpfHashMap<MapData, K, V>,
     key: &K,
     value: *mut V,
-    flags: u64,
 ) -> io::Result<bool> {
     let mut attr = ElemAttr {
         map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         key: (key as *const K) as u64,
         value: value as u64,
-        flags,
         ..ElemAttr::default()
     };
     // SAFETY: the attribute points at a key and (if any) a value buffer of
@@ -203,7 +198,7 @@ fn elem<K: Pod, V: Pod>(
 pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Result<Option<V>> {
     let mut value = std::mem::MaybeUninit::<V>::uninit();
     if !NO_LOOKUP_AND_DELETE.load(Ordering::Relaxed) {
-        match elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, value.as_mut_ptr(), 0) {
+        match elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, value.as_mut_ptr()) {
             Err(e) if e.raw_os_error() == Some(ENOTSUPP) => NO_LOOKUP_AND_DELETE.store(true, Ordering::Relaxed),
             Err(e) => return Err(e),
             Ok(false) => return Ok(None),
@@ -211,24 +206,14 @@ pub fn take<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K) -> io::Res
             Ok(true) => return Ok(Some(unsafe { value.assume_init() })),
         }
     }
-    if !elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr(), 0)? {
+    if !elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr())? {
         return Ok(None);
     }
-    if !elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut(), 0)? {
+    if !elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut())? {
         return Ok(None);
     }
     // SAFETY: the lookup wrote the whole value; V is plain old data.
     Ok(Some(unsafe { value.assume_init() }))
-}
-
-/// Puts `value` under `key` only where no entry is (the kernel may have made
-/// one since); `Ok(false)`: one was there, left as it is. Through `&` like
-/// `take`, where aya's `insert` wants the map itself.
-pub fn insert_new<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>, key: &K, value: &V) -> io::Result<bool> {
-    match elem(BPF_MAP_UPDATE_ELEM, map, key, (value as *const V).cast_mut(), BPF_NOEXIST) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
-        other => other,
-    }
 }
 
 pub fn map_capacity<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> usize {
@@ -269,11 +254,7 @@ mod tests {
         assert_eq!(take(&map, &(5 * 7919)).unwrap(), None);
         assert!(map.get(&(5 * 7919), 0).is_err());
         assert_eq!(copy(&map).len(), 8_999);
-        // Put back only where no entry is.
-        assert!(insert_new(&map, &(5 * 7919), &[6; 14]).unwrap());
-        assert!(!insert_new(&map, &(5 * 7919), &[7; 14]).unwrap(), "an entry is there");
-        assert_eq!(map.get(&(5 * 7919), 0).unwrap(), [6; 14]);
-        // The caller keeps what it wants of each entry: 5's is even now.
+        // The caller keeps what it wants of each entry: the odd ones but 5.
         assert_eq!(copy_as(&map, |k, v| (v[0] % 2 == 1).then_some(k)).len(), 4_499);
     }
 }

@@ -426,11 +426,13 @@ impl Pipeline {
     /// `count`: false at a start that reuses pinned tables (`prime_live`).
     fn sweep_tcp(&self, count: bool) {
         self.state().tcp_live.copy_started();
-        let mut reported = Vec::new();
+        let mut reported = 0;
         let open = table_copy::copy_as(&self.open_sessions, |sk, s| {
             if s.reported() {
-                // Ended, its bytes in its record: not an open session.
-                reported.push(sk);
+                // Ended, its bytes in its record: not an open session. The
+                // kernel deletes it (see `session_mark::REPORTED`); a delete
+                // from here could take a new session's entry at the same key.
+                reported += 1;
                 return None;
             }
             let counted = self.filter.accepts_interfaces(s.netns_ino, s.rx_ifindex, s.tx_ifindex);
@@ -438,10 +440,7 @@ impl Pipeline {
             Some(((sk, s.birth_ns), counted.then_some(moved)))
         });
         let capacity = table_copy::map_capacity(&self.open_sessions);
-        self.metrics.telemetry.map_usage("open_sessions", open.len() + reported.len(), capacity);
-        for sk in &reported {
-            self.delete_reported(sk);
-        }
+        self.metrics.telemetry.map_usage("open_sessions", open.len() + reported, capacity);
         let delta = apply_in_parts(&open, &self.state, |state| &mut state.tcp_live);
         if count {
             self.add_live(Protocol::Tcp, delta);
@@ -469,18 +468,6 @@ impl Pipeline {
         }
     }
 
-    /// Deletes the entry of a session whose close was reported and whose
-    /// delete the kernel refused (`session_mark::REPORTED`, Linux 5.10), should
-    /// no program have deleted it since. A new session's entry that took its
-    /// place between the copy and the delete is put back.
-    fn delete_reported(&self, sk: &u64) {
-        if let Ok(Some(start)) = table_copy::take(&self.open_sessions, sk)
-            && !start.reported()
-        {
-            let _ = table_copy::insert_new(&self.open_sessions, sk, &start);
-        }
-    }
-
     /// At a start that reuses pinned tables, before any scrape: what the
     /// sessions and flows open now moved under the previous process is taken
     /// as counted, so `observer_bytes_total` counts only what they move from
@@ -502,11 +489,8 @@ impl Pipeline {
         let entries = table_copy::copy(&self.open_sessions);
         let sks: Vec<u64> = entries.iter().map(|(sk, _)| *sk).collect();
         for ((sk, start), facts) in entries.iter().zip(probe.probe(&sks)?) {
-            if start.reported() {
-                self.delete_reported(sk);
-                continue;
-            }
-            if !facts.tcp_gone(start) {
+            // Reported at its close already (`session_mark::REPORTED`).
+            if start.reported() || !facts.tcp_gone(start) {
                 continue;
             }
             if let Ok(Some(start)) = table_copy::take(&self.open_sessions, sk) {
