@@ -92,7 +92,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask kernels` with its defaults for guests of `arch`.
+/// `cargo xtask kernels` with its defaults for guests of `arches`, from one queue of VMs.
 fn kernel_matrix(arches: Vec<build::Arch>) -> Result<()> {
     kernels::run(&kernels::Options {
         arches,
