@@ -434,7 +434,7 @@ fn recording_rules_evaluate_to_the_known_sessions() {
         let samples = data["result"][0]["values"].as_array().cloned().unwrap_or_default();
         assert!(samples.len() >= 5, "{what}: {data}");
         let counter = "observer_drops_total{reason=\"no_socket\"}";
-        let direct = "sum by (node, reason) (rate(observer_drops_total{reason=\"no_socket\"}[5m]))";
+        let direct = format!("sum by (node, reason) (rate({counter}[{}s]))", RATE_RANGE.as_secs());
         let mut in_flight = 0;
         for sample in &samples {
             let (at, got) = (sample[0].as_f64().unwrap(), sample[1].as_str().unwrap().parse::<f64>().unwrap());
@@ -442,7 +442,7 @@ fn recording_rules_evaluate_to_the_known_sessions() {
             let raw = prom.range_samples_at(counter, RATE_RANGE, at).unwrap();
             let at_ms = (at * 1000.0).round() as i64;
             let want: f64 =
-                prom.query_at(direct, at).unwrap()["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
+                prom.query_at(&direct, at).unwrap()["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
             let all = counter_rate(&raw, at_ms, RATE_RANGE);
             assert!(all.is_some_and(|r| same(r, want)), "{what}: at {at}: rate {all:?}, Prometheus' {want}: {raw:?}");
             let readable = raw.iter().take_while(|(t, _)| *t <= at_ms - 2 * SCRAPE.as_millis() as i64).count();

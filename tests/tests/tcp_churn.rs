@@ -346,7 +346,7 @@ fn an_entry_left_after_its_close_was_reported_is_counted_once() {
     // More than anything else here moves (the scrapes' own connections on
     // the host's lo count as live bytes too).
     const LEFT_TX: u64 = 1 << 40;
-    let c = closed_session("reported", LEFT_TX);
+    let mut c = closed_session("reported", LEFT_TX);
     let mut left = c.entry;
     left.marks[session_mark::REPORTED] = 1;
     let before = c.before.clone();
@@ -359,11 +359,9 @@ fn an_entry_left_after_its_close_was_reported_is_counted_once() {
     // last (a scrape within them reuses the last one's copy).
     const NO_SOCKET: u64 = 64;
     put_entry(&c.table, NO_SOCKET, &left);
-    let mut observer = c.observer;
     std::thread::sleep(Duration::from_millis(300));
-    let m = observer.metrics().unwrap();
+    let m = c.observer.metrics().unwrap();
     assert!(live(&m) - live(&before) < LEFT_TX as f64, "its bytes are not live ones: {}", live(&m) - live(&before));
-    let c = ClosedSession { observer, ..c };
 
     // At the socket's own address: the next birth there replaces it.
     put_entry(&c.table, c.sock, &left);

@@ -201,6 +201,10 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     ensure!(!opts.write_readme || opts.tests.is_empty(), "--write-readme needs every test: leave out --test");
     ensure!(!opts.arches.is_empty(), "no guest architecture given");
+    ensure!(
+        opts.arches.iter().enumerate().all(|(i, a)| !opts.arches[..i].contains(a)),
+        "--arch given twice for one architecture: its guests would share their work directories"
+    );
     let started = Instant::now();
     let base = target_dir()?.join("kernels");
     for d in ["logs", "runs"] {
